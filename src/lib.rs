@@ -1,0 +1,8 @@
+//! picotun: expose Kubernetes workloads to the internet through pico.sh SSH tunnels.
+//!
+//! One binary, three modes -- `webhook` (injects the tunnel sidecar), `controller` (routes to
+//! tunnels, status back) and `agent` (the sidecar). See docs/ARCHITECTURE.md.
+#![forbid(unsafe_code)]
+
+/// The version this binary was built from.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,127 @@
+//! picotun's test ground: a real Kubernetes control plane (etcd, kube-apiserver,
+//! kube-controller-manager, kube-scheduler, kwok) and real SSH tunnel servers (sish, sandhole,
+//! OpenSSH sshd), run as local processes on 127.0.0.1.
+//!
+//! The binaries are built by `scripts/build-testground` into `~/.cache/picotun/bin/current`
+//! (override with `PICOTUN_TESTGROUND_BIN`). Nothing here builds anything: a missing binary is an
+//! error that says which command to run.
+//!
+//! ```no_run
+//! # async fn t() -> Result<(), picotun_testground::Error> {
+//! use picotun_testground::{ControlPlane, Existing};
+//! let ground = ControlPlane::shared(Existing::Allowed).await?; // one per test binary
+//! let ns = ground.namespace("my-test").await?;                  // one per test
+//! let client = ground.client().await?;                          // one per tokio runtime
+//! # Ok(()) }
+//! ```
+
+pub mod bins;
+pub mod crds;
+pub mod http;
+pub mod kube_ground;
+pub mod pki;
+pub mod process;
+pub mod tunnels;
+
+use std::future::Future;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+pub use kube_ground::{ControlPlane, Existing, TestNamespace};
+pub use process::Proc;
+pub use tunnels::{ServerKind, SishOptions, SshClientKey, TunnelServer};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(
+        "test-ground binary `{name}` not found in {dir}: run `scripts/build-testground` (or set \
+         PICOTUN_TESTGROUND_BIN to a directory holding it){hint}"
+    )]
+    MissingBinary { name: String, dir: PathBuf, hint: String },
+    #[error("could not start {name}: {source}")]
+    Spawn { name: String, source: std::io::Error },
+    #[error("{name} exited unexpectedly; its log {log} ends with:\n{tail}")]
+    Exited { name: String, log: PathBuf, tail: String },
+    #[error("timed out after {after:?} waiting for {what}{detail}")]
+    Timeout { what: String, after: Duration, detail: String },
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("certificate generation failed: {0}")]
+    Pki(String),
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("kubeconfig: {0}")]
+    Kubeconfig(String),
+    #[error("{0}")]
+    Setup(String),
+}
+
+impl Error {
+    pub fn io(path: &Path, source: std::io::Error) -> Self {
+        Error::Io { path: path.to_path_buf(), source }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("binding 127.0.0.1:0 must work on any machine that runs these tests")
+}
+
+pub(crate) fn write_file(path: &Path, contents: impl AsRef<[u8]>) -> Result<()> {
+    std::fs::write(path, contents).map_err(|e| Error::io(path, e))
+}
+
+/// Polls `check` every `every` until it returns `Some`, or fails after `timeout` with the last
+/// reason `check` gave (via `Err`).
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, every: Duration, check: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = std::result::Result<Option<T>, String>>,
+{
+    wait_for_unless(what, timeout, every, || None, check).await
+}
+
+/// Like [`wait_for`], but gives up at once when `fatal` returns an error (a process that was
+/// supposed to come up has exited, say).
+pub async fn wait_for_unless<T, F, Fut>(
+    what: &str,
+    timeout: Duration,
+    every: Duration,
+    mut fatal: impl FnMut() -> Option<Error>,
+    mut check: F,
+) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = std::result::Result<Option<T>, String>>,
+{
+    let start = Instant::now();
+    let mut last = String::new();
+    loop {
+        if let Some(e) = fatal() {
+            return Err(e);
+        }
+        match check().await {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => {}
+            Err(reason) => last = reason,
+        }
+        if start.elapsed() >= timeout {
+            let detail = if last.is_empty() { String::new() } else { format!(" (last: {last})") };
+            return Err(Error::Timeout { what: what.to_string(), after: timeout, detail });
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// A short random lowercase suffix for names.
+pub fn random_suffix() -> String {
+    use rand::Rng;
+    let mut rng = rand::rng();
+    (0..6).map(|_| (b'a' + rng.random_range(0..26)) as char).collect()
+}

@@ -1,0 +1,7 @@
+//! One integration-test binary (one link step). Tests that need the test ground are
+//! `#[ignore = "needs the test ground"]`: plain `cargo test` stays fast and hermetic, and
+//! `scripts/test` runs everything with `--include-ignored` after building the ground.
+
+mod ground;
+mod support;
+mod tunnel_servers;
