@@ -46,9 +46,8 @@ fn parse_response(raw: &[u8]) -> std::io::Result<Response> {
     let (head, body) = text.split_once("\r\n\r\n").ok_or_else(bad)?;
     let mut lines = head.split("\r\n");
     let status = lines.next().and_then(|l| l.split_whitespace().nth(1)).and_then(|s| s.parse().ok()).ok_or_else(bad)?;
-    let headers = lines
-        .filter_map(|l| l.split_once(':').map(|(k, v)| (k.trim().to_string(), v.trim().to_string())))
-        .collect();
+    let headers =
+        lines.filter_map(|l| l.split_once(':').map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))).collect();
     Ok(Response { status, headers, body: body.to_string() })
 }
 

@@ -70,7 +70,9 @@ impl ControlPlane {
 
     /// Wraps the cluster `$KUBECONFIG` points at.
     pub async fn existing() -> Result<ControlPlane> {
-        let path = PathBuf::from(std::env::var_os("KUBECONFIG").ok_or_else(|| Error::Kubeconfig("KUBECONFIG is not set".into()))?);
+        let path = PathBuf::from(
+            std::env::var_os("KUBECONFIG").ok_or_else(|| Error::Kubeconfig("KUBECONFIG is not set".into()))?,
+        );
         let plane = ControlPlane {
             kubeconfig: path.clone(),
             dir: path.parent().unwrap_or(Path::new(".")).to_path_buf(),
@@ -108,11 +110,11 @@ impl ControlPlane {
             procs: Mutex::new(Vec::new()),
             existing: false,
         };
-        plane.boot().await.map_err(|e| {
+        if let Err(e) = plane.boot().await {
             // Whatever was started is stopped now, not at exit.
             plane.stop();
-            e
-        })?;
+            return Err(e);
+        }
         tracing::info!(dir = %dir.display(), secs = started.elapsed().as_secs_f32(), "test ground control plane ready");
         Ok(plane)
     }
@@ -128,7 +130,13 @@ impl ControlPlane {
         write_file(&pki.join("ca.crt"), ca.cert_pem())?;
         let serving = ca.issue(
             "kube-apiserver",
-            &["localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc", "kubernetes.default.svc.cluster.local"],
+            &[
+                "localhost",
+                "kubernetes",
+                "kubernetes.default",
+                "kubernetes.default.svc",
+                "kubernetes.default.svc.cluster.local",
+            ],
             &[loopback, [10, 0, 0, 1].into()],
             &[],
             Usage::Server,
@@ -278,26 +286,38 @@ impl ControlPlane {
     }
 
     async fn wait_http_ok(&self, what: &str, port: u16, path: &str, needle: &str, timeout: Duration) -> Result<()> {
-        wait_for_unless(what, timeout, Duration::from_millis(100), || self.check_running().err(), || async {
-            match crate::http::get(&format!("127.0.0.1:{port}"), "127.0.0.1", path).await {
-                Ok(resp) if resp.body.contains(needle) => Ok(Some(())),
-                Ok(resp) => Err(format!("{} {}", resp.status, resp.body)),
-                Err(e) => Err(e.to_string()),
-            }
-        })
+        wait_for_unless(
+            what,
+            timeout,
+            Duration::from_millis(100),
+            || self.check_running().err(),
+            || async {
+                match crate::http::get(&format!("127.0.0.1:{port}"), "127.0.0.1", path).await {
+                    Ok(resp) if resp.body.contains(needle) => Ok(Some(())),
+                    Ok(resp) => Err(format!("{} {}", resp.status, resp.body)),
+                    Err(e) => Err(e.to_string()),
+                }
+            },
+        )
         .await
     }
 
     async fn wait_apiserver_ready(&self, timeout: Duration) -> Result<()> {
         let client = self.client().await?;
-        wait_for_unless("kube-apiserver /readyz", timeout, Duration::from_millis(250), || self.check_running().err(), || async {
-            let req = http::Request::get("/readyz").body(Vec::new()).map_err(|e| e.to_string())?;
-            match client.request_text(req).await {
-                Ok(body) if body.trim() == "ok" => Ok(Some(())),
-                Ok(body) => Err(body),
-                Err(e) => Err(e.to_string()),
-            }
-        })
+        wait_for_unless(
+            "kube-apiserver /readyz",
+            timeout,
+            Duration::from_millis(250),
+            || self.check_running().err(),
+            || async {
+                let req = http::Request::get("/readyz").body(Vec::new()).map_err(|e| e.to_string())?;
+                match client.request_text(req).await {
+                    Ok(body) if body.trim() == "ok" => Ok(Some(())),
+                    Ok(body) => Err(body),
+                    Err(e) => Err(e.to_string()),
+                }
+            },
+        )
         .await?;
         // /readyz can be ok a moment before the default namespace exists.
         let namespaces: Api<Namespace> = Api::all(client);
@@ -341,19 +361,26 @@ impl ControlPlane {
 
     async fn wait_nodes_ready(&self, client: &Client, timeout: Duration) -> Result<()> {
         let nodes: Api<Node> = Api::all(client.clone());
-        wait_for_unless("kwok nodes Ready", timeout, Duration::from_millis(200), || self.check_running().err(), || async {
-            let list = nodes.list(&Default::default()).await.map_err(|e| e.to_string())?;
-            let ready = list
-                .items
-                .iter()
-                .filter(|n| {
-                    n.status.as_ref().and_then(|s| s.conditions.as_ref()).is_some_and(|cs| {
-                        cs.iter().any(|c| c.type_ == "Ready" && c.status == "True")
+        wait_for_unless(
+            "kwok nodes Ready",
+            timeout,
+            Duration::from_millis(200),
+            || self.check_running().err(),
+            || async {
+                let list = nodes.list(&Default::default()).await.map_err(|e| e.to_string())?;
+                let ready = list
+                    .items
+                    .iter()
+                    .filter(|n| {
+                        n.status
+                            .as_ref()
+                            .and_then(|s| s.conditions.as_ref())
+                            .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
                     })
-                })
-                .count();
-            Ok((ready >= NODES.len()).then_some(()))
-        })
+                    .count();
+                Ok((ready >= NODES.len()).then_some(()))
+            },
+        )
         .await
     }
 

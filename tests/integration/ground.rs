@@ -45,12 +45,20 @@ async fn deployment_becomes_running_pods() {
     deployments.create(&PostParams::default(), &deployment).await.unwrap();
 
     let replicasets: Api<ReplicaSet> = Api::namespaced(client.clone(), ns.name());
-    let rs = wait_for("a ReplicaSet owned by the Deployment", Duration::from_secs(30), Duration::from_millis(200), || async {
-        let list = replicasets.list(&ListParams::default()).await.map_err(|e| e.to_string())?;
-        Ok(list.items.into_iter().find(|rs| {
-            rs.metadata.owner_references.as_ref().is_some_and(|o| o.iter().any(|o| o.kind == "Deployment" && o.name == "echo"))
-        }))
-    })
+    let rs = wait_for(
+        "a ReplicaSet owned by the Deployment",
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        || async {
+            let list = replicasets.list(&ListParams::default()).await.map_err(|e| e.to_string())?;
+            Ok(list.items.into_iter().find(|rs| {
+                rs.metadata
+                    .owner_references
+                    .as_ref()
+                    .is_some_and(|o| o.iter().any(|o| o.kind == "Deployment" && o.name == "echo"))
+            }))
+        },
+    )
     .await
     .unwrap();
     assert_eq!(rs.spec.as_ref().and_then(|s| s.replicas), Some(2));
@@ -70,18 +78,21 @@ async fn deployment_becomes_running_pods() {
     for pod in &running {
         let node = pod.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_default();
         assert!(node.starts_with("kwok-node-"), "scheduled onto a kwok node, got {node:?}");
-        let ready = pod.status.as_ref().and_then(|s| s.conditions.as_ref()).is_some_and(|cs| {
-            cs.iter().any(|c| c.type_ == "Ready" && c.status == "True")
-        });
+        let ready = pod
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
         assert!(ready, "pod {:?} is Ready", pod.metadata.name);
     }
 
     // And the Deployment reports it, as `kubectl rollout status` would read it.
-    let available = wait_for("Deployment availableReplicas=2", Duration::from_secs(30), Duration::from_millis(250), || async {
-        let d = deployments.get("echo").await.map_err(|e| e.to_string())?;
-        Ok((d.status.and_then(|s| s.available_replicas) == Some(2)).then_some(()))
-    })
-    .await;
+    let available =
+        wait_for("Deployment availableReplicas=2", Duration::from_secs(30), Duration::from_millis(250), || async {
+            let d = deployments.get("echo").await.map_err(|e| e.to_string())?;
+            Ok((d.status.and_then(|s| s.available_replicas) == Some(2)).then_some(()))
+        })
+        .await;
     available.unwrap();
 }
 
@@ -197,7 +208,11 @@ async fn apiserver_calls_a_loopback_mutating_webhook() {
             }))
             .unwrap();
             let created = pods.create(&PostParams::default(), &pod).await.map_err(|e| e.to_string())?;
-            Ok(created.metadata.labels.filter(|l| l.get("ground.picotun.dev/mutated").map(String::as_str) == Some("yes")).map(|_| n))
+            Ok(created
+                .metadata
+                .labels
+                .filter(|l| l.get("ground.picotun.dev/mutated").map(String::as_str) == Some("yes"))
+                .map(|_| n))
         }
     })
     .await
