@@ -4,5 +4,12 @@
 //! tunnels, status back) and `agent` (the sidecar). See docs/ARCHITECTURE.md.
 #![forbid(unsafe_code)]
 
+pub mod admin;
+pub mod agent;
+pub mod cli;
+pub mod shutdown;
+pub mod telemetry;
+pub mod tunnel;
+
 /// The version this binary was built from.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,529 @@
+//! One SSH connection to the tunnel server, shared by every tunnel of the pod with the same
+//! server options. It connects (pinned host key, one client key), starts the session the dialect
+//! wants, opens each forward once the app's port answers, learns the public address from what
+//! the server prints, keeps the forwards matching the configuration, and reconnects with
+//! jittered backoff when the connection is lost.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use russh::keys::PublicKeyOrCertificate;
+use russh::client::{self, Handle, Msg};
+use russh::keys::{PrivateKey, PrivateKeyWithHashAlg};
+use russh::{Channel, ChannelMsg, Disconnect};
+use tokio::sync::{broadcast, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, info_span, warn, Instrument};
+
+use crate::agent::backoff::Backoff;
+use crate::agent::dialect::{AddressWatch, Dialect, ForwardRequest, Placement, SessionStart};
+use crate::agent::hostkey::{HostKeyPolicy, fingerprint};
+use crate::agent::output::{LineBuffer, ServerLine, parse_line};
+use crate::agent::proxy::{self, Relay};
+use crate::agent::state::{AgentState, ForwardState};
+use crate::tunnel::{TunnelKind, TunnelSpec};
+
+/// Everything a connection needs that does not change with the tunnels file.
+pub struct Settings {
+    pub server_host: String,
+    pub server_port: u16,
+    pub user: String,
+    pub key: Arc<PrivateKey>,
+    pub host_keys: HostKeyPolicy,
+    pub dialect: Dialect,
+    pub openssh_bind: String,
+    pub target_host: IpAddr,
+    pub keepalive_interval: Duration,
+    pub keepalive_max: usize,
+    pub standby_retry: Duration,
+    pub max_buffered: usize,
+    pub connect_timeout: Duration,
+    pub address_timeout: Duration,
+    pub grace: Duration,
+}
+
+/// Why a connection attempt or a live connection ended.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnError {
+    #[error("cannot reach {addr}: {reason}")]
+    Unreachable { addr: String, reason: String },
+    #[error(
+        "the server at {addr} presented host key {presented}, which is not pinned ({pinned}); if the server's key \
+         really changed, update --known-hosts"
+    )]
+    HostKeyMismatch { addr: String, presented: String, pinned: String },
+    #[error(
+        "the server refused key {fingerprint} for user {user:?}: register the key's public half with the tunnel \
+         service (pico.sh: `ssh pico.sh` -> keys) or check the user name"
+    )]
+    AuthRefused { user: String, fingerprint: String },
+    #[error("SSH error: {0}")]
+    Ssh(String),
+    #[error("connection lost")]
+    Lost,
+}
+
+impl ConnError {
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            ConnError::Unreachable { .. } => "unreachable",
+            ConnError::HostKeyMismatch { .. } => "host_key_mismatch",
+            ConnError::AuthRefused { .. } => "auth_refused",
+            ConnError::Ssh(_) => "ssh",
+            ConnError::Lost => "connection_lost",
+        }
+    }
+}
+
+/// Forwarded channels arrive keyed by (address, port); this maps them to the app.
+#[derive(Default)]
+struct Routes {
+    by_key: Mutex<HashMap<(String, u32), Relay>>,
+}
+
+impl Routes {
+    fn insert(&self, keys: &[(String, u32)], relay: &Relay) {
+        let mut map = self.by_key.lock().unwrap_or_else(|p| p.into_inner());
+        for k in keys {
+            map.insert(k.clone(), relay.clone());
+        }
+    }
+
+    fn remove(&self, tunnel: &str) {
+        self.by_key.lock().unwrap_or_else(|p| p.into_inner()).retain(|_, r| r.tunnel != tunnel);
+    }
+
+    /// Exact (address, port) first. Servers differ in what they put in `forwarded-tcpip`
+    /// (sish: requested address and reply port; OpenSSH: the bound address), so fall back to
+    /// the one route on that port, then the one route with that address.
+    fn lookup(&self, address: &str, port: u32) -> Option<Relay> {
+        let map = self.by_key.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(r) = map.get(&(address.to_string(), port)) {
+            return Some(r.clone());
+        }
+        let unique = |f: &dyn Fn(&(String, u32)) -> bool| {
+            let mut names: Vec<&Relay> = map.iter().filter(|(k, _)| f(k)).map(|(_, r)| r).collect();
+            names.dedup_by(|a, b| a.tunnel == b.tunnel);
+            let first = names.first().map(|r| r.tunnel.clone());
+            (names.iter().all(|r| Some(&r.tunnel) == first.as_ref()) && !names.is_empty()).then(|| names[0].clone())
+        };
+        unique(&|k| k.1 == port && port != 0).or_else(|| unique(&|k| k.0 == address))
+    }
+}
+
+struct Handler {
+    settings: Arc<Settings>,
+    routes: Arc<Routes>,
+    state: Arc<AgentState>,
+    host_key_problem: Arc<Mutex<Option<ConnError>>>,
+}
+
+impl client::Handler for Handler {
+    type Error = russh::Error;
+
+    async fn check_server_key(&mut self, key: &PublicKeyOrCertificate) -> Result<bool, Self::Error> {
+        // For a host certificate this is the certified key; certificates earn no extra trust.
+        let key = key.public_key();
+        if self.settings.host_keys.accepts(&key) {
+            if matches!(self.settings.host_keys, HostKeyPolicy::Insecure) {
+                warn!(
+                    presented = %fingerprint(&key),
+                    "host key NOT checked (--insecure-skip-host-key-check): anyone on the path can read this pod's traffic"
+                );
+            }
+            return Ok(true);
+        }
+        let problem = ConnError::HostKeyMismatch {
+            addr: format!("{}:{}", self.settings.server_host, self.settings.server_port),
+            presented: fingerprint(&key),
+            pinned: self.settings.host_keys.describe(),
+        };
+        *self.host_key_problem.lock().unwrap_or_else(|p| p.into_inner()) = Some(problem);
+        Ok(false)
+    }
+
+    async fn server_channel_open_forwarded_tcpip(
+        &mut self,
+        channel: Channel<Msg>,
+        connected_address: &str,
+        connected_port: u32,
+        originator_address: &str,
+        originator_port: u32,
+        reply: client::ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        let Some(relay) = self.routes.lookup(connected_address, connected_port) else {
+            warn!(connected_address, connected_port, "a connection arrived for a forward this agent does not hold; rejecting");
+            self.state.metrics.error("unknown_forward");
+            // Dropping `reply` rejects the channel.
+            return Ok(());
+        };
+        // Everything from here on runs in its own task: handler methods block the session loop.
+        let originator = format!("{originator_address}:{originator_port}");
+        tokio::spawn(proxy::serve(channel, reply, relay, originator, self.state.clone()));
+        Ok(())
+    }
+}
+
+/// A forward this connection holds.
+struct Held {
+    spec: TunnelSpec,
+    request: ForwardRequest,
+    reply_port: u32,
+}
+
+/// Keeps one SSH connection (one option set) up for as long as `shutdown` is not cancelled,
+/// holding the forwards `specs` asks for. On shutdown: cancels the forwards, waits for in-flight
+/// connections up to the grace period, disconnects.
+pub async fn run(
+    settings: Arc<Settings>,
+    options: BTreeMap<String, String>,
+    mut specs: watch::Receiver<Vec<TunnelSpec>>,
+    state: Arc<AgentState>,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+    let mut first = true;
+    loop {
+        if shutdown.is_cancelled() {
+            return;
+        }
+        if !first {
+            state.metrics.reconnects_total.inc();
+        }
+        first = false;
+        let started = Instant::now();
+        let names: Vec<TunnelSpec> = specs.borrow().clone();
+        for s in &names {
+            state.set_state(&s.name, ForwardState::Connecting, None, None);
+        }
+        match session(&settings, &options, &mut specs, &state, &shutdown).await {
+            Ok(()) => return,
+            Err(e) => {
+                state.metrics.error(e.metric_label());
+                let current: Vec<TunnelSpec> = specs.borrow().clone();
+                for s in &current {
+                    state.set_state(&s.name, ForwardState::Connecting, None, Some(e.to_string()));
+                }
+                // A connection that lived a while starts the backoff over.
+                if started.elapsed() > Duration::from_secs(60) {
+                    backoff.reset();
+                }
+                let delay = backoff.next_delay();
+                warn!(error = %e, retry_in = ?delay, "tunnel connection down");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shutdown.cancelled() => return,
+                }
+            }
+        }
+    }
+}
+
+async fn connect(
+    settings: &Arc<Settings>,
+    routes: &Arc<Routes>,
+    state: &Arc<AgentState>,
+) -> Result<Handle<Handler>, ConnError> {
+    let addr = format!("{}:{}", settings.server_host, settings.server_port);
+    let config = Arc::new(client::Config {
+        keepalive_interval: Some(settings.keepalive_interval),
+        keepalive_max: settings.keepalive_max,
+        nodelay: true,
+        inactivity_timeout: None,
+        ..Default::default()
+    });
+    let host_key_problem = Arc::new(Mutex::new(None));
+    let handler = Handler {
+        settings: settings.clone(),
+        routes: routes.clone(),
+        state: state.clone(),
+        host_key_problem: host_key_problem.clone(),
+    };
+    let connecting = client::connect(config, (settings.server_host.as_str(), settings.server_port), handler);
+    let mut handle = match tokio::time::timeout(settings.connect_timeout, connecting).await {
+        Err(_) => return Err(ConnError::Unreachable { addr, reason: format!("no answer within {:?}", settings.connect_timeout) }),
+        Ok(Err(e)) => {
+            if let Some(problem) = host_key_problem.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                return Err(problem);
+            }
+            return Err(match e {
+                russh::Error::IO(io) => ConnError::Unreachable { addr, reason: io.to_string() },
+                other => ConnError::Ssh(other.to_string()),
+            });
+        }
+        Ok(Ok(h)) => h,
+    };
+    let hash = handle.best_supported_rsa_hash().await.map_err(|e| ConnError::Ssh(e.to_string()))?.flatten();
+    let auth = handle
+        .authenticate_publickey(settings.user.clone(), PrivateKeyWithHashAlg::new(settings.key.clone(), hash))
+        .await
+        .map_err(|e| ConnError::Ssh(e.to_string()))?;
+    if !auth.success() {
+        return Err(ConnError::AuthRefused {
+            user: settings.user.clone(),
+            fingerprint: crate::agent::keys::fingerprint(&settings.key),
+        });
+    }
+    Ok(handle)
+}
+
+/// Drains the session channel for as long as it is open -- an undrained channel stalls the
+/// whole connection -- and publishes the lines that matter.
+fn spawn_session_reader(mut channel: Channel<Msg>, lines: broadcast::Sender<ServerLine>) {
+    tokio::spawn(
+        async move {
+            let mut buffer = LineBuffer::default();
+            while let Some(msg) = channel.wait().await {
+                let data = match &msg {
+                    ChannelMsg::Data { data } => data.as_ref(),
+                    ChannelMsg::ExtendedData { data, .. } => data.as_ref(),
+                    _ => continue,
+                };
+                for line in buffer.push(data) {
+                    debug!(%line, "server says");
+                    if let Some(parsed) = parse_line(&line) {
+                        let _ = lines.send(parsed);
+                    }
+                }
+            }
+        }
+        .instrument(info_span!("session-output")),
+    );
+}
+
+async fn session(
+    settings: &Arc<Settings>,
+    options: &BTreeMap<String, String>,
+    specs: &mut watch::Receiver<Vec<TunnelSpec>>,
+    state: &Arc<AgentState>,
+    shutdown: &CancellationToken,
+) -> Result<(), ConnError> {
+    let routes = Arc::new(Routes::default());
+    let handle = tokio::select! {
+        h = connect(settings, &routes, state) => h?,
+        _ = shutdown.cancelled() => return Ok(()),
+    };
+    state.metrics.ssh_connects_total.inc();
+    info!(server = %format!("{}:{}", settings.server_host, settings.server_port), user = %settings.user, "connected");
+
+    let (lines_tx, _) = broadcast::channel(256);
+    let tls = specs.borrow().iter().any(|s| s.kind == TunnelKind::Tls);
+    let start = settings.dialect.session_start(options, tls);
+    if start != SessionStart::None {
+        let channel = handle.channel_open_session().await.map_err(|e| ConnError::Ssh(e.to_string()))?;
+        match &start {
+            // sish never answers exec: do not wait for a reply.
+            SessionStart::Exec(cmd) => channel.exec(false, cmd.as_bytes()).await,
+            SessionStart::Shell => channel.request_shell(false).await,
+            SessionStart::None => Ok(()),
+        }
+        .map_err(|e| ConnError::Ssh(e.to_string()))?;
+        spawn_session_reader(channel, lines_tx.clone());
+    }
+
+    let mut held: BTreeMap<String, Held> = BTreeMap::new();
+    // Tunnels waiting for their next attempt, and when.
+    let mut retry_at: BTreeMap<String, Instant> = BTreeMap::new();
+    let mut forward_backoff: BTreeMap<String, Backoff> = BTreeMap::new();
+    loop {
+        if handle.is_closed() {
+            return Err(ConnError::Lost);
+        }
+        let desired: Vec<TunnelSpec> = specs.borrow_and_update().clone();
+
+        // Cancel what is no longer wanted (or changed).
+        let stale: Vec<String> = held
+            .iter()
+            .filter(|(name, h)| !desired.iter().any(|d| &d.name == *name && *d == h.spec))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in stale {
+            let h = held.remove(&name).expect("listed above");
+            cancel(settings, &handle, &routes, &h).await;
+            info!(tunnel = %name, "forward cancelled (configuration changed)");
+        }
+        retry_at.retain(|name, _| desired.iter().any(|d| &d.name == name));
+
+        // Open what is wanted and due.
+        let now = Instant::now();
+        for spec in &desired {
+            if held.contains_key(&spec.name) || retry_at.get(&spec.name).is_some_and(|t| *t > now) {
+                continue;
+            }
+            if shutdown.is_cancelled() || handle.is_closed() {
+                break;
+            }
+            let target = SocketAddr::new(settings.target_host, spec.target_port);
+            if !app_ready(target).await {
+                state.set_state(
+                    &spec.name,
+                    ForwardState::WaitingForApp,
+                    None,
+                    Some(format!("waiting for the app to accept connections on {target}")),
+                );
+                retry_at.insert(spec.name.clone(), now + Duration::from_secs(1));
+                continue;
+            }
+            let backoff = forward_backoff
+                .entry(spec.name.clone())
+                .or_insert_with(|| Backoff::new(Duration::from_secs(1), Duration::from_secs(30)));
+            match open_forward(settings, &handle, &routes, state, &lines_tx, spec).await {
+                Ok(h) => {
+                    backoff.reset();
+                    held.insert(spec.name.clone(), h);
+                }
+                Err(Retry::StandBy(why)) => {
+                    // Retry often, so a standby takes over soon after the holder goes.
+                    let jitter = rand::random_range(0..=settings.standby_retry.as_millis() as u64 / 2);
+                    retry_at.insert(spec.name.clone(), now + settings.standby_retry + Duration::from_millis(jitter));
+                    state.set_state(&spec.name, ForwardState::StandingBy, None, Some(why));
+                }
+                Err(Retry::Failed(why)) => {
+                    let delay = backoff.next_delay();
+                    warn!(tunnel = %spec.name, error = %why, retry_in = ?delay, "forward failed");
+                    state.metrics.error("forward_refused");
+                    retry_at.insert(spec.name.clone(), now + delay);
+                    state.set_state(&spec.name, ForwardState::Failed, None, Some(why));
+                }
+                Err(Retry::ConnectionLost) => return Err(ConnError::Lost),
+            }
+        }
+
+        let next_retry = retry_at.values().min().copied();
+        tokio::select! {
+            changed = specs.changed() => {
+                if changed.is_err() { return drain(settings, &handle, &routes, state, held).await; }
+            }
+            _ = async { tokio::time::sleep_until(next_retry.unwrap_or(now + Duration::from_secs(3600)).into()).await }, if next_retry.is_some() => {}
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {} // notice a closed handle
+            _ = shutdown.cancelled() => return drain(settings, &handle, &routes, state, held).await,
+        }
+    }
+}
+
+enum Retry {
+    StandBy(String),
+    Failed(String),
+    ConnectionLost,
+}
+
+async fn app_ready(target: SocketAddr) -> bool {
+    matches!(tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(target)).await, Ok(Ok(_)))
+}
+
+async fn open_forward(
+    settings: &Arc<Settings>,
+    handle: &Handle<Handler>,
+    routes: &Arc<Routes>,
+    state: &Arc<AgentState>,
+    lines: &broadcast::Sender<ServerLine>,
+    spec: &TunnelSpec,
+) -> Result<Held, Retry> {
+    let request = settings.dialect.forward_request(spec, &settings.openssh_bind).map_err(|e| Retry::Failed(e.to_string()))?;
+    let relay = Relay {
+        tunnel: spec.name.clone(),
+        target: SocketAddr::new(settings.target_host, spec.target_port),
+        max_buffered: settings.max_buffered,
+        connect_timeout: Duration::from_secs(5),
+    };
+    state.set_state(&spec.name, ForwardState::Requesting, None, None);
+    // Routes first: a visitor can arrive right after the reply.
+    routes.insert(&[(request.address.clone(), request.port)], &relay);
+    // Subscribe before asking, so no line about this forward is missed.
+    let mut heard = lines.subscribe();
+    let reply_port = match handle.tcpip_forward(request.address.clone(), request.port).await {
+        Ok(port) => port,
+        Err(russh::Error::RequestDenied) => {
+            routes.remove(&spec.name);
+            let why = format!("the server refused the forward {}:{}", request.address, request.port);
+            // A name or fixed port another client holds: stand by rather than fail.
+            let exclusive = spec.kind != TunnelKind::Tcp || request.port != 0;
+            return Err(if exclusive && settings.dialect != Dialect::Openssh {
+                Retry::StandBy(format!("{why} (held by another replica?)"))
+            } else {
+                Retry::Failed(why)
+            });
+        }
+        Err(_) => {
+            routes.remove(&spec.name);
+            return Err(Retry::ConnectionLost);
+        }
+    };
+    if reply_port != 0 && reply_port != request.port {
+        routes.insert(&[(request.address.clone(), reply_port)], &relay);
+    }
+    let held = Held { spec: spec.clone(), request: request.clone(), reply_port };
+
+    let mut watch = AddressWatch::new(settings.dialect, spec.kind, request.clone(), reply_port, &settings.server_host);
+    let deadline = tokio::time::Instant::now() + settings.address_timeout;
+    let placement = loop {
+        if let Some(p) = watch.decide() {
+            break Some(p);
+        }
+        match tokio::time::timeout_at(deadline, heard.recv()).await {
+            Ok(Ok(line)) => {
+                watch.feed(&line);
+                // The rest of a block arrives in the same message: take it before deciding.
+                while let Ok(more) = heard.try_recv() {
+                    watch.feed(&more);
+                }
+            }
+            Ok(Err(broadcast::error::RecvError::Lagged(_))) => continue,
+            Ok(Err(broadcast::error::RecvError::Closed)) | Err(_) => break None,
+        }
+    };
+    match placement {
+        Some(Placement::Public(address)) => {
+            info!(tunnel = %spec.name, %address, "forward established");
+            state.set_state(&spec.name, ForwardState::Established, Some(address), None);
+            Ok(held)
+        }
+        Some(Placement::NotAsRequested(why)) => {
+            // Never leave a stray public endpoint on a name or port nobody asked for.
+            cancel(settings, handle, routes, &held).await;
+            info!(tunnel = %spec.name, reason = %why, "standing by");
+            Err(Retry::StandBy(why))
+        }
+        None => {
+            let why = "the server accepted the forward but printed no address for it".to_string();
+            warn!(tunnel = %spec.name, "{why}");
+            state.set_state(&spec.name, ForwardState::Established, None, Some(why));
+            Ok(held)
+        }
+    }
+}
+
+async fn cancel(settings: &Arc<Settings>, handle: &Handle<Handler>, routes: &Arc<Routes>, held: &Held) {
+    let c = settings.dialect.cancel_request(&held.request, held.reply_port);
+    if let Err(e) = handle.cancel_tcpip_forward(c.address.clone(), c.port).await {
+        debug!(tunnel = %held.spec.name, error = %e, "cancel-tcpip-forward not acknowledged");
+    }
+    routes.remove(&held.spec.name);
+}
+
+/// Shutdown: no new visitors (forwards cancelled), in-flight connections get the grace period.
+async fn drain(
+    settings: &Arc<Settings>,
+    handle: &Handle<Handler>,
+    routes: &Arc<Routes>,
+    state: &Arc<AgentState>,
+    held: BTreeMap<String, Held>,
+) -> Result<(), ConnError> {
+    for h in held.values() {
+        cancel(settings, handle, routes, h).await;
+        state.set_state(&h.spec.name, ForwardState::Draining, None, Some("shutting down".into()));
+    }
+    let deadline = Instant::now() + settings.grace;
+    while state.total_active_connections() > 0 && Instant::now() < deadline && !handle.is_closed() {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let left = state.total_active_connections();
+    if left > 0 {
+        warn!(connections = left, "grace period over; closing connections still open");
+    }
+    let _ = handle.disconnect(Disconnect::ByApplication, "picotun agent shutting down", "en").await;
+    Ok(())
+}

@@ -1,0 +1,277 @@
+//! `picotun agent`: the tunnel sidecar.
+//!
+//! ```text
+//! tunnels file ──(poll, validate)──► supervisor ──watch──► connection per option set
+//!                                       │                     │ russh session, forwards
+//!                                       ▼                     ▼
+//!                                   AgentState ◄──────── forwarded channel ─► proxy ─► app port
+//!                                       │
+//!                              admin: /live /ready /metrics /status
+//! ```
+
+pub mod backoff;
+pub mod connection;
+pub mod dialect;
+pub mod hostkey;
+pub mod keys;
+pub mod output;
+pub mod proxy;
+pub mod state;
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::routing::get;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::admin;
+use crate::agent::connection::Settings;
+use crate::agent::dialect::Dialect;
+use crate::agent::hostkey::HostKeyPolicy;
+use crate::agent::state::{AgentState, ForwardState};
+use crate::tunnel::{TunnelKind, TunnelSpec, TunnelsFile};
+
+/// `picotun agent` flags. Every flag has an environment fallback so the webhook can configure the
+/// sidecar through env from a ConfigMap.
+#[derive(Clone, Debug, clap::Args)]
+pub struct AgentArgs {
+    /// The tunnels file (JSON, mounted from a pod annotation through the downward API); reloaded
+    /// when it changes.
+    #[arg(long, env = "PICOTUN_TUNNELS_FILE", default_value = "/etc/picotun/tunnels/tunnels.json")]
+    pub tunnels_file: PathBuf,
+    /// The tunnel server. A regional tuns.sh host (nue.tuns.sh, ash.tuns.sh) keeps tunnels on one
+    /// instance.
+    #[arg(long, env = "PICOTUN_SERVER", default_value = "tuns.sh")]
+    pub server: String,
+    #[arg(long, env = "PICOTUN_SERVER_PORT", default_value_t = 22)]
+    pub server_port: u16,
+    /// The SSH user name (on tuns.sh it matters only when one key is on several accounts).
+    #[arg(long, env = "PICOTUN_USER", default_value = "picotun")]
+    pub user: String,
+    /// The private key (ed25519, ECDSA or RSA; OpenSSH or PEM).
+    #[arg(long, env = "PICOTUN_KEY_FILE", default_value = "/etc/picotun/ssh/id")]
+    pub key_file: PathBuf,
+    /// A file holding the key's passphrase, if it has one.
+    #[arg(long, env = "PICOTUN_KEY_PASSPHRASE_FILE")]
+    pub key_passphrase_file: Option<PathBuf>,
+    /// known_hosts file pinning the server's host key (tuns.sh's key is built in).
+    #[arg(long, env = "PICOTUN_KNOWN_HOSTS")]
+    pub known_hosts: Option<PathBuf>,
+    /// Connect without checking the server's host key. Logged as a warning on every connect.
+    #[arg(long, env = "PICOTUN_INSECURE_SKIP_HOST_KEY_CHECK")]
+    pub insecure_skip_host_key_check: bool,
+    /// How the server speaks: sish (tuns.sh), sandhole, or openssh.
+    #[arg(long, env = "PICOTUN_DIALECT", value_enum, default_value = "sish")]
+    pub dialect: Dialect,
+    /// Bind address requested from a plain OpenSSH server for TCP forwards.
+    #[arg(long, env = "PICOTUN_OPENSSH_BIND_ADDRESS", default_value = "localhost")]
+    pub openssh_bind_address: String,
+    /// Where the app listens (the pod's loopback).
+    #[arg(long, env = "PICOTUN_TARGET_HOST", default_value = "127.0.0.1")]
+    pub target_host: IpAddr,
+    /// The admin port: /live, /ready, /metrics, /status.
+    #[arg(long, env = "PICOTUN_ADMIN_ADDR", default_value = "0.0.0.0:9901")]
+    pub admin_addr: SocketAddr,
+    /// After SIGTERM: how long in-flight connections may take to finish.
+    #[arg(long, env = "PICOTUN_GRACE_PERIOD", value_parser = humantime::parse_duration, default_value = "20s")]
+    pub grace_period: Duration,
+    /// Keepalive probe interval on the SSH connection; the server is declared dead after
+    /// --keepalive-max unanswered probes.
+    #[arg(long, env = "PICOTUN_KEEPALIVE_INTERVAL", value_parser = humantime::parse_duration, default_value = "5s")]
+    pub keepalive_interval: Duration,
+    #[arg(long, env = "PICOTUN_KEEPALIVE_MAX", default_value_t = 3)]
+    pub keepalive_max: usize,
+    /// How often a replica standing by for a name retries it (plus up to half again of jitter).
+    #[arg(long, env = "PICOTUN_STANDBY_RETRY", value_parser = humantime::parse_duration, default_value = "3s")]
+    pub standby_retry: Duration,
+    /// Bytes a connection may hold for an app that is not reading before it is closed.
+    #[arg(long, env = "PICOTUN_MAX_BUFFERED_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub max_buffered_bytes: usize,
+    /// How often the tunnels file is checked for changes.
+    #[arg(long, env = "PICOTUN_RELOAD_INTERVAL", value_parser = humantime::parse_duration, default_value = "1s")]
+    pub reload_interval: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Key(#[from] keys::KeyError),
+    #[error(transparent)]
+    HostKey(#[from] hostkey::HostKeyError),
+    #[error("cannot listen on the admin address {addr}: {source}")]
+    Admin { addr: SocketAddr, source: std::io::Error },
+}
+
+/// The option set that decides which SSH connection a tunnel rides on.
+type ConnectionKey = (BTreeMap<String, String>, bool);
+
+fn connection_key(spec: &TunnelSpec) -> ConnectionKey {
+    (spec.options.clone(), spec.kind == TunnelKind::Tls)
+}
+
+/// Runs the agent until `shutdown` is cancelled, then drains and returns.
+pub async fn run(args: AgentArgs, shutdown: CancellationToken) -> Result<(), AgentError> {
+    let key = keys::load(&args.key_file, args.key_passphrase_file.as_deref())?;
+    let host_keys = HostKeyPolicy::resolve(
+        &args.server,
+        args.server_port,
+        args.known_hosts.as_deref(),
+        args.insecure_skip_host_key_check,
+    )?;
+    info!(
+        server = %format!("{}:{}", args.server, args.server_port),
+        dialect = ?args.dialect,
+        key = %keys::fingerprint(&key),
+        host_keys = %host_keys.describe(),
+        "picotun agent starting"
+    );
+    let settings = Arc::new(Settings {
+        server_host: args.server.clone(),
+        server_port: args.server_port,
+        user: args.user.clone(),
+        key,
+        host_keys,
+        dialect: args.dialect,
+        openssh_bind: args.openssh_bind_address.clone(),
+        target_host: args.target_host,
+        keepalive_interval: args.keepalive_interval,
+        keepalive_max: args.keepalive_max,
+        standby_retry: args.standby_retry,
+        max_buffered: args.max_buffered_bytes,
+        connect_timeout: Duration::from_secs(15),
+        address_timeout: Duration::from_secs(5),
+        grace: args.grace_period,
+    });
+    let state = Arc::new(AgentState::default());
+
+    let listener = tokio::net::TcpListener::bind(args.admin_addr)
+        .await
+        .map_err(|source| AgentError::Admin { addr: args.admin_addr, source })?;
+    let admin_state = state.clone();
+    let status_state = state.clone();
+    let server_label = format!("{}:{}", args.server, args.server_port);
+    let dialect = args.dialect;
+    let extra = axum::Router::new().route(
+        "/status",
+        get(move || {
+            let s = status_state.clone();
+            let server = server_label.clone();
+            async move {
+                Json(serde_json::json!({
+                    "ready": s.is_ready(),
+                    "server": server,
+                    "dialect": dialect,
+                    "configError": s.config_error(),
+                    "tunnels": s.snapshot(),
+                }))
+            }
+        }),
+    );
+    let mut registry = prometheus_client::registry::Registry::default();
+    state.metrics.register(&mut registry);
+    let admin_shutdown = CancellationToken::new();
+    let admin_task = tokio::spawn(admin::serve(
+        listener,
+        Arc::new(move || admin_state.is_ready()),
+        Arc::new(registry),
+        extra,
+        admin_shutdown.clone(),
+    ));
+
+    supervise(&args, settings, state.clone(), shutdown).await;
+    admin_shutdown.cancel();
+    let _ = admin_task.await;
+    info!("picotun agent stopped");
+    Ok(())
+}
+
+/// Reads the tunnels file, keeps one connection task per option set, and passes each its
+/// tunnels. Returns after shutdown, once every connection has drained.
+async fn supervise(args: &AgentArgs, settings: Arc<Settings>, state: Arc<AgentState>, shutdown: CancellationToken) {
+    let mut connections: BTreeMap<ConnectionKey, (watch::Sender<Vec<TunnelSpec>>, CancellationToken, tokio::task::JoinHandle<()>)> =
+        BTreeMap::new();
+    let mut last_text: Option<String> = None;
+    let mut reload = tokio::time::interval(args.reload_interval);
+    reload.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = reload.tick() => {}
+            _ = shutdown.cancelled() => break,
+        }
+        let text = match std::fs::read_to_string(&args.tunnels_file) {
+            Ok(t) => t,
+            Err(e) => {
+                let msg = format!("cannot read the tunnels file {}: {e}", args.tunnels_file.display());
+                if state.config_error().as_deref() != Some(msg.as_str()) {
+                    warn!("{msg}; keeping the last good configuration");
+                    state.metrics.config_reloads_total.get_or_create(&state::ReasonLabels { reason: "unreadable".into() }).inc();
+                }
+                state.set_config_error(Some(msg));
+                continue;
+            }
+        };
+        if last_text.as_deref() == Some(text.as_str()) {
+            continue;
+        }
+        last_text = Some(text.clone());
+        let file = match TunnelsFile::parse(&text) {
+            Ok(f) => f,
+            Err(e) => {
+                let msg = format!("{}: {e}", args.tunnels_file.display());
+                warn!("invalid tunnels file, keeping the last good configuration: {msg}");
+                state.metrics.config_reloads_total.get_or_create(&state::ReasonLabels { reason: "invalid".into() }).inc();
+                state.set_config_error(Some(msg));
+                continue;
+            }
+        };
+        state.set_config_error(None);
+        state.metrics.config_reloads_total.get_or_create(&state::ReasonLabels { reason: "ok".into() }).inc();
+        info!(tunnels = file.tunnels.len(), "tunnels file loaded");
+        state.set_configured(&file.tunnels, ForwardState::Connecting);
+
+        let mut groups: BTreeMap<ConnectionKey, Vec<TunnelSpec>> = BTreeMap::new();
+        for spec in file.tunnels {
+            groups.entry(connection_key(&spec)).or_default().push(spec);
+        }
+        // Connections whose option set is gone: drain and stop.
+        let gone: Vec<ConnectionKey> = connections.keys().filter(|k| !groups.contains_key(*k)).cloned().collect();
+        for key in gone {
+            let (tx, token, task) = connections.remove(&key).expect("listed above");
+            let _ = tx.send(Vec::new());
+            token.cancel();
+            tokio::spawn(async move {
+                let _ = task.await;
+            });
+        }
+        for (key, specs) in groups {
+            if let Some((tx, _, _)) = connections.get(&key) {
+                // Unchanged tunnels stay untouched: the connection diffs.
+                tx.send_if_modified(|current| {
+                    let changed = *current != specs;
+                    *current = specs.clone();
+                    changed
+                });
+                continue;
+            }
+            let (tx, rx) = watch::channel(specs);
+            let token = shutdown.child_token();
+            let task = tokio::spawn(connection::run(settings.clone(), key.0.clone(), rx, state.clone(), token.clone()));
+            connections.insert(key, (tx, token, task));
+        }
+    }
+
+    info!(grace = ?settings.grace, "draining: cancelling forwards, letting connections finish");
+    state.start_draining();
+    for (_, (_, token, task)) in connections {
+        token.cancel();
+        if let Err(e) = task.await {
+            error!(error = %e, "a connection task failed while draining");
+        }
+    }
+}

@@ -1,0 +1,168 @@
+//! One visitor connection: a `forwarded-tcpip` channel relayed to the app's local port.
+//!
+//! russh stalls the *whole* SSH connection (keepalive replies included) when any channel's
+//! incoming buffer is full, and it refills a channel's receive window when data arrives, not when
+//! it is consumed -- so SSH flow control cannot hold back a visitor whose app is not reading. The
+//! relay therefore never lets the channel wait on the app: a reader task drains the channel at
+//! once into a bounded per-connection buffer, a writer task feeds the app from it, and a
+//! connection whose app leaves more than `max_buffered` bytes unread is closed (reason
+//! `app_stalled`) instead of stalling every other connection of the pod.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use russh::client::Msg;
+use russh::{Channel, ChannelMsg, ChannelOpenFailure};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tracing::{debug, info_span, warn, Instrument};
+
+use crate::agent::state::{AgentState, Direction};
+
+/// How a connection to the app is relayed.
+#[derive(Clone, Debug)]
+pub struct Relay {
+    pub tunnel: String,
+    pub target: SocketAddr,
+    pub max_buffered: usize,
+    pub connect_timeout: Duration,
+}
+
+/// The size of one read from the app, and the unit of the channel-to-app buffer.
+const CHUNK: usize = 32 * 1024;
+
+/// Dials the app first, then accepts or rejects the channel, then relays until both sides are
+/// done. Runs in its own task; never blocks the SSH session loop.
+pub async fn serve(
+    channel: Channel<Msg>,
+    reply: russh::client::ChannelOpenHandle,
+    relay: Relay,
+    originator: String,
+    state: Arc<AgentState>,
+) {
+    let span = info_span!("conn", tunnel = %relay.tunnel, from = %originator);
+    async move {
+        let tcp = match tokio::time::timeout(relay.connect_timeout, TcpStream::connect(relay.target)).await {
+            Ok(Ok(tcp)) => tcp,
+            Ok(Err(e)) => {
+                warn!(target = %relay.target, error = %e, "the app refused the connection; rejecting the channel");
+                state.metrics.error("app_refused");
+                reply.reject(ChannelOpenFailure::ConnectFailed).await;
+                return;
+            }
+            Err(_) => {
+                warn!(target = %relay.target, "the app did not accept within {:?}; rejecting the channel", relay.connect_timeout);
+                state.metrics.error("app_timeout");
+                reply.reject(ChannelOpenFailure::ConnectFailed).await;
+                return;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        reply.accept().await;
+        state.connection_opened(&relay.tunnel);
+        debug!("connection opened");
+        let outcome = pump(channel, tcp, &relay, &state).await;
+        state.connection_closed(&relay.tunnel);
+        match outcome {
+            Outcome::Done => debug!("connection closed"),
+            Outcome::AppStalled => {
+                warn!(max_buffered = relay.max_buffered, "the app stopped reading; closed this connection so others keep flowing");
+                state.metrics.error("app_stalled");
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+enum Outcome {
+    Done,
+    AppStalled,
+}
+
+async fn pump(channel: Channel<Msg>, tcp: TcpStream, relay: &Relay, state: &Arc<AgentState>) -> Outcome {
+    let (mut from_ssh, to_ssh) = channel.split();
+    let to_ssh = Arc::new(to_ssh);
+    let (mut from_app, mut to_app) = tcp.into_split();
+    let capacity = (relay.max_buffered / CHUNK).max(1);
+    let (buf_tx, mut buf_rx) = mpsc::channel::<Bytes>(capacity);
+
+    // Visitor -> app, part 1: drain the channel at once, whatever the app does.
+    let tunnel = relay.tunnel.clone();
+    let st = state.clone();
+    let mut drain = tokio::spawn(async move {
+        let mut buf_tx = Some(buf_tx);
+        loop {
+            match from_ssh.wait().await {
+                Some(ChannelMsg::Data { data }) => {
+                    st.add_bytes(&tunnel, Direction::In, data.len() as u64);
+                    let Some(tx) = &buf_tx else { continue };
+                    match tx.try_send(data) {
+                        Ok(()) => {}
+                        Err(mpsc::error::TrySendError::Full(_)) => return Outcome::AppStalled,
+                        // The app side is gone; keep draining until the channel closes.
+                        Err(mpsc::error::TrySendError::Closed(_)) => buf_tx = None,
+                    }
+                }
+                // The visitor finished sending: let the writer flush, then half-close the app.
+                Some(ChannelMsg::Eof) => buf_tx = None,
+                Some(ChannelMsg::Close) | None => return Outcome::Done,
+                Some(_) => {}
+            }
+        }
+    });
+
+    // Visitor -> app, part 2: write what was drained; shut down the app's read side at EOF.
+    let write_app = tokio::spawn(async move {
+        while let Some(chunk) = buf_rx.recv().await {
+            if to_app.write_all(&chunk).await.is_err() {
+                return;
+            }
+        }
+        let _ = to_app.shutdown().await;
+    });
+
+    // App -> visitor: the channel's write side waits for the visitor's window, not the session.
+    let tunnel = relay.tunnel.clone();
+    let st = state.clone();
+    let writer = to_ssh.clone();
+    let mut read_app = tokio::spawn(async move {
+        let mut buf = vec![0u8; CHUNK];
+        loop {
+            match from_app.read(&mut buf).await {
+                Ok(0) | Err(_) => {
+                    let _ = writer.eof().await;
+                    return;
+                }
+                Ok(n) => {
+                    st.add_bytes(&tunnel, Direction::Out, n as u64);
+                    if writer.data_bytes(Bytes::copy_from_slice(&buf[..n])).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+
+    // Done when the channel closes (both sides' EOFs exchanged, or the server/visitor closed),
+    // or when the app closed its side and everything it sent is out. Either way both ends are
+    // then closed fully, so nothing lingers half-open.
+    let mut outcome = Outcome::Done;
+    tokio::select! {
+        res = &mut drain => { outcome = res.unwrap_or(Outcome::Done); }
+        _ = &mut read_app => {
+            // The app finished; give the visitor's side a moment to finish too, then close.
+            if let Ok(res) = tokio::time::timeout(Duration::from_secs(5), &mut drain).await {
+                outcome = res.unwrap_or(Outcome::Done);
+            }
+        }
+    }
+    drain.abort();
+    write_app.abort();
+    read_app.abort();
+    let _ = to_ssh.close().await;
+    outcome
+}

@@ -1,0 +1,338 @@
+//! What the agent knows about its tunnels, shared by the connection tasks (writers) and the
+//! admin port (/ready, /status, /metrics readers).
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use std::fmt::Write as _;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use serde::Serialize;
+
+use crate::tunnel::{TunnelKind, TunnelSpec};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum ForwardState {
+    /// The app's port does not accept connections yet: no forward until it does.
+    WaitingForApp,
+    /// The SSH connection is being (re)established.
+    Connecting,
+    /// Forward requested, waiting for the server's answer.
+    Requesting,
+    /// Serving at its public address.
+    Established,
+    /// Another replica holds the name (or port); retrying so one takes over when it goes.
+    StandingBy,
+    /// Refused or broken; retrying with backoff. `message` says why.
+    Failed,
+    /// Shutting down: forward cancelled, in-flight connections finishing.
+    Draining,
+}
+
+impl ForwardState {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            ForwardState::WaitingForApp => "waiting_for_app",
+            ForwardState::Connecting => "connecting",
+            ForwardState::Requesting => "requesting",
+            ForwardState::Established => "established",
+            ForwardState::StandingBy => "standing_by",
+            ForwardState::Failed => "failed",
+            ForwardState::Draining => "draining",
+        }
+    }
+
+    const ALL: [ForwardState; 7] = [
+        ForwardState::WaitingForApp,
+        ForwardState::Connecting,
+        ForwardState::Requesting,
+        ForwardState::Established,
+        ForwardState::StandingBy,
+        ForwardState::Failed,
+        ForwardState::Draining,
+    ];
+}
+
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TunnelStatus {
+    pub name: String,
+    pub kind: TunnelKind,
+    /// What was asked for: `demo`, `tcp:5432`, `tcp:any`.
+    pub requested: String,
+    pub target_port: u16,
+    pub state: ForwardState,
+    /// The address the server really assigned, as it reported it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub public_address: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// Unix seconds of the last state change.
+    pub since: u64,
+    pub active_connections: i64,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TunnelLabels {
+    pub tunnel: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabels {
+    pub tunnel: String,
+    pub state: ForwardState,
+}
+
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum Direction {
+    /// From the visitor to the app.
+    In,
+    /// From the app to the visitor.
+    Out,
+}
+
+// Lower-case label values, as Prometheus users expect.
+impl EncodeLabelValue for ForwardState {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> std::fmt::Result {
+        encoder.write_str(self.as_str())
+    }
+}
+
+impl EncodeLabelValue for Direction {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> std::fmt::Result {
+        encoder.write_str(match self {
+            Direction::In => "in",
+            Direction::Out => "out",
+        })
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BytesLabels {
+    pub tunnel: String,
+    pub direction: Direction,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: String,
+}
+
+/// The agent's Prometheus metrics.
+#[derive(Default)]
+pub struct Metrics {
+    pub tunnel_state: Family<StateLabels, Gauge>,
+    pub connections_total: Family<TunnelLabels, Counter>,
+    pub connections_active: Family<TunnelLabels, Gauge>,
+    pub bytes_total: Family<BytesLabels, Counter>,
+    pub ssh_connects_total: Counter,
+    pub reconnects_total: Counter,
+    pub errors_total: Family<ReasonLabels, Counter>,
+    pub config_reloads_total: Family<ReasonLabels, Counter>,
+}
+
+impl Metrics {
+    pub fn register(&self, registry: &mut Registry) {
+        let r = registry.sub_registry_with_prefix("picotun_agent");
+        r.register("tunnel_state", "1 for the state each tunnel is in", self.tunnel_state.clone());
+        r.register("connections", "Proxied connections accepted", self.connections_total.clone());
+        r.register("connections_active", "Proxied connections open now", self.connections_active.clone());
+        r.register("bytes", "Bytes proxied, by direction (in = towards the app)", self.bytes_total.clone());
+        r.register("ssh_connects", "SSH connections established", self.ssh_connects_total.clone());
+        r.register("reconnects", "SSH reconnect attempts after a failure or loss", self.reconnects_total.clone());
+        r.register("errors", "Errors by reason", self.errors_total.clone());
+        r.register("config_reloads", "Tunnels file loads by result (ok, invalid, unreadable)", self.config_reloads_total.clone());
+    }
+
+    pub fn error(&self, reason: &str) {
+        self.errors_total.get_or_create(&ReasonLabels { reason: reason.to_string() }).inc();
+    }
+}
+
+/// Shared state of one agent.
+#[derive(Default)]
+pub struct AgentState {
+    tunnels: Mutex<BTreeMap<String, TunnelStatus>>,
+    config_error: Mutex<Option<String>>,
+    config_loaded: AtomicBool,
+    draining: AtomicBool,
+    generation: AtomicU64,
+    pub metrics: Metrics,
+}
+
+fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+pub fn requested_label(spec: &TunnelSpec) -> String {
+    match spec.kind {
+        TunnelKind::Http | TunnelKind::Tls => spec.host.clone().unwrap_or_default(),
+        TunnelKind::Tcp => match spec.remote_port {
+            Some(p) if p != 0 => format!("tcp:{p}"),
+            _ => "tcp:any".into(),
+        },
+    }
+}
+
+impl AgentState {
+    /// Makes the status list match the configured tunnels: new ones start in `state`, removed
+    /// ones disappear (with their metrics), others keep what they have.
+    pub fn set_configured(&self, specs: &[TunnelSpec], state: ForwardState) {
+        let mut tunnels = self.tunnels.lock().unwrap_or_else(|p| p.into_inner());
+        let keep: std::collections::BTreeSet<&str> = specs.iter().map(|s| s.name.as_str()).collect();
+        let removed: Vec<String> = tunnels.keys().filter(|k| !keep.contains(k.as_str())).cloned().collect();
+        for name in removed {
+            tunnels.remove(&name);
+            for s in ForwardState::ALL {
+                self.metrics.tunnel_state.remove(&StateLabels { tunnel: name.clone(), state: s });
+            }
+        }
+        for spec in specs {
+            let entry = tunnels.entry(spec.name.clone()).or_insert_with(|| TunnelStatus {
+                name: spec.name.clone(),
+                kind: spec.kind,
+                requested: requested_label(spec),
+                target_port: spec.target_port,
+                state,
+                public_address: None,
+                message: None,
+                since: now(),
+                active_connections: 0,
+            });
+            entry.kind = spec.kind;
+            entry.requested = requested_label(spec);
+            entry.target_port = spec.target_port;
+            let current = entry.state;
+            self.export_state(&spec.name, current);
+        }
+        self.config_loaded.store(true, Ordering::Relaxed);
+        self.generation.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Records a state change of one tunnel (ignored for tunnels no longer configured).
+    pub fn set_state(&self, name: &str, state: ForwardState, address: Option<String>, message: Option<String>) {
+        let mut tunnels = self.tunnels.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(t) = tunnels.get_mut(name) else { return };
+        if t.state != state || t.public_address != address || t.message != message {
+            t.since = now();
+        }
+        t.state = state;
+        t.public_address = address;
+        t.message = message;
+        self.export_state(name, state);
+    }
+
+    fn export_state(&self, name: &str, state: ForwardState) {
+        for s in ForwardState::ALL {
+            self.metrics.tunnel_state.get_or_create(&StateLabels { tunnel: name.to_string(), state: s }).set(i64::from(s == state));
+        }
+    }
+
+    pub fn connection_opened(&self, name: &str) {
+        let labels = TunnelLabels { tunnel: name.to_string() };
+        self.metrics.connections_total.get_or_create(&labels).inc();
+        self.metrics.connections_active.get_or_create(&labels).inc();
+        if let Some(t) = self.tunnels.lock().unwrap_or_else(|p| p.into_inner()).get_mut(name) {
+            t.active_connections += 1;
+        }
+    }
+
+    pub fn connection_closed(&self, name: &str) {
+        self.metrics.connections_active.get_or_create(&TunnelLabels { tunnel: name.to_string() }).dec();
+        if let Some(t) = self.tunnels.lock().unwrap_or_else(|p| p.into_inner()).get_mut(name) {
+            t.active_connections -= 1;
+        }
+    }
+
+    pub fn add_bytes(&self, name: &str, direction: Direction, n: u64) {
+        self.metrics.bytes_total.get_or_create(&BytesLabels { tunnel: name.to_string(), direction }).inc_by(n);
+    }
+
+    pub fn set_config_error(&self, error: Option<String>) {
+        *self.config_error.lock().unwrap_or_else(|p| p.into_inner()) = error;
+    }
+
+    pub fn config_error(&self) -> Option<String> {
+        self.config_error.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Ready when a configuration has loaded, nothing is draining, and every tunnel is
+    /// established or deliberately standing by.
+    pub fn is_ready(&self) -> bool {
+        self.config_loaded.load(Ordering::Relaxed)
+            && !self.is_draining()
+            && self
+                .tunnels
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .values()
+                .all(|t| matches!(t.state, ForwardState::Established | ForwardState::StandingBy))
+    }
+
+    pub fn snapshot(&self) -> Vec<TunnelStatus> {
+        self.tunnels.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
+    }
+
+    pub fn total_active_connections(&self) -> i64 {
+        self.tunnels.lock().unwrap_or_else(|p| p.into_inner()).values().map(|t| t.active_connections).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(name: &str) -> TunnelSpec {
+        TunnelSpec {
+            name: name.into(),
+            kind: TunnelKind::Http,
+            host: Some(name.into()),
+            remote_port: None,
+            target_port: 80,
+            options: Default::default(),
+        }
+    }
+
+    #[test]
+    fn ready_only_when_every_tunnel_is_served_or_standing_by() {
+        let s = AgentState::default();
+        assert!(!s.is_ready(), "no configuration yet");
+        s.set_configured(&[], ForwardState::Connecting);
+        assert!(s.is_ready(), "nothing to serve");
+        s.set_configured(&[spec("a"), spec("b")], ForwardState::Connecting);
+        assert!(!s.is_ready());
+        s.set_state("a", ForwardState::Established, Some("https://u-a.tuns.sh".into()), None);
+        s.set_state("b", ForwardState::StandingBy, None, Some("held by another replica".into()));
+        assert!(s.is_ready());
+        s.start_draining();
+        assert!(!s.is_ready());
+    }
+
+    #[test]
+    fn removed_tunnels_leave_status_and_metrics() {
+        let s = AgentState::default();
+        s.set_configured(&[spec("a"), spec("b")], ForwardState::Connecting);
+        s.set_configured(&[spec("b")], ForwardState::Connecting);
+        assert_eq!(s.snapshot().iter().map(|t| t.name.as_str()).collect::<Vec<_>>(), vec!["b"]);
+        let mut registry = Registry::default();
+        s.metrics.register(&mut registry);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        assert!(text.contains("tunnel=\"b\"") && !text.contains("tunnel=\"a\""), "{text}");
+    }
+}

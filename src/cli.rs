@@ -1,0 +1,24 @@
+//! Command line: one binary, one subcommand per mode.
+
+use clap::{Parser, Subcommand};
+
+use crate::agent::AgentArgs;
+use crate::telemetry::LogFormat;
+
+#[derive(Debug, Parser)]
+#[command(name = "picotun", version, about = "Expose Kubernetes workloads through pico.sh SSH tunnels")]
+pub struct Cli {
+    /// Log filter (tracing EnvFilter syntax), e.g. `info` or `picotun=debug,russh=warn`.
+    #[arg(long, global = true, env = "PICOTUN_LOG", default_value = "info")]
+    pub log_filter: String,
+    #[arg(long, global = true, env = "PICOTUN_LOG_FORMAT", value_enum, default_value = "plain")]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// The tunnel sidecar: opens the pod's forwards and relays connections to the app.
+    Agent(AgentArgs),
+}
