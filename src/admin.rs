@@ -14,7 +14,13 @@ use tokio_util::sync::CancellationToken;
 pub type ReadyCheck = Arc<dyn Fn() -> bool + Send + Sync>;
 
 /// Serves until `shutdown` is cancelled.
-pub async fn serve(listener: TcpListener, ready: ReadyCheck, registry: Arc<Registry>, extra: Router, shutdown: CancellationToken) {
+pub async fn serve(
+    listener: TcpListener,
+    ready: ReadyCheck,
+    registry: Arc<Registry>,
+    extra: Router,
+    shutdown: CancellationToken,
+) {
     let app = router(ready, registry).merge(extra);
     let _ = axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.cancelled().await }).await;
 }

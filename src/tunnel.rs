@@ -64,7 +64,9 @@ pub struct TunnelsFile {
 /// Why a tunnels file was refused. The agent keeps its last good configuration and reports this.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SpecError {
-    #[error("not valid tunnels JSON: {0} (expected {{\"tunnels\": [{{\"name\": ..., \"kind\": \"http\", \"host\": ..., \"targetPort\": ...}}]}})")]
+    #[error(
+        "not valid tunnels JSON: {0} (expected {{\"tunnels\": [{{\"name\": ..., \"kind\": \"http\", \"host\": ..., \"targetPort\": ...}}]}})"
+    )]
     Json(String),
     #[error("tunnel {index}: name {name:?} must be 1-63 characters of a-z, 0-9 and '-'")]
     BadName { index: usize, name: String },
@@ -131,7 +133,8 @@ impl TunnelSpec {
         }
         match self.kind {
             TunnelKind::Http | TunnelKind::Tls => {
-                let host = self.host.as_deref().ok_or_else(|| SpecError::MissingHost { name: name(), kind: self.kind })?;
+                let host =
+                    self.host.as_deref().ok_or_else(|| SpecError::MissingHost { name: name(), kind: self.kind })?;
                 if !is_dns_name(host) {
                     return Err(SpecError::BadHost { name: name(), host: host.to_string() });
                 }
@@ -220,7 +223,10 @@ mod tests {
             (r#"{"tunnels":[{"name":"w","kind":"http","targetPort":80}]}"#, "needs `host`"),
             (r#"{"tunnels":[{"name":"W","kind":"tcp","targetPort":80}]}"#, "must be 1-63"),
             (r#"{"tunnels":[{"name":"w","kind":"tcp","host":"x","targetPort":80}]}"#, "takes `remotePort`"),
-            (r#"{"tunnels":[{"name":"w","kind":"http","host":"a","remotePort":1,"targetPort":80}]}"#, "tcp tunnels only"),
+            (
+                r#"{"tunnels":[{"name":"w","kind":"http","host":"a","remotePort":1,"targetPort":80}]}"#,
+                "tcp tunnels only",
+            ),
             (r#"{"tunnels":[{"name":"w","kind":"http","host":"Bad_Name","targetPort":80}]}"#, "not a valid DNS"),
             (r#"{"tunnels":[{"name":"w","kind":"tcp","targetPort":0}]}"#, "targetPort"),
             (r#"{"tunnels":[{"name":"w","kind":"udp","targetPort":1}]}"#, "not valid tunnels JSON"),

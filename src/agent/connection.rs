@@ -9,13 +9,13 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use russh::keys::PublicKeyOrCertificate;
 use russh::client::{self, Handle, Msg};
+use russh::keys::PublicKeyOrCertificate;
 use russh::keys::{PrivateKey, PrivateKeyWithHashAlg};
 use russh::{Channel, ChannelMsg, Disconnect};
 use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, info_span, warn, Instrument};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::agent::backoff::Backoff;
 use crate::agent::dialect::{AddressWatch, Dialect, ForwardRequest, Placement, SessionStart};
@@ -155,7 +155,10 @@ impl client::Handler for Handler {
         _session: &mut client::Session,
     ) -> Result<(), Self::Error> {
         let Some(relay) = self.routes.lookup(connected_address, connected_port) else {
-            warn!(connected_address, connected_port, "a connection arrived for a forward this agent does not hold; rejecting");
+            warn!(
+                connected_address,
+                connected_port, "a connection arrived for a forward this agent does not hold; rejecting"
+            );
             self.state.metrics.error("unknown_forward");
             // Dropping `reply` rejects the channel.
             return Ok(());
@@ -244,7 +247,12 @@ async fn connect(
     };
     let connecting = client::connect(config, (settings.server_host.as_str(), settings.server_port), handler);
     let mut handle = match tokio::time::timeout(settings.connect_timeout, connecting).await {
-        Err(_) => return Err(ConnError::Unreachable { addr, reason: format!("no answer within {:?}", settings.connect_timeout) }),
+        Err(_) => {
+            return Err(ConnError::Unreachable {
+                addr,
+                reason: format!("no answer within {:?}", settings.connect_timeout),
+            });
+        }
         Ok(Err(e)) => {
             if let Some(problem) = host_key_problem.lock().unwrap_or_else(|p| p.into_inner()).take() {
                 return Err(problem);
@@ -422,7 +430,8 @@ async fn open_forward(
     lines: &broadcast::Sender<ServerLine>,
     spec: &TunnelSpec,
 ) -> Result<Held, Retry> {
-    let request = settings.dialect.forward_request(spec, &settings.openssh_bind).map_err(|e| Retry::Failed(e.to_string()))?;
+    let request =
+        settings.dialect.forward_request(spec, &settings.openssh_bind).map_err(|e| Retry::Failed(e.to_string()))?;
     let relay = Relay {
         tunnel: spec.name.clone(),
         target: SocketAddr::new(settings.target_host, spec.target_port),

@@ -176,7 +176,11 @@ impl AddressWatch {
     /// The placement, once known.
     pub fn decide(&self) -> Option<Placement> {
         if self.dialect == Dialect::Openssh {
-            let host = if self.server_host.contains(':') { format!("[{}]", self.server_host) } else { self.server_host.clone() };
+            let host = if self.server_host.contains(':') {
+                format!("[{}]", self.server_host)
+            } else {
+                self.server_host.clone()
+            };
             return Some(Placement::Public(format!("{host}:{}", self.effective_port())));
         }
         let best = ["HTTPS", "TLS", "HTTP", "TCP"]
@@ -256,8 +260,14 @@ mod tests {
         assert_eq!(Dialect::Openssh.session_start(&o, false), SessionStart::None);
         o.insert("proxy-protocol".to_string(), "2".to_string());
         o.insert("force-https".to_string(), "true".to_string());
-        assert_eq!(Dialect::Sish.session_start(&o, false), SessionStart::Exec("force-https=true proxy-protocol=2".into()));
-        assert_eq!(Dialect::Sandhole.session_start(&o, false), SessionStart::Exec("force-https proxy-protocol=2".into()));
+        assert_eq!(
+            Dialect::Sish.session_start(&o, false),
+            SessionStart::Exec("force-https=true proxy-protocol=2".into())
+        );
+        assert_eq!(
+            Dialect::Sandhole.session_start(&o, false),
+            SessionStart::Exec("force-https proxy-protocol=2".into())
+        );
         assert_eq!(Dialect::Sandhole.session_start(&BTreeMap::new(), true), SessionStart::Exec("sni-proxy".into()));
     }
 
@@ -285,7 +295,11 @@ mod tests {
 
     #[test]
     fn sish_http_prefers_https_and_accepts_the_user_prefix() {
-        let lines = [block("http", "80"), addr("HTTP", "http://alice-demo.tuns.sh"), addr("HTTPS", "https://alice-demo.tuns.sh")];
+        let lines = [
+            block("http", "80"),
+            addr("HTTP", "http://alice-demo.tuns.sh"),
+            addr("HTTPS", "https://alice-demo.tuns.sh"),
+        ];
         assert_eq!(
             watch(Dialect::Sish, TunnelKind::Http, req("demo", 80), 80, &lines),
             Some(Placement::Public("https://alice-demo.tuns.sh".into()))
@@ -302,10 +316,16 @@ mod tests {
         assert!(matches!(p, Placement::NotAsRequested(ref why) if why.contains("unavailable")), "{p:?}");
         // Even without the notice, a host that does not carry the name is refused.
         let lines = [block("http", "80"), addr("HTTPS", "https://xyz.tuns.sh")];
-        assert!(matches!(watch(Dialect::Sish, TunnelKind::Http, req("demo", 80), 80, &lines), Some(Placement::NotAsRequested(_))));
+        assert!(matches!(
+            watch(Dialect::Sish, TunnelKind::Http, req("demo", 80), 80, &lines),
+            Some(Placement::NotAsRequested(_))
+        ));
         // A name that merely contains ours is not ours.
         let lines = [block("http", "80"), addr("HTTPS", "https://alice-demox.tuns.sh")];
-        assert!(matches!(watch(Dialect::Sish, TunnelKind::Http, req("demo", 80), 80, &lines), Some(Placement::NotAsRequested(_))));
+        assert!(matches!(
+            watch(Dialect::Sish, TunnelKind::Http, req("demo", 80), 80, &lines),
+            Some(Placement::NotAsRequested(_))
+        ));
     }
 
     #[test]

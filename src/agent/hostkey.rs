@@ -30,7 +30,10 @@ pub enum HostKeyError {
 /// The host keys a connection accepts.
 #[derive(Clone, Debug)]
 pub enum HostKeyPolicy {
-    Pinned { keys: Vec<PublicKey>, source: String },
+    Pinned {
+        keys: Vec<PublicKey>,
+        source: String,
+    },
     /// Accept any key (logged as a warning on every connect).
     Insecure,
 }
@@ -109,7 +112,9 @@ pub fn keys_for(text: &str, host: &str, port: u16) -> Vec<PublicKey> {
         }
         let mut fields = line.split_whitespace().peekable();
         let marker = fields.next_if(|f| f.starts_with('@'));
-        let (Some(patterns), Some(rest)) = (fields.next(), Some(fields.collect::<Vec<_>>().join(" "))) else { continue };
+        let (Some(patterns), Some(rest)) = (fields.next(), Some(fields.collect::<Vec<_>>().join(" "))) else {
+            continue;
+        };
         if !patterns_match(patterns, &target) {
             continue;
         }
@@ -188,7 +193,9 @@ mod tests {
     fn other_hosts_need_a_pin_or_an_explicit_opt_out() {
         let err = HostKeyPolicy::resolve("example.com", 2222, None, false).unwrap_err().to_string();
         assert!(err.contains("--known-hosts") && err.contains("ssh-keyscan -p 2222 example.com"), "{err}");
-        assert!(HostKeyPolicy::resolve("example.com", 2222, None, true).unwrap().accepts(&parse_key_line(KEY_B).unwrap()));
+        assert!(
+            HostKeyPolicy::resolve("example.com", 2222, None, true).unwrap().accepts(&parse_key_line(KEY_B).unwrap())
+        );
     }
 
     #[test]
@@ -213,7 +220,8 @@ mod tests {
     fn known_hosts_hashed_entries() {
         // `ssh-keygen -H` form for "[127.0.0.1]:2222" with a fixed salt.
         let salt = [7u8; 20];
-        let mac = Hmac::<Sha1>::new_from_slice(&salt).unwrap().chain_update(b"[127.0.0.1]:2222").finalize().into_bytes();
+        let mac =
+            Hmac::<Sha1>::new_from_slice(&salt).unwrap().chain_update(b"[127.0.0.1]:2222").finalize().into_bytes();
         let e = base64::engine::general_purpose::STANDARD;
         let text = format!("|1|{}|{} {KEY_A}\n", e.encode(salt), e.encode(mac));
         assert_eq!(keys_for(&text, "127.0.0.1", 2222).len(), 1);

@@ -26,8 +26,7 @@ pub enum KeyError {
 
 /// Loads the key. The error says what to fix and never quotes the file.
 pub fn load(path: &Path, passphrase_file: Option<&Path>) -> Result<Arc<PrivateKey>, KeyError> {
-    let text =
-        std::fs::read_to_string(path).map_err(|source| KeyError::Read { path: path.to_path_buf(), source })?;
+    let text = std::fs::read_to_string(path).map_err(|source| KeyError::Read { path: path.to_path_buf(), source })?;
     let passphrase = passphrase_file
         .map(|p| {
             std::fs::read_to_string(p)
@@ -56,7 +55,7 @@ fn is_encrypted_openssh(text: &str) -> bool {
     use base64::Engine;
     let body: String = text.lines().filter(|l| !l.starts_with("-----")).collect();
     let Ok(raw) = base64::engine::general_purpose::STANDARD.decode(body.trim()) else { return false };
-    raw.starts_with(b"openssh-key-v1\0") && !raw.get(19..23).is_some_and(|c| c == b"none")
+    raw.starts_with(b"openssh-key-v1\0") && raw.get(19..23).is_none_or(|c| c != b"none")
 }
 
 fn error_kind(e: &russh::keys::Error) -> String {

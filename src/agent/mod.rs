@@ -111,6 +111,13 @@ pub enum AgentError {
 /// The option set that decides which SSH connection a tunnel rides on.
 type ConnectionKey = (BTreeMap<String, String>, bool);
 
+/// A running connection task: its tunnels, its stop signal, its task.
+struct ConnectionTask {
+    specs: watch::Sender<Vec<TunnelSpec>>,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
 fn connection_key(spec: &TunnelSpec) -> ConnectionKey {
     (spec.options.clone(), spec.kind == TunnelKind::Tls)
 }
@@ -194,8 +201,7 @@ pub async fn run(args: AgentArgs, shutdown: CancellationToken) -> Result<(), Age
 /// Reads the tunnels file, keeps one connection task per option set, and passes each its
 /// tunnels. Returns after shutdown, once every connection has drained.
 async fn supervise(args: &AgentArgs, settings: Arc<Settings>, state: Arc<AgentState>, shutdown: CancellationToken) {
-    let mut connections: BTreeMap<ConnectionKey, (watch::Sender<Vec<TunnelSpec>>, CancellationToken, tokio::task::JoinHandle<()>)> =
-        BTreeMap::new();
+    let mut connections: BTreeMap<ConnectionKey, ConnectionTask> = BTreeMap::new();
     let mut last_text: Option<String> = None;
     let mut reload = tokio::time::interval(args.reload_interval);
     reload.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -210,7 +216,11 @@ async fn supervise(args: &AgentArgs, settings: Arc<Settings>, state: Arc<AgentSt
                 let msg = format!("cannot read the tunnels file {}: {e}", args.tunnels_file.display());
                 if state.config_error().as_deref() != Some(msg.as_str()) {
                     warn!("{msg}; keeping the last good configuration");
-                    state.metrics.config_reloads_total.get_or_create(&state::ReasonLabels { reason: "unreadable".into() }).inc();
+                    state
+                        .metrics
+                        .config_reloads_total
+                        .get_or_create(&state::ReasonLabels { reason: "unreadable".into() })
+                        .inc();
                 }
                 state.set_config_error(Some(msg));
                 continue;
@@ -225,7 +235,11 @@ async fn supervise(args: &AgentArgs, settings: Arc<Settings>, state: Arc<AgentSt
             Err(e) => {
                 let msg = format!("{}: {e}", args.tunnels_file.display());
                 warn!("invalid tunnels file, keeping the last good configuration: {msg}");
-                state.metrics.config_reloads_total.get_or_create(&state::ReasonLabels { reason: "invalid".into() }).inc();
+                state
+                    .metrics
+                    .config_reloads_total
+                    .get_or_create(&state::ReasonLabels { reason: "invalid".into() })
+                    .inc();
                 state.set_config_error(Some(msg));
                 continue;
             }
@@ -242,17 +256,17 @@ async fn supervise(args: &AgentArgs, settings: Arc<Settings>, state: Arc<AgentSt
         // Connections whose option set is gone: drain and stop.
         let gone: Vec<ConnectionKey> = connections.keys().filter(|k| !groups.contains_key(*k)).cloned().collect();
         for key in gone {
-            let (tx, token, task) = connections.remove(&key).expect("listed above");
-            let _ = tx.send(Vec::new());
-            token.cancel();
+            let c = connections.remove(&key).expect("listed above");
+            let _ = c.specs.send(Vec::new());
+            c.stop.cancel();
             tokio::spawn(async move {
-                let _ = task.await;
+                let _ = c.task.await;
             });
         }
         for (key, specs) in groups {
-            if let Some((tx, _, _)) = connections.get(&key) {
+            if let Some(c) = connections.get(&key) {
                 // Unchanged tunnels stay untouched: the connection diffs.
-                tx.send_if_modified(|current| {
+                c.specs.send_if_modified(|current| {
                     let changed = *current != specs;
                     *current = specs.clone();
                     changed
@@ -262,15 +276,15 @@ async fn supervise(args: &AgentArgs, settings: Arc<Settings>, state: Arc<AgentSt
             let (tx, rx) = watch::channel(specs);
             let token = shutdown.child_token();
             let task = tokio::spawn(connection::run(settings.clone(), key.0.clone(), rx, state.clone(), token.clone()));
-            connections.insert(key, (tx, token, task));
+            connections.insert(key, ConnectionTask { specs: tx, stop: token, task });
         }
     }
 
     info!(grace = ?settings.grace, "draining: cancelling forwards, letting connections finish");
     state.start_draining();
-    for (_, (_, token, task)) in connections {
-        token.cancel();
-        if let Err(e) = task.await {
+    for (_, c) in connections {
+        c.stop.cancel();
+        if let Err(e) = c.task.await {
             error!(error = %e, "a connection task failed while draining");
         }
     }

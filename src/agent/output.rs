@@ -161,7 +161,9 @@ mod tests {
             Some(ServerLine::SishAddress { label: "TCP".into(), address: "nue.tuns.sh:59123".into() })
         );
         assert_eq!(
-            parse_line(&strip_ansi("The subdomain \x1b[31malice-demo.tuns.sh\x1b[0m is unavailable. Assigning a random subdomain.")),
+            parse_line(&strip_ansi(
+                "The subdomain \x1b[31malice-demo.tuns.sh\x1b[0m is unavailable. Assigning a random subdomain."
+            )),
             Some(ServerLine::SishUnavailable { what: "subdomain alice-demo.tuns.sh".into() })
         );
         assert_eq!(
@@ -188,7 +190,8 @@ mod tests {
 
     #[test]
     fn ignores_chatter() {
-        for line in ["", "Press Ctrl-C to close the session.", "Proxy protocol enabled for TCP connections.", "HTTP: "] {
+        for line in ["", "Press Ctrl-C to close the session.", "Proxy protocol enabled for TCP connections.", "HTTP: "]
+        {
             assert_eq!(parse_line(line), None, "{line:?}");
         }
     }

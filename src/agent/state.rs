@@ -148,7 +148,11 @@ impl Metrics {
         r.register("ssh_connects", "SSH connections established", self.ssh_connects_total.clone());
         r.register("reconnects", "SSH reconnect attempts after a failure or loss", self.reconnects_total.clone());
         r.register("errors", "Errors by reason", self.errors_total.clone());
-        r.register("config_reloads", "Tunnels file loads by result (ok, invalid, unreadable)", self.config_reloads_total.clone());
+        r.register(
+            "config_reloads",
+            "Tunnels file loads by result (ok, invalid, unreadable)",
+            self.config_reloads_total.clone(),
+        );
     }
 
     pub fn error(&self, reason: &str) {
@@ -231,7 +235,10 @@ impl AgentState {
 
     fn export_state(&self, name: &str, state: ForwardState) {
         for s in ForwardState::ALL {
-            self.metrics.tunnel_state.get_or_create(&StateLabels { tunnel: name.to_string(), state: s }).set(i64::from(s == state));
+            self.metrics
+                .tunnel_state
+                .get_or_create(&StateLabels { tunnel: name.to_string(), state: s })
+                .set(i64::from(s == state));
         }
     }
 

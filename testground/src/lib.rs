@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 pub use kube_ground::{ControlPlane, Existing, TestNamespace};
 pub use process::Proc;
-pub use tunnels::{ServerKind, SishOptions, SshClientKey, TunnelServer};
+pub use tunnels::{SandholeOptions, ServerKind, SishOptions, SshClientKey, TunnelServer};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

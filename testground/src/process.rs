@@ -16,7 +16,8 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{Signal, kill, killpg};
+pub use nix::sys::signal::Signal;
+use nix::sys::signal::{kill, killpg};
 use nix::unistd::Pid;
 
 use crate::Error;
@@ -169,6 +170,29 @@ impl Proc {
         }
         let _ = child.wait();
         tell_reaper(&format!("del {}", child.id()));
+    }
+
+    /// Sends `signal` to the process (not its group).
+    pub fn signal(&self, signal: Signal) {
+        if let Some(c) = &self.child {
+            let _ = kill(Pid::from_raw(c.id() as i32), signal);
+        }
+    }
+
+    /// Waits up to `timeout` for the process to exit; its status if it did. The group is
+    /// stopped either way when the `Proc` is dropped.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let child = self.child.as_mut()?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// SIGKILLs the group at once: a crash, for fault tests.

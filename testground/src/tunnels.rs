@@ -54,10 +54,17 @@ fn ssh_keygen(path: &Path, kind: &str, comment: &str) -> Result<()> {
 pub enum ServerKind {
     /// OpenSSH sshd: public TCP ports only, no names, no session text.
     Sshd,
-    /// sandhole: HTTP names under [`SANDHOLE_DOMAIN`], public TCP ports; load-balances names.
-    Sandhole,
+    /// sandhole: HTTP names under [`SANDHOLE_DOMAIN`], public TCP ports; load-balances names
+    /// unless told otherwise (`--load-balancing=deny|replace`).
+    Sandhole(SandholeOptions),
     /// sish, the software behind tuns.sh: HTTP names `<user>-<name>.tuns.test`, public TCP ports.
     Sish(SishOptions),
+}
+
+/// Extra sandhole flags, e.g. `--load-balancing=deny` (one holder per name).
+#[derive(Clone, Debug, Default)]
+pub struct SandholeOptions {
+    pub extra_args: Vec<String>,
 }
 
 /// sish's server-side switches that change what clients see.
@@ -125,7 +132,7 @@ impl TunnelServer {
                 let args = vec!["-D".into(), "-e".into(), "-f".into(), config.display().to_string()];
                 ((bins::sshd()?, args), None)
             }
-            ServerKind::Sandhole => {
+            ServerKind::Sandhole(opts) => {
                 let http_port = free_port();
                 let admin_keys = dir.join("admin-keys");
                 let certs = dir.join("certificates");
@@ -146,7 +153,10 @@ impl TunnelServer {
                     "--allow-requested-subdomains".into(),
                     "--allow-requested-ports".into(),
                     "--disable-https".into(),
+                    "--disable-udp".into(),
                 ];
+                let mut args = args;
+                args.extend(opts.extra_args.iter().cloned());
                 ((bins::bin("sandhole")?, args), Some(http_port))
             }
             ServerKind::Sish(opts) => {
@@ -291,7 +301,7 @@ impl TunnelServer {
     pub fn http_host(&self, user: &str, name: &str) -> String {
         match self.kind {
             ServerKind::Sish(_) => format!("{user}-{name}.{SISH_DOMAIN}"),
-            ServerKind::Sandhole => format!("{name}.{SANDHOLE_DOMAIN}"),
+            ServerKind::Sandhole(_) => format!("{name}.{SANDHOLE_DOMAIN}"),
             ServerKind::Sshd => name.to_string(),
         }
     }
@@ -330,7 +340,7 @@ impl ServerKind {
     pub fn name(&self) -> &'static str {
         match self {
             ServerKind::Sshd => "sshd",
-            ServerKind::Sandhole => "sandhole",
+            ServerKind::Sandhole(_) => "sandhole",
             ServerKind::Sish(_) => "sish",
         }
     }

@@ -328,7 +328,9 @@ async fn kill_probe_holder() {
     let key = picotun_testground::SshClientKey::generate(dir.path(), "client", "ed25519").unwrap();
     let sshd = picotun_testground::TunnelServer::start(picotun_testground::ServerKind::Sshd, &[&key]).await.unwrap();
     let sandhole =
-        picotun_testground::TunnelServer::start(picotun_testground::ServerKind::Sandhole, &[&key]).await.unwrap();
+        picotun_testground::TunnelServer::start(picotun_testground::ServerKind::Sandhole(Default::default()), &[&key])
+            .await
+            .unwrap();
     // A live tunnel through sshd, so sshd has a per-connection child in a session of its own.
     let backend = picotun_testground::http::Backend::start("kill-probe").await.unwrap();
     let (public, spec) = picotun_testground::tunnels::public_tcp_spec(sshd.kind(), backend.port());

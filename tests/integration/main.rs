@@ -2,6 +2,7 @@
 //! `#[ignore = "needs the test ground"]`: plain `cargo test` stays fast and hermetic, and
 //! `scripts/test` runs everything with `--include-ignored` after building the ground.
 
+mod agent;
 mod ground;
 mod support;
 mod tunnel_servers;

@@ -66,13 +66,13 @@ async fn public_tcp_port(kind: ServerKind) {
 #[tokio::test]
 #[ignore = "needs the test ground (scripts/build-testground)"]
 async fn sandhole_http_by_host_header() {
-    http_by_host_header(ServerKind::Sandhole).await;
+    http_by_host_header(ServerKind::Sandhole(Default::default())).await;
 }
 
 #[tokio::test]
 #[ignore = "needs the test ground (scripts/build-testground)"]
 async fn sandhole_public_tcp_port() {
-    public_tcp_port(ServerKind::Sandhole).await;
+    public_tcp_port(ServerKind::Sandhole(Default::default())).await;
 }
 
 #[tokio::test]
@@ -112,7 +112,7 @@ async fn sish_with_load_balancer_serves_one_name_from_two_clients() {
 #[tokio::test]
 #[ignore = "needs the test ground (scripts/build-testground)"]
 async fn servers_can_be_killed_and_restarted() {
-    for kind in [ServerKind::Sshd, ServerKind::Sandhole] {
+    for kind in [ServerKind::Sshd, ServerKind::Sandhole(Default::default())] {
         let Some(mut f) = fixture(kind).await else { return };
         let (public, spec) = public_tcp_spec(f.server.kind(), f.backend.port());
         let mut first = f.server.ssh_forward(&f.key, "alice", &spec, "ssh-before").unwrap();

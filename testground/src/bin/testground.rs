@@ -42,7 +42,7 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     eprintln!("[testground] control plane ready after {:.1}s", started.elapsed().as_secs_f32());
 
     let mut servers = Vec::new();
-    for kind in [ServerKind::Sshd, ServerKind::Sandhole, ServerKind::Sish(SishOptions::default())] {
+    for kind in [ServerKind::Sshd, ServerKind::Sandhole(Default::default()), ServerKind::Sish(SishOptions::default())] {
         match TunnelServer::start(kind.clone(), &[&key]).await {
             Ok(s) => servers.push(s),
             Err(e @ Error::MissingBinary { .. }) if matches!(kind, ServerKind::Sish(_)) => {

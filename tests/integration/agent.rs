@@ -1,0 +1,634 @@
+//! `picotun agent` against the real tunnel servers of the test ground: the built binary, run as
+//! a process exactly as in a pod, observed through its admin port and through the public side of
+//! the server.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use picotun_testground::http::{self, Backend};
+use picotun_testground::process::Signal;
+use picotun_testground::{Proc, SandholeOptions, ServerKind, SishOptions, SshClientKey, TunnelServer, free_port};
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::support::expect_body;
+
+const USER: &str = "alice";
+
+/// A running agent and what it was started with.
+struct Agent {
+    proc: Proc,
+    admin: String,
+    tunnels_file: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Agent {
+    fn start(server: &TunnelServer, key: &SshClientKey, tunnels: &str, extra: &[&str]) -> Agent {
+        let dir = tempfile::tempdir().unwrap();
+        let tunnels_file = dir.path().join("tunnels.json");
+        std::fs::write(&tunnels_file, tunnels).unwrap();
+        let admin = format!("127.0.0.1:{}", free_port());
+        let dialect = match server.kind() {
+            ServerKind::Sshd => "openssh",
+            ServerKind::Sandhole(_) => "sandhole",
+            ServerKind::Sish(_) => "sish",
+        };
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_picotun"));
+        cmd.arg("agent")
+            .args(["--tunnels-file", tunnels_file.to_str().unwrap()])
+            .args(["--server", "127.0.0.1", "--server-port", &server.ssh_port().to_string()])
+            .args(["--user", &server.login_user(USER)])
+            .args(["--key-file", key.private_key.to_str().unwrap()]);
+        if !extra.contains(&"--known-hosts") {
+            cmd.args(["--known-hosts", server.known_hosts().to_str().unwrap()]);
+        }
+        cmd.args(["--dialect", dialect, "--openssh-bind-address", "127.0.0.1"])
+            .args(["--admin-addr", &admin, "--reload-interval", "200ms", "--standby-retry", "1s"])
+            .args(extra)
+            .env("PICOTUN_LOG", "picotun=debug,info");
+        let proc = Proc::spawn("picotun-agent", cmd, &dir.path().join("agent.log")).unwrap();
+        Agent { proc, admin, tunnels_file, _dir: dir }
+    }
+
+    fn write_tunnels(&self, json: &str) {
+        // Like the kubelet: write elsewhere, then rename over, so the agent never reads half a file.
+        let tmp = self.tunnels_file.with_extension("tmp");
+        std::fs::write(&tmp, json).unwrap();
+        std::fs::rename(&tmp, &self.tunnels_file).unwrap();
+    }
+
+    async fn status(&self) -> Option<Value> {
+        let r = http::get(&self.admin, "agent", "/status").await.ok()?;
+        serde_json::from_str(&r.body).ok()
+    }
+
+    async fn metrics(&self) -> String {
+        http::get(&self.admin, "agent", "/metrics").await.map(|r| r.body).unwrap_or_default()
+    }
+
+    /// Waits until tunnel `name` is in `state`; returns its status entry.
+    async fn wait_tunnel(&mut self, name: &str, state: &str, timeout: Duration) -> Value {
+        let deadline = Instant::now() + timeout;
+        let mut last = Value::Null;
+        loop {
+            if let Some(status) = self.status().await {
+                if let Some(t) = status["tunnels"].as_array().and_then(|ts| ts.iter().find(|t| t["name"] == name))
+                    && t["state"] == state
+                {
+                    return t.clone();
+                }
+                last = status;
+            }
+            if Instant::now() > deadline || !self.proc.is_running() {
+                panic!(
+                    "tunnel {name} did not reach {state} within {timeout:?}; last status {last}\nagent log:\n{}",
+                    self.proc.log_tail(30)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn wait_gone(&self, name: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let status = self.status().await.unwrap_or_default();
+            let present = status["tunnels"].as_array().is_some_and(|ts| ts.iter().any(|t| t["name"] == name));
+            if !present {
+                return;
+            }
+            assert!(Instant::now() < deadline, "tunnel {name} still listed: {status}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+async fn server(kind: ServerKind) -> Option<(TunnelServer, SshClientKey, tempfile::TempDir)> {
+    let keys = tempfile::tempdir().unwrap();
+    let key = SshClientKey::generate(keys.path(), "agent", "ed25519").unwrap();
+    match TunnelServer::start(kind.clone(), &[&key]).await {
+        Ok(s) => Some((s, key, keys)),
+        Err(e @ picotun_testground::Error::MissingBinary { .. }) if matches!(kind, ServerKind::Sish(_)) => {
+            if std::env::var_os("PICOTUN_REQUIRE_SISH").is_some() {
+                panic!("{e}");
+            }
+            eprintln!("SKIPPED: {e}");
+            None
+        }
+        Err(e) => panic!("{} did not start: {e}", kind.name()),
+    }
+}
+
+fn http_tunnel(name: &str, host: &str, port: u16) -> String {
+    format!(r#"{{"name":"{name}","kind":"http","host":"{host}","targetPort":{port}}}"#)
+}
+
+fn tcp_tunnel(name: &str, remote: Option<u16>, port: u16) -> String {
+    match remote {
+        Some(r) => format!(r#"{{"name":"{name}","kind":"tcp","remotePort":{r},"targetPort":{port}}}"#),
+        None => format!(r#"{{"name":"{name}","kind":"tcp","targetPort":{port}}}"#),
+    }
+}
+
+fn file(tunnels: &[String]) -> String {
+    format!(r#"{{"tunnels":[{}]}}"#, tunnels.join(","))
+}
+
+/// The public TCP address a status entry reports, as a loopback address to dial.
+fn dial_addr(public: &str) -> String {
+    let port = public.rsplit_once(':').unwrap().1;
+    format!("127.0.0.1:{port}")
+}
+
+async fn http_by_host_header(kind: ServerKind) {
+    let Some((server, key, _k)) = server(kind).await else { return };
+    let backend = Backend::start("app").await.unwrap();
+    let mut agent = Agent::start(&server, &key, &file(&[http_tunnel("web", "app", backend.port())]), &[]);
+    let t = agent.wait_tunnel("web", "established", Duration::from_secs(20)).await;
+    let host = server.http_host(USER, "app");
+    let http_port = server.http_port().unwrap();
+    // The address the agent reports is the one the server printed for this forward: both sish
+    // and sandhole print the HTTP URL with the HTTP port when it is not 80.
+    let printed = format!("http://{host}:{http_port}");
+    assert_eq!(t["publicAddress"], printed.as_str());
+    expect_body(&format!("127.0.0.1:{http_port}"), &host, "/", &backend.greeting()).await;
+    let metrics = agent.metrics().await;
+    assert!(metrics.contains("picotun_agent_connections_total{tunnel=\"web\"} 1"), "{metrics}");
+    assert!(metrics.contains("picotun_agent_tunnel_state{tunnel=\"web\",state=\"established\"} 1"), "{metrics}");
+    assert_eq!(http::get(&agent.admin, "a", "/ready").await.unwrap().status, 200);
+}
+
+async fn public_tcp(kind: ServerKind, fixed_port: bool) {
+    let Some((server, key, _k)) = server(kind).await else { return };
+    let backend = Backend::start("tcp-app").await.unwrap();
+    let remote = fixed_port.then(free_port);
+    let mut agent = Agent::start(&server, &key, &file(&[tcp_tunnel("raw", remote, backend.port())]), &[]);
+    let t = agent.wait_tunnel("raw", "established", Duration::from_secs(20)).await;
+    let public = t["publicAddress"].as_str().unwrap().to_string();
+    if let Some(port) = remote {
+        assert!(public.ends_with(&format!(":{port}")), "{public} is on the requested port {port}");
+    }
+    expect_body(&dial_addr(&public), "x", "/", &backend.greeting()).await;
+}
+
+#[tokio::test]
+#[ignore = "needs the test ground (scripts/build-testground)"]
+async fn agent_http_by_host_header_through_sandhole() {
+    http_by_host_header(ServerKind::Sandhole(Default::default())).await;
+}
+
+#[tokio::test]
+#[ignore = "needs the test ground (scripts/build-testground)"]
+async fn agent_http_by_host_header_through_sish() {
+    http_by_host_header(ServerKind::Sish(SishOptions::default())).await;
+}
+
+#[tokio::test]
+#[ignore = "needs the test ground (scripts/build-testground)"]
+async fn agent_public_tcp_through_sandhole() {
+    public_tcp(ServerKind::Sandhole(Default::default()), false).await;
+    public_tcp(ServerKind::Sandhole(Default::default()), true).await;
+}
+
+#[tokio::test]
+#[ignore = "needs the test ground (scripts/build-testground)"]
+async fn agent_public_tcp_through_sshd() {
+    public_tcp(ServerKind::Sshd, false).await;
+    public_tcp(ServerKind::Sshd, true).await;
+}
+
+#[tokio::test]
+#[ignore = "needs the test ground (scripts/build-testground)"]
+async fn agent_public_tcp_through_sish() {
+    public_tcp(ServerKind::Sish(SishOptions::default()), true).await;
+}
+
+/// A TCP echo app: each line sent comes back.
+async fn echo_app() -> (u16, tokio::task::JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let task = tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut BufReader::new(r), &mut w).await;
+            });
+        }
+    });
+    (port, task)
+}
+
+async fn echo_line(stream: &mut BufReader<TcpStream>, line: &str) -> String {
+    stream.get_mut().write_all(format!("{line}\n").as_bytes()).await.unwrap();
+    let mut got = String::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_line(&mut got)).await.expect("echo within 5s").unwrap();
+    got.trim_end().to_string()
+}
+
+#[tokio::test]
+#[ignore = "needs the test ground (scripts/build-testground)"]
+async fn reload_adds_and_removes_a_tunnel_without_touching_another() {
+    let (server, key, _k) = server(ServerKind::Sandhole(Default::default())).await.unwrap();
+    let (echo_port, _echo) = echo_app().await;
+    let web = Backend::start("web").await.unwrap();
+    let keep = tcp_tunnel("keep", None, echo_port);
+    let mut agent = Agent::start(&server, &key, &file(std::slice::from_ref(&keep)), &[]);
+    let public = agent.wait_tunnel("keep", "established", Duration::from_secs(20)).await["publicAddress"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // A connection through `keep` that must survive every reload below.
+    let mut conn = BufReader::new(TcpStream::connect(dial_addr(&public)).await.unwrap());
+    assert_eq!(echo_line(&mut conn, "one").await, "one");
+
+    // Add a tunnel.
+    agent.write_tunnels(&file(&[keep.clone(), http_tunnel("extra", "extra", web.port())]));
+    agent.wait_tunnel("extra", "established", Duration::from_secs(10)).await;
+    let http_addr = format!("127.0.0.1:{}", server.http_port().unwrap());
+    let host = server.http_host(USER, "extra");
+    expect_body(&http_addr, &host, "/", &web.greeting()).await;
+    assert_eq!(echo_line(&mut conn, "two").await, "two");
+
+    // A broken file keeps the last good configuration and says why.
+    agent.write_tunnels(r#"{"tunnels":[{"name":"keep","kind":"tcp"}]}"#);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let status = loop {
+        let s = agent.status().await.unwrap();
+        if !s["configError"].is_null() || Instant::now() > deadline {
+            break s;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(status["configError"].as_str().unwrap_or_default().contains("targetPort"), "{status}");
+    assert_eq!(status["tunnels"].as_array().unwrap().len(), 2, "the last good configuration stays: {status}");
+    assert_eq!(echo_line(&mut conn, "three").await, "three");
+
+    // Remove the added tunnel: its name stops being served, `keep` and its connection stay.
+    agent.write_tunnels(&file(std::slice::from_ref(&keep)));
+    agent.wait_gone("extra").await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = http::get(&http_addr, &host, "/").await.unwrap();
+        if r.status != 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the removed tunnel is still served");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(echo_line(&mut conn, "four").await, "four");
+    let status = agent.status().await.unwrap();
+    assert!(status["configError"].is_null(), "{status}");
+    let metrics = agent.metrics().await;
+    assert!(metrics.contains("picotun_agent_ssh_connects_total 1\n"), "one SSH connection throughout: {metrics}");
+}
+
+#[tokio::test]
+#[ignore = "needs the test ground (scripts/build-testground)"]
+async fn forwards_come_back_after_the_server_restarts() {
+    for kind in [ServerKind::Sandhole(Default::default()), ServerKind::Sshd] {
+        let (mut server, key, _k) = server(kind).await.unwrap();
+        let backend = Backend::start("restart").await.unwrap();
+        let tunnel = match server.kind() {
+            ServerKind::Sshd => tcp_tunnel("svc", Some(free_port()), backend.port()),
+            _ => http_tunnel("svc", "svc", backend.port()),
+        };
+        let mut agent = Agent::start(&server, &key, &file(&[tunnel]), &["--keepalive-interval", "1s"]);
+        agent.wait_tunnel("svc", "established", Duration::from_secs(20)).await;
+
+        server.kill();
+        agent.wait_tunnel("svc", "connecting", Duration::from_secs(15)).await;
+        server.restart().await.unwrap();
+        let t = agent.wait_tunnel("svc", "established", Duration::from_secs(40)).await;
+        match server.kind() {
+            ServerKind::Sshd => {
+                expect_body(&dial_addr(t["publicAddress"].as_str().unwrap()), "x", "/", &backend.greeting()).await
+            }
+            _ => {
+                let addr = format!("127.0.0.1:{}", server.http_port().unwrap());
+                expect_body(&addr, &server.http_host(USER, "svc"), "/", &backend.greeting()).await
+            }
+        };
+        let metrics = agent.metrics().await;
+        assert!(metrics.contains("picotun_agent_ssh_connects_total 2\n"), "{}: {metrics}", server.kind().name());
+    }
+}
+
+#[tokio::test]
+#[ignore = "needs the test ground (scripts/build-testground)"]
+async fn replicas_share_a_name_when_the_server_load_balances() {
+    let (server, key, _k) = server(ServerKind::Sandhole(Default::default())).await.unwrap();
+    let (a, b) = (Backend::start("replica-a").await.unwrap(), Backend::start("replica-b").await.unwrap());
+    let mut agent_a = Agent::start(&server, &key, &file(&[http_tunnel("web", "shared", a.port())]), &[]);
+    let mut agent_b = Agent::start(&server, &key, &file(&[http_tunnel("web", "shared", b.port())]), &[]);
+    agent_a.wait_tunnel("web", "established", Duration::from_secs(20)).await;
+    agent_b.wait_tunnel("web", "established", Duration::from_secs(20)).await;
+    let addr = format!("127.0.0.1:{}", server.http_port().unwrap());
+    let host = server.http_host(USER, "shared");
+    expect_body(&addr, &host, "/", &a.greeting()).await;
+    expect_body(&addr, &host, "/", &b.greeting()).await;
+}
+
+#[tokio::test]
+#[ignore = "needs the test ground (scripts/build-testground)"]
+async fn one_replica_holds_a_name_without_load_balancing_and_another_takes_over() {
+    let deny = SandholeOptions { extra_args: vec!["--load-balancing=deny".into()] };
+    let (server, key, _k) = server(ServerKind::Sandhole(deny)).await.unwrap();
+    let (a, b) = (Backend::start("holder").await.unwrap(), Backend::start("standby").await.unwrap());
+    let mut holder = Agent::start(&server, &key, &file(&[http_tunnel("web", "single", a.port())]), &[]);
+    holder.wait_tunnel("web", "established", Duration::from_secs(20)).await;
+    let mut standby = Agent::start(&server, &key, &file(&[http_tunnel("web", "single", b.port())]), &[]);
+    let t = standby.wait_tunnel("web", "standingBy", Duration::from_secs(20)).await;
+    assert!(t["publicAddress"].is_null(), "a standby serves nothing: {t}");
+    assert_eq!(http::get(&standby.admin, "a", "/ready").await.unwrap().status, 200, "standing by is ready");
+    let addr = format!("127.0.0.1:{}", server.http_port().unwrap());
+    let host = server.http_host(USER, "single");
+    expect_body(&addr, &host, "/", &a.greeting()).await;
+
+    // The holder dies without a goodbye.
+    holder.proc.kill();
+    let killed = Instant::now();
+    standby.wait_tunnel("web", "established", Duration::from_secs(15)).await;
+    expect_body(&addr, &host, "/", &b.greeting()).await;
+    let took = killed.elapsed();
+    eprintln!("takeover after the holder was killed: {took:?}");
+    assert!(took < Duration::from_secs(15), "takeover took {took:?}");
+}
+
+#[tokio::test]
+#[ignore = "needs the test ground (scripts/build-testground)"]
+async fn a_stuck_app_connection_does_not_stall_the_others() {
+    let (server, key, _k) = server(ServerKind::Sandhole(Default::default())).await.unwrap();
+    // An app that accepts and never reads.
+    let stuck = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let stuck_port = stuck.local_addr().unwrap().port();
+    let _hold = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = stuck.accept().await {
+            held.push(s);
+        }
+    });
+    let web = Backend::start("flowing").await.unwrap();
+    let mut agent = Agent::start(
+        &server,
+        &key,
+        &file(&[tcp_tunnel("stuck", None, stuck_port), http_tunnel("web", "flowing", web.port())]),
+        &["--max-buffered-bytes", "1048576", "--keepalive-interval", "1s"],
+    );
+    let public = agent.wait_tunnel("stuck", "established", Duration::from_secs(20)).await["publicAddress"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    agent.wait_tunnel("web", "established", Duration::from_secs(20)).await;
+
+    // Push 32 MiB at the app that does not read.
+    let flood = tokio::spawn(async move {
+        let mut s = TcpStream::connect(dial_addr(&public)).await.unwrap();
+        let chunk = vec![b'x'; 64 * 1024];
+        let mut sent = 0usize;
+        while sent < 32 * 1024 * 1024 {
+            match tokio::time::timeout(Duration::from_secs(5), s.write_all(&chunk)).await {
+                Ok(Ok(())) => sent += chunk.len(),
+                _ => break,
+            }
+        }
+        sent
+    });
+    // Meanwhile the other tunnel keeps answering, request after request.
+    let addr = format!("127.0.0.1:{}", server.http_port().unwrap());
+    let host = server.http_host(USER, "flowing");
+    for _ in 0..20 {
+        let started = Instant::now();
+        let r = http::get(&addr, &host, "/").await.expect("the other tunnel keeps flowing");
+        assert_eq!((r.status, r.body.as_str()), (200, web.greeting().as_str()));
+        assert!(started.elapsed() < Duration::from_secs(5), "a request took {:?}", started.elapsed());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let sent = flood.await.unwrap();
+    eprintln!("pushed {sent} bytes at the stuck app");
+    let metrics = agent.metrics().await;
+    assert!(
+        metrics.contains("picotun_agent_errors_total{reason=\"app_stalled\"} 1"),
+        "the stuck connection was cut: {metrics}"
+    );
+    assert!(metrics.contains("picotun_agent_ssh_connects_total 1\n"), "the SSH connection never dropped: {metrics}");
+}
+
+#[tokio::test]
+#[ignore = "needs the test ground (scripts/build-testground)"]
+async fn sigterm_cancels_forwards_then_drains_in_flight_connections() {
+    let (server, key, _k) = server(ServerKind::Sandhole(Default::default())).await.unwrap();
+    // An app that answers after 2 seconds.
+    let slow = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let slow_port = slow.local_addr().unwrap().port();
+    let _app = tokio::spawn(async move {
+        while let Ok((mut s, _)) = slow.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nslow\n").await;
+            });
+        }
+    });
+    let mut agent =
+        Agent::start(&server, &key, &file(&[http_tunnel("web", "slow", slow_port)]), &["--grace-period", "10s"]);
+    agent.wait_tunnel("web", "established", Duration::from_secs(20)).await;
+    let addr = format!("127.0.0.1:{}", server.http_port().unwrap());
+    let host = server.http_host(USER, "slow");
+    let (a, h) = (addr.clone(), host.clone());
+    let in_flight = tokio::spawn(async move { http::get(&a, &h, "/").await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    agent.proc.signal(Signal::SIGTERM);
+    // New visitors no longer reach this pod...
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let r = http::get(&addr, &host, "/").await.unwrap();
+        if r.status != 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still served after SIGTERM");
+    }
+    // ... the one in flight completes ...
+    let r = in_flight.await.unwrap().expect("the in-flight request completes");
+    assert_eq!((r.status, r.body.as_str()), (200, "slow\n"));
+    // ... and the agent exits 0.
+    let status = tokio::task::spawn_blocking(move || {
+        let s = agent.proc.wait_exit(Duration::from_secs(15));
+        (s, agent)
+    })
+    .await
+    .unwrap();
+    assert!(status.0.is_some_and(|s| s.success()), "exit status {:?}; log:\n{}", status.0, status.1.proc.log_tail(20));
+}
+
+#[tokio::test]
+#[ignore = "needs the test ground (scripts/build-testground)"]
+async fn a_wrong_host_key_is_refused() {
+    let (server, key, _k) = server(ServerKind::Sandhole(Default::default())).await.unwrap();
+    let (other, _, _o) = self::server(ServerKind::Sshd).await.unwrap();
+    // Pin the *other* server's key for this server's address.
+    let wrong = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(wrong.path(), format!("[127.0.0.1]:{} {}\n", server.ssh_port(), other.host_key())).unwrap();
+    let backend = Backend::start("never").await.unwrap();
+    let mut agent = Agent::start(
+        &server,
+        &key,
+        &file(&[http_tunnel("web", "never", backend.port())]),
+        &["--known-hosts", wrong.path().to_str().unwrap()],
+    );
+    let t = agent.wait_tunnel("web", "connecting", Duration::from_secs(10)).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut t = t;
+    while !t["message"].as_str().unwrap_or_default().contains("host key") && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        t = agent.wait_tunnel("web", "connecting", Duration::from_secs(5)).await;
+    }
+    let message = t["message"].as_str().unwrap_or_default();
+    assert!(message.contains("presented host key SHA256:") && message.contains("not pinned"), "{t}");
+    assert!(agent.metrics().await.contains("reason=\"host_key_mismatch\""));
+    assert_eq!(backend.requests(), 0);
+}
+
+#[tokio::test]
+#[ignore = "needs the test ground (scripts/build-testground)"]
+async fn an_unreachable_server_is_reported_and_retried() {
+    let keys = tempfile::tempdir().unwrap();
+    let key = SshClientKey::generate(keys.path(), "k", "ed25519").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let tunnels = dir.path().join("t.json");
+    std::fs::write(&tunnels, file(&[tcp_tunnel("raw", None, 1)])).unwrap();
+    let admin = format!("127.0.0.1:{}", free_port());
+    let dead_port = free_port();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_picotun"));
+    cmd.args(["agent", "--tunnels-file", tunnels.to_str().unwrap(), "--server", "127.0.0.1"])
+        .args(["--server-port", &dead_port.to_string(), "--dialect", "openssh", "--insecure-skip-host-key-check"])
+        .args(["--key-file", key.private_key.to_str().unwrap(), "--admin-addr", &admin]);
+    // The app port (1) is closed too, but the connection comes first.
+    let mut proc = Proc::spawn("agent", cmd, &dir.path().join("log")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let s: Value = http::get(&admin, "a", "/status")
+            .await
+            .ok()
+            .and_then(|r| serde_json::from_str(&r.body).ok())
+            .unwrap_or_default();
+        let msg = s["tunnels"][0]["message"].as_str().unwrap_or_default().to_string();
+        if msg.contains(&format!("cannot reach 127.0.0.1:{dead_port}")) {
+            break;
+        }
+        assert!(Instant::now() < deadline && proc.is_running(), "status {s}; log {}", proc.log_tail(10));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(proc.is_running(), "an unreachable server is retried, not fatal");
+    assert_eq!(http::get(&admin, "a", "/ready").await.unwrap().status, 503);
+}
+
+/// Starts the agent with a key file and returns its exit status and log.
+fn run_agent_to_exit(key_file: &str, extra: &[&str]) -> (Option<std::process::ExitStatus>, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_picotun"));
+    cmd.args(["agent", "--tunnels-file", "/nonexistent", "--key-file", key_file])
+        .args(["--admin-addr", &format!("127.0.0.1:{}", free_port())])
+        .args(extra);
+    let log = dir.path().join("log");
+    let mut proc = Proc::spawn("agent", cmd, &log).unwrap();
+    let status = proc.wait_exit(Duration::from_secs(10));
+    (status, std::fs::read_to_string(&log).unwrap_or_default())
+}
+
+#[test]
+fn bad_key_files_stop_the_agent_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let garbage = dir.path().join("garbage");
+    std::fs::write(&garbage, "-----BEGIN OPENSSH PRIVATE KEY-----\nnot a key\n-----END OPENSSH PRIVATE KEY-----\n")
+        .unwrap();
+    let (status, log) = run_agent_to_exit(garbage.to_str().unwrap(), &[]);
+    assert!(status.is_some_and(|s| !s.success()), "{log}");
+    assert!(log.contains("is not a private key picotun can use"), "{log}");
+    assert!(!log.contains("not a key"), "the key file's content is never echoed: {log}");
+
+    let (status, log) = run_agent_to_exit(dir.path().join("missing").to_str().unwrap(), &[]);
+    assert!(status.is_some_and(|s| !s.success()));
+    assert!(log.contains("cannot read the SSH key file") && log.contains("mount the tunnel key Secret"), "{log}");
+
+    let encrypted = keygen_with_passphrase(dir.path(), "enc", "secret");
+    let (status, log) = run_agent_to_exit(encrypted.to_str().unwrap(), &[]);
+    assert!(status.is_some_and(|s| !s.success()));
+    assert!(log.contains("is encrypted: give its passphrase with --key-passphrase-file"), "{log}");
+    let wrong = dir.path().join("wrong-pass");
+    std::fs::write(&wrong, "nope\n").unwrap();
+    let (_, log) = run_agent_to_exit(encrypted.to_str().unwrap(), &["--key-passphrase-file", wrong.to_str().unwrap()]);
+    assert!(log.contains("wrong passphrase"), "{log}");
+    assert!(!log.contains("nope"), "the passphrase is never echoed: {log}");
+
+    // A server without a pin and without the explicit opt-out is refused before connecting.
+    let good = SshClientKey::generate(dir.path(), "good", "ed25519").unwrap();
+    let (status, log) = run_agent_to_exit(good.private_key.to_str().unwrap(), &["--server", "example.invalid"]);
+    assert!(status.is_some_and(|s| !s.success()));
+    assert!(log.contains("no host key to check example.invalid:22 against"), "{log}");
+}
+
+fn keygen_with_passphrase(dir: &std::path::Path, name: &str, passphrase: &str) -> PathBuf {
+    let path = dir.join(name);
+    let ok =
+        Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", passphrase, "-f"]).arg(&path).status().unwrap();
+    assert!(ok.success());
+    path
+}
+
+/// Every supported key format authenticates for real against sshd.
+#[tokio::test]
+#[ignore = "needs the test ground (scripts/build-testground)"]
+async fn key_formats_authenticate_against_sshd() {
+    let dir = tempfile::tempdir().unwrap();
+    // (file name, ssh-keygen arguments, passphrase)
+    let formats: &[(&str, &[&str], Option<&str>)] = &[
+        ("ed25519", &["-t", "ed25519"], None),
+        ("ecdsa", &["-t", "ecdsa"], None),
+        ("rsa", &["-t", "rsa", "-b", "2048"], None),
+        ("rsa-pem", &["-t", "rsa", "-b", "2048", "-m", "PEM"], None),
+        ("ecdsa-pkcs8", &["-t", "ecdsa", "-m", "PKCS8"], None),
+        ("ed25519-pass", &["-t", "ed25519"], Some("s3cret phrase")),
+    ];
+    let mut keys = Vec::new();
+    for (name, args, pass) in formats {
+        let path = dir.path().join(name);
+        let ok = Command::new("ssh-keygen")
+            .args(["-q", "-N", pass.unwrap_or("")])
+            .args(*args)
+            .arg("-f")
+            .arg(&path)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "ssh-keygen {args:?}");
+        let public_line = std::fs::read_to_string(path.with_extension("pub")).unwrap().trim().to_string();
+        keys.push((name, SshClientKey { private_key: path, public_line }, pass));
+    }
+    let authorized: Vec<&SshClientKey> = keys.iter().map(|(_, k, _)| k).collect();
+    let sshd = TunnelServer::start(ServerKind::Sshd, &authorized).await.unwrap();
+    let backend = Backend::start("keys").await.unwrap();
+    for (name, key, pass) in &keys {
+        let pass_file = dir.path().join(format!("{name}.pass"));
+        let mut extra: Vec<String> = Vec::new();
+        if let Some(p) = pass {
+            std::fs::write(&pass_file, format!("{p}\n")).unwrap();
+            extra = vec!["--key-passphrase-file".into(), pass_file.to_str().unwrap().into()];
+        }
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        let mut agent = Agent::start(&sshd, key, &file(&[tcp_tunnel("raw", None, backend.port())]), &extra);
+        let t = agent.wait_tunnel("raw", "established", Duration::from_secs(20)).await;
+        expect_body(&dial_addr(t["publicAddress"].as_str().unwrap()), "x", "/", &backend.greeting()).await;
+        let first_line = std::fs::read_to_string(agent.proc.log_path()).unwrap();
+        let fingerprint_logged = first_line.contains("key=SHA256:");
+        assert!(fingerprint_logged, "{name}: the key's fingerprint (only) is logged");
+        let private = std::fs::read_to_string(&key.private_key).unwrap();
+        let secret_line = private.lines().nth(1).unwrap();
+        assert!(!first_line.contains(secret_line), "{name}: key material never logged");
+    }
+}
