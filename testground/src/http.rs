@@ -62,7 +62,12 @@ pub struct Backend {
 
 impl Backend {
     pub async fn start(name: &str) -> std::io::Result<Backend> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        Self::start_on(0, name).await
+    }
+
+    /// On a given loopback port (0: any).
+    pub async fn start_on(port: u16, name: &str) -> std::io::Result<Backend> {
+        let listener = TcpListener::bind(("127.0.0.1", port)).await?;
         let addr = listener.local_addr()?;
         let requests = Arc::new(AtomicU64::new(0));
         let body = format!("hello from {name}\n");

@@ -39,9 +39,12 @@ impl Agent {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_picotun"));
         cmd.arg("agent")
             .args(["--tunnels-file", tunnels_file.to_str().unwrap()])
-            .args(["--server", "127.0.0.1", "--server-port", &server.ssh_port().to_string()])
+            .args(["--server", "127.0.0.1"])
             .args(["--user", &server.login_user(USER)])
             .args(["--key-file", key.private_key.to_str().unwrap()]);
+        if !extra.contains(&"--server-port") {
+            cmd.args(["--server-port", &server.ssh_port().to_string()]);
+        }
         if !extra.contains(&"--known-hosts") {
             cmd.args(["--known-hosts", server.known_hosts().to_str().unwrap()]);
         }
@@ -631,4 +634,103 @@ async fn key_formats_authenticate_against_sshd() {
         let secret_line = private.lines().nth(1).unwrap();
         assert!(!first_line.contains(secret_line), "{name}: key material never logged");
     }
+}
+
+/// A TCP relay in front of a server that can go silent: while frozen it neither forwards nor
+/// closes anything, like a peer whose network vanished. (A killed server closes its sockets; this
+/// is the fault it cannot produce.)
+async fn freezable_relay(upstream: u16) -> (u16, std::sync::Arc<std::sync::atomic::AtomicBool>) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let frozen = Arc::new(AtomicBool::new(false));
+    let f = frozen.clone();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)).await else { continue };
+            let (cr, cw) = client.into_split();
+            let (sr, sw) = server.into_split();
+            for (mut r, mut w) in [(cr, sw), (sr, cw)] {
+                let f = f.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 16384];
+                    loop {
+                        while f.load(Ordering::Relaxed) {
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                        match r.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => {
+                                while f.load(Ordering::Relaxed) {
+                                    tokio::time::sleep(Duration::from_millis(50)).await;
+                                }
+                                if w.write_all(&buf[..n]).await.is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                });
+            }
+        }
+    });
+    (port, frozen)
+}
+
+#[tokio::test]
+#[ignore = "needs the test ground (scripts/build-testground)"]
+async fn a_silent_server_is_detected_by_keepalives_and_the_agent_reconnects() {
+    use std::sync::atomic::Ordering;
+    let (server, key, _k) = server(ServerKind::Sandhole(Default::default())).await.unwrap();
+    let (relay_port, frozen) = freezable_relay(server.ssh_port()).await;
+    let known = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(known.path(), format!("[127.0.0.1]:{relay_port} {}\n", server.host_key())).unwrap();
+    let backend = Backend::start("silent").await.unwrap();
+    let relay_port_s = relay_port.to_string();
+    let mut agent = Agent::start(
+        &server,
+        &key,
+        &file(&[http_tunnel("web", "silent", backend.port())]),
+        &[
+            "--server-port",
+            &relay_port_s,
+            "--known-hosts",
+            known.path().to_str().unwrap(),
+            "--keepalive-interval",
+            "1s",
+            "--keepalive-max",
+            "2",
+        ],
+    );
+    agent.wait_tunnel("web", "established", Duration::from_secs(20)).await;
+
+    frozen.store(true, Ordering::Relaxed);
+    let froze = Instant::now();
+    agent.wait_tunnel("web", "connecting", Duration::from_secs(10)).await;
+    let noticed = froze.elapsed();
+    eprintln!("silent server noticed after {noticed:?}");
+    frozen.store(false, Ordering::Relaxed);
+    agent.wait_tunnel("web", "established", Duration::from_secs(40)).await;
+    let addr = format!("127.0.0.1:{}", server.http_port().unwrap());
+    expect_body(&addr, &server.http_host(USER, "silent"), "/", &backend.greeting()).await;
+}
+
+#[tokio::test]
+#[ignore = "needs the test ground (scripts/build-testground)"]
+async fn a_forward_opens_only_once_the_app_accepts_connections() {
+    let (server, key, _k) = server(ServerKind::Sshd).await.unwrap();
+    // Reserve a port for the app, and do not listen on it yet.
+    let app_port = free_port();
+    let mut agent = Agent::start(&server, &key, &file(&[tcp_tunnel("raw", Some(free_port()), app_port)]), &[]);
+    let t = agent.wait_tunnel("raw", "waitingForApp", Duration::from_secs(10)).await;
+    assert!(t["message"].as_str().unwrap().contains(&format!("127.0.0.1:{app_port}")), "{t}");
+    assert_eq!(http::get(&agent.admin, "a", "/ready").await.unwrap().status, 503, "not ready while waiting for the app");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(agent.wait_tunnel("raw", "waitingForApp", Duration::from_secs(1)).await["publicAddress"], Value::Null);
+
+    // The app comes up: the forward follows.
+    let backend = Backend::start_on(app_port, "late").await.unwrap();
+    let t = agent.wait_tunnel("raw", "established", Duration::from_secs(10)).await;
+    expect_body(&dial_addr(t["publicAddress"].as_str().unwrap()), "x", "/", &backend.greeting()).await;
 }
