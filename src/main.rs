@@ -3,10 +3,25 @@
 use clap::Parser;
 use picotun::cli::{Cli, Command};
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     picotun::telemetry::init(&cli.log_filter, cli.log_format);
+    // The agent is a sidecar moving bytes between two sockets: one thread keeps every hand-off
+    // on the same core (no cross-thread wake-ups) and its memory small.
+    let runtime = match &cli.command {
+        Command::Agent(_) => tokio::runtime::Builder::new_current_thread().enable_all().build(),
+    };
+    let runtime = match runtime {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("picotun: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(run(cli))
+}
+
+async fn run(cli: Cli) -> std::process::ExitCode {
     let shutdown = match picotun::shutdown::on_signal() {
         Ok(t) => t,
         Err(e) => {

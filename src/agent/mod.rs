@@ -93,6 +93,10 @@ pub struct AgentArgs {
     /// Bytes a connection may hold for an app that is not reading before it is closed.
     #[arg(long, env = "PICOTUN_MAX_BUFFERED_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_buffered_bytes: usize,
+    /// The SSH receive window per channel. russh returns window credit only when half of it is
+    /// used, so on a long round trip the window, not the link, bounds throughput into the pod.
+    #[arg(long, env = "PICOTUN_SSH_WINDOW_BYTES", default_value_t = 8 * 1024 * 1024)]
+    pub ssh_window_bytes: u32,
     /// How often the tunnels file is checked for changes.
     #[arg(long, env = "PICOTUN_RELOAD_INTERVAL", value_parser = humantime::parse_duration, default_value = "1s")]
     pub reload_interval: Duration,
@@ -154,6 +158,7 @@ pub async fn run(args: AgentArgs, shutdown: CancellationToken) -> Result<(), Age
         connect_timeout: Duration::from_secs(15),
         address_timeout: Duration::from_secs(5),
         grace: args.grace_period,
+        window_size: args.ssh_window_bytes,
     });
     let state = Arc::new(AgentState::default());
 

@@ -78,6 +78,20 @@ pub async fn serve(
     .await
 }
 
+/// Writes every chunk, with vectored writes.
+async fn write_batch(w: &mut tokio::net::tcp::OwnedWriteHalf, chunks: &[Bytes]) -> std::io::Result<()> {
+    let mut slices: Vec<std::io::IoSlice<'_>> = chunks.iter().map(|c| std::io::IoSlice::new(c)).collect();
+    let mut slices = &mut slices[..];
+    while !slices.is_empty() {
+        let n = w.write_vectored(slices).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        std::io::IoSlice::advance_slices(&mut slices, n);
+    }
+    Ok(())
+}
+
 enum Outcome {
     Done,
     AppStalled,
@@ -116,11 +130,21 @@ async fn pump(channel: Channel<Msg>, tcp: TcpStream, relay: &Relay, state: &Arc<
     });
 
     // Visitor -> app, part 2: write what was drained; shut down the app's read side at EOF.
+    // Chunks queued together go out in one write: fewer syscalls per byte under load.
     let write_app = tokio::spawn(async move {
-        while let Some(chunk) = buf_rx.recv().await {
-            if to_app.write_all(&chunk).await.is_err() {
+        let mut batch: Vec<Bytes> = Vec::with_capacity(16);
+        while let Some(first) = buf_rx.recv().await {
+            batch.push(first);
+            while batch.len() < 16 {
+                match buf_rx.try_recv() {
+                    Ok(more) => batch.push(more),
+                    Err(_) => break,
+                }
+            }
+            if write_batch(&mut to_app, &batch).await.is_err() {
                 return;
             }
+            batch.clear();
         }
         let _ = to_app.shutdown().await;
     });

@@ -725,7 +725,11 @@ async fn a_forward_opens_only_once_the_app_accepts_connections() {
     let mut agent = Agent::start(&server, &key, &file(&[tcp_tunnel("raw", Some(free_port()), app_port)]), &[]);
     let t = agent.wait_tunnel("raw", "waitingForApp", Duration::from_secs(10)).await;
     assert!(t["message"].as_str().unwrap().contains(&format!("127.0.0.1:{app_port}")), "{t}");
-    assert_eq!(http::get(&agent.admin, "a", "/ready").await.unwrap().status, 503, "not ready while waiting for the app");
+    assert_eq!(
+        http::get(&agent.admin, "a", "/ready").await.unwrap().status,
+        503,
+        "not ready while waiting for the app"
+    );
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(agent.wait_tunnel("raw", "waitingForApp", Duration::from_secs(1)).await["publicAddress"], Value::Null);
 

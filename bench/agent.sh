@@ -1,0 +1,151 @@
+#!/usr/bin/env bash
+# bench/agent.sh -- the picotun agent against `ssh -N -R` (the prototype's data path), side by
+# side in one run, through one local OpenSSH sshd restricted to one cipher so both use the same.
+#
+# Prints `bench: <metric> ours=<x> baseline=<y> ratio=<ours/baseline>` lines:
+#   throughput (MB/s, higher is better) into and out of the "pod", 1 stream and 8 in parallel;
+#   64-byte round trip p50/p99 and new-connection setup p50/p99 (microseconds, lower is better);
+#   client RSS idle and peak under load (MB, lower is better);
+#   throughput with 100 ms of added round-trip time on the SSH hop (a userspace delay relay).
+# Everything runs on 127.0.0.1 and is stopped by PID when the script exits, however it exits.
+#
+#   bench/agent.sh            full run (about 2 minutes)
+#   BENCH_MIB=64 bench/agent.sh   smaller transfers
+#   BENCH_AGENT_ARGS="--ssh-window-bytes 2097152" bench/agent.sh   try agent settings
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+cd "$repo"
+mib=${BENCH_MIB:-256}
+delay_mib=${BENCH_DELAY_MIB:-64}
+cipher=aes256-gcm@openssh.com
+
+"$repo/scripts/install-deps"
+echo "[bench] building release binaries" >&2
+cargo build --release --locked --quiet -p picotun -p picotun-bench
+agent_bin=$repo/target/release/picotun
+loadgen=$repo/target/release/picotun-bench
+
+work=$(mktemp -d /tmp/picotun-bench.XXXXXX)
+pids=()
+tree() { local c; for c in $(cat /proc/"$1"/task/*/children 2>/dev/null); do tree "$c"; done; echo "$1"; }
+cleanup() {
+  local all=() p
+  for p in "${pids[@]}"; do all+=($(tree "$p")); done
+  for p in "${all[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+  sleep 0.3
+  for p in "${all[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
+  rm -rf "$work"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+start() { local name=$1; shift; "$@" >"$work/$name.log" 2>&1 & pids+=($!); }
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+wait_port() { for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; echo "[bench] nothing listens on $1" >&2; return 1; }
+rss_mb() { awk -v f="$2" '$1 == f":" { printf "%.1f", $2 / 1024 }' "/proc/$1/status"; }
+emit() { awk -v m="$1" -v o="$2" -v b="$3" 'BEGIN { r = (b == 0) ? "inf" : sprintf("%.2f", o / b); printf "bench: %s ours=%s baseline=%s ratio=%s\n", m, o, b, r }'; }
+
+# --- sshd, restricted to one cipher ---
+ssh-keygen -q -t ed25519 -N "" -f "$work/host" -C bench-host
+ssh-keygen -q -t ed25519 -N "" -f "$work/client" -C bench-client
+cp "$work/client.pub" "$work/authorized_keys"
+sshd_port=$(free_port)
+cat >"$work/sshd_config" <<EOF
+Port $sshd_port
+ListenAddress 127.0.0.1
+HostKey $work/host
+PidFile none
+AuthorizedKeysFile $work/authorized_keys
+StrictModes no
+UsePAM no
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PermitRootLogin prohibit-password
+AllowTcpForwarding remote
+GatewayPorts clientspecified
+PermitListen any
+PermitOpen none
+PermitTTY no
+Ciphers $cipher
+ClientAliveInterval 5
+EOF
+[[ $(id -u) -ne 0 ]] || mkdir -p /run/sshd
+start sshd /usr/sbin/sshd -D -e -f "$work/sshd_config"
+wait_port "$sshd_port"
+user=$(id -un)
+
+# --- the app: sink, source, echo ---
+sink=$(free_port); source=$(free_port); echo_port=$(free_port)
+start apps "$loadgen" apps "127.0.0.1:$sink" "127.0.0.1:$source" "127.0.0.1:$echo_port"
+wait_port "$echo_port"
+
+# --- ours and the baseline, each holding three public ports on sshd ---
+# start_pair <label> <ssh port>: sets O_SINK O_SOURCE O_ECHO B_SINK B_SOURCE B_ECHO AGENT_PID SSH_PID
+start_pair() {
+  local label=$1 port=$2
+  echo "[$label-known_hosts]" >/dev/null
+  printf '[127.0.0.1]:%s %s\n' "$port" "$(cut -d' ' -f1,2 "$work/host.pub")" >"$work/known_hosts_$label"
+  O_SINK=$(free_port); O_SOURCE=$(free_port); O_ECHO=$(free_port)
+  B_SINK=$(free_port); B_SOURCE=$(free_port); B_ECHO=$(free_port)
+  cat >"$work/tunnels_$label.json" <<EOF
+{"tunnels":[
+ {"name":"sink","kind":"tcp","remotePort":$O_SINK,"targetPort":$sink},
+ {"name":"source","kind":"tcp","remotePort":$O_SOURCE,"targetPort":$source},
+ {"name":"echo","kind":"tcp","remotePort":$O_ECHO,"targetPort":$echo_port}]}
+EOF
+  local admin; admin=$(free_port)
+  start "agent-$label" "$agent_bin" --log-filter warn agent --tunnels-file "$work/tunnels_$label.json" \
+    --server 127.0.0.1 --server-port "$port" --user "$user" --key-file "$work/client" \
+    --known-hosts "$work/known_hosts_$label" --dialect openssh --openssh-bind-address 127.0.0.1 \
+    --admin-addr "127.0.0.1:$admin" ${BENCH_AGENT_ARGS:-}
+  AGENT_PID=${pids[-1]}
+  start "ssh-$label" ssh -N -T -F /dev/null -p "$port" -i "$work/client" -o IdentitiesOnly=yes -o BatchMode=yes \
+    -o StrictHostKeyChecking=yes -o "UserKnownHostsFile=$work/known_hosts_$label" -o Ciphers=$cipher \
+    -o ServerAliveInterval=5 -o ExitOnForwardFailure=yes \
+    -R "127.0.0.1:$B_SINK:127.0.0.1:$sink" -R "127.0.0.1:$B_SOURCE:127.0.0.1:$source" \
+    -R "127.0.0.1:$B_ECHO:127.0.0.1:$echo_port" "$user@127.0.0.1"
+  SSH_PID=${pids[-1]}
+  for _ in $(seq 1 200); do
+    curl -fs "127.0.0.1:$admin/ready" >/dev/null 2>&1 && break
+    sleep 0.1
+  done
+  curl -fs "127.0.0.1:$admin/ready" >/dev/null || { cat "$work/agent-$label.log" >&2; exit 1; }
+  wait_port "$B_ECHO"
+}
+
+start_pair direct "$sshd_port"
+sleep 1
+agent_idle=$(rss_mb "$AGENT_PID" VmRSS); ssh_idle=$(rss_mb "$SSH_PID" VmRSS)
+echo "[bench] agent $(${agent_bin} --version), OpenSSH $(ssh -V 2>&1 | cut -d, -f1), cipher $cipher, ${mib} MiB transfers" >&2
+
+measure() { "$loadgen" measure "$@"; }
+# BENCH_PERF=FILE: record a CPU profile of the agent during its first transfer into the pod.
+if [[ -n ${BENCH_PERF:-} ]]; then
+  perf record -q -g -p "$AGENT_PID" -o "$BENCH_PERF" -- sleep 2 >/dev/null 2>&1 &
+  perf_pid=$!
+  measure in "127.0.0.1:$O_SINK" "$mib" >/dev/null
+  wait "$perf_pid" || true
+fi
+for dir in in out; do
+  port_o=$O_SINK; port_b=$B_SINK
+  [[ $dir == out ]] && { port_o=$O_SOURCE; port_b=$B_SOURCE; }
+  emit "throughput_${dir}_1stream_MBps" "$(measure "$dir" "127.0.0.1:$port_o" "$mib")" "$(measure "$dir" "127.0.0.1:$port_b" "$mib")"
+  emit "throughput_${dir}_8streams_MBps" "$(measure "$dir" "127.0.0.1:$port_o" "$mib" 8)" "$(measure "$dir" "127.0.0.1:$port_b" "$mib" 8)"
+done
+read -r o50 o99 < <(measure rtt "127.0.0.1:$O_ECHO" 2000)
+read -r b50 b99 < <(measure rtt "127.0.0.1:$B_ECHO" 2000)
+emit rtt_p50_us "$o50" "$b50"
+emit rtt_p99_us "$o99" "$b99"
+read -r o50 o99 < <(measure setup "127.0.0.1:$O_ECHO" 200)
+read -r b50 b99 < <(measure setup "127.0.0.1:$B_ECHO" 200)
+emit conn_setup_p50_us "$o50" "$b50"
+emit conn_setup_p99_us "$o99" "$b99"
+emit rss_idle_MB "$agent_idle" "$ssh_idle"
+emit rss_loaded_peak_MB "$(rss_mb "$AGENT_PID" VmHWM)" "$(rss_mb "$SSH_PID" VmHWM)"
+
+# --- 100 ms round trip on the SSH hop ---
+delay_port=$(free_port)
+start delay "$loadgen" delay "127.0.0.1:$delay_port" "127.0.0.1:$sshd_port" 50
+wait_port "$delay_port"
+start_pair delayed "$delay_port"
+emit throughput_in_100ms_rtt_MBps "$(measure in "127.0.0.1:$O_SINK" "$delay_mib")" "$(measure in "127.0.0.1:$B_SINK" "$delay_mib")"
+emit throughput_out_100ms_rtt_MBps "$(measure out "127.0.0.1:$O_SOURCE" "$delay_mib")" "$(measure out "127.0.0.1:$B_SOURCE" "$delay_mib")"

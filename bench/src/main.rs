@@ -1,0 +1,238 @@
+//! `loadgen`: the measuring half of picotun's benchmarks. Plain TCP on loopback only.
+//!
+//! ```text
+//! loadgen apps SINK SOURCE ECHO        the "app": a sink, a source and an echo server
+//! loadgen delay LISTEN UPSTREAM MS     a TCP relay adding MS milliseconds each way
+//! loadgen measure KIND ADDR [ARGS]     one measurement, printed as a number
+//!     in ADDR MiB [STREAMS]            throughput into the app (MB/s)
+//!     out ADDR MiB [STREAMS]           throughput out of the app (MB/s)
+//!     rtt ADDR COUNT                   small-message round trips: "p50 p99" in microseconds
+//!     setup ADDR COUNT                 new connection to first echoed byte: "p50 p99" in microseconds
+//! ```
+//! The source app sends as many bytes as the first 8 bytes (big-endian) it reads ask for.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+
+const MIB: u64 = 1024 * 1024;
+
+fn usage() -> ! {
+    eprintln!(
+        "usage: loadgen apps SINK SOURCE ECHO | delay LISTEN UPSTREAM MS | measure in|out|rtt|setup ADDR N [STREAMS]"
+    );
+    std::process::exit(2)
+}
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    match a.as_slice() {
+        ["apps", sink, source, echo] => apps(sink, source, echo).await,
+        ["delay", listen, upstream, ms] => {
+            delay(listen, upstream, Duration::from_millis(ms.parse().unwrap_or_else(|_| usage()))).await
+        }
+        ["measure", kind, addr, n, rest @ ..] => {
+            let n: u64 = n.parse().unwrap_or_else(|_| usage());
+            let streams: usize = rest.first().map(|s| s.parse().unwrap_or_else(|_| usage())).unwrap_or(1);
+            match *kind {
+                "in" => println!("{:.1}", throughput(addr, n * MIB, streams, true).await),
+                "out" => println!("{:.1}", throughput(addr, n * MIB, streams, false).await),
+                "rtt" => {
+                    let (p50, p99) = rtt(addr, n as usize).await;
+                    println!("{p50} {p99}")
+                }
+                "setup" => {
+                    let (p50, p99) = setup(addr, n as usize).await;
+                    println!("{p50} {p99}")
+                }
+                _ => usage(),
+            }
+        }
+        _ => usage(),
+    }
+}
+
+async fn listen(addr: &str) -> TcpListener {
+    TcpListener::bind(addr).await.unwrap_or_else(|e| panic!("bind {addr}: {e}"))
+}
+
+async fn apps(sink: &str, source: &str, echo: &str) {
+    let (sink, source, echo) = (listen(sink).await, listen(source).await, listen(echo).await);
+    let sink = tokio::spawn(async move {
+        while let Ok((mut s, _)) = sink.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 256 * 1024];
+                let mut total = 0u64;
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    total += n as u64;
+                }
+                let _ = s.write_all(&total.to_be_bytes()).await;
+            });
+        }
+    });
+    let source = tokio::spawn(async move {
+        while let Ok((mut s, _)) = source.accept().await {
+            tokio::spawn(async move {
+                let mut want = [0u8; 8];
+                if s.read_exact(&mut want).await.is_err() {
+                    return;
+                }
+                let mut left = u64::from_be_bytes(want);
+                let buf = vec![b'x'; 256 * 1024];
+                while left > 0 {
+                    let n = left.min(buf.len() as u64) as usize;
+                    if s.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                    left -= n as u64;
+                }
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    let echo = tokio::spawn(async move {
+        while let Ok((mut s, _)) = echo.accept().await {
+            let _ = s.set_nodelay(true);
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let _ = tokio::join!(sink, source, echo);
+}
+
+/// Adds `one_way` latency in each direction without limiting bandwidth: every chunk is stamped on
+/// arrival and written once its time has come.
+async fn delay(listen_addr: &str, upstream: &str, one_way: Duration) {
+    let listener = listen(listen_addr).await;
+    while let Ok((client, _)) = listener.accept().await {
+        let upstream = upstream.to_string();
+        tokio::spawn(async move {
+            let Ok(server) = TcpStream::connect(&upstream).await else { return };
+            let _ = client.set_nodelay(true);
+            let _ = server.set_nodelay(true);
+            let (cr, cw) = client.into_split();
+            let (sr, sw) = server.into_split();
+            tokio::spawn(delayed_copy(cr, sw, one_way));
+            tokio::spawn(delayed_copy(sr, cw, one_way));
+        });
+    }
+}
+
+async fn delayed_copy(
+    mut r: tokio::net::tcp::OwnedReadHalf,
+    mut w: tokio::net::tcp::OwnedWriteHalf,
+    one_way: Duration,
+) {
+    let (tx, mut rx) = mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
+    let writer = tokio::spawn(async move {
+        while let Some((due, chunk)) = rx.recv().await {
+            tokio::time::sleep_until(due.into()).await;
+            if w.write_all(&chunk).await.is_err() {
+                return;
+            }
+        }
+        let _ = w.shutdown().await;
+    });
+    let mut buf = vec![0u8; 256 * 1024];
+    while let Ok(n) = r.read(&mut buf).await {
+        if n == 0 || tx.send((Instant::now() + one_way, buf[..n].to_vec())).is_err() {
+            break;
+        }
+    }
+    drop(tx);
+    let _ = writer.await;
+}
+
+/// MB/s (10^6 bytes) moving `bytes` over `streams` connections at once.
+async fn throughput(addr: &str, bytes: u64, streams: usize, into_app: bool) -> f64 {
+    let per_stream = bytes / streams as u64;
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..streams)
+        .map(|_| {
+            let addr = addr.to_string();
+            tokio::spawn(async move {
+                let mut s = TcpStream::connect(&addr).await.expect("connect");
+                if into_app {
+                    let buf = vec![b'x'; 256 * 1024];
+                    let mut left = per_stream;
+                    while left > 0 {
+                        let n = left.min(buf.len() as u64) as usize;
+                        s.write_all(&buf[..n]).await.expect("write");
+                        left -= n as u64;
+                    }
+                    s.shutdown().await.expect("shutdown");
+                    let mut got = [0u8; 8];
+                    s.read_exact(&mut got).await.expect("the sink's count");
+                    assert_eq!(u64::from_be_bytes(got), per_stream, "the app received everything");
+                } else {
+                    s.write_all(&per_stream.to_be_bytes()).await.expect("request");
+                    let mut buf = vec![0u8; 256 * 1024];
+                    let mut total = 0u64;
+                    loop {
+                        let n = s.read(&mut buf).await.expect("read");
+                        if n == 0 {
+                            break;
+                        }
+                        total += n as u64;
+                    }
+                    assert_eq!(total, per_stream, "received everything the app sent");
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.expect("stream");
+    }
+    (per_stream * streams as u64) as f64 / start.elapsed().as_secs_f64() / 1e6
+}
+
+fn percentiles(mut samples: Vec<u128>) -> (u128, u128) {
+    samples.sort_unstable();
+    let at = |q: f64| samples[((samples.len() as f64 - 1.0) * q).round() as usize];
+    (at(0.50), at(0.99))
+}
+
+async fn rtt(addr: &str, count: usize) -> (u128, u128) {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    s.set_nodelay(true).unwrap();
+    let msg = [7u8; 64];
+    let mut back = [0u8; 64];
+    let mut samples = Vec::with_capacity(count);
+    for i in 0..count + 50 {
+        let t = Instant::now();
+        s.write_all(&msg).await.unwrap();
+        s.read_exact(&mut back).await.unwrap();
+        if i >= 50 {
+            samples.push(t.elapsed().as_micros()); // the first 50 warm up
+        }
+    }
+    percentiles(samples)
+}
+
+async fn setup(addr: &str, count: usize) -> (u128, u128) {
+    let mut samples = VecDeque::with_capacity(count);
+    for _ in 0..count {
+        let t = Instant::now();
+        let mut s = TcpStream::connect(addr).await.expect("connect");
+        s.set_nodelay(true).unwrap();
+        s.write_all(b"x").await.unwrap();
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).await.unwrap();
+        samples.push_back(t.elapsed().as_micros());
+    }
+    percentiles(samples.into())
+}
