@@ -3,7 +3,9 @@
 use clap::{Parser, Subcommand};
 
 use crate::agent::AgentArgs;
+use crate::inject_cli::InjectArgs;
 use crate::telemetry::LogFormat;
+use crate::webhook::WebhookArgs;
 
 #[derive(Debug, Parser)]
 #[command(name = "picotun", version, about = "Expose Kubernetes workloads through pico.sh SSH tunnels")]
@@ -21,4 +23,9 @@ pub struct Cli {
 pub enum Command {
     /// The tunnel sidecar: opens the pod's forwards and relays connections to the app.
     Agent(AgentArgs),
+    /// The mutating admission webhook that injects the sidecar into pods as they are created.
+    Webhook(WebhookArgs),
+    /// Prints the injected version of Pods and workloads (multi-document YAML), as the webhook
+    /// would inject them.
+    Inject(InjectArgs),
 }

@@ -6,10 +6,13 @@
 
 pub mod admin;
 pub mod agent;
+pub mod api;
 pub mod cli;
+pub mod inject_cli;
 pub mod shutdown;
 pub mod telemetry;
 pub mod tunnel;
+pub mod webhook;
 
 /// The version this binary was built from.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -10,6 +10,19 @@ fn main() -> std::process::ExitCode {
     // on the same core (no cross-thread wake-ups) and its memory small.
     let runtime = match &cli.command {
         Command::Agent(_) => tokio::runtime::Builder::new_current_thread().enable_all().build(),
+        Command::Inject(args) => {
+            return match picotun::inject_cli::run(args) {
+                Ok(out) => {
+                    print!("{out}");
+                    std::process::ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("picotun inject: {e}");
+                    std::process::ExitCode::FAILURE
+                }
+            };
+        }
+        Command::Webhook(_) => tokio::runtime::Builder::new_multi_thread().enable_all().build(),
     };
     let runtime = match runtime {
         Ok(rt) => rt,
@@ -31,6 +44,8 @@ async fn run(cli: Cli) -> std::process::ExitCode {
     };
     let result = match cli.command {
         Command::Agent(args) => picotun::agent::run(args, shutdown).await.map_err(anyhow::Error::from),
+        Command::Webhook(args) => picotun::webhook::run(args, shutdown).await.map_err(anyhow::Error::from),
+        Command::Inject(_) => unreachable!("handled before the runtime starts"),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -1,0 +1,581 @@
+//! Which pods get the tunnel sidecar, and what it looks like. Pure: a Pod (and what is known about
+//! its workload and routes) in, a decision and an injected Pod out. The webhook, `picotun inject`
+//! and `picotun explain` all go through here.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, ContainerPort, DownwardAPIVolumeFile, DownwardAPIVolumeSource, EnvVar, HTTPGetAction,
+    KeyToPath, ObjectFieldSelector, Pod, Probe, ResourceRequirements, SeccompProfile, SecretVolumeSource,
+    SecurityContext, Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use crate::api;
+use crate::tunnel::{TunnelSpec, TunnelsFile};
+
+/// How the webhook injects: from its flags.
+#[derive(Clone, Debug)]
+pub struct InjectConfig {
+    pub image: String,
+    pub pull_policy: String,
+    /// An init container with `restartPolicy: Always` (Kubernetes >= 1.29) rather than a
+    /// regular container.
+    pub native_sidecar: bool,
+    /// picotun's own namespace: never injected.
+    pub own_namespace: String,
+    pub server: String,
+    pub server_port: u16,
+    pub user: String,
+    pub dialect: String,
+    pub admin_port: u16,
+    pub cpu_request: String,
+    pub memory_request: String,
+    pub cpu_limit: String,
+    pub memory_limit: String,
+    pub log_level: String,
+}
+
+impl Default for InjectConfig {
+    fn default() -> Self {
+        InjectConfig {
+            image: "ghcr.io/picotun/picotun:latest".into(),
+            pull_policy: "IfNotPresent".into(),
+            native_sidecar: true,
+            own_namespace: "pico-sh-system".into(),
+            server: "tuns.sh".into(),
+            server_port: 22,
+            user: "picotun".into(),
+            dialect: "sish".into(),
+            admin_port: 9901,
+            cpu_request: "10m".into(),
+            memory_request: "16Mi".into(),
+            cpu_limit: "500m".into(),
+            memory_limit: "64Mi".into(),
+            log_level: "info".into(),
+        }
+    }
+}
+
+/// Namespaces whose pods are never injected, whatever they say.
+pub const SYSTEM_NAMESPACES: [&str; 3] = ["kube-system", "kube-public", "kube-node-lease"];
+
+/// The workload a pod belongs to (its metadata only), when known.
+#[derive(Clone, Debug, Default)]
+pub struct Workload {
+    /// e.g. `Deployment/web`.
+    pub reference: String,
+    pub labels: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// Why a pod is left alone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SkipReason {
+    SystemNamespace,
+    OwnNamespace,
+    HostNetwork,
+    AlreadyInjected,
+    OptedOut,
+    NotOptedIn,
+}
+
+impl SkipReason {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            SkipReason::SystemNamespace => "system_namespace",
+            SkipReason::OwnNamespace => "own_namespace",
+            SkipReason::HostNetwork => "host_network",
+            SkipReason::AlreadyInjected => "already_injected",
+            SkipReason::OptedOut => "opted_out",
+            SkipReason::NotOptedIn => "not_opted_in",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// `because` names the label, annotation or route that decided.
+    Inject {
+        because: String,
+    },
+    Skip {
+        reason: SkipReason,
+        because: String,
+    },
+}
+
+/// What a pod is asked to do, and the answer.
+#[derive(Clone, Debug)]
+pub struct Outcome {
+    pub decision: Decision,
+    /// The injected pod (None when skipped).
+    pub pod: Option<Pod>,
+    pub tunnels: Vec<TunnelSpec>,
+    /// Problems the user should know about; never a reason to deny.
+    pub warnings: Vec<String>,
+}
+
+fn lookup<'a>(map: &'a Option<BTreeMap<String, String>>, key: &str) -> Option<&'a String> {
+    map.as_ref().and_then(|m| m.get(key))
+}
+
+/// Decides whether `pod` in `namespace` gets the sidecar. `route_tunnels` are the tunnels routes
+/// picotun serves give this pod (empty until the controller knows of any); a pod backing one is
+/// injected when `inject_route_backends` is on.
+pub fn decide(
+    pod: &Pod,
+    namespace: &str,
+    workload: Option<&Workload>,
+    route_tunnels: &[TunnelSpec],
+    inject_route_backends: bool,
+    config: &InjectConfig,
+) -> Decision {
+    let skip = |reason, because: String| Decision::Skip { reason, because };
+    if SYSTEM_NAMESPACES.contains(&namespace) {
+        return skip(SkipReason::SystemNamespace, format!("namespace {namespace} is never injected"));
+    }
+    if namespace == config.own_namespace {
+        return skip(SkipReason::OwnNamespace, format!("namespace {namespace} is picotun's own"));
+    }
+    if pod.spec.as_ref().and_then(|s| s.host_network) == Some(true) {
+        return skip(SkipReason::HostNetwork, "hostNetwork pods share the node's ports; not injected".into());
+    }
+    if is_injected(pod) {
+        return skip(SkipReason::AlreadyInjected, format!("already carries {}", api::SIDECAR_NAME));
+    }
+    let meta = &pod.metadata;
+    let from_pod = [("label", &meta.labels), ("annotation", &meta.annotations)].into_iter().find_map(|(what, map)| {
+        api::switch(lookup(map, api::INJECT)).map(|on| (on, format!("pod {what} {}", api::INJECT)))
+    });
+    let from_workload = workload.and_then(|w| {
+        [("label", &w.labels), ("annotation", &w.annotations)].into_iter().find_map(|(what, map)| {
+            api::switch(map.get(api::INJECT)).map(|on| (on, format!("{} {what} {}", w.reference, api::INJECT)))
+        })
+    });
+    // "false" anywhere wins.
+    for (on, because) in [&from_pod, &from_workload].into_iter().flatten() {
+        if !on {
+            return skip(SkipReason::OptedOut, format!("{because}=false"));
+        }
+    }
+    if let Some((_, because)) = from_pod.or(from_workload) {
+        return Decision::Inject { because: format!("{because}=true") };
+    }
+    if lookup(&meta.annotations, api::EXPOSE).is_some() {
+        return Decision::Inject { because: format!("pod annotation {}", api::EXPOSE) };
+    }
+    if let Some(w) = workload.filter(|w| w.annotations.contains_key(api::EXPOSE)) {
+        return Decision::Inject { because: format!("{} annotation {}", w.reference, api::EXPOSE) };
+    }
+    if inject_route_backends && !route_tunnels.is_empty() {
+        return Decision::Inject { because: format!("backs a route picotun serves ({} tunnels)", route_tunnels.len()) };
+    }
+    skip(
+        SkipReason::NotOptedIn,
+        format!(
+            "no {0}=true label or annotation on the pod template or its workload, no {1} annotation{2}",
+            api::INJECT,
+            api::EXPOSE,
+            if inject_route_backends { ", and no route picotun serves selects it" } else { "" }
+        ),
+    )
+}
+
+/// True if the sidecar is already there (re-invocation, or a pod injected by `picotun inject`).
+pub fn is_injected(pod: &Pod) -> bool {
+    let spec = pod.spec.as_ref();
+    let named = |cs: Option<&Vec<Container>>| cs.is_some_and(|cs| cs.iter().any(|c| c.name == api::SIDECAR_NAME));
+    named(spec.map(|s| &s.containers)) || named(spec.and_then(|s| s.init_containers.as_ref()))
+}
+
+/// Decides, and injects when the answer is yes.
+pub fn mutate(
+    pod: &Pod,
+    namespace: &str,
+    workload: Option<&Workload>,
+    route_tunnels: &[TunnelSpec],
+    inject_route_backends: bool,
+    config: &InjectConfig,
+) -> Outcome {
+    let decision = decide(pod, namespace, workload, route_tunnels, inject_route_backends, config);
+    if !matches!(decision, Decision::Inject { .. }) {
+        return Outcome { decision, pod: None, tunnels: Vec::new(), warnings: Vec::new() };
+    }
+    let mut warnings = Vec::new();
+    let tunnels = tunnels_for(pod, workload, route_tunnels, &mut warnings);
+    let injected = inject(pod, &tunnels, config, &mut warnings);
+    Outcome { decision, pod: Some(injected), tunnels, warnings }
+}
+
+/// The tunnels a pod gets: those routes give it, then its expose annotation's (pod template
+/// first, else the workload's). A broken annotation is a warning, not a failure.
+pub fn tunnels_for(
+    pod: &Pod,
+    workload: Option<&Workload>,
+    route_tunnels: &[TunnelSpec],
+    warnings: &mut Vec<String>,
+) -> Vec<TunnelSpec> {
+    let mut tunnels: Vec<TunnelSpec> = route_tunnels.to_vec();
+    let expose = lookup(&pod.metadata.annotations, api::EXPOSE)
+        .or_else(|| workload.and_then(|w| w.annotations.get(api::EXPOSE)));
+    if let Some(value) = expose {
+        match api::parse_expose(value, |name| named_port(pod, name)) {
+            Ok(specs) => {
+                for s in specs {
+                    if tunnels.iter().any(|t| t.name == s.name) {
+                        warnings.push(format!(
+                            "{}: tunnel {} is already given by a route; the route's wins",
+                            api::EXPOSE,
+                            s.name
+                        ));
+                    } else {
+                        tunnels.push(s);
+                    }
+                }
+            }
+            Err(e) => warnings.push(format!("{e}; the sidecar is injected without these tunnels")),
+        }
+    }
+    tunnels
+}
+
+fn named_port(pod: &Pod, name: &str) -> Option<u16> {
+    pod.spec
+        .as_ref()?
+        .containers
+        .iter()
+        .flat_map(|c| c.ports.iter().flatten())
+        .find_map(|p| (p.name.as_deref() == Some(name)).then(|| u16::try_from(p.container_port).ok()).flatten())
+}
+
+/// A Kubernetes quantity as the apiserver accepts it (`100m`, `64Mi`, `1.5`, `1e3`).
+pub fn is_quantity(s: &str) -> bool {
+    let digits_end = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+    let (number, suffix) = s.split_at(digits_end);
+    let number_ok = !number.is_empty() && number.matches('.').count() <= 1 && number != ".";
+    let suffix_ok = matches!(
+        suffix,
+        "" | "n" | "u" | "m" | "k" | "M" | "G" | "T" | "P" | "E" | "Ki" | "Mi" | "Gi" | "Ti" | "Pi" | "Ei"
+    ) || suffix.strip_prefix(['e', 'E']).is_some_and(|e| {
+        let e = e.strip_prefix(['+', '-']).unwrap_or(e);
+        !e.is_empty() && e.chars().all(|c| c.is_ascii_digit())
+    });
+    number_ok && suffix_ok
+}
+
+/// Adds the sidecar, its volumes and annotations to a copy of `pod`.
+pub fn inject(pod: &Pod, tunnels: &[TunnelSpec], config: &InjectConfig, warnings: &mut Vec<String>) -> Pod {
+    let mut pod = pod.clone();
+    let annotations = pod.metadata.annotations.get_or_insert_with(BTreeMap::new);
+    let mut quantity = |key: &str, default: &str| -> Quantity {
+        match annotations.get(key) {
+            Some(v) if is_quantity(v.trim()) => Quantity(v.trim().to_string()),
+            Some(v) => {
+                warnings
+                    .push(format!("{key}: {v:?} is not a Kubernetes quantity (like 100m or 64Mi); using {default}"));
+                Quantity(default.to_string())
+            }
+            None => Quantity(default.to_string()),
+        }
+    };
+    let resources = ResourceRequirements {
+        requests: Some(BTreeMap::from([
+            ("cpu".to_string(), quantity(api::CPU_REQUEST, &config.cpu_request)),
+            ("memory".to_string(), quantity(api::MEMORY_REQUEST, &config.memory_request)),
+        ])),
+        limits: Some(BTreeMap::from([
+            ("cpu".to_string(), quantity(api::CPU_LIMIT, &config.cpu_limit)),
+            ("memory".to_string(), quantity(api::MEMORY_LIMIT, &config.memory_limit)),
+        ])),
+        ..Default::default()
+    };
+    let key_secret = annotations.get(api::KEY_SECRET).cloned().unwrap_or_else(|| api::DEFAULT_KEY_SECRET.to_string());
+    let log_level = annotations.get(api::LOG_LEVEL).cloned().unwrap_or_else(|| config.log_level.clone());
+    annotations.insert(api::TUNNELS.to_string(), TunnelsFile { tunnels: tunnels.to_vec() }.to_json());
+    annotations.insert(
+        api::STATUS.to_string(),
+        serde_json::json!({"version": crate::VERSION, "sidecar": api::SIDECAR_NAME, "native": config.native_sidecar})
+            .to_string(),
+    );
+    let spec = pod.spec.get_or_insert_with(Default::default);
+    if let Some(app) = spec.containers.first() {
+        annotations.entry(api::DEFAULT_CONTAINER.to_string()).or_insert_with(|| app.name.clone());
+    }
+
+    let env = |name: &str, value: String| EnvVar { name: name.into(), value: Some(value), ..Default::default() };
+    let probe = |path: &str| Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::String("picotun-admin".into()),
+            ..Default::default()
+        }),
+        period_seconds: Some(5),
+        failure_threshold: Some(3),
+        ..Default::default()
+    };
+    let sidecar = Container {
+        name: api::SIDECAR_NAME.into(),
+        image: Some(config.image.clone()),
+        image_pull_policy: Some(config.pull_policy.clone()),
+        args: Some(vec!["agent".into()]),
+        env: Some(vec![
+            env("PICOTUN_TUNNELS_FILE", "/etc/picotun/tunnels/tunnels.json".into()),
+            env("PICOTUN_KEY_FILE", "/etc/picotun/ssh/id".into()),
+            env("PICOTUN_SERVER", config.server.clone()),
+            env("PICOTUN_SERVER_PORT", config.server_port.to_string()),
+            env("PICOTUN_USER", config.user.clone()),
+            env("PICOTUN_DIALECT", config.dialect.clone()),
+            env("PICOTUN_ADMIN_ADDR", format!("0.0.0.0:{}", config.admin_port)),
+            env("PICOTUN_LOG", log_level),
+        ]),
+        ports: Some(vec![ContainerPort {
+            name: Some("picotun-admin".into()),
+            container_port: i32::from(config.admin_port),
+            protocol: Some("TCP".into()),
+            ..Default::default()
+        }]),
+        readiness_probe: Some(probe("/ready")),
+        liveness_probe: Some(probe("/live")),
+        resources: Some(resources),
+        security_context: Some(SecurityContext {
+            run_as_non_root: Some(true),
+            run_as_user: Some(65532),
+            run_as_group: Some(65532),
+            read_only_root_filesystem: Some(true),
+            allow_privilege_escalation: Some(false),
+            capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), ..Default::default() }),
+            seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), ..Default::default() }),
+            ..Default::default()
+        }),
+        volume_mounts: Some(vec![
+            VolumeMount {
+                name: "picotun-tunnels".into(),
+                mount_path: "/etc/picotun/tunnels".into(),
+                read_only: Some(true),
+                ..Default::default()
+            },
+            VolumeMount {
+                name: "picotun-ssh-key".into(),
+                mount_path: "/etc/picotun/ssh".into(),
+                read_only: Some(true),
+                ..Default::default()
+            },
+        ]),
+        // Native sidecar: started before the app, stopped after it, and not holding Jobs open.
+        restart_policy: config.native_sidecar.then(|| "Always".to_string()),
+        ..Default::default()
+    };
+    if config.native_sidecar {
+        spec.init_containers.get_or_insert_with(Vec::new).push(sidecar);
+    } else {
+        spec.containers.push(sidecar);
+    }
+    let volumes = spec.volumes.get_or_insert_with(Vec::new);
+    volumes.push(Volume {
+        name: "picotun-tunnels".into(),
+        downward_api: Some(DownwardAPIVolumeSource {
+            items: Some(vec![DownwardAPIVolumeFile {
+                path: "tunnels.json".into(),
+                field_ref: Some(ObjectFieldSelector {
+                    field_path: format!("metadata.annotations['{}']", api::TUNNELS),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    volumes.push(Volume {
+        name: "picotun-ssh-key".into(),
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(key_secret),
+            items: Some(vec![KeyToPath { key: api::KEY_SECRET_KEY.into(), path: "id".into(), ..Default::default() }]),
+            // Readable by the sidecar's non-root user without an fsGroup on the pod; only the
+            // sidecar mounts this volume.
+            default_mode: Some(0o444),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    pod
+}
+
+/// The JSON patch from `before` to `after`.
+pub fn patch(before: &Pod, after: &Pod) -> json_patch::Patch {
+    let before = serde_json::to_value(before).expect("pods serialize");
+    let after = serde_json::to_value(after).expect("pods serialize");
+    json_patch::diff(&before, &after)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn pod(v: serde_json::Value) -> Pod {
+        serde_json::from_value(v).unwrap()
+    }
+
+    fn app(labels: serde_json::Value, annotations: serde_json::Value) -> Pod {
+        pod(json!({
+            "metadata": {"generateName": "web-", "labels": labels, "annotations": annotations},
+            "spec": {"containers": [{"name": "web", "image": "nginx", "ports": [{"name": "http", "containerPort": 8080}]}]},
+        }))
+    }
+
+    fn cfg() -> InjectConfig {
+        InjectConfig::default()
+    }
+
+    fn decide_simple(p: &Pod, ns: &str, w: Option<&Workload>) -> Decision {
+        decide(p, ns, w, &[], false, &cfg())
+    }
+
+    fn workload(annotations: &[(&str, &str)]) -> Workload {
+        Workload {
+            reference: "Deployment/web".into(),
+            labels: BTreeMap::new(),
+            annotations: annotations.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        }
+    }
+
+    #[test]
+    fn opt_in_by_pod_label_or_annotation_or_workload() {
+        let by_label = app(json!({"tunnels.pico.sh/inject": "true"}), json!({}));
+        assert!(
+            matches!(decide_simple(&by_label, "apps", None), Decision::Inject { because } if because.contains("pod label"))
+        );
+        let by_annotation = app(json!({}), json!({"tunnels.pico.sh/inject": "true"}));
+        assert!(
+            matches!(decide_simple(&by_annotation, "apps", None), Decision::Inject { because } if because.contains("pod annotation"))
+        );
+        let plain = app(json!({}), json!({}));
+        let w = workload(&[("tunnels.pico.sh/inject", "true")]);
+        assert!(
+            matches!(decide_simple(&plain, "apps", Some(&w)), Decision::Inject { because } if because.contains("Deployment/web annotation"))
+        );
+        assert!(matches!(decide_simple(&plain, "apps", None), Decision::Skip { reason: SkipReason::NotOptedIn, .. }));
+        let exposed = app(json!({}), json!({"tunnels.pico.sh/expose": "http:demo=8080"}));
+        assert!(matches!(decide_simple(&exposed, "apps", None), Decision::Inject { .. }));
+    }
+
+    #[test]
+    fn false_anywhere_wins() {
+        let p = app(json!({"tunnels.pico.sh/inject": "true"}), json!({}));
+        let w = workload(&[("tunnels.pico.sh/inject", "false")]);
+        assert!(matches!(decide_simple(&p, "apps", Some(&w)), Decision::Skip { reason: SkipReason::OptedOut, .. }));
+        let p = app(json!({"tunnels.pico.sh/inject": "false"}), json!({"tunnels.pico.sh/expose": "http:demo=8080"}));
+        let w = workload(&[("tunnels.pico.sh/inject", "true")]);
+        assert!(matches!(decide_simple(&p, "apps", Some(&w)), Decision::Skip { reason: SkipReason::OptedOut, .. }));
+    }
+
+    #[test]
+    fn never_system_own_namespace_host_network_or_twice() {
+        let p = app(json!({"tunnels.pico.sh/inject": "true"}), json!({}));
+        for ns in ["kube-system", "kube-public", "kube-node-lease"] {
+            assert!(matches!(decide_simple(&p, ns, None), Decision::Skip { reason: SkipReason::SystemNamespace, .. }));
+        }
+        assert!(matches!(
+            decide_simple(&p, "pico-sh-system", None),
+            Decision::Skip { reason: SkipReason::OwnNamespace, .. }
+        ));
+        let mut host = p.clone();
+        host.spec.as_mut().unwrap().host_network = Some(true);
+        assert!(matches!(decide_simple(&host, "apps", None), Decision::Skip { reason: SkipReason::HostNetwork, .. }));
+        let injected = mutate(&p, "apps", None, &[], false, &cfg()).pod.unwrap();
+        assert!(matches!(
+            decide_simple(&injected, "apps", None),
+            Decision::Skip { reason: SkipReason::AlreadyInjected, .. }
+        ));
+        assert!(patch(&injected, &injected).0.is_empty());
+    }
+
+    #[test]
+    fn route_backends_only_with_the_switch() {
+        let p = app(json!({}), json!({}));
+        let route = vec![TunnelSpec {
+            name: "http-demo".into(),
+            kind: crate::tunnel::TunnelKind::Http,
+            host: Some("demo".into()),
+            remote_port: None,
+            target_port: 8080,
+            options: Default::default(),
+        }];
+        assert!(matches!(decide(&p, "apps", None, &route, false, &cfg()), Decision::Skip { .. }));
+        assert!(matches!(decide(&p, "apps", None, &route, true, &cfg()), Decision::Inject { .. }));
+        let out = mutate(&p, "apps", None, &route, true, &cfg());
+        assert_eq!(out.tunnels, route);
+    }
+
+    #[test]
+    fn injects_a_hardened_native_sidecar_with_its_tunnels() {
+        let p = app(
+            json!({}),
+            json!({"tunnels.pico.sh/expose": "http:demo=http", "tunnels.pico.sh/sidecar-memory-limit": "128Mi"}),
+        );
+        let out = mutate(&p, "apps", None, &[], false, &cfg());
+        assert!(out.warnings.is_empty(), "{:?}", out.warnings);
+        let injected = out.pod.unwrap();
+        let spec = injected.spec.as_ref().unwrap();
+        assert_eq!(spec.containers.len(), 1, "the app's containers are untouched");
+        let sidecar = &spec.init_containers.as_ref().unwrap()[0];
+        assert_eq!(sidecar.name, "picotun-agent");
+        assert_eq!(sidecar.restart_policy.as_deref(), Some("Always"));
+        let sc = sidecar.security_context.as_ref().unwrap();
+        assert_eq!(
+            (sc.run_as_non_root, sc.read_only_root_filesystem, sc.allow_privilege_escalation),
+            (Some(true), Some(true), Some(false))
+        );
+        assert_eq!(sc.capabilities.as_ref().unwrap().drop.as_ref().unwrap(), &vec!["ALL".to_string()]);
+        assert_eq!(sc.seccomp_profile.as_ref().unwrap().type_, "RuntimeDefault");
+        let limits = sidecar.resources.as_ref().unwrap().limits.as_ref().unwrap();
+        assert_eq!(limits["memory"].0, "128Mi");
+        let a = injected.metadata.annotations.as_ref().unwrap();
+        assert_eq!(a["kubectl.kubernetes.io/default-container"], "web");
+        let file = TunnelsFile::parse(&a["tunnels.pico.sh/tunnels"]).unwrap();
+        assert_eq!(file.tunnels[0].target_port, 8080, "named port resolved");
+        assert!(a.contains_key("tunnels.pico.sh/status"));
+        let volumes: Vec<&str> = spec.volumes.as_ref().unwrap().iter().map(|v| v.name.as_str()).collect();
+        assert_eq!(volumes, vec!["picotun-tunnels", "picotun-ssh-key"]);
+        // The patch only adds.
+        let p = patch(&p, &injected);
+        assert!(p.0.iter().all(|op| matches!(op, json_patch::PatchOperation::Add(_))), "{p:?}");
+    }
+
+    #[test]
+    fn regular_container_when_native_sidecars_are_off() {
+        let p = app(json!({"tunnels.pico.sh/inject": "true"}), json!({}));
+        let config = InjectConfig { native_sidecar: false, ..cfg() };
+        let injected = mutate(&p, "apps", None, &[], false, &config).pod.unwrap();
+        let spec = injected.spec.unwrap();
+        assert_eq!(spec.containers.len(), 2);
+        assert!(spec.containers[1].restart_policy.is_none());
+        assert!(spec.init_containers.is_none());
+    }
+
+    #[test]
+    fn bad_annotations_warn_and_still_inject() {
+        let p = app(
+            json!({}),
+            json!({"tunnels.pico.sh/inject": "true", "tunnels.pico.sh/expose": "http:demo", "tunnels.pico.sh/sidecar-cpu-limit": "lots"}),
+        );
+        let out = mutate(&p, "apps", None, &[], false, &cfg());
+        assert!(out.pod.is_some());
+        assert_eq!(out.warnings.len(), 2, "{:?}", out.warnings);
+        assert!(out.warnings.iter().any(|w| w.contains("is not KIND:NAME=PORT")));
+        assert!(out.warnings.iter().any(|w| w.contains("not a Kubernetes quantity")));
+    }
+
+    #[test]
+    fn quantities() {
+        for ok in ["100m", "64Mi", "1", "0.5", "1e3", "2Gi", "1.5G"] {
+            assert!(is_quantity(ok), "{ok}");
+        }
+        for bad in ["", "lots", "Mi", "1.2.3", "1e", "64MB", "-"] {
+            assert!(!is_quantity(bad), "{bad}");
+        }
+    }
+}

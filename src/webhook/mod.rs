@@ -1,0 +1,398 @@
+//! `picotun webhook`: the mutating admission webhook that injects the tunnel sidecar.
+//!
+//! ```text
+//! apiserver ─TLS─► POST /mutate ─► admission::parse ─► owner lookup (workload metadata)
+//!                                      │                     │
+//!                                      ▼                     ▼
+//!                                 admission::answer ─► inject::mutate (pure) ─► JSON patch
+//! ```
+
+pub mod admission;
+pub mod inject;
+pub mod tls;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet, StatefulSet};
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube::api::Api;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::admin;
+use crate::webhook::inject::{Decision, InjectConfig, Workload};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum NativeSidecar {
+    /// Native sidecars when the apiserver is 1.29 or newer.
+    Auto,
+    True,
+    False,
+}
+
+/// `picotun webhook` flags.
+#[derive(Clone, Debug, clap::Args)]
+pub struct WebhookArgs {
+    /// Where the apiserver reaches the webhook (HTTPS).
+    #[arg(long, env = "PICOTUN_WEBHOOK_LISTEN", default_value = "0.0.0.0:8443")]
+    pub listen: SocketAddr,
+    /// Serving certificate and key (PEM), e.g. a cert-manager Secret mounted into the pod; reloaded
+    /// when they change.
+    #[arg(long, env = "PICOTUN_WEBHOOK_CERT_FILE", default_value = "/etc/picotun/webhook-tls/tls.crt")]
+    pub cert_file: PathBuf,
+    #[arg(long, env = "PICOTUN_WEBHOOK_KEY_FILE", default_value = "/etc/picotun/webhook-tls/tls.key")]
+    pub key_file: PathBuf,
+    #[arg(long, env = "PICOTUN_WEBHOOK_CERT_RELOAD_INTERVAL", value_parser = humantime::parse_duration, default_value = "2s")]
+    pub cert_reload_interval: Duration,
+    /// The admin port: /live, /ready (only while a valid certificate is loaded), /metrics.
+    #[arg(long, env = "PICOTUN_ADMIN_ADDR", default_value = "0.0.0.0:9902")]
+    pub admin_addr: SocketAddr,
+    /// picotun's own namespace (never injected).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "pico-sh-system")]
+    pub namespace: String,
+    #[command(flatten)]
+    pub sidecar: SidecarArgs,
+    /// Inject pods that back an Ingress or route picotun serves, without an opt-in of their own.
+    /// (Takes effect once the controller's index feeds the webhook.)
+    #[arg(long, env = "PICOTUN_INJECT_ROUTE_BACKENDS")]
+    pub inject_route_backends: bool,
+}
+
+/// How injected sidecars are configured (shared by `webhook` and `inject`).
+#[derive(Clone, Debug, clap::Args)]
+pub struct SidecarArgs {
+    /// The sidecar image (normally this webhook's own image).
+    #[arg(long, env = "PICOTUN_SIDECAR_IMAGE", default_value = "ghcr.io/picotun/picotun:latest")]
+    pub sidecar_image: String,
+    #[arg(long, env = "PICOTUN_SIDECAR_IMAGE_PULL_POLICY", default_value = "IfNotPresent")]
+    pub sidecar_image_pull_policy: String,
+    #[arg(long, env = "PICOTUN_NATIVE_SIDECAR", value_enum, default_value = "auto")]
+    pub native_sidecar: NativeSidecar,
+    /// Tunnel server settings given to every sidecar.
+    #[arg(long, env = "PICOTUN_SERVER", default_value = "tuns.sh")]
+    pub server: String,
+    #[arg(long, env = "PICOTUN_SERVER_PORT", default_value_t = 22)]
+    pub server_port: u16,
+    #[arg(long, env = "PICOTUN_USER", default_value = "picotun")]
+    pub user: String,
+    #[arg(long, env = "PICOTUN_DIALECT", default_value = "sish")]
+    pub dialect: String,
+    #[arg(long, env = "PICOTUN_SIDECAR_ADMIN_PORT", default_value_t = 9901)]
+    pub sidecar_admin_port: u16,
+    /// Default sidecar resources (per-pod annotations override them).
+    #[arg(long, env = "PICOTUN_SIDECAR_CPU_REQUEST", default_value = "10m")]
+    pub sidecar_cpu_request: String,
+    #[arg(long, env = "PICOTUN_SIDECAR_MEMORY_REQUEST", default_value = "16Mi")]
+    pub sidecar_memory_request: String,
+    #[arg(long, env = "PICOTUN_SIDECAR_CPU_LIMIT", default_value = "500m")]
+    pub sidecar_cpu_limit: String,
+    #[arg(long, env = "PICOTUN_SIDECAR_MEMORY_LIMIT", default_value = "64Mi")]
+    pub sidecar_memory_limit: String,
+}
+
+impl SidecarArgs {
+    pub fn inject_config(&self, native: bool) -> InjectConfig {
+        InjectConfig {
+            image: self.sidecar_image.clone(),
+            pull_policy: self.sidecar_image_pull_policy.clone(),
+            native_sidecar: native,
+            own_namespace: String::new(),
+            server: self.server.clone(),
+            server_port: self.server_port,
+            user: self.user.clone(),
+            dialect: self.dialect.clone(),
+            admin_port: self.sidecar_admin_port,
+            cpu_request: self.sidecar_cpu_request.clone(),
+            memory_request: self.sidecar_memory_request.clone(),
+            cpu_limit: self.sidecar_cpu_limit.clone(),
+            memory_limit: self.sidecar_memory_limit.clone(),
+            log_level: "info".into(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WebhookError {
+    #[error("cannot listen on {addr}: {source}")]
+    Listen { addr: SocketAddr, source: std::io::Error },
+    #[error("the serving certificate cannot be loaded: {0}")]
+    Cert(#[from] tls::CertError),
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: String,
+}
+
+struct Metrics {
+    requests: Family<ResultLabels, Counter>,
+    skips: Family<ReasonLabels, Counter>,
+    failures: Family<ReasonLabels, Counter>,
+    duration: Histogram,
+    cert_expiry: Gauge,
+}
+
+impl Metrics {
+    fn new(registry: &mut Registry) -> Self {
+        let m = Metrics {
+            requests: Family::default(),
+            skips: Family::default(),
+            failures: Family::default(),
+            duration: Histogram::new([0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0]),
+            cert_expiry: Gauge::default(),
+        };
+        let r = registry.sub_registry_with_prefix("picotun_webhook");
+        r.register(
+            "requests",
+            "Admission requests by result (injected, skipped, not_a_pod_create, unreadable_pod, bad_request)",
+            m.requests.clone(),
+        );
+        r.register("skips", "Pods left alone, by reason", m.skips.clone());
+        r.register("failures", "Problems answered with a warning or an error, by reason", m.failures.clone());
+        r.register("duration_seconds", "Time to answer an admission request", m.duration.clone());
+        r.register(
+            "certificate_expiry_timestamp_seconds",
+            "When the serving certificate expires (Unix time)",
+            m.cert_expiry.clone(),
+        );
+        m
+    }
+}
+
+struct AppState {
+    config: InjectConfig,
+    inject_route_backends: bool,
+    client: Option<kube::Client>,
+    metrics: Metrics,
+}
+
+/// Runs the webhook until `shutdown`.
+pub async fn run(args: WebhookArgs, shutdown: CancellationToken) -> Result<(), WebhookError> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let cert = Arc::new(tls::ReloadingCert::new(args.cert_file.clone(), args.key_file.clone()));
+    cert.reload()?;
+    let client = match kube::Client::try_default().await {
+        Ok(c) => Some(c),
+        Err(e) => {
+            warn!(error = %e, "no Kubernetes API access: workload-level opt-in (on the Deployment) is not seen");
+            None
+        }
+    };
+    let native = match args.sidecar.native_sidecar {
+        NativeSidecar::True => true,
+        NativeSidecar::False => false,
+        NativeSidecar::Auto => match &client {
+            Some(c) => match c.apiserver_version().await {
+                Ok(v) => supports_native_sidecars(&v.major, &v.minor),
+                Err(e) => {
+                    warn!(error = %e, "cannot read the apiserver version; assuming native sidecars");
+                    true
+                }
+            },
+            None => true,
+        },
+    };
+    info!(native_sidecar = native, listen = %args.listen, "picotun webhook starting");
+
+    let mut registry = Registry::default();
+    let metrics = Metrics::new(&mut registry);
+    metrics.cert_expiry.set(cert.not_after().unwrap_or(0));
+    let mut config = args.sidecar.inject_config(native);
+    config.own_namespace = args.namespace.clone();
+    let state = Arc::new(AppState { config, inject_route_backends: args.inject_route_backends, client, metrics });
+
+    let expiry = state.clone();
+    tokio::spawn(cert.clone().watch(args.cert_reload_interval, move |c| {
+        expiry.metrics.cert_expiry.set(c.not_after().unwrap_or(0));
+    }));
+
+    let admin_listener = tokio::net::TcpListener::bind(args.admin_addr)
+        .await
+        .map_err(|source| WebhookError::Listen { addr: args.admin_addr, source })?;
+    let ready_cert = cert.clone();
+    let admin_shutdown = shutdown.clone();
+    tokio::spawn(admin::serve(
+        admin_listener,
+        Arc::new(move || ready_cert.is_valid()),
+        Arc::new(registry),
+        Router::new(),
+        admin_shutdown,
+    ));
+
+    let tls_config = rustls::ServerConfig::builder().with_no_client_auth().with_cert_resolver(cert.clone());
+    let mut tls_config = tls_config;
+    tls_config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls_config));
+    let app = router(state);
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|source| WebhookError::Listen { addr: args.listen, source })?;
+    loop {
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => { warn!(error = %e, "accept failed"); continue; }
+            },
+            _ = shutdown.cancelled() => break,
+        };
+        let acceptor = acceptor.clone();
+        let app = app.clone();
+        tokio::spawn(async move {
+            let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    debug!(%peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => return,
+            };
+            let service = hyper_util::service::TowerToHyperService::new(app);
+            let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                .await;
+        });
+    }
+    info!("picotun webhook stopped");
+    Ok(())
+}
+
+/// Native sidecars (init containers with restartPolicy Always) are on by default from 1.29.
+pub fn supports_native_sidecars(major: &str, minor: &str) -> bool {
+    let minor: u32 = minor.trim_end_matches('+').parse().unwrap_or(0);
+    major == "1" && minor >= 29 || major.parse::<u32>().is_ok_and(|m| m > 1)
+}
+
+fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/mutate", post(mutate))
+        .layer(DefaultBodyLimit::max(admission::MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+async fn mutate(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
+    let started = Instant::now();
+    let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
+    let req = match admission::parse(content_type, &body) {
+        Ok(r) => r,
+        Err(e) => {
+            state.metrics.requests.get_or_create(&ResultLabels { result: "bad_request".into() }).inc();
+            state.metrics.failures.get_or_create(&ReasonLabels { reason: "bad_request".into() }).inc();
+            warn!(error = %e, "unreadable admission request");
+            return (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response();
+        }
+    };
+    let span =
+        info_span!("admission", uid = %req.uid, namespace = req.namespace.as_deref().unwrap_or(""), name = %req.name);
+    async move {
+        let mut warnings = Vec::new();
+        let workload = match (admission::pod_of(&req), &state.client) {
+            (Some(Ok(pod)), Some(client)) => {
+                let namespace = req.namespace.clone().unwrap_or_default();
+                match owner_workload(client, &namespace, pod.metadata.owner_references.as_deref().unwrap_or(&[])).await {
+                    Ok(w) => w,
+                    Err(e) => {
+                        state.metrics.failures.get_or_create(&ReasonLabels { reason: "owner_lookup".into() }).inc();
+                        warnings.push(format!("could not read the pod's workload ({e}); only the pod's own labels and annotations were considered"));
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
+        let answer = admission::answer(&req, workload.as_ref(), &[], state.inject_route_backends, &state.config, warnings);
+        state.metrics.requests.get_or_create(&ResultLabels { result: answer.result.into() }).inc();
+        match &answer.decision {
+            Some(Decision::Skip { reason, because }) => {
+                state.metrics.skips.get_or_create(&ReasonLabels { reason: reason.as_str().into() }).inc();
+                debug!(reason = reason.as_str(), %because, "not injected");
+            }
+            Some(Decision::Inject { because }) => info!(%because, dry_run = req.dry_run, "injected"),
+            None => {}
+        }
+        state.metrics.duration.observe(started.elapsed().as_secs_f64());
+        axum::Json(answer.response.into_review()).into_response()
+    }
+    .instrument(span)
+    .await
+}
+
+/// The workload that owns a pod being created: ReplicaSet -> Deployment, StatefulSet,
+/// DaemonSet, Job. Metadata only, with a short timeout: admission must stay fast.
+pub async fn owner_workload(
+    client: &kube::Client,
+    namespace: &str,
+    owners: &[OwnerReference],
+) -> Result<Option<Workload>, String> {
+    let Some(owner) = owners.iter().find(|o| o.controller == Some(true)).or(owners.first()) else {
+        return Ok(None);
+    };
+    let lookup = async {
+        let meta = match owner.kind.as_str() {
+            "ReplicaSet" => {
+                let rs = Api::<ReplicaSet>::namespaced(client.clone(), namespace).get_metadata(&owner.name).await?;
+                let deployment =
+                    rs.metadata.owner_references.as_ref().and_then(|os| os.iter().find(|o| o.kind == "Deployment"));
+                match deployment {
+                    Some(d) => (
+                        "Deployment",
+                        Api::<Deployment>::namespaced(client.clone(), namespace).get_metadata(&d.name).await?.metadata,
+                    ),
+                    None => ("ReplicaSet", rs.metadata),
+                }
+            }
+            "StatefulSet" => (
+                "StatefulSet",
+                Api::<StatefulSet>::namespaced(client.clone(), namespace).get_metadata(&owner.name).await?.metadata,
+            ),
+            "DaemonSet" => (
+                "DaemonSet",
+                Api::<DaemonSet>::namespaced(client.clone(), namespace).get_metadata(&owner.name).await?.metadata,
+            ),
+            "Job" => {
+                ("Job", Api::<Job>::namespaced(client.clone(), namespace).get_metadata(&owner.name).await?.metadata)
+            }
+            _ => return Ok::<_, kube::Error>(None),
+        };
+        Ok(Some(Workload {
+            reference: format!("{}/{}", meta.0, meta.1.name.clone().unwrap_or_default()),
+            labels: meta.1.labels.unwrap_or_default(),
+            annotations: meta.1.annotations.unwrap_or_default(),
+        }))
+    };
+    match tokio::time::timeout(Duration::from_secs(2), lookup).await {
+        Ok(Ok(w)) => Ok(w),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("timed out after 2s".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn native_sidecars_from_1_29() {
+        assert!(super::supports_native_sidecars("1", "29"));
+        assert!(super::supports_native_sidecars("1", "36+"));
+        assert!(!super::supports_native_sidecars("1", "28"));
+    }
+}
