@@ -6,3 +6,4 @@ mod agent;
 mod ground;
 mod support;
 mod tunnel_servers;
+mod webhook;

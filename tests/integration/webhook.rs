@@ -1,0 +1,395 @@
+//! `picotun webhook` registered with the test ground's real kube-apiserver: pods the
+//! controller-manager creates are injected (or not) as the rules say, and run on kwok nodes.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use picotun_testground::pki::{Ca, CertAndKey};
+use picotun_testground::{ControlPlane, Existing, Proc, free_port, http, wait_for};
+use serde_json::{Value, json};
+
+/// A webhook process with its certificate files and a configuration scoped to some namespaces.
+struct Webhook {
+    proc: Proc,
+    port: u16,
+    admin: String,
+    ca: Ca,
+    cert_file: PathBuf,
+    key_file: PathBuf,
+    config_name: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Webhook {
+    async fn start(ground: &ControlPlane) -> Webhook {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::new("webhook-test-ca").unwrap();
+        let (cert_file, key_file) = ca.issue_loopback_server(&[]).unwrap().write(dir.path(), "tls").unwrap();
+        let port = free_port();
+        let admin = format!("127.0.0.1:{}", free_port());
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_picotun"));
+        cmd.args(["webhook", "--listen", &format!("127.0.0.1:{port}"), "--admin-addr", &admin])
+            .args(["--cert-file", cert_file.to_str().unwrap(), "--key-file", key_file.to_str().unwrap()])
+            .args([
+                "--cert-reload-interval",
+                "200ms",
+                "--sidecar-image",
+                "picotun:test",
+                "--namespace",
+                "pico-sh-system",
+            ])
+            .env("KUBECONFIG", ground.kubeconfig())
+            .env("PICOTUN_LOG", "picotun=debug,info");
+        let mut proc = Proc::spawn("picotun-webhook", cmd, &dir.path().join("webhook.log")).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !http::get(&admin, "w", "/ready").await.is_ok_and(|r| r.status == 200) {
+            assert!(Instant::now() < deadline && proc.is_running(), "webhook not ready: {}", proc.log_tail(20));
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Webhook { proc, port, admin, ca, cert_file, key_file, config_name: String::new(), _dir: dir }
+    }
+
+    /// Registers the webhook for pods in `namespaces`; with `require_label`, only where the
+    /// namespace carries the injection label (as deploy/ registers it).
+    async fn register(&mut self, client: &kube::Client, namespaces: &[&str], require_label: bool) {
+        self.config_name = format!("picotun-test-{}", picotun_testground::random_suffix());
+        let mut selector = json!({"matchExpressions": [{"key": "kubernetes.io/metadata.name", "operator": "In", "values": namespaces}]});
+        if require_label {
+            selector["matchLabels"] = json!({"tunnels.pico.sh/injection": "enabled"});
+        }
+        let config: MutatingWebhookConfiguration = serde_json::from_value(json!({
+            "metadata": {"name": self.config_name},
+            "webhooks": [{
+                "name": "inject.tunnels.pico.sh",
+                "clientConfig": {
+                    "url": format!("https://127.0.0.1:{}/mutate", self.port),
+                    "caBundle": base64::engine::general_purpose::STANDARD.encode(self.ca.cert_pem()),
+                },
+                "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"], "scope": "Namespaced"}],
+                "namespaceSelector": selector,
+                "sideEffects": "None",
+                "admissionReviewVersions": ["v1"],
+                // Fail, so a webhook error shows up in the test instead of a silently plain pod.
+                "failurePolicy": "Fail",
+                "reinvocationPolicy": "IfNeeded",
+                "timeoutSeconds": 5,
+            }],
+        }))
+        .unwrap();
+        Api::<MutatingWebhookConfiguration>::all(client.clone()).create(&PostParams::default(), &config).await.unwrap();
+    }
+
+    async fn unregister(&self, client: &kube::Client) {
+        let _ = Api::<MutatingWebhookConfiguration>::all(client.clone())
+            .delete(&self.config_name, &DeleteParams::default())
+            .await;
+    }
+
+    async fn metrics(&self) -> String {
+        http::get(&self.admin, "w", "/metrics").await.map(|r| r.body).unwrap_or_default()
+    }
+}
+
+async fn label_for_injection(client: &kube::Client, ns: &str) {
+    let patch = json!({"metadata": {"labels": {"tunnels.pico.sh/injection": "enabled"}}});
+    Api::<Namespace>::all(client.clone()).patch(ns, &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+}
+
+fn pod_json(name: &str, labels: Value, annotations: Value) -> Pod {
+    serde_json::from_value(json!({
+        "metadata": {"name": name, "labels": labels, "annotations": annotations},
+        "spec": {"containers": [{"name": "app", "image": "registry.example/app:1", "ports": [{"name": "http", "containerPort": 8080}]}]},
+    }))
+    .unwrap()
+}
+
+fn sidecar_of(pod: &Pod) -> Option<&k8s_openapi::api::core::v1::Container> {
+    let spec = pod.spec.as_ref()?;
+    spec.init_containers.iter().flatten().chain(spec.containers.iter()).find(|c| c.name == "picotun-agent")
+}
+
+fn sidecar_count(pod: &Pod) -> usize {
+    let spec = pod.spec.as_ref().unwrap();
+    spec.init_containers.iter().flatten().chain(spec.containers.iter()).filter(|c| c.name == "picotun-agent").count()
+}
+
+/// Creates opted-in probe pods until the apiserver has picked the configuration up.
+async fn wait_active(pods: &Api<Pod>) {
+    let mut n = 0;
+    wait_for("the webhook configuration to take effect", Duration::from_secs(30), Duration::from_millis(200), || {
+        n += 1;
+        let pods = pods.clone();
+        let name = format!("probe-{n}");
+        async move {
+            let p = pod_json(&name, json!({"tunnels.pico.sh/inject": "true"}), json!({}));
+            let created = pods.create(&PostParams::default(), &p).await.map_err(|e| e.to_string())?;
+            Ok(sidecar_of(&created).is_some().then_some(()))
+        }
+    })
+    .await
+    .unwrap();
+}
+
+fn deployment(
+    name: &str,
+    deploy_annotations: Value,
+    template_labels: Value,
+    template_annotations: Value,
+) -> Deployment {
+    let mut labels = json!({"app": name});
+    labels.as_object_mut().unwrap().extend(template_labels.as_object().unwrap().clone());
+    serde_json::from_value(json!({
+        "metadata": {"name": name, "annotations": deploy_annotations},
+        "spec": {
+            "replicas": 2,
+            "selector": {"matchLabels": {"app": name}},
+            "template": {
+                "metadata": {"labels": labels, "annotations": template_annotations},
+                "spec": {"containers": [{"name": "app", "image": "registry.example/app:1", "ports": [{"name": "http", "containerPort": 8080}]}]},
+            },
+        },
+    }))
+    .unwrap()
+}
+
+async fn running_pods(pods: &Api<Pod>, app: &str) -> Vec<Pod> {
+    wait_for(&format!("2 Running pods of {app}"), Duration::from_secs(60), Duration::from_millis(250), || async {
+        let list = pods.list(&ListParams::default().labels(&format!("app={app}"))).await.map_err(|e| e.to_string())?;
+        let running: Vec<Pod> = list
+            .items
+            .into_iter()
+            .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
+            .collect();
+        Ok((running.len() == 2).then_some(running))
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+#[ignore = "needs the test ground (scripts/build-testground)"]
+async fn deployments_in_a_labeled_namespace_get_running_injected_pods() {
+    let ground = ControlPlane::shared(Existing::Allowed).await.unwrap();
+    let client = ground.client().await.unwrap();
+    let labeled = ground.namespace("inject").await.unwrap();
+    let unlabeled = ground.namespace("plain").await.unwrap();
+    label_for_injection(&client, labeled.name()).await;
+    let mut webhook = Webhook::start(ground).await;
+    webhook.register(&client, &[labeled.name(), unlabeled.name()], true).await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), labeled.name());
+    wait_active(&pods).await;
+
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), labeled.name());
+    let pp = PostParams::default();
+    // Exposed by an annotation on the pod template.
+    deployments
+        .create(&pp, &deployment("exposed", json!({}), json!({}), json!({"tunnels.pico.sh/expose": "http:demo=http"})))
+        .await
+        .unwrap();
+    // Opted in on the Deployment object itself, not its template.
+    deployments
+        .create(&pp, &deployment("on-workload", json!({"tunnels.pico.sh/inject": "true"}), json!({}), json!({})))
+        .await
+        .unwrap();
+    // Opted out on the template, although the Deployment opts in.
+    deployments
+        .create(
+            &pp,
+            &deployment(
+                "opted-out",
+                json!({"tunnels.pico.sh/inject": "true"}),
+                json!({"tunnels.pico.sh/inject": "false"}),
+                json!({}),
+            ),
+        )
+        .await
+        .unwrap();
+
+    for pod in running_pods(&pods, "exposed").await {
+        let sidecar = sidecar_of(&pod).expect("injected");
+        assert_eq!(sidecar.restart_policy.as_deref(), Some("Always"), "a native sidecar");
+        assert_eq!(sidecar.image.as_deref(), Some("picotun:test"));
+        let annotations = pod.metadata.annotations.as_ref().unwrap();
+        let tunnels = picotun::tunnel::TunnelsFile::parse(&annotations["tunnels.pico.sh/tunnels"]).unwrap();
+        assert_eq!(tunnels.tunnels[0].host.as_deref(), Some("demo"));
+        assert_eq!(tunnels.tunnels[0].target_port, 8080, "the named port resolved");
+        assert_eq!(annotations["kubectl.kubernetes.io/default-container"], "app");
+    }
+    for pod in running_pods(&pods, "on-workload").await {
+        assert!(sidecar_of(&pod).is_some(), "opt-in on the Deployment is honoured");
+    }
+    for pod in running_pods(&pods, "opted-out").await {
+        assert!(sidecar_of(&pod).is_none(), "\"false\" on the template wins");
+    }
+
+    // The unlabeled namespace: the apiserver does not even ask.
+    let plain: Api<Deployment> = Api::namespaced(client.clone(), unlabeled.name());
+    plain
+        .create(&pp, &deployment("exposed", json!({}), json!({}), json!({"tunnels.pico.sh/expose": "http:demo=8080"})))
+        .await
+        .unwrap();
+    for pod in running_pods(&Api::namespaced(client.clone(), unlabeled.name()), "exposed").await {
+        assert!(sidecar_of(&pod).is_none(), "unlabeled namespace untouched");
+    }
+    let metrics = webhook.metrics().await;
+    assert!(metrics.contains("picotun_webhook_skips_total{reason=\"opted_out\"} 2"), "{metrics}");
+    webhook.unregister(&client).await;
+    drop(webhook.proc);
+}
+
+#[tokio::test]
+#[ignore = "needs the test ground (scripts/build-testground)"]
+async fn system_namespaces_dry_run_and_reinvocation() {
+    let ground = ControlPlane::shared(Existing::NotAllowed).await.unwrap();
+    let client = ground.client().await.unwrap();
+    let ns = ground.namespace("dryrun").await.unwrap();
+    label_for_injection(&client, ns.name()).await;
+    let mut webhook = Webhook::start(ground).await;
+    // Scoped to kube-system too, without the label: the webhook itself must refuse it.
+    webhook.register(&client, &[ns.name(), "kube-system"], false).await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns.name());
+    wait_active(&pods).await;
+
+    let system: Api<Pod> = Api::namespaced(client.clone(), "kube-system");
+    let name = format!("opted-in-{}", picotun_testground::random_suffix());
+    let created = system
+        .create(&PostParams::default(), &pod_json(&name, json!({"tunnels.pico.sh/inject": "true"}), json!({})))
+        .await
+        .unwrap();
+    assert!(sidecar_of(&created).is_none(), "kube-system is never injected");
+    let _ = system.delete(&name, &DeleteParams::default()).await;
+    assert!(webhook.metrics().await.contains("picotun_webhook_skips_total{reason=\"system_namespace\"} 1"));
+
+    // Server-side dry run: the answer shows the sidecar, nothing is stored.
+    let dry = PostParams { dry_run: true, ..Default::default() };
+    let shown = pods
+        .create(&dry, &pod_json("dry", json!({}), json!({"tunnels.pico.sh/expose": "tcp:any=8080"})))
+        .await
+        .unwrap();
+    assert!(sidecar_of(&shown).is_some());
+    assert!(pods.get_opt("dry").await.unwrap().is_none(), "a dry run stores nothing");
+
+    // A pod that already carries the sidecar (e.g. from `picotun inject`) is left as it is.
+    let outcome = picotun::webhook::inject::mutate(
+        &pod_json("pre", json!({"tunnels.pico.sh/inject": "true"}), json!({})),
+        ns.name(),
+        None,
+        &[],
+        false,
+        &picotun::webhook::inject::InjectConfig::default(),
+    );
+    let stored = pods.create(&PostParams::default(), outcome.pod.as_ref().unwrap()).await.unwrap();
+    assert_eq!(sidecar_count(&stored), 1, "injected once, not twice");
+
+    // Bad input straight to the webhook: clear errors, no crash.
+    let url = format!("127.0.0.1:{}", webhook.port);
+    for (content_type, body, want) in [
+        ("text/plain", "{}", "content type must be application/json"),
+        ("application/json", "{not json", "malformed AdmissionReview"),
+        ("application/json", r#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview"}"#, "no request"),
+    ] {
+        let (status, text) = post_tls(&webhook.ca, &url, content_type, body.as_bytes()).await;
+        assert_eq!(status, 400, "{text}");
+        assert!(text.contains(want), "{text}");
+    }
+    let (status, _) = post_tls(&webhook.ca, &url, "application/json", &vec![b' '; 5 * 1024 * 1024]).await;
+    assert_eq!(status, 413, "an oversized body is refused");
+    assert!(webhook.proc.is_running());
+    webhook.unregister(&client).await;
+}
+
+#[tokio::test]
+#[ignore = "needs the test ground (scripts/build-testground)"]
+async fn a_rotated_certificate_is_served_without_a_failed_admission() {
+    let ground = ControlPlane::shared(Existing::NotAllowed).await.unwrap();
+    let client = ground.client().await.unwrap();
+    let ns = ground.namespace("rotate").await.unwrap();
+    label_for_injection(&client, ns.name()).await;
+    let mut webhook = Webhook::start(ground).await;
+    webhook.register(&client, &[ns.name()], true).await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns.name());
+    wait_active(&pods).await;
+    let url = format!("127.0.0.1:{}", webhook.port);
+    let before = served_cert(&webhook.ca, &url).await;
+
+    // Pods keep being created while the files are replaced (key first, then the certificate:
+    // the mismatched moment in between must not be served).
+    let creator = {
+        let pods = pods.clone();
+        tokio::spawn(async move {
+            let mut results = Vec::new();
+            for i in 0..40 {
+                let p = pod_json(&format!("during-{i}"), json!({"tunnels.pico.sh/inject": "true"}), json!({}));
+                results.push(pods.create(&PostParams::default(), &p).await.map(|p| sidecar_of(&p).is_some()));
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            results
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let renewed: CertAndKey = webhook.ca.issue_loopback_server(&[]).unwrap();
+    std::fs::write(&webhook.key_file, &renewed.key_pem).unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    std::fs::write(&webhook.cert_file, &renewed.cert_pem).unwrap();
+
+    let results = creator.await.unwrap();
+    let failures: Vec<_> = results.iter().filter(|r| !matches!(r, Ok(true))).collect();
+    assert!(failures.is_empty(), "every admission during the swap succeeded and injected: {failures:?}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut after = served_cert(&webhook.ca, &url).await;
+    while after == before && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        after = served_cert(&webhook.ca, &url).await;
+    }
+    assert_ne!(after, before, "new connections get the new certificate");
+    let renewed_der = rustls::pki_types::pem::PemObject::from_pem_slice(renewed.cert_pem.as_bytes())
+        .map(|c: rustls::pki_types::CertificateDer<'static>| c.to_vec())
+        .unwrap();
+    assert_eq!(after, renewed_der);
+    assert!(webhook.proc.is_running());
+    webhook.unregister(&client).await;
+}
+
+fn tls_client(ca: &Ca) -> tokio_rustls::TlsConnector {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut roots = rustls::RootCertStore::empty();
+    let ca_der: rustls::pki_types::CertificateDer<'static> =
+        rustls::pki_types::pem::PemObject::from_pem_slice(ca.cert_pem().as_bytes()).unwrap();
+    roots.add(ca_der).unwrap();
+    let config = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+}
+
+/// The certificate a fresh TLS connection is served.
+async fn served_cert(ca: &Ca, addr: &str) -> Vec<u8> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let tls = tls_client(ca).connect(name, tcp).await.unwrap();
+    tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+}
+
+/// A raw HTTPS POST /mutate; (status, body).
+async fn post_tls(ca: &Ca, addr: &str, content_type: &str, body: &[u8]) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let mut tls = tls_client(ca).connect(name, tcp).await.unwrap();
+    let head = format!(
+        "POST /mutate HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    tls.write_all(head.as_bytes()).await.unwrap();
+    let _ = tls.write_all(body).await;
+    let mut raw = Vec::new();
+    let _ = tls.read_to_end(&mut raw).await;
+    let text = String::from_utf8_lossy(&raw).to_string();
+    let status = text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    (status, text)
+}
