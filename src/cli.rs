@@ -3,6 +3,8 @@
 use clap::{Parser, Subcommand};
 
 use crate::agent::AgentArgs;
+use crate::certs::CertsArgs;
+use crate::explain::ExplainArgs;
 use crate::inject_cli::InjectArgs;
 use crate::telemetry::LogFormat;
 use crate::webhook::WebhookArgs;
@@ -28,4 +30,9 @@ pub enum Command {
     /// Prints the injected version of Pods and workloads (multi-document YAML), as the webhook
     /// would inject them.
     Inject(InjectArgs),
+    /// Generates a CA and the webhook's serving certificate (for clusters without cert-manager)
+    /// and prints the caBundle.
+    Certs(CertsArgs),
+    /// Says whether a pod or workload in the cluster would be injected, why, and with which tunnels.
+    Explain(ExplainArgs),
 }

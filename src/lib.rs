@@ -7,7 +7,9 @@
 pub mod admin;
 pub mod agent;
 pub mod api;
+pub mod certs;
 pub mod cli;
+pub mod explain;
 pub mod inject_cli;
 pub mod shutdown;
 pub mod telemetry;

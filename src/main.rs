@@ -22,7 +22,21 @@ fn main() -> std::process::ExitCode {
                 }
             };
         }
+        Command::Certs(args) => {
+            return match picotun::certs::generate(args) {
+                Ok(bundle) => {
+                    eprintln!("wrote ca.crt, ca.key, tls.crt, tls.key to {}; caBundle:", args.out_dir.display());
+                    println!("{bundle}");
+                    std::process::ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("picotun certs: {e}");
+                    std::process::ExitCode::FAILURE
+                }
+            };
+        }
         Command::Webhook(_) => tokio::runtime::Builder::new_multi_thread().enable_all().build(),
+        Command::Explain(_) => tokio::runtime::Builder::new_current_thread().enable_all().build(),
     };
     let runtime = match runtime {
         Ok(rt) => rt,
@@ -45,7 +59,14 @@ async fn run(cli: Cli) -> std::process::ExitCode {
     let result = match cli.command {
         Command::Agent(args) => picotun::agent::run(args, shutdown).await.map_err(anyhow::Error::from),
         Command::Webhook(args) => picotun::webhook::run(args, shutdown).await.map_err(anyhow::Error::from),
-        Command::Inject(_) => unreachable!("handled before the runtime starts"),
+        Command::Explain(args) => match picotun::explain::run(&args).await {
+            Ok(text) => {
+                print!("{text}");
+                Ok(())
+            }
+            Err(e) => Err(anyhow::Error::from(e)),
+        },
+        Command::Inject(_) | Command::Certs(_) => unreachable!("handled before the runtime starts"),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -240,6 +240,31 @@ async fn deployments_in_a_labeled_namespace_get_running_injected_pods() {
     }
     let metrics = webhook.metrics().await;
     assert!(metrics.contains("picotun_webhook_skips_total{reason=\"opted_out\"} 2"), "{metrics}");
+
+    // `picotun explain` tells the same story from the cluster's objects.
+    let explain = |object: String, ns: String| {
+        let out = Command::new(env!("CARGO_BIN_EXE_picotun"))
+            .args(["explain", &object, "-n", &ns])
+            .env("KUBECONFIG", ground.kubeconfig())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let text = explain("deployment/on-workload".into(), labeled.name().into());
+    assert!(
+        text.contains(
+            "would be injected, because of the Deployment/on-workload annotation tunnels.pico.sh/inject=true"
+        ),
+        "{text}"
+    );
+    let text = explain("deployment/opted-out".into(), labeled.name().into());
+    assert!(text.contains("not injected: pod label tunnels.pico.sh/inject=false"), "{text}");
+    let injected = running_pods(&pods, "exposed").await;
+    let text = explain(format!("pod/{}", injected[0].metadata.name.as_ref().unwrap()), labeled.name().into());
+    assert!(text.contains("already injected") && text.contains("tunnel http-demo: http demo -> port 8080"), "{text}");
+    let text = explain("deployment/exposed".into(), unlabeled.name().into());
+    assert!(text.contains("NOT labeled tunnels.pico.sh/injection=enabled"), "{text}");
     webhook.unregister(&client).await;
     drop(webhook.proc);
 }
@@ -392,4 +417,42 @@ async fn post_tls(ca: &Ca, addr: &str, content_type: &str, body: &[u8]) -> (u16,
     let text = String::from_utf8_lossy(&raw).to_string();
     let status = text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
     (status, text)
+}
+
+/// `picotun inject -f -` and `picotun certs`, as a user runs them.
+#[test]
+fn inject_and_certs_commands() {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_picotun"))
+        .args(["inject", "-f", "-", "--native-sidecar", "false"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"apiVersion: v1\nkind: Pod\nmetadata:\n  name: p\n  labels: {tunnels.pico.sh/inject: \"true\"}\nspec:\n  containers: [{name: app, image: x}]\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let yaml = String::from_utf8(out.stdout).unwrap();
+    let pod: Pod = serde_yaml::from_str(&yaml).unwrap();
+    assert_eq!(pod.spec.unwrap().containers.len(), 2, "a regular sidecar container with --native-sidecar false");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Pod/p: injected (pod label tunnels.pico.sh/inject=true"));
+
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_picotun"))
+        .args(["certs", "--out-dir", dir.path().to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let bundle = String::from_utf8(out.stdout).unwrap();
+    let ca = base64::engine::general_purpose::STANDARD.decode(bundle.trim()).unwrap();
+    assert_eq!(ca, std::fs::read(dir.path().join("ca.crt")).unwrap(), "the printed caBundle is ca.crt");
+    for f in ["tls.crt", "tls.key", "ca.key"] {
+        assert!(dir.path().join(f).exists(), "{f}");
+    }
 }

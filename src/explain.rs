@@ -1,0 +1,174 @@
+//! `picotun explain KIND/NAME`: whether a pod or workload in the cluster would be injected, and
+//! why -- which namespace label, pod or workload label or annotation decided -- and which tunnels
+//! it would get. Reads the cluster; changes nothing.
+
+use std::fmt::Write as _;
+
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet, StatefulSet};
+use k8s_openapi::api::batch::v1::{CronJob, Job};
+use k8s_openapi::api::core::v1::{Namespace, Pod, PodTemplateSpec};
+use kube::Client;
+use kube::api::Api;
+
+use crate::api;
+use crate::tunnel::TunnelsFile;
+use crate::webhook::inject::{self, Decision, InjectConfig, Workload};
+use crate::webhook::owner_workload;
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct ExplainArgs {
+    /// `pod/NAME`, `deployment/NAME`, `statefulset/NAME`, `daemonset/NAME`, `job/NAME`,
+    /// `cronjob/NAME` or `replicaset/NAME`.
+    pub object: String,
+    #[arg(short = 'n', long, default_value = "default")]
+    pub namespace: String,
+    /// picotun's own namespace (never injected).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "pico-sh-system")]
+    pub own_namespace: String,
+    /// As the webhook's switch of the same name.
+    #[arg(long, env = "PICOTUN_INJECT_ROUTE_BACKENDS")]
+    pub inject_route_backends: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExplainError {
+    #[error(
+        "{0:?} is not KIND/NAME with KIND one of pod, deployment, statefulset, daemonset, job, cronjob, replicaset"
+    )]
+    BadObject(String),
+    #[error("{what} not found in namespace {namespace}")]
+    NotFound { what: String, namespace: String },
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("cannot reach the cluster: {0}")]
+    Config(String),
+}
+
+pub async fn run(args: &ExplainArgs) -> Result<String, ExplainError> {
+    let client = Client::try_default().await.map_err(|e| ExplainError::Config(e.to_string()))?;
+    explain(&client, args).await
+}
+
+fn pod_from_template(t: Option<PodTemplateSpec>) -> Pod {
+    let t = t.unwrap_or_default();
+    Pod { metadata: t.metadata.unwrap_or_default(), spec: t.spec, status: None }
+}
+
+pub async fn explain(client: &Client, args: &ExplainArgs) -> Result<String, ExplainError> {
+    let (kind, name) = args.object.split_once('/').ok_or_else(|| ExplainError::BadObject(args.object.clone()))?;
+    let ns = args.namespace.as_str();
+    let not_found = || ExplainError::NotFound { what: args.object.clone(), namespace: ns.to_string() };
+    let workload_of = |reference: String, meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| Workload {
+        reference,
+        labels: meta.labels.clone().unwrap_or_default(),
+        annotations: meta.annotations.clone().unwrap_or_default(),
+    };
+    let (pod, workload) = match kind.to_lowercase().trim_end_matches('s') {
+        "pod" | "po" => {
+            let pod = Api::<Pod>::namespaced(client.clone(), ns).get_opt(name).await?.ok_or_else(not_found)?;
+            let owners = pod.metadata.owner_references.clone().unwrap_or_default();
+            let workload = owner_workload(client, ns, &owners).await.unwrap_or(None);
+            (pod, workload)
+        }
+        "deployment" | "deploy" => {
+            let d = Api::<Deployment>::namespaced(client.clone(), ns).get_opt(name).await?.ok_or_else(not_found)?;
+            (
+                pod_from_template(d.spec.map(|s| s.template)),
+                Some(workload_of(format!("Deployment/{name}"), &d.metadata)),
+            )
+        }
+        "statefulset" | "sts" => {
+            let s = Api::<StatefulSet>::namespaced(client.clone(), ns).get_opt(name).await?.ok_or_else(not_found)?;
+            (
+                pod_from_template(s.spec.map(|s| s.template)),
+                Some(workload_of(format!("StatefulSet/{name}"), &s.metadata)),
+            )
+        }
+        "daemonset" | "d" => {
+            let d = Api::<DaemonSet>::namespaced(client.clone(), ns).get_opt(name).await?.ok_or_else(not_found)?;
+            (pod_from_template(d.spec.map(|s| s.template)), Some(workload_of(format!("DaemonSet/{name}"), &d.metadata)))
+        }
+        "replicaset" | "r" => {
+            let r = Api::<ReplicaSet>::namespaced(client.clone(), ns).get_opt(name).await?.ok_or_else(not_found)?;
+            (
+                pod_from_template(r.spec.and_then(|s| s.template)),
+                Some(workload_of(format!("ReplicaSet/{name}"), &r.metadata)),
+            )
+        }
+        "job" => {
+            let j = Api::<Job>::namespaced(client.clone(), ns).get_opt(name).await?.ok_or_else(not_found)?;
+            (pod_from_template(j.spec.map(|s| s.template)), Some(workload_of(format!("Job/{name}"), &j.metadata)))
+        }
+        "cronjob" | "cj" => {
+            let c = Api::<CronJob>::namespaced(client.clone(), ns).get_opt(name).await?.ok_or_else(not_found)?;
+            let t = c.spec.job_template.spec.map(|s| s.template);
+            (pod_from_template(t), Some(workload_of(format!("CronJob/{name}"), &c.metadata)))
+        }
+        _ => return Err(ExplainError::BadObject(args.object.clone())),
+    };
+
+    let mut out = String::new();
+    let namespace = Api::<Namespace>::all(client.clone()).get_opt(ns).await?;
+    let labelled = namespace
+        .and_then(|n| n.metadata.labels)
+        .is_some_and(|l| l.get(api::NAMESPACE_INJECTION_LABEL).map(String::as_str) == Some("enabled"));
+    let _ = writeln!(out, "{} in namespace {ns}:", args.object);
+    if labelled {
+        let _ = writeln!(
+            out,
+            "  namespace {ns}: labeled {}=enabled: the webhook is called for its pods",
+            api::NAMESPACE_INJECTION_LABEL
+        );
+    } else {
+        let _ = writeln!(
+            out,
+            "  namespace {ns}: NOT labeled {}=enabled: the webhook is not called for its pods \
+             (kubectl label namespace {ns} {}=enabled)",
+            api::NAMESPACE_INJECTION_LABEL,
+            api::NAMESPACE_INJECTION_LABEL
+        );
+    }
+    if let Some(w) = &workload {
+        let _ = writeln!(out, "  workload: {}", w.reference);
+    }
+    let config = InjectConfig { own_namespace: args.own_namespace.clone(), ..Default::default() };
+    let decision = inject::decide(&pod, ns, workload.as_ref(), &[], args.inject_route_backends, &config);
+    let would = if labelled { "would be" } else { "would be (once the namespace is labeled)" };
+    match &decision {
+        Decision::Inject { because } => {
+            let _ = writeln!(out, "  decision: {would} injected, because of the {because}");
+            let mut warnings = Vec::new();
+            let tunnels = inject::tunnels_for(&pod, workload.as_ref(), &[], &mut warnings);
+            describe_tunnels(&mut out, &TunnelsFile { tunnels });
+            for w in warnings {
+                let _ = writeln!(out, "  warning: {w}");
+            }
+        }
+        Decision::Skip { reason: inject::SkipReason::AlreadyInjected, .. } => {
+            let _ = writeln!(out, "  decision: already injected (carries {})", api::SIDECAR_NAME);
+            if let Some(file) = pod.metadata.annotations.as_ref().and_then(|a| a.get(api::TUNNELS)) {
+                match TunnelsFile::parse(file) {
+                    Ok(f) => describe_tunnels(&mut out, &f),
+                    Err(e) => {
+                        let _ = writeln!(out, "  warning: its {} annotation is invalid: {e}", api::TUNNELS);
+                    }
+                }
+            }
+        }
+        Decision::Skip { because, .. } => {
+            let _ = writeln!(out, "  decision: not injected: {because}");
+        }
+    }
+    Ok(out)
+}
+
+fn describe_tunnels(out: &mut String, file: &TunnelsFile) {
+    if file.tunnels.is_empty() {
+        let _ =
+            writeln!(out, "  tunnels: none yet (add a {} annotation, or a route the controller serves)", api::EXPOSE);
+    }
+    for t in &file.tunnels {
+        let requested = crate::agent::state::requested_label(t);
+        let _ = writeln!(out, "  tunnel {}: {} {requested} -> port {}", t.name, t.kind, t.target_port);
+    }
+}
