@@ -320,7 +320,14 @@ async fn mutate(State(state): State<Arc<AppState>>, headers: HeaderMap, body: By
             }
             _ => None,
         };
-        let answer = admission::answer(&req, workload.as_ref(), &[], state.inject_route_backends, &state.config, warnings);
+        let mut answer = admission::answer(&req, workload.as_ref(), &[], state.inject_route_backends, &state.config, warnings);
+        if let (Some(Decision::Inject { .. }), Some(client), Some(Ok(pod))) = (&answer.decision, &state.client, admission::pod_of(&req)) {
+            let namespace = req.namespace.clone().unwrap_or_default();
+            if let Some(w) = missing_key_secret(client, &namespace, &pod).await {
+                state.metrics.failures.get_or_create(&ReasonLabels { reason: "key_secret_missing".into() }).inc();
+                answer.response.warnings.get_or_insert_with(Vec::new).push(format!("picotun: {w}"));
+            }
+        }
         state.metrics.requests.get_or_create(&ResultLabels { result: answer.result.into() }).inc();
         match &answer.decision {
             Some(Decision::Skip { reason, because }) => {
@@ -335,6 +342,31 @@ async fn mutate(State(state): State<Arc<AppState>>, headers: HeaderMap, body: By
     }
     .instrument(span)
     .await
+}
+
+/// A warning when the Secret the sidecar will mount does not exist. Needs `get` on that Secret
+/// (deploy/ grants it for the default name only); without permission, nothing is said.
+async fn missing_key_secret(client: &kube::Client, namespace: &str, pod: &k8s_openapi::api::core::v1::Pod) -> Option<String> {
+    let name = pod
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(crate::api::KEY_SECRET))
+        .cloned()
+        .unwrap_or_else(|| crate::api::DEFAULT_KEY_SECRET.to_string());
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), namespace);
+    match tokio::time::timeout(Duration::from_secs(1), secrets.get_metadata_opt(&name)).await {
+        Ok(Ok(None)) => Some(format!(
+            "Secret {name} (the tunnel SSH key) does not exist in namespace {namespace}; the sidecar cannot start until it \
+             does: kubectl -n {namespace} create secret generic {name} --from-file={}=PATH_TO_PRIVATE_KEY",
+            crate::api::KEY_SECRET_KEY
+        )),
+        Ok(Err(e)) => {
+            debug!(error = %e, "cannot check the key Secret");
+            None
+        }
+        _ => None,
+    }
 }
 
 /// The workload that owns a pod being created: ReplicaSet -> Deployment, StatefulSet,
