@@ -21,28 +21,12 @@ cipher=aes256-gcm@openssh.com
 
 "$repo/scripts/install-deps"
 echo "[bench] building release binaries" >&2
-cargo build --release --locked --quiet -p picotun -p picotun-bench
+cargo build --release --locked --quiet -p picotun -p picotun-bench --bin picotun --bin loadgen
 agent_bin=$repo/target/release/picotun
-loadgen=$repo/target/release/picotun-bench
+loadgen=$repo/target/release/loadgen
 
-work=$(mktemp -d /tmp/picotun-bench.XXXXXX)
-pids=()
-tree() { local c; for c in $(cat /proc/"$1"/task/*/children 2>/dev/null); do tree "$c"; done; echo "$1"; }
-cleanup() {
-  local all=() p
-  for p in "${pids[@]}"; do all+=($(tree "$p")); done
-  for p in "${all[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
-  sleep 0.3
-  for p in "${all[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
-  rm -rf "$work"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-start() { local name=$1; shift; "$@" >"$work/$name.log" 2>&1 & pids+=($!); }
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; echo "[bench] nothing listens on $1" >&2; return 1; }
+source "$repo/bench/lib.sh"
 rss_mb() { awk -v f="$2" '$1 == f":" { printf "%.1f", $2 / 1024 }' "/proc/$1/status"; }
-emit() { awk -v m="$1" -v o="$2" -v b="$3" 'BEGIN { r = (b == 0) ? "inf" : sprintf("%.2f", o / b); printf "bench: %s ours=%s baseline=%s ratio=%s\n", m, o, b, r }'; }
 
 # --- sshd, restricted to one cipher ---
 ssh-keygen -q -t ed25519 -N "" -f "$work/host" -C bench-host

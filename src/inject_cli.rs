@@ -58,6 +58,10 @@ pub fn run(args: &InjectArgs) -> Result<String, InjectError> {
     // Offline there is no apiserver to ask: native sidecars unless told otherwise.
     let mut config = args.sidecar.inject_config(args.sidecar.native_sidecar != NativeSidecar::False);
     config.own_namespace = args.own_namespace.clone();
+    config.known_hosts = args.sidecar.known_hosts().map_err(|source| InjectError::Read {
+        path: args.sidecar.sidecar_known_hosts_file.clone().unwrap_or_default(),
+        source,
+    })?;
     inject_documents(&text, &args.namespace, &config)
 }
 

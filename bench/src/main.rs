@@ -8,6 +8,10 @@
 //!     out ADDR MiB [STREAMS]           throughput out of the app (MB/s)
 //!     rtt ADDR COUNT                   small-message round trips: "p50 p99" in microseconds
 //!     setup ADDR COUNT                 new connection to first echoed byte: "p50 p99" in microseconds
+//! loadgen admission ADDR CA BODY CONCURRENCY SECONDS [RATE]
+//!                                      POST BODY to https://ADDR/mutate over keep-alive TLS
+//!                                      connections (CA verifies the server), closed loop or paced
+//!                                      at RATE requests/s in total: "rps p50_us p99_us errors"
 //! ```
 //! The source app sends as many bytes as the first 8 bytes (big-endian) it reads ask for.
 
@@ -35,6 +39,19 @@ async fn main() {
         ["apps", sink, source, echo] => apps(sink, source, echo).await,
         ["delay", listen, upstream, ms] => {
             delay(listen, upstream, Duration::from_millis(ms.parse().unwrap_or_else(|_| usage()))).await
+        }
+        ["admission", addr, ca, body, concurrency, seconds, rest @ ..] => {
+            let rate: Option<f64> = rest.first().map(|r| r.parse().unwrap_or_else(|_| usage()));
+            let (rps, p50, p99, errors) = admission(
+                addr,
+                ca,
+                body,
+                concurrency.parse().unwrap_or_else(|_| usage()),
+                Duration::from_secs(seconds.parse().unwrap_or_else(|_| usage())),
+                rate,
+            )
+            .await;
+            println!("{rps:.0} {p50} {p99} {errors}");
         }
         ["measure", kind, addr, n, rest @ ..] => {
             let n: u64 = n.parse().unwrap_or_else(|_| usage());
@@ -235,4 +252,98 @@ async fn setup(addr: &str, count: usize) -> (u128, u128) {
         samples.push_back(t.elapsed().as_micros());
     }
     percentiles(samples.into())
+}
+
+async fn admission(
+    addr: &str,
+    ca_file: &str,
+    body_file: &str,
+    concurrency: usize,
+    duration: Duration,
+    rate: Option<f64>,
+) -> (f64, u128, u128, usize) {
+    use std::sync::Arc;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let ca_pem = std::fs::read(ca_file).expect("CA file");
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::pem::PemObject::pem_slice_iter(&ca_pem) {
+        let cert: rustls::pki_types::CertificateDer<'static> = cert.expect("CA PEM");
+        roots.add(cert).expect("CA certificate");
+    }
+    let config = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let body = std::fs::read(body_file).expect("body file");
+    let mut request = format!(
+        "POST /mutate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    request.extend_from_slice(&body);
+    let request = Arc::new(request);
+    let start = Instant::now();
+    let deadline = start + duration;
+    let workers: Vec<_> = (0..concurrency)
+        .map(|w| {
+            let connector = connector.clone();
+            let request = request.clone();
+            let addr = addr.to_string();
+            tokio::spawn(async move {
+                let tcp = TcpStream::connect(&addr).await.expect("connect");
+                tcp.set_nodelay(true).unwrap();
+                let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+                let mut tls = connector.connect(name, tcp).await.expect("TLS");
+                let mut samples = Vec::new();
+                let mut errors = 0usize;
+                let interval = rate.map(|r| Duration::from_secs_f64(concurrency as f64 / r));
+                let mut i = 0u32;
+                let mut buf = vec![0u8; 64 * 1024];
+                while Instant::now() < deadline {
+                    if let Some(iv) = interval {
+                        // Workers are spread over the interval so the total rate is even.
+                        let due = start + iv * i + iv.mul_f64(w as f64 / concurrency as f64);
+                        tokio::time::sleep_until(due.into()).await;
+                        i += 1;
+                    }
+                    let t = Instant::now();
+                    tls.write_all(&request).await.expect("write");
+                    let mut got = Vec::new();
+                    let (head_end, content_length) = loop {
+                        let n = tls.read(&mut buf).await.expect("read");
+                        assert!(n > 0, "server closed the connection");
+                        got.extend_from_slice(&buf[..n]);
+                        if let Some(pos) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                            let head = String::from_utf8_lossy(&got[..pos]).to_lowercase();
+                            let len = head
+                                .lines()
+                                .find_map(|l| {
+                                    l.strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                                })
+                                .unwrap_or(0);
+                            break (pos + 4, len);
+                        }
+                    };
+                    while got.len() < head_end + content_length {
+                        let n = tls.read(&mut buf).await.expect("read");
+                        got.extend_from_slice(&buf[..n]);
+                    }
+                    if !got.starts_with(b"HTTP/1.1 200") {
+                        errors += 1;
+                    }
+                    samples.push(t.elapsed().as_micros());
+                }
+                (samples, errors)
+            })
+        })
+        .collect();
+    let mut samples = Vec::new();
+    let mut errors = 0;
+    for w in workers {
+        let (s, e) = w.await.expect("worker");
+        samples.extend(s);
+        errors += e;
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let count = samples.len();
+    let (p50, p99) = percentiles(samples);
+    (count as f64 / elapsed, p50, p99, errors)
 }

@@ -46,22 +46,27 @@ impl HostKeyPolicy {
         if let Some(path) = known_hosts {
             let text = std::fs::read_to_string(path)
                 .map_err(|source| HostKeyError::Read { path: path.to_path_buf(), source })?;
-            let keys = keys_for(&text, host, port);
-            if keys.is_empty() {
-                return Err(HostKeyError::NoEntry {
-                    path: path.to_path_buf(),
-                    host_port: host_port(host, port),
-                    host: host.to_string(),
-                    port,
-                });
-            }
-            return Ok(HostKeyPolicy::Pinned { keys, source: path.display().to_string() });
+            return Self::from_text(&text, &path.display().to_string(), host, port);
         }
         if host == "tuns.sh" || host.ends_with(".tuns.sh") {
             let key = parse_key_line(TUNS_SH_HOST_KEY).expect("the built-in tuns.sh key parses");
             return Ok(HostKeyPolicy::Pinned { keys: vec![key], source: "built-in tuns.sh key".into() });
         }
         Err(HostKeyError::NoPin { host: host.to_string(), port })
+    }
+
+    /// Pins the keys known_hosts `text` (from `source`) holds for `host:port`.
+    pub fn from_text(text: &str, source: &str, host: &str, port: u16) -> Result<Self, HostKeyError> {
+        let keys = keys_for(text, host, port);
+        if keys.is_empty() {
+            return Err(HostKeyError::NoEntry {
+                path: PathBuf::from(source),
+                host_port: host_port(host, port),
+                host: host.to_string(),
+                port,
+            });
+        }
+        Ok(HostKeyPolicy::Pinned { keys, source: source.to_string() })
     }
 
     /// True if `presented` is acceptable.

@@ -63,6 +63,10 @@ pub struct AgentArgs {
     /// known_hosts file pinning the server's host key (tuns.sh's key is built in).
     #[arg(long, env = "PICOTUN_KNOWN_HOSTS")]
     pub known_hosts: Option<PathBuf>,
+    /// known_hosts lines given inline (the webhook passes its pin this way); used when
+    /// --known-hosts is not given.
+    #[arg(long, env = "PICOTUN_KNOWN_HOSTS_DATA", hide_env_values = true)]
+    pub known_hosts_data: Option<String>,
     /// Connect without checking the server's host key. Logged as a warning on every connect.
     #[arg(long, env = "PICOTUN_INSECURE_SKIP_HOST_KEY_CHECK")]
     pub insecure_skip_host_key_check: bool,
@@ -129,12 +133,17 @@ fn connection_key(spec: &TunnelSpec) -> ConnectionKey {
 /// Runs the agent until `shutdown` is cancelled, then drains and returns.
 pub async fn run(args: AgentArgs, shutdown: CancellationToken) -> Result<(), AgentError> {
     let key = keys::load(&args.key_file, args.key_passphrase_file.as_deref())?;
-    let host_keys = HostKeyPolicy::resolve(
-        &args.server,
-        args.server_port,
-        args.known_hosts.as_deref(),
-        args.insecure_skip_host_key_check,
-    )?;
+    let host_keys = match (&args.known_hosts, &args.known_hosts_data) {
+        (None, Some(data)) if !args.insecure_skip_host_key_check => {
+            HostKeyPolicy::from_text(data, "PICOTUN_KNOWN_HOSTS_DATA", &args.server, args.server_port)?
+        }
+        _ => HostKeyPolicy::resolve(
+            &args.server,
+            args.server_port,
+            args.known_hosts.as_deref(),
+            args.insecure_skip_host_key_check,
+        )?,
+    };
     info!(
         server = %format!("{}:{}", args.server, args.server_port),
         dialect = ?args.dialect,

@@ -35,6 +35,9 @@ pub struct InjectConfig {
     pub cpu_limit: String,
     pub memory_limit: String,
     pub log_level: String,
+    /// known_hosts lines pinning the server's host key, passed to every sidecar (empty: the
+    /// agent's built-in tuns.sh key).
+    pub known_hosts: String,
 }
 
 impl Default for InjectConfig {
@@ -54,6 +57,7 @@ impl Default for InjectConfig {
             cpu_limit: "500m".into(),
             memory_limit: "64Mi".into(),
             log_level: "info".into(),
+            known_hosts: String::new(),
         }
     }
 }
@@ -320,16 +324,23 @@ pub fn inject(pod: &Pod, tunnels: &[TunnelSpec], config: &InjectConfig, warnings
         image: Some(config.image.clone()),
         image_pull_policy: Some(config.pull_policy.clone()),
         args: Some(vec!["agent".into()]),
-        env: Some(vec![
-            env("PICOTUN_TUNNELS_FILE", "/etc/picotun/tunnels/tunnels.json".into()),
-            env("PICOTUN_KEY_FILE", "/etc/picotun/ssh/id".into()),
-            env("PICOTUN_SERVER", config.server.clone()),
-            env("PICOTUN_SERVER_PORT", config.server_port.to_string()),
-            env("PICOTUN_USER", config.user.clone()),
-            env("PICOTUN_DIALECT", config.dialect.clone()),
-            env("PICOTUN_ADMIN_ADDR", format!("0.0.0.0:{}", config.admin_port)),
-            env("PICOTUN_LOG", log_level),
-        ]),
+        env: Some(
+            vec![
+                env("PICOTUN_TUNNELS_FILE", "/etc/picotun/tunnels/tunnels.json".into()),
+                env("PICOTUN_KEY_FILE", "/etc/picotun/ssh/id".into()),
+                env("PICOTUN_SERVER", config.server.clone()),
+                env("PICOTUN_SERVER_PORT", config.server_port.to_string()),
+                env("PICOTUN_USER", config.user.clone()),
+                env("PICOTUN_DIALECT", config.dialect.clone()),
+                env("PICOTUN_ADMIN_ADDR", format!("0.0.0.0:{}", config.admin_port)),
+                env("PICOTUN_LOG", log_level),
+            ]
+            .into_iter()
+            .chain(
+                (!config.known_hosts.is_empty()).then(|| env("PICOTUN_KNOWN_HOSTS_DATA", config.known_hosts.clone())),
+            )
+            .collect(),
+        ),
         ports: Some(vec![ContainerPort {
             name: Some("picotun-admin".into()),
             container_port: i32::from(config.admin_port),
@@ -543,6 +554,25 @@ mod tests {
         // The patch only adds.
         let p = patch(&p, &injected);
         assert!(p.0.iter().all(|op| matches!(op, json_patch::PatchOperation::Add(_))), "{p:?}");
+    }
+
+    #[test]
+    fn a_configured_host_key_pin_reaches_the_sidecar() {
+        let p = app(json!({"tunnels.pico.sh/inject": "true"}), json!({}));
+        let config = InjectConfig { known_hosts: "[tunnels.example]:2222 ssh-ed25519 AAAA".into(), ..cfg() };
+        let injected = mutate(&p, "apps", None, &[], false, &config).pod.unwrap();
+        let env = injected.spec.unwrap().init_containers.unwrap()[0].env.clone().unwrap();
+        assert!(env.iter().any(|e| e.name == "PICOTUN_KNOWN_HOSTS_DATA"
+            && e.value.as_deref() == Some("[tunnels.example]:2222 ssh-ed25519 AAAA")));
+        let plain = mutate(&p, "apps", None, &[], false, &cfg()).pod.unwrap();
+        assert!(
+            !plain.spec.unwrap().init_containers.unwrap()[0]
+                .env
+                .as_ref()
+                .unwrap()
+                .iter()
+                .any(|e| e.name == "PICOTUN_KNOWN_HOSTS_DATA")
+        );
     }
 
     #[test]

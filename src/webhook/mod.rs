@@ -93,6 +93,10 @@ pub struct SidecarArgs {
     pub user: String,
     #[arg(long, env = "PICOTUN_DIALECT", default_value = "sish")]
     pub dialect: String,
+    /// A known_hosts file pinning the tunnel server's host key for every sidecar (not needed for
+    /// tuns.sh, whose key is built in).
+    #[arg(long, env = "PICOTUN_SIDECAR_KNOWN_HOSTS_FILE")]
+    pub sidecar_known_hosts_file: Option<PathBuf>,
     #[arg(long, env = "PICOTUN_SIDECAR_ADMIN_PORT", default_value_t = 9901)]
     pub sidecar_admin_port: u16,
     /// Default sidecar resources (per-pod annotations override them).
@@ -123,6 +127,15 @@ impl SidecarArgs {
             cpu_limit: self.sidecar_cpu_limit.clone(),
             memory_limit: self.sidecar_memory_limit.clone(),
             log_level: "info".into(),
+            known_hosts: String::new(),
+        }
+    }
+
+    /// The known_hosts text for sidecars, read from --sidecar-known-hosts-file.
+    pub fn known_hosts(&self) -> Result<String, std::io::Error> {
+        match &self.sidecar_known_hosts_file {
+            Some(p) => std::fs::read_to_string(p),
+            None => Ok(String::new()),
         }
     }
 }
@@ -133,6 +146,8 @@ pub enum WebhookError {
     Listen { addr: SocketAddr, source: std::io::Error },
     #[error("the serving certificate cannot be loaded: {0}")]
     Cert(#[from] tls::CertError),
+    #[error("cannot read --sidecar-known-hosts-file: {0}")]
+    KnownHosts(std::io::Error),
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -180,7 +195,35 @@ impl Metrics {
     }
 }
 
+/// Recent answers to "does this key Secret exist?", so a burst of pods (a rollout) costs the
+/// apiserver one lookup, not one per pod.
+#[derive(Default)]
+struct SecretCache {
+    seen: std::sync::Mutex<std::collections::HashMap<(String, String), (Instant, bool)>>,
+}
+
+impl SecretCache {
+    const FOUND_TTL: Duration = Duration::from_secs(60);
+    const MISSING_TTL: Duration = Duration::from_secs(5);
+
+    fn get(&self, key: &(String, String)) -> Option<bool> {
+        let seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        let (at, exists) = *seen.get(key)?;
+        let ttl = if exists { Self::FOUND_TTL } else { Self::MISSING_TTL };
+        (at.elapsed() < ttl).then_some(exists)
+    }
+
+    fn put(&self, key: (String, String), exists: bool) {
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        if seen.len() > 10_000 {
+            seen.clear();
+        }
+        seen.insert(key, (Instant::now(), exists));
+    }
+}
+
 struct AppState {
+    secrets: SecretCache,
     config: InjectConfig,
     inject_route_backends: bool,
     client: Option<kube::Client>,
@@ -220,7 +263,14 @@ pub async fn run(args: WebhookArgs, shutdown: CancellationToken) -> Result<(), W
     metrics.cert_expiry.set(cert.not_after().unwrap_or(0));
     let mut config = args.sidecar.inject_config(native);
     config.own_namespace = args.namespace.clone();
-    let state = Arc::new(AppState { config, inject_route_backends: args.inject_route_backends, client, metrics });
+    config.known_hosts = args.sidecar.known_hosts().map_err(WebhookError::KnownHosts)?;
+    let state = Arc::new(AppState {
+        secrets: SecretCache::default(),
+        config,
+        inject_route_backends: args.inject_route_backends,
+        client,
+        metrics,
+    });
 
     let expiry = state.clone();
     tokio::spawn(cert.clone().watch(args.cert_reload_interval, move |c| {
@@ -323,7 +373,7 @@ async fn mutate(State(state): State<Arc<AppState>>, headers: HeaderMap, body: By
         let mut answer = admission::answer(&req, workload.as_ref(), &[], state.inject_route_backends, &state.config, warnings);
         if let (Some(Decision::Inject { .. }), Some(client), Some(Ok(pod))) = (&answer.decision, &state.client, admission::pod_of(&req)) {
             let namespace = req.namespace.clone().unwrap_or_default();
-            if let Some(w) = missing_key_secret(client, &namespace, &pod).await {
+            if let Some(w) = missing_key_secret(client, &state.secrets, &namespace, &pod).await {
                 state.metrics.failures.get_or_create(&ReasonLabels { reason: "key_secret_missing".into() }).inc();
                 answer.response.warnings.get_or_insert_with(Vec::new).push(format!("picotun: {w}"));
             }
@@ -346,7 +396,12 @@ async fn mutate(State(state): State<Arc<AppState>>, headers: HeaderMap, body: By
 
 /// A warning when the Secret the sidecar will mount does not exist. Needs `get` on that Secret
 /// (deploy/ grants it for the default name only); without permission, nothing is said.
-async fn missing_key_secret(client: &kube::Client, namespace: &str, pod: &k8s_openapi::api::core::v1::Pod) -> Option<String> {
+async fn missing_key_secret(
+    client: &kube::Client,
+    cache: &SecretCache,
+    namespace: &str,
+    pod: &k8s_openapi::api::core::v1::Pod,
+) -> Option<String> {
     let name = pod
         .metadata
         .annotations
@@ -354,17 +409,30 @@ async fn missing_key_secret(client: &kube::Client, namespace: &str, pod: &k8s_op
         .and_then(|a| a.get(crate::api::KEY_SECRET))
         .cloned()
         .unwrap_or_else(|| crate::api::DEFAULT_KEY_SECRET.to_string());
-    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), namespace);
-    match tokio::time::timeout(Duration::from_secs(1), secrets.get_metadata_opt(&name)).await {
-        Ok(Ok(None)) => Some(format!(
+    let key = (namespace.to_string(), name.clone());
+    let exists = match cache.get(&key) {
+        Some(e) => Some(e),
+        None => {
+            let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), namespace);
+            match tokio::time::timeout(Duration::from_secs(1), secrets.get_metadata_opt(&name)).await {
+                Ok(Ok(found)) => {
+                    cache.put(key, found.is_some());
+                    Some(found.is_some())
+                }
+                Ok(Err(e)) => {
+                    debug!(error = %e, "cannot check the key Secret");
+                    None
+                }
+                Err(_) => None,
+            }
+        }
+    };
+    match exists {
+        Some(false) => Some(format!(
             "Secret {name} (the tunnel SSH key) does not exist in namespace {namespace}; the sidecar cannot start until it \
              does: kubectl -n {namespace} create secret generic {name} --from-file={}=PATH_TO_PRIVATE_KEY",
             crate::api::KEY_SECRET_KEY
         )),
-        Ok(Err(e)) => {
-            debug!(error = %e, "cannot check the key Secret");
-            None
-        }
         _ => None,
     }
 }

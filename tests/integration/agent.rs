@@ -45,7 +45,7 @@ impl Agent {
         if !extra.contains(&"--server-port") {
             cmd.args(["--server-port", &server.ssh_port().to_string()]);
         }
-        if !extra.contains(&"--known-hosts") {
+        if !extra.contains(&"--known-hosts") && !extra.contains(&"--known-hosts-data") {
             cmd.args(["--known-hosts", server.known_hosts().to_str().unwrap()]);
         }
         cmd.args(["--dialect", dialect, "--openssh-bind-address", "127.0.0.1"])
@@ -736,5 +736,17 @@ async fn a_forward_opens_only_once_the_app_accepts_connections() {
     // The app comes up: the forward follows.
     let backend = Backend::start_on(app_port, "late").await.unwrap();
     let t = agent.wait_tunnel("raw", "established", Duration::from_secs(10)).await;
+    expect_body(&dial_addr(t["publicAddress"].as_str().unwrap()), "x", "/", &backend.greeting()).await;
+}
+
+#[tokio::test]
+#[ignore = "needs the test ground (scripts/build-testground)"]
+async fn the_host_key_pin_can_be_given_inline() {
+    let (server, key, _k) = server(ServerKind::Sshd).await.unwrap();
+    let backend = Backend::start("inline").await.unwrap();
+    let pin = std::fs::read_to_string(server.known_hosts()).unwrap();
+    let mut agent =
+        Agent::start(&server, &key, &file(&[tcp_tunnel("raw", None, backend.port())]), &["--known-hosts-data", &pin]);
+    let t = agent.wait_tunnel("raw", "established", Duration::from_secs(20)).await;
     expect_body(&dial_addr(t["publicAddress"].as_str().unwrap()), "x", "/", &backend.greeting()).await;
 }

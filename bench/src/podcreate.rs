@@ -1,0 +1,92 @@
+//! `podcreate PICOTUN_BINARY COUNT`: Pod-creation latency through the test ground's real
+//! kube-apiserver, with the picotun webhook registered (an opted-in namespace) and without (a
+//! namespace the webhook is not registered for), interleaved in one run. Prints `bench:` lines.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, PostParams};
+use picotun_testground::pki::Ca;
+use picotun_testground::{ControlPlane, Proc, free_port, http};
+use serde_json::json;
+
+fn pod(name: &str) -> Pod {
+    serde_json::from_value(json!({
+        "metadata": {"name": name, "labels": {"tunnels.pico.sh/inject": "true"}},
+        "spec": {"containers": [{"name": "app", "image": "registry.example/app:1"}]},
+    }))
+    .unwrap()
+}
+
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    sorted[((sorted.len() as f64 - 1.0) * q).round() as usize]
+}
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let (Some(binary), Some(count)) = (args.get(1), args.get(2).and_then(|c| c.parse::<usize>().ok())) else {
+        eprintln!("usage: podcreate PICOTUN_BINARY COUNT");
+        std::process::exit(2);
+    };
+    let ground = ControlPlane::start(Default::default()).await.expect("test ground");
+    let client = ground.client().await.unwrap();
+    let with = ground.namespace("with-webhook").await.unwrap();
+    let without = ground.namespace("without-webhook").await.unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("bench-ca").unwrap();
+    let (cert, key) = ca.issue_loopback_server(&[]).unwrap().write(dir.path(), "tls").unwrap();
+    let (port, admin) = (free_port(), format!("127.0.0.1:{}", free_port()));
+    let mut cmd = Command::new(binary);
+    cmd.args(["--log-filter", "warn", "webhook", "--listen", &format!("127.0.0.1:{port}"), "--admin-addr", &admin])
+        .args(["--cert-file", cert.to_str().unwrap(), "--key-file", key.to_str().unwrap()])
+        .env("KUBECONFIG", ground.kubeconfig());
+    let _webhook = Proc::spawn("picotun-webhook", cmd, &dir.path().join("webhook.log")).unwrap();
+    while !http::get(&admin, "w", "/ready").await.is_ok_and(|r| r.status == 200) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let config: MutatingWebhookConfiguration = serde_json::from_value(json!({
+        "metadata": {"name": "picotun-bench"},
+        "webhooks": [{
+            "name": "inject.tunnels.pico.sh",
+            "clientConfig": {"url": format!("https://127.0.0.1:{port}/mutate"),
+                             "caBundle": base64::engine::general_purpose::STANDARD.encode(ca.cert_pem())},
+            "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"]}],
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": with.name()}},
+            "sideEffects": "None", "admissionReviewVersions": ["v1"], "failurePolicy": "Fail", "timeoutSeconds": 5,
+        }],
+    }))
+    .unwrap();
+    Api::<MutatingWebhookConfiguration>::all(client.clone()).create(&PostParams::default(), &config).await.unwrap();
+
+    let with_api: Api<Pod> = Api::namespaced(client.clone(), with.name());
+    let without_api: Api<Pod> = Api::namespaced(client.clone(), without.name());
+    // Wait until the apiserver calls the webhook.
+    for i in 0.. {
+        let p = with_api.create(&PostParams::default(), &pod(&format!("warm-{i}"))).await.unwrap();
+        if p.spec.unwrap().init_containers.is_some_and(|c| !c.is_empty()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (mut ours, mut base) = (Vec::new(), Vec::new());
+    for i in 0..count {
+        for (api, samples) in [(&with_api, &mut ours), (&without_api, &mut base)] {
+            let t = Instant::now();
+            api.create(&PostParams::default(), &pod(&format!("p-{i}"))).await.unwrap();
+            samples.push(t.elapsed().as_secs_f64() * 1000.0);
+        }
+    }
+    for s in [&mut ours, &mut base] {
+        s.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    }
+    for (metric, q) in [("pod_create_p50_ms", 0.5), ("pod_create_p99_ms", 0.99)] {
+        let (o, b) = (percentile(&ours, q), percentile(&base, q));
+        println!("bench: {metric} ours={o:.2} baseline={b:.2} ratio={:.2}", o / b);
+    }
+    ground.stop();
+}
