@@ -11,6 +11,7 @@ pub mod certs;
 pub mod cli;
 pub mod explain;
 pub mod inject_cli;
+pub mod resolve;
 pub mod shutdown;
 pub mod telemetry;
 pub mod tunnel;
