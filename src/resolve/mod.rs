@@ -3,6 +3,7 @@
 //! out. No I/O: the controller feeds it from its caches, the webhook from the same index, tests
 //! from fixtures.
 
+pub mod gateway;
 pub mod ingress;
 
 use std::collections::BTreeMap;
