@@ -306,6 +306,8 @@ pub async fn run(args: WebhookArgs, shutdown: CancellationToken) -> Result<(), W
             },
             _ = shutdown.cancelled() => break,
         };
+        // Answers are small and latency is all that matters: no Nagle.
+        let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let app = app.clone();
         tokio::spawn(async move {
