@@ -118,6 +118,9 @@ async fn main() {
         {
             eprintln!("[bench] webhook handling: {:.2} ms on average over {count} requests", sum / count * 1000.0);
         }
+        if let Some(conns) = value("picotun_webhook_connections_total") {
+            eprintln!("[bench] TLS connections the apiserver opened to the webhook: {conns}");
+        }
     }
     ground.stop();
 }

@@ -166,6 +166,7 @@ struct Metrics {
     failures: Family<ReasonLabels, Counter>,
     duration: Histogram,
     cert_expiry: Gauge,
+    connections: Counter,
 }
 
 impl Metrics {
@@ -176,6 +177,7 @@ impl Metrics {
             failures: Family::default(),
             duration: Histogram::new([0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0]),
             cert_expiry: Gauge::default(),
+            connections: Counter::default(),
         };
         let r = registry.sub_registry_with_prefix("picotun_webhook");
         r.register(
@@ -190,6 +192,11 @@ impl Metrics {
             "certificate_expiry_timestamp_seconds",
             "When the serving certificate expires (Unix time)",
             m.cert_expiry.clone(),
+        );
+        r.register(
+            "connections",
+            "TLS connections accepted (the apiserver reuses them when it can)",
+            m.connections.clone(),
         );
         m
     }
@@ -294,7 +301,7 @@ pub async fn run(args: WebhookArgs, shutdown: CancellationToken) -> Result<(), W
     let mut tls_config = tls_config;
     tls_config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls_config));
-    let app = router(state);
+    let app = router(state.clone());
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(|source| WebhookError::Listen { addr: args.listen, source })?;
@@ -308,6 +315,7 @@ pub async fn run(args: WebhookArgs, shutdown: CancellationToken) -> Result<(), W
         };
         // Answers are small and latency is all that matters: no Nagle.
         let _ = tcp.set_nodelay(true);
+        state.metrics.connections.inc();
         let acceptor = acceptor.clone();
         let app = app.clone();
         tokio::spawn(async move {
