@@ -45,15 +45,8 @@ pub struct AgentArgs {
     /// when it changes.
     #[arg(long, env = "PICOTUN_TUNNELS_FILE", default_value = "/etc/picotun/tunnels/tunnels.json")]
     pub tunnels_file: PathBuf,
-    /// The tunnel server. A regional tuns.sh host (nue.tuns.sh, ash.tuns.sh) keeps tunnels on one
-    /// instance.
-    #[arg(long, env = "PICOTUN_SERVER", default_value = "tuns.sh")]
-    pub server: String,
-    #[arg(long, env = "PICOTUN_SERVER_PORT", default_value_t = 22)]
-    pub server_port: u16,
-    /// The SSH user name (on tuns.sh it matters only when one key is on several accounts).
-    #[arg(long, env = "PICOTUN_USER", default_value = "picotun")]
-    pub user: String,
+    #[command(flatten)]
+    pub tunnel_server: ServerArgs,
     /// The private key (ed25519, ECDSA or RSA; OpenSSH or PEM).
     #[arg(long, env = "PICOTUN_KEY_FILE", default_value = "/etc/picotun/ssh/id")]
     pub key_file: PathBuf,
@@ -70,9 +63,6 @@ pub struct AgentArgs {
     /// Connect without checking the server's host key. Logged as a warning on every connect.
     #[arg(long, env = "PICOTUN_INSECURE_SKIP_HOST_KEY_CHECK")]
     pub insecure_skip_host_key_check: bool,
-    /// How the server speaks: sish (tuns.sh), sandhole, or openssh.
-    #[arg(long, env = "PICOTUN_DIALECT", value_enum, default_value = "sish")]
-    pub dialect: Dialect,
     /// Bind address requested from a plain OpenSSH server for TCP forwards.
     #[arg(long, env = "PICOTUN_OPENSSH_BIND_ADDRESS", default_value = "localhost")]
     pub openssh_bind_address: String,
@@ -116,6 +106,24 @@ pub enum AgentError {
     Admin { addr: SocketAddr, source: std::io::Error },
 }
 
+/// Which tunnel server, as whom, in which dialect: shared by the agent and by the webhook, which
+/// hands the same settings to every sidecar it injects.
+#[derive(Clone, Debug, clap::Args)]
+pub struct ServerArgs {
+    /// The tunnel server. A regional tuns.sh host (nue.tuns.sh, ash.tuns.sh) keeps tunnels on one
+    /// instance.
+    #[arg(long, env = "PICOTUN_SERVER", default_value = "tuns.sh")]
+    pub server: String,
+    #[arg(long, env = "PICOTUN_SERVER_PORT", default_value_t = 22)]
+    pub server_port: u16,
+    /// The SSH user name (on tuns.sh it matters only when one key is on several accounts).
+    #[arg(long, env = "PICOTUN_USER", default_value = "picotun")]
+    pub user: String,
+    /// How the server speaks: sish (tuns.sh), sandhole, or openssh.
+    #[arg(long, env = "PICOTUN_DIALECT", value_enum, default_value = "sish")]
+    pub dialect: Dialect,
+}
+
 /// The option set that decides which SSH connection a tunnel rides on.
 type ConnectionKey = (BTreeMap<String, String>, bool);
 
@@ -132,32 +140,33 @@ fn connection_key(spec: &TunnelSpec) -> ConnectionKey {
 
 /// Runs the agent until `shutdown` is cancelled, then drains and returns.
 pub async fn run(args: AgentArgs, shutdown: CancellationToken) -> Result<(), AgentError> {
+    let server = args.tunnel_server.clone();
     let key = keys::load(&args.key_file, args.key_passphrase_file.as_deref())?;
     let host_keys = match (&args.known_hosts, &args.known_hosts_data) {
         (None, Some(data)) if !args.insecure_skip_host_key_check => {
-            HostKeyPolicy::from_text(data, "PICOTUN_KNOWN_HOSTS_DATA", &args.server, args.server_port)?
+            HostKeyPolicy::from_text(data, "PICOTUN_KNOWN_HOSTS_DATA", &server.server, server.server_port)?
         }
         _ => HostKeyPolicy::resolve(
-            &args.server,
-            args.server_port,
+            &server.server,
+            server.server_port,
             args.known_hosts.as_deref(),
             args.insecure_skip_host_key_check,
         )?,
     };
     info!(
-        server = %format!("{}:{}", args.server, args.server_port),
-        dialect = ?args.dialect,
+        server = %format!("{}:{}", server.server, server.server_port),
+        dialect = ?server.dialect,
         key = %keys::fingerprint(&key),
         host_keys = %host_keys.describe(),
         "picotun agent starting"
     );
     let settings = Arc::new(Settings {
-        server_host: args.server.clone(),
-        server_port: args.server_port,
-        user: args.user.clone(),
+        server_host: server.server.clone(),
+        server_port: server.server_port,
+        user: server.user.clone(),
         key,
         host_keys,
-        dialect: args.dialect,
+        dialect: server.dialect,
         openssh_bind: args.openssh_bind_address.clone(),
         target_host: args.target_host,
         keepalive_interval: args.keepalive_interval,
@@ -176,8 +185,8 @@ pub async fn run(args: AgentArgs, shutdown: CancellationToken) -> Result<(), Age
         .map_err(|source| AgentError::Admin { addr: args.admin_addr, source })?;
     let admin_state = state.clone();
     let status_state = state.clone();
-    let server_label = format!("{}:{}", args.server, args.server_port);
-    let dialect = args.dialect;
+    let server_label = format!("{}:{}", server.server, server.server_port);
+    let dialect = server.dialect;
     let extra = axum::Router::new().route(
         "/status",
         get(move || {

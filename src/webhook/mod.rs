@@ -22,6 +22,7 @@ use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
+use clap::ValueEnum;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet, StatefulSet};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
@@ -85,14 +86,8 @@ pub struct SidecarArgs {
     #[arg(long, env = "PICOTUN_NATIVE_SIDECAR", value_enum, default_value = "auto")]
     pub native_sidecar: NativeSidecar,
     /// Tunnel server settings given to every sidecar.
-    #[arg(long, env = "PICOTUN_SERVER", default_value = "tuns.sh")]
-    pub server: String,
-    #[arg(long, env = "PICOTUN_SERVER_PORT", default_value_t = 22)]
-    pub server_port: u16,
-    #[arg(long, env = "PICOTUN_USER", default_value = "picotun")]
-    pub user: String,
-    #[arg(long, env = "PICOTUN_DIALECT", default_value = "sish")]
-    pub dialect: String,
+    #[command(flatten)]
+    pub tunnel_server: crate::agent::ServerArgs,
     /// A known_hosts file pinning the tunnel server's host key for every sidecar (not needed for
     /// tuns.sh, whose key is built in).
     #[arg(long, env = "PICOTUN_SIDECAR_KNOWN_HOSTS_FILE")]
@@ -117,10 +112,15 @@ impl SidecarArgs {
             pull_policy: self.sidecar_image_pull_policy.clone(),
             native_sidecar: native,
             own_namespace: String::new(),
-            server: self.server.clone(),
-            server_port: self.server_port,
-            user: self.user.clone(),
-            dialect: self.dialect.clone(),
+            server: self.tunnel_server.server.clone(),
+            server_port: self.tunnel_server.server_port,
+            user: self.tunnel_server.user.clone(),
+            dialect: self
+                .tunnel_server
+                .dialect
+                .to_possible_value()
+                .map(|v| v.get_name().to_string())
+                .unwrap_or_default(),
             admin_port: self.sidecar_admin_port,
             cpu_request: self.sidecar_cpu_request.clone(),
             memory_request: self.sidecar_memory_request.clone(),
