@@ -239,11 +239,7 @@ async fn supervise(args: &AgentArgs, settings: Arc<Settings>, state: Arc<AgentSt
                 let msg = format!("cannot read the tunnels file {}: {e}", args.tunnels_file.display());
                 if state.config_error().as_deref() != Some(msg.as_str()) {
                     warn!("{msg}; keeping the last good configuration");
-                    state
-                        .metrics
-                        .config_reloads_total
-                        .get_or_create(&state::ReasonLabels { reason: "unreadable".into() })
-                        .inc();
+                    state.metrics.config_reload("unreadable");
                 }
                 state.set_config_error(Some(msg));
                 continue;
@@ -258,17 +254,13 @@ async fn supervise(args: &AgentArgs, settings: Arc<Settings>, state: Arc<AgentSt
             Err(e) => {
                 let msg = format!("{}: {e}", args.tunnels_file.display());
                 warn!("invalid tunnels file, keeping the last good configuration: {msg}");
-                state
-                    .metrics
-                    .config_reloads_total
-                    .get_or_create(&state::ReasonLabels { reason: "invalid".into() })
-                    .inc();
+                state.metrics.config_reload("invalid");
                 state.set_config_error(Some(msg));
                 continue;
             }
         };
         state.set_config_error(None);
-        state.metrics.config_reloads_total.get_or_create(&state::ReasonLabels { reason: "ok".into() }).inc();
+        state.metrics.config_reload("ok");
         info!(tunnels = file.tunnels.len(), "tunnels file loaded");
         state.set_configured(&file.tunnels, ForwardState::Connecting);
 

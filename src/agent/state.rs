@@ -155,6 +155,11 @@ impl Metrics {
         );
     }
 
+    /// Counts a tunnels-file load: `ok`, `invalid` or `unreadable`.
+    pub fn config_reload(&self, result: &str) {
+        self.config_reloads_total.get_or_create(&ReasonLabels { reason: result.to_string() }).inc();
+    }
+
     pub fn error(&self, reason: &str) {
         self.errors_total.get_or_create(&ReasonLabels { reason: reason.to_string() }).inc();
     }

@@ -64,17 +64,7 @@ async fn deployment_becomes_running_pods() {
     assert_eq!(rs.spec.as_ref().and_then(|s| s.replicas), Some(2));
 
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns.name());
-    let running = wait_for("2 Running pods", Duration::from_secs(60), Duration::from_millis(250), || async {
-        let list = pods.list(&ListParams::default().labels("app=echo")).await.map_err(|e| e.to_string())?;
-        let running: Vec<Pod> = list
-            .items
-            .into_iter()
-            .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
-            .collect();
-        Ok((running.len() == 2).then_some(running))
-    })
-    .await
-    .unwrap();
+    let running = crate::support::running_pods(&pods, "app=echo", 2).await;
     for pod in &running {
         let node = pod.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_default();
         assert!(node.starts_with("kwok-node-"), "scheduled onto a kwok node, got {node:?}");

@@ -10,7 +10,7 @@ use base64::Engine;
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use picotun_testground::pki::{Ca, CertAndKey};
 use picotun_testground::{ControlPlane, Existing, Proc, free_port, http, wait_for};
 use serde_json::{Value, json};
@@ -160,17 +160,7 @@ fn deployment(
 }
 
 async fn running_pods(pods: &Api<Pod>, app: &str) -> Vec<Pod> {
-    wait_for(&format!("2 Running pods of {app}"), Duration::from_secs(60), Duration::from_millis(250), || async {
-        let list = pods.list(&ListParams::default().labels(&format!("app={app}"))).await.map_err(|e| e.to_string())?;
-        let running: Vec<Pod> = list
-            .items
-            .into_iter()
-            .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
-            .collect();
-        Ok((running.len() == 2).then_some(running))
-    })
-    .await
-    .unwrap()
+    crate::support::running_pods(pods, &format!("app={app}"), 2).await
 }
 
 #[tokio::test]
