@@ -4,6 +4,7 @@ use clap::{Parser, Subcommand};
 
 use crate::agent::AgentArgs;
 use crate::certs::CertsArgs;
+use crate::controller::ControllerArgs;
 use crate::explain::ExplainArgs;
 use crate::inject_cli::InjectArgs;
 use crate::telemetry::LogFormat;
@@ -27,6 +28,9 @@ pub enum Command {
     Agent(AgentArgs),
     /// The mutating admission webhook that injects the sidecar into pods as they are created.
     Webhook(WebhookArgs),
+    /// Resolves Ingresses and Gateway API routes to the pods behind them, tells each pod's
+    /// sidecar which tunnels to open, and writes the public addresses back into status.
+    Controller(ControllerArgs),
     /// Prints the injected version of Pods and workloads (multi-document YAML), as the webhook
     /// would inject them.
     Inject(InjectArgs),

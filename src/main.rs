@@ -35,7 +35,9 @@ fn main() -> std::process::ExitCode {
                 }
             };
         }
-        Command::Webhook(_) => tokio::runtime::Builder::new_multi_thread().enable_all().build(),
+        Command::Webhook(_) | Command::Controller(_) => {
+            tokio::runtime::Builder::new_multi_thread().enable_all().build()
+        }
         Command::Explain(_) => tokio::runtime::Builder::new_current_thread().enable_all().build(),
     };
     let runtime = match runtime {
@@ -59,6 +61,7 @@ async fn run(cli: Cli) -> std::process::ExitCode {
     let result = match cli.command {
         Command::Agent(args) => picotun::agent::run(args, shutdown).await.map_err(anyhow::Error::from),
         Command::Webhook(args) => picotun::webhook::run(args, shutdown).await.map_err(anyhow::Error::from),
+        Command::Controller(args) => picotun::controller::run(args, shutdown).await.map_err(anyhow::Error::from),
         Command::Explain(args) => match picotun::explain::run(&args).await {
             Ok(text) => {
                 print!("{text}");

@@ -158,7 +158,7 @@ impl TunnelSpec {
 
     /// What this tunnel takes on the server, if it is exclusive: an HTTP/TLS name or a fixed
     /// TCP port. Two tunnels of one pod must not claim the same thing.
-    fn public_claim(&self) -> Option<String> {
+    pub fn public_claim(&self) -> Option<String> {
         match self.kind {
             TunnelKind::Http | TunnelKind::Tls => {
                 Some(format!("{} name {:?}", self.kind, self.host.as_deref().unwrap_or_default()))

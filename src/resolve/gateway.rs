@@ -231,6 +231,11 @@ pub struct GatewayResolution {
     pub routes: BTreeMap<(String, String, String), Vec<ParentStatus>>,
     /// Route-level problems (weights, path fan-out).
     pub route_problems: BTreeMap<(String, String, String), Vec<Problem>>,
+    /// (gateway namespace, name) -> listener name -> the tunnels routes opened through it, so
+    /// status can show the addresses the sidecars report for them.
+    pub listener_tunnels: BTreeMap<(String, String), BTreeMap<String, BTreeSet<String>>>,
+    /// (route kind, namespace, name) -> the tunnels the route opens.
+    pub route_tunnels: BTreeMap<(String, String, String), BTreeSet<String>>,
 }
 
 fn problem(reason: &'static str, message: String) -> Problem {
@@ -465,6 +470,12 @@ pub fn resolve(
                         },
                     )),
                 }
+                let names = specs.iter().map(|(_, spec)| spec.name.clone());
+                out.listener_tunnels.entry(gkey.clone()).or_default().entry(l.name.clone()).or_default().extend(names);
+                out.route_tunnels
+                    .entry(route_key.clone())
+                    .or_default()
+                    .extend(specs.iter().map(|(_, s)| s.name.clone()));
                 // Every backendRef of the first rule (the others are reported as fan-out).
                 for b in route.rules.first().into_iter().flatten() {
                     if b.kind != "/Service" {
@@ -577,8 +588,7 @@ mod tests {
         let services = vec![svc("default", "tcp-echo-service", "echo", 80, 5678)];
         let pods =
             vec![pod("default", "echo-1", "echo"), pod("default", "echo-2", "echo"), pod("default", "other", "x")];
-        let r =
-            resolve(&gws, &classes(), &routes, &[], &BTreeMap::new(), &Snapshot { services: &services, pods: &pods });
+        let r = resolve(&gws, &classes(), &routes, &[], &BTreeMap::new(), &Snapshot::new(&services, &pods));
         assert_eq!(r.tunnels.len(), 2);
         let t = &r.tunnels[&("default".into(), "echo-1".into())];
         assert_eq!(t.len(), 2, "{t:?}");
@@ -601,7 +611,7 @@ mod tests {
             &routes,
             &[],
             &BTreeMap::new(),
-            &Snapshot { services: &[], pods: &[] },
+            &Snapshot::new(&[], &[]),
         );
         assert!(r.tunnels.is_empty() && r.routes.is_empty() && r.attached.is_empty());
     }
@@ -631,7 +641,7 @@ mod tests {
             &[wrong_kind, other_ns, missing],
             &[],
             &BTreeMap::new(),
-            &Snapshot { services: &[], pods: &[] },
+            &Snapshot::new(&[], &[]),
         );
         let reason = |name: &str, i: usize| {
             r.routes[&("HTTPRoute".into(), if name == "r2" { "team" } else { "default" }.into(), name.into())][i]
@@ -653,7 +663,7 @@ mod tests {
             &json!({"metadata": {"name": "r2", "namespace": "team"}, "spec": {
             "parentRefs": [{"name": "tcp-echo-gateway", "namespace": "default"}], "rules": [{"backendRefs": [{"name": "s", "port": 80}]}]}}),
         );
-        let r = resolve(&[gw], &classes(), &[other_ns], &[], &labels, &Snapshot { services: &[], pods: &[] });
+        let r = resolve(&[gw], &classes(), &[other_ns], &[], &labels, &Snapshot::new(&[], &[]));
         let st = &r.routes[&("HTTPRoute".into(), "team".into(), "r2".into())][0];
         assert!(st.accepted.is_ok());
         assert_eq!(st.resolved_refs.clone().unwrap_err().reason, "BackendNotFound");
@@ -670,7 +680,7 @@ mod tests {
         );
         let services = vec![svc("backend", "api", "api", 80, 8080)];
         let pods = vec![pod("backend", "api-1", "api")];
-        let snap = Snapshot { services: &services, pods: &pods };
+        let snap = Snapshot::new(&services, &pods);
         let r = resolve(&gws, &classes(), std::slice::from_ref(&route), &[], &BTreeMap::new(), &snap);
         assert_eq!(r.routes.values().next().unwrap()[0].resolved_refs.clone().unwrap_err().reason, "RefNotPermitted");
         assert!(r.tunnels.is_empty());
@@ -701,8 +711,7 @@ mod tests {
         );
         let services = vec![svc("ns", "one", "one", 80, 1001), svc("ns", "two", "two", 80, 1002)];
         let pods = vec![pod("ns", "one-1", "one"), pod("ns", "two-1", "two")];
-        let r =
-            resolve(&[gw], &classes(), &[route], &[], &BTreeMap::new(), &Snapshot { services: &services, pods: &pods });
+        let r = resolve(&[gw], &classes(), &[route], &[], &BTreeMap::new(), &Snapshot::new(&services, &pods));
         for (p, port) in [("one-1", 1001), ("two-1", 1002)] {
             let hosts: Vec<_> =
                 r.tunnels[&("ns".into(), p.into())].iter().map(|t| (t.host.clone().unwrap(), t.target_port)).collect();

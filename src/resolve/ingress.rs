@@ -214,7 +214,7 @@ mod tests {
     #[test]
     fn the_walkthrough_gives_every_backing_pod_the_demo_tunnel() {
         let (services, pods) = walkthrough();
-        let r = resolve(&demo_ingress(None), &Snapshot { services: &services, pods: &pods });
+        let r = resolve(&demo_ingress(None), &Snapshot::new(&services, &pods));
         assert!(r.problems.is_empty(), "{:?}", r.problems);
         assert_eq!(r.tunnels.len(), 2, "both example-app pods, not `other`");
         let t = &r.tunnels[&("apps".to_string(), "example-app-1".to_string())][0];
@@ -242,7 +242,7 @@ mod tests {
         let (services, pods) = walkthrough();
         let extra = json!({"host": "app.example.com", "http": {"paths": [{"path": "/", "pathType": "Prefix",
             "backend": {"service": {"name": "example-app", "port": {"name": "web"}}}}]}});
-        let r = resolve(&demo_ingress(Some(extra)), &Snapshot { services: &services, pods: &pods });
+        let r = resolve(&demo_ingress(Some(extra)), &Snapshot::new(&services, &pods));
         assert!(r.problems.is_empty(), "{:?}", r.problems);
         let hosts: Vec<_> =
             r.tunnels[&("apps".into(), "example-app-2".into())].iter().map(|t| t.host.clone().unwrap()).collect();
@@ -269,7 +269,7 @@ mod tests {
                 {"host": "res", "http": {"paths": [{"path": "/", "pathType": "Prefix", "backend": {"resource": {"kind": "Bucket", "name": "b"}}}]}},
             ],
         }}));
-        let r = resolve(&ing, &Snapshot { services: &services, pods: &pods });
+        let r = resolve(&ing, &Snapshot::new(&services, &pods));
         let reasons: Vec<&str> = r.problems.iter().map(|p| p.reason).collect();
         for want in [
             "TLSTerminationUnsupported",
@@ -301,7 +301,7 @@ mod tests {
             json!({"metadata": {"name": "p", "namespace": "apps"}, "spec": {"ingressClassName": "pico-tunnel", "rules": [
             {"host": "demo", "http": {"paths": [{"path": "/app", "pathType": "Prefix", "backend": {"service": {"name": "example-app", "port": {"number": 80}}}}]}}]}}),
         );
-        let r = resolve(&ing, &Snapshot { services: &services, pods: &pods });
+        let r = resolve(&ing, &Snapshot::new(&services, &pods));
         assert_eq!(r.problems.iter().map(|p| p.reason).collect::<Vec<_>>(), vec!["PathsIgnored"]);
         assert_eq!(r.tunnels.len(), 2);
     }
@@ -312,7 +312,7 @@ mod tests {
         pods[0].metadata.deletion_timestamp =
             Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Default::default()));
         pods[1].spec.as_mut().unwrap().containers[0].ports = None;
-        let r = resolve(&demo_ingress(None), &Snapshot { services: &services, pods: &pods });
+        let r = resolve(&demo_ingress(None), &Snapshot::new(&services, &pods));
         assert!(r.tunnels.is_empty());
         assert_eq!(r.problems.iter().map(|p| p.reason).collect::<Vec<_>>(), vec!["TargetPortNotFound"]);
     }

@@ -3,6 +3,7 @@
 //! out. No I/O: the controller feeds it from its caches, the webhook from the same index, tests
 //! from fixtures.
 
+pub mod cluster;
 pub mod gateway;
 pub mod ingress;
 
@@ -32,28 +33,49 @@ pub struct Resolution {
     pub problems: Vec<Problem>,
 }
 
-/// The objects resolution looks at: the Services and Pods of the namespaces concerned.
+/// The objects resolution looks at: Services and Pods, indexed by namespace so that resolving a
+/// thousand routes over thousands of pods stays linear.
+#[derive(Default)]
 pub struct Snapshot<'a> {
-    pub services: &'a [Service],
-    pub pods: &'a [Pod],
+    services: BTreeMap<(&'a str, &'a str), &'a Service>,
+    pods: BTreeMap<&'a str, Vec<&'a Pod>>,
 }
 
 impl<'a> Snapshot<'a> {
+    pub fn new(
+        services: impl IntoIterator<Item = &'a Service>,
+        pods: impl IntoIterator<Item = &'a Pod>,
+    ) -> Snapshot<'a> {
+        let mut snapshot = Snapshot::default();
+        for s in services {
+            if let (Some(ns), Some(name)) = (s.metadata.namespace.as_deref(), s.metadata.name.as_deref()) {
+                snapshot.services.insert((ns, name), s);
+            }
+        }
+        for p in pods {
+            if let Some(ns) = p.metadata.namespace.as_deref() {
+                snapshot.pods.entry(ns).or_default().push(p);
+            }
+        }
+        snapshot
+    }
+
     pub fn service(&self, namespace: &str, name: &str) -> Option<&'a Service> {
-        self.services
-            .iter()
-            .find(|s| s.metadata.namespace.as_deref() == Some(namespace) && s.metadata.name.as_deref() == Some(name))
+        self.services.get(&(namespace, name)).copied()
     }
 
     /// Pods a Service selects (not those being deleted). None when the Service has no selector
     /// (its endpoints are managed by hand: nothing picotun can inject into).
     pub fn selected_pods(&self, service: &Service) -> Option<Vec<&'a Pod>> {
         let selector = service.spec.as_ref()?.selector.as_ref().filter(|s| !s.is_empty())?;
-        let namespace = service.metadata.namespace.as_deref();
+        let namespace = service.metadata.namespace.as_deref().unwrap_or_default();
         Some(
             self.pods
-                .iter()
-                .filter(|p| p.metadata.namespace.as_deref() == namespace && p.metadata.deletion_timestamp.is_none())
+                .get(namespace)
+                .into_iter()
+                .flatten()
+                .copied()
+                .filter(|p| p.metadata.deletion_timestamp.is_none())
                 .filter(|p| {
                     let labels = p.metadata.labels.as_ref();
                     selector.iter().all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v))

@@ -1,0 +1,397 @@
+//! `picotun controller`: routes to backends to tunnels, and the truth back in status.
+//!
+//! Level-triggered: every change in the caches (Ingresses, Gateway API objects, Services, Pods,
+//! Namespaces) wakes one loop that resolves the whole cluster (pure, `resolve::cluster`), plans
+//! the writes that differ from the caches (pure, `plan`), and -- on the leader only -- applies
+//! them with bounded concurrency and publishes Events. No finalizers: deleting a route simply
+//! resolves to fewer tunnels, so nothing can be left stuck when picotun is uninstalled.
+
+pub mod lease;
+pub mod plan;
+pub mod restart;
+pub mod status;
+pub mod sync_key;
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::networking::v1::Ingress;
+use kube::api::{Api, DynamicObject, Patch, PatchParams};
+use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, info_span, warn};
+
+use crate::admin;
+use crate::index::{Index, ResolveConfig};
+use plan::{Note, Plan, Planned, Write};
+
+/// `picotun controller` flags.
+#[derive(Clone, Debug, clap::Args)]
+pub struct ControllerArgs {
+    /// picotun's own namespace: the leader Lease and the key Secret to copy live here.
+    #[arg(long, env = "PICOTUN_NAMESPACE", default_value = "pico-sh-system")]
+    pub namespace: String,
+    /// The admin port: /live, /ready (after every cache has synced), /metrics.
+    #[arg(long, env = "PICOTUN_ADMIN_ADDR", default_value = "0.0.0.0:9903")]
+    pub admin_addr: SocketAddr,
+    /// The IngressClass name picotun serves.
+    #[arg(long, env = "PICOTUN_INGRESS_CLASS", default_value = crate::resolve::ingress::INGRESS_CLASS)]
+    pub ingress_class: String,
+    /// GatewayClasses with this controllerName are served.
+    #[arg(long, env = "PICOTUN_GATEWAY_CONTROLLER_NAME", default_value = crate::resolve::gateway::GATEWAY_CONTROLLER)]
+    pub gateway_controller_name: String,
+    /// Elect one leader among replicas with a Lease; only the leader writes.
+    #[arg(long, env = "PICOTUN_LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
+    pub leader_election: bool,
+    #[arg(long, env = "PICOTUN_LEASE_NAME", default_value = "picotun-controller")]
+    pub lease_name: String,
+    /// How long a leader that stopped renewing keeps the Lease.
+    #[arg(long, env = "PICOTUN_LEASE_DURATION", value_parser = humantime::parse_duration, default_value = "15s")]
+    pub lease_duration: Duration,
+    /// This replica's name in the Lease (default: the host name and process id).
+    #[arg(long, env = "PICOTUN_IDENTITY")]
+    pub identity: Option<String>,
+    /// Restart workloads whose pods should carry the sidecar but don't, one rollout at a time.
+    #[arg(long, env = "PICOTUN_RESTART_UNINJECTED", default_value_t = false, action = clap::ArgAction::Set)]
+    pub restart_uninjected: bool,
+    /// A workload is restarted at most once per this interval (a webhook that is down would
+    /// otherwise cause restart after restart).
+    #[arg(long, env = "PICOTUN_RESTART_COOLDOWN", value_parser = humantime::parse_duration, default_value = "30m")]
+    pub restart_cooldown: Duration,
+    /// Copy the key Secret from picotun's namespace into every namespace labeled for injection
+    /// and keep the copies in sync.
+    #[arg(long, env = "PICOTUN_SYNC_KEY_SECRET", default_value_t = false, action = clap::ArgAction::Set)]
+    pub sync_key_secret: bool,
+    #[arg(long, env = "PICOTUN_KEY_SECRET_NAME", default_value = crate::api::DEFAULT_KEY_SECRET)]
+    pub key_secret_name: String,
+    /// Resolve everything at least this often, even when nothing changed.
+    #[arg(long, env = "PICOTUN_RESYNC_INTERVAL", value_parser = humantime::parse_duration, default_value = "5m")]
+    pub resync_interval: Duration,
+    /// Writes in flight at once.
+    #[arg(long, env = "PICOTUN_WRITE_CONCURRENCY", default_value_t = 32)]
+    pub write_concurrency: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControllerError {
+    #[error(
+        "cannot reach the Kubernetes API: {0} (in a cluster, check the service account; outside, check KUBECONFIG)"
+    )]
+    Client(#[source] kube::Error),
+    #[error(
+        "cannot list {what}: {source} -- the controller's service account lacks RBAC for it (apply deploy/ again, or see its ClusterRole)"
+    )]
+    Forbidden { what: &'static str, source: kube::Error },
+    #[error("cannot listen on {addr}: {source}")]
+    Listen { addr: SocketAddr, source: std::io::Error },
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WriteLabels {
+    kind: String,
+    result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabels {
+    state: String,
+}
+
+#[derive(Clone)]
+pub struct Metrics {
+    reconciles: Counter,
+    duration: Histogram,
+    writes: Family<WriteLabels, Counter>,
+    errors: Family<ReasonLabels, Counter>,
+    tunnels: Family<StateLabels, Gauge>,
+    problems: Family<ReasonLabels, Gauge>,
+    leader: Gauge,
+    restarts: Counter,
+}
+
+impl Metrics {
+    fn new(registry: &mut Registry) -> Self {
+        let m = Metrics {
+            reconciles: Counter::default(),
+            duration: Histogram::new([0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
+            writes: Family::default(),
+            errors: Family::default(),
+            tunnels: Family::default(),
+            problems: Family::default(),
+            leader: Gauge::default(),
+            restarts: Counter::default(),
+        };
+        let r = registry.sub_registry_with_prefix("picotun_controller");
+        r.register("reconciles", "Passes over the whole cluster", m.reconciles.clone());
+        r.register("reconcile_duration_seconds", "Time to resolve, plan and apply one pass", m.duration.clone());
+        r.register("writes", "Patches by object kind and result (ok, failed)", m.writes.clone());
+        r.register("errors", "Errors by reason (pod_patch, status_patch, event, restart, key_sync)", m.errors.clone());
+        r.register(
+            "tunnels",
+            "Tunnels routes give pods, by state: established (a sidecar reported it), pending, missing_sidecar",
+            m.tunnels.clone(),
+        );
+        r.register("problems", "Standing problems reported on users' objects, by reason", m.problems.clone());
+        r.register("leader", "1 while this replica holds the leader Lease", m.leader.clone());
+        r.register("workload_restarts", "Workloads restarted so their pods get the sidecar", m.restarts.clone());
+        m
+    }
+
+    fn error(&self, reason: &str) {
+        self.errors.get_or_create(&ReasonLabels { reason: reason.into() }).inc();
+    }
+
+    fn observe(&self, plan: &Plan) {
+        for state in ["established", "pending", "missing_sidecar"] {
+            self.tunnels
+                .get_or_create(&StateLabels { state: state.into() })
+                .set(plan.tunnel_states.get(state).copied().unwrap_or(0));
+        }
+        self.problems.clear();
+        for (reason, n) in &plan.problem_counts {
+            self.problems.get_or_create(&ReasonLabels { reason: reason.clone() }).set(*n);
+        }
+    }
+}
+
+fn default_identity() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    format!("{}-{}", host.trim(), std::process::id())
+}
+
+/// Runs the controller until `shutdown`.
+pub async fn run(args: ControllerArgs, shutdown: CancellationToken) -> Result<(), ControllerError> {
+    let client = kube::Client::try_default().await.map_err(ControllerError::Client)?;
+    // Fail fast with a clear message rather than a watch that retries forever.
+    for (what, probe) in [
+        (
+            "ingresses",
+            Api::<Ingress>::all(client.clone()).list_metadata(&kube::api::ListParams::default().limit(1)).await.err(),
+        ),
+        ("pods", Api::<Pod>::all(client.clone()).list_metadata(&kube::api::ListParams::default().limit(1)).await.err()),
+    ] {
+        if let Some(e) = probe {
+            return Err(match &e {
+                kube::Error::Api(s) if s.code == 403 => ControllerError::Forbidden { what, source: e },
+                _ => ControllerError::Client(e),
+            });
+        }
+    }
+    let identity = args.identity.clone().unwrap_or_else(default_identity);
+    let config = ResolveConfig {
+        ingress_class: args.ingress_class.clone(),
+        gateway_controller: args.gateway_controller_name.clone(),
+    };
+    let index = Index::start(client.clone(), true, shutdown.clone()).await;
+
+    let mut registry = Registry::default();
+    let metrics = Metrics::new(&mut registry);
+    let admin_listener = tokio::net::TcpListener::bind(args.admin_addr)
+        .await
+        .map_err(|source| ControllerError::Listen { addr: args.admin_addr, source })?;
+    let ready_index = index.clone();
+    tokio::spawn(admin::serve(
+        admin_listener,
+        Arc::new(move || ready_index.is_synced()),
+        Arc::new(registry),
+        Router::new(),
+        shutdown.clone(),
+    ));
+
+    let mut leader = if args.leader_election {
+        lease::spawn(
+            client.clone(),
+            lease::LeaseConfig {
+                namespace: args.namespace.clone(),
+                name: args.lease_name.clone(),
+                identity: identity.clone(),
+                duration: args.lease_duration,
+            },
+            shutdown.clone(),
+        )
+    } else {
+        watch::channel(true).1
+    };
+    info!(%identity, leader_election = args.leader_election, "picotun controller starting");
+
+    tokio::select! {
+        _ = index.wait_synced() => {}
+        _ = shutdown.cancelled() => return Ok(()),
+    }
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter { controller: "picotun-controller".into(), instance: Some(identity.clone()) },
+    );
+    let mut writer = Writer {
+        client: client.clone(),
+        recorder,
+        metrics: metrics.clone(),
+        concurrency: args.write_concurrency.max(1),
+        recent: HashMap::new(),
+        published: BTreeSet::new(),
+    };
+    let mut restarter = restart::Restarter::new(client.clone(), args.restart_cooldown);
+    let key_sync =
+        args.sync_key_secret.then(|| sync_key::KeySync::new(client.clone(), &args.namespace, &args.key_secret_name));
+
+    loop {
+        let is_leader = *leader.borrow_and_update();
+        metrics.leader.set(i64::from(is_leader));
+        let started = Instant::now();
+        let span = info_span!("reconcile", leader = is_leader);
+        let _enter = span.enter();
+        let view = index.view();
+        let resolution = view.resolve(&config);
+        let now = k8s_openapi::jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string();
+        let plan = plan::plan(&view, &resolution, &config, &now);
+        metrics.observe(&plan);
+        drop(_enter);
+        if is_leader {
+            writer.apply(&plan).await;
+            if args.restart_uninjected {
+                restarter.step(&plan, &view, &metrics).await;
+            }
+            if let Some(k) = &key_sync {
+                k.step(&view, &metrics).await;
+            }
+        }
+        metrics.reconciles.inc();
+        metrics.duration.observe(started.elapsed().as_secs_f64());
+        debug!(writes = plan.writes.len(), elapsed_ms = started.elapsed().as_millis() as u64, "pass done");
+
+        tokio::select! {
+            _ = index.changed() => {}
+            _ = leader.changed() => {}
+            _ = tokio::time::sleep(args.resync_interval) => {}
+            _ = shutdown.cancelled() => break,
+        }
+        // Coalesce a burst of watch events (a rollout, an apply of many objects) into one pass.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    info!("picotun controller stopped");
+    Ok(())
+}
+
+/// Applies plans: patches with bounded concurrency, Events once per standing problem.
+struct Writer {
+    client: kube::Client,
+    recorder: Recorder,
+    metrics: Metrics,
+    concurrency: usize,
+    /// What was written recently, by object: the caches lag behind our own writes, and the next
+    /// pass must not write the same thing again.
+    recent: HashMap<String, (Write, Instant)>,
+    /// Problems already published as Events (while they last).
+    published: BTreeSet<Note>,
+}
+
+const RECENT: Duration = Duration::from_secs(10);
+
+impl Writer {
+    async fn apply(&mut self, plan: &Plan) {
+        self.recent.retain(|_, (_, at)| at.elapsed() < RECENT);
+        let todo: Vec<&Planned> =
+            plan.writes.iter().filter(|p| self.recent.get(&p.write.key()).is_none_or(|(w, _)| *w != p.write)).collect();
+        if !todo.is_empty() {
+            info!(writes = todo.len(), "applying");
+        }
+        let client = self.client.clone();
+        let results: Vec<(&Planned, Result<(), kube::Error>)> = futures::stream::iter(todo)
+            .map(|p| {
+                let client = client.clone();
+                async move { (p, write(&client, &p.write).await) }
+            })
+            .buffer_unordered(self.concurrency)
+            .collect()
+            .await;
+        let mut notes = Vec::new();
+        for (p, result) in results {
+            let kind = match &p.write {
+                Write::PodTunnels { .. } => "Pod".to_string(),
+                Write::IngressStatus { .. } => "Ingress".to_string(),
+                Write::GatewayStatus { kind, .. } => format!("{kind:?}"),
+            };
+            match result {
+                Ok(()) => {
+                    self.metrics.writes.get_or_create(&WriteLabels { kind, result: "ok".into() }).inc();
+                    self.recent.insert(p.write.key(), (p.write.clone(), Instant::now()));
+                    notes.extend(p.note.clone());
+                }
+                Err(kube::Error::Api(s)) if s.code == 404 => {} // gone meanwhile: the next pass knows
+                Err(e) => {
+                    self.metrics
+                        .writes
+                        .get_or_create(&WriteLabels { kind: kind.clone(), result: "failed".into() })
+                        .inc();
+                    self.metrics.error(if kind == "Pod" { "pod_patch" } else { "status_patch" });
+                    warn!(object = %p.write.key(), error = %e, "write failed; retried on the next pass");
+                }
+            }
+        }
+        // Standing problems: published when they appear, forgotten when they go.
+        let current: BTreeSet<Note> = plan.problems.iter().cloned().collect();
+        self.published.retain(|n| current.contains(n));
+        notes.extend(current.difference(&self.published).cloned().collect::<Vec<_>>());
+        self.published.extend(current);
+        let recorder = &self.recorder;
+        let failures: usize = futures::stream::iter(notes)
+            .map(|n| async move {
+                let event = KubeEvent {
+                    type_: if n.warning { EventType::Warning } else { EventType::Normal },
+                    reason: n.reason.clone(),
+                    note: Some(n.message.clone()),
+                    action: "Reconcile".into(),
+                    secondary: None,
+                };
+                recorder.publish(&event, &n.regarding.to_reference()).await.err().map(|e| (n, e))
+            })
+            .buffer_unordered(self.concurrency)
+            .filter_map(|r| async move { r })
+            .map(|(n, e)| {
+                warn!(object = %n.regarding.name, reason = %n.reason, error = %e, "cannot publish an Event");
+            })
+            .count()
+            .await;
+        for _ in 0..failures {
+            self.metrics.error("event");
+        }
+    }
+}
+
+async fn write(client: &kube::Client, w: &Write) -> Result<(), kube::Error> {
+    let params = PatchParams::default();
+    let body = Patch::Merge(plan::patch_body(w));
+    match w {
+        Write::PodTunnels { namespace, name, .. } => {
+            Api::<Pod>::namespaced(client.clone(), namespace).patch(name, &params, &body).await.map(drop)
+        }
+        Write::IngressStatus { namespace, name, .. } => {
+            Api::<Ingress>::namespaced(client.clone(), namespace).patch_status(name, &params, &body).await.map(drop)
+        }
+        Write::GatewayStatus { kind, namespace, name, .. } => {
+            let ar = kind.api_resource();
+            let api: Api<DynamicObject> = match namespace {
+                Some(ns) => Api::namespaced_with(client.clone(), ns, &ar),
+                None => Api::all_with(client.clone(), &ar),
+            };
+            api.patch_status(name, &params, &body).await.map(drop)
+        }
+    }
+}

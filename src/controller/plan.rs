@@ -1,0 +1,391 @@
+//! Pure planning: the caches and their resolution in; the writes that bring the cluster to it,
+//! and the Events to tell users, out. Only what differs from the cache is planned, so a pass over
+//! a settled cluster plans nothing.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use k8s_openapi::api::core::v1::{ObjectReference, Pod};
+use kube::Resource;
+use kube::api::DynamicObject;
+use serde_json::{Value, json};
+
+use super::status::{self, ListenerFacts, Reports};
+use crate::api;
+use crate::index::{GatewayKind, ResolveConfig, View, json_of};
+use crate::resolve::cluster::{ClusterResolution, pod_tunnels_file};
+use crate::resolve::{PodKey, Problem};
+use crate::webhook::inject;
+
+/// A change to make in the cluster.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Write {
+    /// The pod's tunnels file annotation (the sidecar picks it up through the downward API).
+    PodTunnels { namespace: String, name: String, tunnels: String },
+    /// `status` of an Ingress.
+    IngressStatus { namespace: String, name: String, status: Value },
+    /// `status` of a Gateway API object (GatewayClass: no namespace).
+    GatewayStatus { kind: GatewayKind, namespace: Option<String>, name: String, status: Value },
+}
+
+impl Write {
+    /// Identifies the object written, to remember recent writes by.
+    pub fn key(&self) -> String {
+        match self {
+            Write::PodTunnels { namespace, name, .. } => format!("Pod/{namespace}/{name}"),
+            Write::IngressStatus { namespace, name, .. } => format!("Ingress/{namespace}/{name}"),
+            Write::GatewayStatus { kind, namespace, name, .. } => {
+                format!("{kind:?}/{}/{name}", namespace.as_deref().unwrap_or(""))
+            }
+        }
+    }
+}
+
+/// An Event to publish on a user's object.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Note {
+    pub regarding: ObjectReferenceKey,
+    pub warning: bool,
+    pub reason: String,
+    pub message: String,
+}
+
+/// The parts of an ObjectReference Events need, orderable so notes can be deduplicated.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ObjectReferenceKey {
+    pub api_version: String,
+    pub kind: String,
+    pub namespace: Option<String>,
+    pub name: String,
+    pub uid: Option<String>,
+}
+
+impl ObjectReferenceKey {
+    fn of(r: ObjectReference) -> Self {
+        ObjectReferenceKey {
+            api_version: r.api_version.unwrap_or_default(),
+            kind: r.kind.unwrap_or_default(),
+            namespace: r.namespace,
+            name: r.name.unwrap_or_default(),
+            uid: r.uid,
+        }
+    }
+
+    pub fn to_reference(&self) -> ObjectReference {
+        ObjectReference {
+            api_version: Some(self.api_version.clone()),
+            kind: Some(self.kind.clone()),
+            namespace: self.namespace.clone(),
+            name: Some(self.name.clone()),
+            uid: self.uid.clone(),
+            ..Default::default()
+        }
+    }
+}
+
+/// A planned write, with the Event that explains it once it succeeds.
+#[derive(Clone, Debug)]
+pub struct Planned {
+    pub write: Write,
+    pub note: Option<Note>,
+}
+
+#[derive(Debug, Default)]
+pub struct Plan {
+    pub writes: Vec<Planned>,
+    /// Standing problems: published once each while they last.
+    pub problems: Vec<Note>,
+    /// Pods a route selects that have no sidecar, with the objects that want them.
+    pub missing_sidecars: BTreeMap<PodKey, Vec<String>>,
+    /// Tunnels by state, for the metrics: established, pending, missing_sidecar.
+    pub tunnel_states: BTreeMap<&'static str, i64>,
+    /// Current problems by reason, for the metrics.
+    pub problem_counts: BTreeMap<String, i64>,
+}
+
+fn key_of(meta: &kube::api::ObjectMeta) -> (String, String) {
+    (meta.namespace.clone().unwrap_or_default(), meta.name.clone().unwrap_or_default())
+}
+
+fn dynamic_ref(o: &DynamicObject, kind: GatewayKind) -> ObjectReferenceKey {
+    ObjectReferenceKey::of(o.object_ref(&kind.api_resource()))
+}
+
+fn problem_note(regarding: &ObjectReferenceKey, p: &Problem) -> Note {
+    Note { regarding: regarding.clone(), warning: true, reason: p.reason.to_string(), message: p.message.clone() }
+}
+
+/// Plans every write and Event for one pass. `now` is the RFC 3339 time for new conditions.
+pub fn plan(view: &View, resolution: &ClusterResolution, config: &ResolveConfig, now: &str) -> Plan {
+    let mut out = Plan::default();
+    let pods: BTreeMap<PodKey, &Pod> = view.pods.iter().map(|p| (key_of(&p.metadata), p.as_ref())).collect();
+    let reports: Reports =
+        pods.iter().map(|(k, p)| (k.clone(), status::reports_of(p))).filter(|(_, r)| !r.is_empty()).collect();
+    let live = |p: &Pod| {
+        p.metadata.deletion_timestamp.is_none()
+            && !matches!(p.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed"))
+    };
+
+    // Pods: the tunnels file of every injected pod.
+    let no_tunnels = Vec::new();
+    for (key, pod) in &pods {
+        let routes = resolution.route_tunnels.get(key).unwrap_or(&no_tunnels);
+        if !inject::is_injected(pod) {
+            if !routes.is_empty() && live(pod) {
+                out.missing_sidecars.insert(key.clone(), Vec::new());
+                *out.tunnel_states.entry("missing_sidecar").or_default() += routes.len() as i64;
+            }
+            continue;
+        }
+        if !live(pod) {
+            continue;
+        }
+        let (file, warnings) = pod_tunnels_file(pod, routes);
+        let pod_ref = ObjectReferenceKey::of(pod.object_ref(&()));
+        for w in warnings {
+            out.problems.push(Note {
+                regarding: pod_ref.clone(),
+                warning: true,
+                reason: "TunnelConflict".into(),
+                message: w,
+            });
+        }
+        let reported = reports.get(key);
+        for t in &file.tunnels {
+            let up = reported.and_then(|r| r.get(&t.name)).is_some_and(|r| r.state == "established");
+            *out.tunnel_states.entry(if up { "established" } else { "pending" }).or_default() += 1;
+        }
+        let wanted = file.to_json();
+        let current = pod.metadata.annotations.as_ref().and_then(|a| a.get(api::TUNNELS));
+        if current != Some(&wanted) {
+            let names: Vec<&str> = file.tunnels.iter().map(|t| t.name.as_str()).collect();
+            out.writes.push(Planned {
+                write: Write::PodTunnels { namespace: key.0.clone(), name: key.1.clone(), tunnels: wanted },
+                note: Some(Note {
+                    regarding: pod_ref,
+                    warning: false,
+                    reason: "TunnelsUpdated".into(),
+                    message: if names.is_empty() {
+                        "no tunnels: no route picotun serves selects this pod any more".into()
+                    } else {
+                        format!("the sidecar now opens {}", names.join(", "))
+                    },
+                }),
+            });
+        }
+    }
+
+    // Ingresses.
+    for ing in &view.ingresses {
+        let key = key_of(&ing.metadata);
+        let Some(r) = resolution.ingresses.get(&key) else { continue };
+        let regarding = ObjectReferenceKey::of(ing.object_ref(&()));
+        out.problems.extend(r.problems.iter().map(|p| problem_note(&regarding, p)));
+        let names: BTreeSet<String> = r.tunnels.values().flatten().map(|t| t.name.clone()).collect();
+        let missing: Vec<&PodKey> = r.tunnels.keys().filter(|k| out.missing_sidecars.contains_key(*k)).collect();
+        for pod in &missing {
+            out.missing_sidecars.entry((*pod).clone()).or_default().push(format!("Ingress {}/{}", key.0, key.1));
+        }
+        if !missing.is_empty() {
+            out.problems.push(missing_note(&regarding, &missing));
+        }
+        let addresses = status::published(&reports, r.tunnels.keys(), &names);
+        let wanted = status::ingress_status(&addresses);
+        let have = serde_json::to_value(&ing.status).unwrap_or(Value::Null);
+        if !status::already(&wanted, &have) {
+            let note = (!addresses.is_empty()).then(|| Note {
+                regarding: regarding.clone(),
+                warning: false,
+                reason: "Published".into(),
+                message: format!("published at {}", addresses.iter().cloned().collect::<Vec<_>>().join(", ")),
+            });
+            out.writes.push(Planned {
+                write: Write::IngressStatus { namespace: key.0.clone(), name: key.1.clone(), status: wanted },
+                note,
+            });
+        }
+    }
+
+    // GatewayClasses of ours.
+    let ours = view.our_gateway_classes(config);
+    for class in &view.gateway_classes {
+        let name = class.metadata.name.clone().unwrap_or_default();
+        if !ours.contains(&name) {
+            continue;
+        }
+        let generation = class.metadata.generation.unwrap_or(0);
+        let have = &class.data["status"];
+        let wanted = status::gateway_class_status(generation, have, now);
+        if !status::already(&wanted, have) {
+            out.writes.push(Planned {
+                write: Write::GatewayStatus { kind: GatewayKind::GatewayClass, namespace: None, name, status: wanted },
+                note: None,
+            });
+        }
+    }
+
+    // Gateways of our classes.
+    let g = &resolution.gateway;
+    let tunnel_pods = tunnel_pods(resolution);
+    let no_problems = Vec::new();
+    for gw in &view.gateways {
+        let key = key_of(&gw.metadata);
+        let Some(attached) = g.attached.get(&key) else { continue };
+        let regarding = dynamic_ref(gw, GatewayKind::Gateway);
+        let model = crate::resolve::gateway::gateway_from_json(&json_of(gw));
+        let mut facts = Vec::new();
+        let mut all_missing = BTreeSet::new();
+        for l in &model.listeners {
+            let problems = g.listener_problems.get(&key).and_then(|m| m.get(&l.name)).unwrap_or(&no_problems);
+            out.problems.extend(problems.iter().map(|p| problem_note(&regarding, p)));
+            let names = g.listener_tunnels.get(&key).and_then(|m| m.get(&l.name)).cloned().unwrap_or_default();
+            let pods: BTreeSet<&PodKey> = names.iter().filter_map(|n| tunnel_pods.get(n)).flatten().collect();
+            let missing: Vec<&PodKey> =
+                pods.iter().copied().filter(|k| out.missing_sidecars.contains_key(*k)).collect();
+            all_missing.extend(missing.iter().copied());
+            facts.push(ListenerFacts {
+                name: &l.name,
+                protocol: &l.protocol,
+                attached: attached.get(&l.name).copied().unwrap_or(0),
+                problems,
+                addresses: status::published(&reports, pods.iter().copied(), &names),
+                missing_sidecars: missing.len(),
+            });
+        }
+        if !all_missing.is_empty() {
+            let missing: Vec<&PodKey> = all_missing.into_iter().collect();
+            for pod in &missing {
+                out.missing_sidecars.entry((*pod).clone()).or_default().push(format!("Gateway {}/{}", key.0, key.1));
+            }
+            out.problems.push(missing_note(&regarding, &missing));
+        }
+        let generation = gw.metadata.generation.unwrap_or(0);
+        let have = &gw.data["status"];
+        let wanted = status::gateway_status(&facts, generation, have, now);
+        if !status::already(&wanted, have) {
+            let published: Vec<String> = facts.iter().flat_map(|f| f.addresses.iter().cloned()).collect();
+            let was: BTreeSet<&str> =
+                have["addresses"].as_array().into_iter().flatten().filter_map(|a| a["value"].as_str()).collect();
+            let now_hosts: BTreeSet<String> = published.iter().map(|a| status::host_of(a)).collect();
+            let note = (!published.is_empty() && now_hosts.iter().any(|h| !was.contains(h.as_str()))).then(|| Note {
+                regarding: regarding.clone(),
+                warning: false,
+                reason: "Published".into(),
+                message: format!("published at {}", published.join(", ")),
+            });
+            out.writes.push(Planned {
+                write: Write::GatewayStatus {
+                    kind: GatewayKind::Gateway,
+                    namespace: Some(key.0.clone()),
+                    name: key.1.clone(),
+                    status: wanted,
+                },
+                note,
+            });
+        }
+    }
+
+    // Routes attached to our Gateways.
+    for (kind, objs) in [(GatewayKind::HTTPRoute, &view.http_routes), (GatewayKind::TCPRoute, &view.tcp_routes)] {
+        let kind_name = format!("{kind:?}");
+        for route in objs {
+            let (ns, name) = key_of(&route.metadata);
+            let rkey = (kind_name.clone(), ns.clone(), name.clone());
+            let Some(parents) = g.routes.get(&rkey) else { continue };
+            let regarding = dynamic_ref(route, kind);
+            let route_problems = g.route_problems.get(&rkey).unwrap_or(&no_problems);
+            out.problems.extend(route_problems.iter().map(|p| problem_note(&regarding, p)));
+            for p in parents {
+                for e in [&p.accepted, &p.resolved_refs].into_iter().filter_map(|r| r.as_ref().err()) {
+                    out.problems.push(problem_note(&regarding, e));
+                }
+            }
+            if let Some(names) = g.route_tunnels.get(&rkey) {
+                let missing: Vec<&PodKey> = names
+                    .iter()
+                    .filter_map(|n| tunnel_pods.get(n))
+                    .flatten()
+                    .filter(|k| out.missing_sidecars.contains_key(*k))
+                    .collect::<BTreeSet<_>>()
+                    .into_iter()
+                    .collect();
+                if !missing.is_empty() {
+                    out.problems.push(missing_note(&regarding, &missing));
+                }
+            }
+            let generation = route.metadata.generation.unwrap_or(0);
+            let have = &route.data["status"];
+            let wanted =
+                status::route_parents(parents, route_problems, &config.gateway_controller, generation, have, now);
+            if !status::already(&wanted, have) {
+                out.writes.push(Planned {
+                    write: Write::GatewayStatus { kind, namespace: Some(ns), name, status: wanted },
+                    note: None,
+                });
+            }
+        }
+    }
+
+    // Tunnels a pod could not take.
+    for (pod, problems) in &resolution.pod_problems {
+        if let Some(p) = pods.get(pod) {
+            let regarding = ObjectReferenceKey::of(p.object_ref(&()));
+            out.problems.extend(problems.iter().map(|p| problem_note(&regarding, p)));
+        }
+    }
+    // Pods that should carry the sidecar but don't, said on the pod too.
+    for (key, wanted_by) in &out.missing_sidecars {
+        if let Some(p) = pods.get(key) {
+            out.problems.push(Note {
+                regarding: ObjectReferenceKey::of(p.object_ref(&())),
+                warning: true,
+                reason: "SidecarMissing".into(),
+                message: format!(
+                    "backs {} but has no picotun sidecar (created before its namespace was labeled {}=enabled, or while the webhook was unavailable): restart it",
+                    if wanted_by.is_empty() { "a route".to_string() } else { wanted_by.join(", ") },
+                    api::NAMESPACE_INJECTION_LABEL
+                ),
+            });
+        }
+    }
+    out.problems.sort();
+    out.problems.dedup();
+    for n in out.problems.iter().filter(|n| n.warning) {
+        *out.problem_counts.entry(n.reason.clone()).or_default() += 1;
+    }
+    out
+}
+
+fn missing_note(regarding: &ObjectReferenceKey, missing: &[&PodKey]) -> Note {
+    let names: Vec<&str> = missing.iter().take(5).map(|k| k.1.as_str()).collect();
+    Note {
+        regarding: regarding.clone(),
+        warning: true,
+        reason: "SidecarMissing".into(),
+        message: format!(
+            "{} backing pod(s) have no picotun sidecar ({}{}): label the namespace {}=enabled and restart them",
+            missing.len(),
+            names.join(", "),
+            if missing.len() > names.len() { ", ..." } else { "" },
+            api::NAMESPACE_INJECTION_LABEL
+        ),
+    }
+}
+
+/// Tunnel name -> the pods that carry it.
+fn tunnel_pods(resolution: &ClusterResolution) -> BTreeMap<String, BTreeSet<PodKey>> {
+    let mut out: BTreeMap<String, BTreeSet<PodKey>> = BTreeMap::new();
+    for (pod, specs) in &resolution.route_tunnels {
+        for s in specs {
+            out.entry(s.name.clone()).or_default().insert(pod.clone());
+        }
+    }
+    out
+}
+
+/// The merge patch for a write.
+pub fn patch_body(write: &Write) -> Value {
+    match write {
+        Write::PodTunnels { tunnels, .. } => json!({"metadata": {"annotations": {api::TUNNELS: tunnels}}}),
+        Write::IngressStatus { status, .. } | Write::GatewayStatus { status, .. } => json!({"status": status}),
+    }
+}
