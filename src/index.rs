@@ -35,6 +35,9 @@ use crate::tunnel::TunnelSpec;
 pub struct ResolveConfig {
     pub ingress_class: String,
     pub gateway_controller: String,
+    /// Only namespaces whose labels include all of these are served (empty: every namespace).
+    /// Lets several controllers share a cluster, each with its own namespaces.
+    pub namespace_selector: BTreeMap<String, String>,
 }
 
 impl Default for ResolveConfig {
@@ -42,6 +45,7 @@ impl Default for ResolveConfig {
         ResolveConfig {
             ingress_class: crate::resolve::ingress::INGRESS_CLASS.into(),
             gateway_controller: gateway::GATEWAY_CONTROLLER.into(),
+            namespace_selector: BTreeMap::new(),
         }
     }
 }
@@ -287,15 +291,39 @@ impl View {
             .collect()
     }
 
+    /// The namespaces the controller serves; None for all of them.
+    pub fn scope(&self, config: &ResolveConfig) -> Option<BTreeSet<String>> {
+        if config.namespace_selector.is_empty() {
+            return None;
+        }
+        Some(
+            self.namespaces
+                .iter()
+                .filter(|n| {
+                    let labels = n.metadata.labels.as_ref();
+                    config.namespace_selector.iter().all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v))
+                })
+                .filter_map(|n| n.metadata.name.clone())
+                .collect(),
+        )
+    }
+
     fn inputs<'a>(
         &'a self,
         config: &'a ResolveConfig,
         pods: Vec<&'a Pod>,
         namespace_filter: Option<&str>,
     ) -> Inputs<'a> {
-        let in_scope = |ns: Option<&str>| namespace_filter.is_none_or(|f| ns == Some(f));
+        let scope = self.scope(config);
+        let in_scope = |ns: Option<&str>| {
+            namespace_filter.is_none_or(|f| ns == Some(f))
+                && scope.as_ref().is_none_or(|s| ns.is_some_and(|ns| s.contains(ns)))
+        };
         let routes = |kind: &str, objs: &[Arc<DynamicObject>]| -> Vec<RouteModel> {
             objs.iter()
+                .filter(|o| {
+                    scope.as_ref().is_none_or(|s| o.metadata.namespace.as_ref().is_some_and(|ns| s.contains(ns)))
+                })
                 .map(|o| gateway::route_from_json(kind, &json_of(o)))
                 // A route may live elsewhere and reach this namespace through a ReferenceGrant.
                 .filter(|r| namespace_filter.is_none_or(|f| r.rules.iter().flatten().any(|b| b.namespace == f)))
@@ -326,7 +354,7 @@ impl View {
                 .collect(),
             snapshot: Snapshot::new(
                 self.services.iter().map(|s| s.as_ref()).filter(|s| in_scope(s.metadata.namespace.as_deref())),
-                pods,
+                pods.into_iter().filter(|p| in_scope(p.metadata.namespace.as_deref())),
             ),
         }
     }

@@ -12,7 +12,7 @@ pub mod restart;
 pub mod status;
 pub mod sync_key;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -76,6 +76,10 @@ pub struct ControllerArgs {
     pub sync_key_secret: bool,
     #[arg(long, env = "PICOTUN_KEY_SECRET_NAME", default_value = crate::api::DEFAULT_KEY_SECRET)]
     pub key_secret_name: String,
+    /// Serve only namespaces with these labels (`key=value,...`; default: every namespace), so
+    /// several controllers can share a cluster.
+    #[arg(long, env = "PICOTUN_NAMESPACE_SELECTOR", value_parser = parse_selector, default_value = "")]
+    pub namespace_selector: BTreeMap<String, String>,
     /// Resolve everything at least this often, even when nothing changed.
     #[arg(long, env = "PICOTUN_RESYNC_INTERVAL", value_parser = humantime::parse_duration, default_value = "5m")]
     pub resync_interval: Duration,
@@ -171,6 +175,18 @@ impl Metrics {
     }
 }
 
+/// `key=value,key2=value2` (matchLabels); empty selects everything.
+pub fn parse_selector(s: &str) -> Result<BTreeMap<String, String>, String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|pair| match pair.split_once('=') {
+            Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.trim().to_string())),
+            _ => Err(format!("{pair:?} is not key=value (e.g. team=web)")),
+        })
+        .collect()
+}
+
 fn default_identity() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
     format!("{}-{}", host.trim(), std::process::id())
@@ -198,6 +214,7 @@ pub async fn run(args: ControllerArgs, shutdown: CancellationToken) -> Result<()
     let config = ResolveConfig {
         ingress_class: args.ingress_class.clone(),
         gateway_controller: args.gateway_controller_name.clone(),
+        namespace_selector: args.namespace_selector.clone(),
     };
     let index = Index::start(client.clone(), true, shutdown.clone()).await;
 

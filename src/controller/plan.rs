@@ -117,7 +117,13 @@ fn problem_note(regarding: &ObjectReferenceKey, p: &Problem) -> Note {
 /// Plans every write and Event for one pass. `now` is the RFC 3339 time for new conditions.
 pub fn plan(view: &View, resolution: &ClusterResolution, config: &ResolveConfig, now: &str) -> Plan {
     let mut out = Plan::default();
-    let pods: BTreeMap<PodKey, &Pod> = view.pods.iter().map(|p| (key_of(&p.metadata), p.as_ref())).collect();
+    let scope = view.scope(config);
+    let pods: BTreeMap<PodKey, &Pod> = view
+        .pods
+        .iter()
+        .map(|p| (key_of(&p.metadata), p.as_ref()))
+        .filter(|(k, _)| scope.as_ref().is_none_or(|s| s.contains(&k.0)))
+        .collect();
     let reports: Reports =
         pods.iter().map(|(k, p)| (k.clone(), status::reports_of(p))).filter(|(_, r)| !r.is_empty()).collect();
     let live = |p: &Pod| {

@@ -1,0 +1,519 @@
+//! `picotun controller` against the test ground's real kube-apiserver: the prototype's two
+//! walkthroughs end with the right tunnels on the right (kwok-Running) pods and correct status;
+//! editing a route reconfigures the pods without restarting them; deleting it removes the
+//! tunnels; a second replica takes over when the leader is killed.
+//!
+//! Each test's controller serves only its own namespaces (`--namespace-selector`) and its own
+//! IngressClass / GatewayClass, so tests running side by side never fight over a pod.
+
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::api::networking::v1::{Ingress, IngressClass};
+use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
+use kube::core::ApiResource;
+use picotun::index::GatewayKind;
+use picotun_testground::{ControlPlane, Existing, Proc, free_port, http, random_suffix, wait_for};
+use serde_json::{Value, json};
+
+/// A controller process serving the namespaces labeled `picotun.dev/controller-test=<scope>`.
+pub struct Controller {
+    pub proc: Proc,
+    pub admin: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Controller {
+    pub async fn start(ground: &ControlPlane, scope: &str, identity: &str, lease_namespace: &str) -> Controller {
+        let dir = tempfile::tempdir().unwrap();
+        let admin = format!("127.0.0.1:{}", free_port());
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_picotun"));
+        cmd.args(["controller", "--admin-addr", &admin, "--namespace", lease_namespace, "--identity", identity])
+            .args(["--ingress-class", &format!("pico-{scope}")])
+            .args(["--gateway-controller-name", &format!("tunnels.pico.sh/gw-{scope}")])
+            .args(["--namespace-selector", &format!("picotun.dev/controller-test={scope}")])
+            .args(["--lease-duration", "3s", "--lease-name", &format!("picotun-{scope}")])
+            .env("KUBECONFIG", ground.kubeconfig())
+            .env("PICOTUN_LOG", "picotun=debug,info");
+        let mut proc =
+            Proc::spawn(&format!("picotun-controller-{identity}"), cmd, &dir.path().join("controller.log")).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !http::get(&admin, "c", "/ready").await.is_ok_and(|r| r.status == 200) {
+            assert!(Instant::now() < deadline && proc.is_running(), "controller not ready: {}", proc.log_tail(30));
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Controller { proc, admin, _dir: dir }
+    }
+
+    pub async fn metrics(&self) -> String {
+        http::get(&self.admin, "c", "/metrics").await.map(|r| r.body).unwrap_or_default()
+    }
+
+    pub async fn is_leader(&self) -> bool {
+        self.metrics().await.lines().any(|l| l == "picotun_controller_leader 1")
+    }
+}
+
+/// A namespace this test's controller serves (labeled for injection too, as users would).
+pub async fn scoped_namespace(ground: &ControlPlane, client: &kube::Client, prefix: &str, scope: &str) -> String {
+    let ns = ground.namespace(prefix).await.unwrap();
+    let patch =
+        json!({"metadata": {"labels": {"picotun.dev/controller-test": scope, "tunnels.pico.sh/injection": "enabled"}}});
+    Api::<Namespace>::all(client.clone())
+        .patch(ns.name(), &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    ns.name().to_string()
+}
+
+/// An echo Deployment whose pods already carry the sidecar (as the webhook injects it), so this
+/// file tests the controller alone; the webhook's own tests cover injection.
+fn injected_echo(name: &str, replicas: i32) -> Deployment {
+    serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "spec": {"replicas": replicas, "selector": {"matchLabels": {"app": name}}, "template": {
+            "metadata": {"labels": {"app": name}, "annotations": {"tunnels.pico.sh/tunnels": "{\"tunnels\":[]}"}},
+            "spec": {"containers": [
+                {"name": "echo", "image": "hashicorp/http-echo", "args": ["-text=hello from example-app"],
+                 "ports": [{"name": "http", "containerPort": 5678}]},
+                {"name": "picotun-agent", "image": "picotun:test", "args": ["agent"]},
+            ]},
+        }},
+    }))
+    .unwrap()
+}
+
+fn service(name: &str, port: i32, target: Value) -> Service {
+    serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "spec": {"selector": {"app": name}, "ports": [{"name": "web", "port": port, "targetPort": target}]},
+    }))
+    .unwrap()
+}
+
+fn tunnels_of(pod: &Pod) -> Value {
+    let raw =
+        pod.metadata.annotations.as_ref().and_then(|a| a.get("tunnels.pico.sh/tunnels")).cloned().unwrap_or_default();
+    serde_json::from_str(&raw).unwrap_or(Value::Null)
+}
+
+/// Waits until every Running pod labeled `app=<app>` carries exactly `want` as its tunnels file.
+async fn pods_carry(pods: &Api<Pod>, app: &str, count: usize, want: &Value) -> Vec<Pod> {
+    wait_for(
+        &format!("{count} pods app={app} carrying {want}"),
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        || async {
+            let list =
+                pods.list(&ListParams::default().labels(&format!("app={app}"))).await.map_err(|e| e.to_string())?;
+            let ok: Vec<Pod> = list.items.into_iter().filter(|p| tunnels_of(p) == *want).collect();
+            Ok((ok.len() == count).then_some(ok))
+        },
+    )
+    .await
+    .unwrap()
+}
+
+fn uids(pods: &[Pod]) -> BTreeMap<String, String> {
+    pods.iter().map(|p| (p.metadata.name.clone().unwrap(), p.metadata.uid.clone().unwrap())).collect()
+}
+
+/// What the sidecar's report leaves on its pod (the webhook's /report writes this annotation).
+async fn report(pods: &Api<Pod>, pod: &str, tunnels: Value) {
+    let value = json!({"tunnels": tunnels}).to_string();
+    let patch = json!({"metadata": {"annotations": {"tunnels.pico.sh/addresses": value}}});
+    pods.patch(pod, &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+}
+
+async fn events_for(client: &kube::Client, ns: &str, name: &str) -> Vec<(String, String)> {
+    Api::<Event>::namespaced(client.clone(), ns)
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+        .map(|e| (e.reason.unwrap_or_default(), e.note.unwrap_or_default()))
+        .collect()
+}
+
+async fn wait_event(client: &kube::Client, ns: &str, name: &str, reason: &str) -> String {
+    wait_for(&format!("Event {reason} on {name}"), Duration::from_secs(30), Duration::from_millis(250), || async {
+        Ok(events_for(client, ns, name).await.into_iter().find(|(r, _)| r == reason).map(|(_, n)| n))
+    })
+    .await
+    .unwrap()
+}
+
+fn ingress(name: &str, class: &str, host: &str, service: &str, tls: bool) -> Ingress {
+    let mut spec = json!({"ingressClassName": class, "rules": [{"host": host, "http": {"paths": [
+        {"path": "/", "pathType": "Prefix", "backend": {"service": {"name": service, "port": {"number": 80}}}}]}}]});
+    if tls {
+        spec["tls"] = json!([{"hosts": [host], "secretName": "x"}]);
+    }
+    serde_json::from_value(json!({"metadata": {"name": name}, "spec": spec})).unwrap()
+}
+
+#[tokio::test]
+#[ignore = "needs the test ground (scripts/build-testground)"]
+async fn ingress_walkthrough_edit_and_delete() {
+    let ground = ControlPlane::shared(Existing::Allowed).await.unwrap();
+    let client = ground.client().await.unwrap();
+    let scope = random_suffix();
+    let ns = scoped_namespace(ground, &client, "ctl-ing", &scope).await;
+    let class = format!("pico-{scope}");
+    let ic: IngressClass = serde_json::from_value(
+        json!({"metadata": {"name": class}, "spec": {"controller": "tunnels.pico.sh/ingress-controller"}}),
+    )
+    .unwrap();
+    Api::<IngressClass>::all(client.clone()).create(&PostParams::default(), &ic).await.unwrap();
+    let controller = Controller::start(ground, &scope, "c1", &ns).await;
+
+    let pp = PostParams::default();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    Api::<Deployment>::namespaced(client.clone(), &ns).create(&pp, &injected_echo("example-app", 2)).await.unwrap();
+    Api::<Service>::namespaced(client.clone(), &ns)
+        .create(&pp, &service("example-app", 80, json!("http")))
+        .await
+        .unwrap();
+    // A pod the Service selects that has no sidecar (made before the namespace was labeled).
+    let bare: Pod = serde_json::from_value(json!({"metadata": {"name": "bare", "labels": {"app": "example-app"}},
+        "spec": {"containers": [{"name": "echo", "image": "hashicorp/http-echo", "ports": [{"name": "http", "containerPort": 5678}]}]}})).unwrap();
+    pods.create(&pp, &bare).await.unwrap();
+    let ingresses: Api<Ingress> = Api::namespaced(client.clone(), &ns);
+    ingresses.create(&pp, &ingress("example-app", &class, "demo", "example-app", true)).await.unwrap();
+
+    // The walkthrough: host `demo` -> Service port 80 -> the named target port 5678 on each pod.
+    let want =
+        json!({"tunnels": [{"name": "ing-example-app-demo", "kind": "http", "host": "demo", "targetPort": 5678}]});
+    let carrying = pods_carry(&pods, "example-app", 2, &want).await;
+    let before = uids(&carrying);
+    let sidecar_pods: Vec<String> = before.keys().filter(|n| *n != "bare").cloned().collect();
+    assert_eq!(sidecar_pods.len(), 2, "{before:?}");
+    let bare_now = pods.get("bare").await.unwrap();
+    assert_eq!(tunnels_of(&bare_now), Value::Null, "a pod without the sidecar gets no tunnels file");
+    let note = wait_event(&client, &ns, "bare", "SidecarMissing").await;
+    assert!(note.contains("tunnels.pico.sh/injection"), "{note}");
+    wait_event(&client, &ns, "example-app", "SidecarMissing").await;
+    let tls = wait_event(&client, &ns, "example-app", "TLSTerminationUnsupported").await;
+    assert!(tls.contains("spec.tls"), "{tls}");
+    let ing = ingresses.get("example-app").await.unwrap();
+    assert!(
+        ing.status
+            .as_ref()
+            .and_then(|s| s.load_balancer.as_ref())
+            .and_then(|l| l.ingress.as_ref())
+            .is_none_or(|i| i.is_empty()),
+        "no address before a sidecar reports one: {:?}",
+        ing.status
+    );
+
+    // A sidecar reports what the tunnel server assigned: that, not a guess, becomes the address.
+    report(
+        &pods,
+        &sidecar_pods[0],
+        json!({"ing-example-app-demo": {"state": "established", "publicAddress": "https://alice-demo.tuns.test"}}),
+    )
+    .await;
+    let host = wait_for("the Ingress address", Duration::from_secs(30), Duration::from_millis(200), || async {
+        let ing = ingresses.get("example-app").await.map_err(|e| e.to_string())?;
+        Ok(ing
+            .status
+            .and_then(|s| s.load_balancer)
+            .and_then(|l| l.ingress)
+            .and_then(|i| i.first().cloned())
+            .and_then(|i| i.hostname))
+    })
+    .await
+    .unwrap();
+    assert_eq!(host, "alice-demo.tuns.test");
+    let published = wait_event(&client, &ns, "example-app", "Published").await;
+    assert!(published.contains("https://alice-demo.tuns.test"), "{published}");
+
+    // Editing the route reconfigures the running pods in place: same pods, new tunnels.
+    let patch = json!({"spec": {"rules": [{"host": "demo2", "http": {"paths": [
+        {"path": "/", "pathType": "Prefix", "backend": {"service": {"name": "example-app", "port": {"number": 80}}}}]}}]}});
+    ingresses.patch("example-app", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    let want2 =
+        json!({"tunnels": [{"name": "ing-example-app-demo2", "kind": "http", "host": "demo2", "targetPort": 5678}]});
+    let after = uids(&pods_carry(&pods, "example-app", 2, &want2).await);
+    assert_eq!(before, after, "no pod was replaced");
+    let updated = wait_event(&client, &ns, &sidecar_pods[0], "TunnelsUpdated").await;
+    assert!(updated.contains("ing-example-app"), "{updated}");
+    // The old report no longer matches a tunnel of the Ingress: the address goes.
+    wait_for("the stale address to go", Duration::from_secs(30), Duration::from_millis(200), || async {
+        let ing = ingresses.get("example-app").await.map_err(|e| e.to_string())?;
+        let n = ing.status.and_then(|s| s.load_balancer).and_then(|l| l.ingress).map_or(0, |i| i.len());
+        Ok((n == 0).then_some(()))
+    })
+    .await
+    .unwrap();
+
+    // Deleting it removes the tunnels.
+    ingresses.delete("example-app", &DeleteParams::default()).await.unwrap();
+    pods_carry(&pods, "example-app", 2, &json!({"tunnels": []})).await;
+    let metrics = controller.metrics().await;
+    assert!(metrics.contains("picotun_controller_reconciles_total"), "{metrics}");
+    assert!(metrics.contains("picotun_controller_writes_total{kind=\"Pod\",result=\"ok\"}"), "{metrics}");
+    let _ = Api::<IngressClass>::all(client.clone()).delete(&class, &DeleteParams::default()).await;
+}
+
+fn dynamic(kind: GatewayKind, ns: Option<&str>, client: &kube::Client) -> Api<DynamicObject> {
+    let ar: ApiResource = kind.api_resource();
+    match ns {
+        Some(ns) => Api::namespaced_with(client.clone(), ns, &ar),
+        None => Api::all_with(client.clone(), &ar),
+    }
+}
+
+async fn create_dynamic(kind: GatewayKind, ns: Option<&str>, client: &kube::Client, body: Value) {
+    let ar = kind.api_resource();
+    let mut body = body;
+    body["apiVersion"] = json!(ar.api_version);
+    body["kind"] = json!(ar.kind);
+    let obj: DynamicObject = serde_json::from_value(body).unwrap();
+    dynamic(kind, ns, client).create(&PostParams::default(), &obj).await.unwrap();
+}
+
+async fn status_of(kind: GatewayKind, ns: Option<&str>, client: &kube::Client, name: &str) -> Value {
+    dynamic(kind, ns, client).get(name).await.map(|o| o.data["status"].clone()).unwrap_or(Value::Null)
+}
+
+fn condition<'a>(conditions: &'a Value, type_: &str) -> &'a Value {
+    conditions.as_array().and_then(|cs| cs.iter().find(|c| c["type"] == type_)).unwrap_or(&Value::Null)
+}
+
+#[tokio::test]
+#[ignore = "needs the test ground (scripts/build-testground)"]
+async fn gateway_walkthrough_http_and_tcp_listeners() {
+    let ground = ControlPlane::shared(Existing::Allowed).await.unwrap();
+    let client = ground.client().await.unwrap();
+    let scope = random_suffix();
+    let ns = scoped_namespace(ground, &client, "ctl-gw", &scope).await;
+    let class = format!("pico-{scope}");
+    create_dynamic(
+        GatewayKind::GatewayClass,
+        None,
+        &client,
+        json!({"metadata": {"name": class},
+        "spec": {"controllerName": format!("tunnels.pico.sh/gw-{scope}")}}),
+    )
+    .await;
+    let controller = Controller::start(ground, &scope, "c1", &ns).await;
+
+    let pp = PostParams::default();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    Api::<Deployment>::namespaced(client.clone(), &ns).create(&pp, &injected_echo("tcp-echo-server", 3)).await.unwrap();
+    Api::<Service>::namespaced(client.clone(), &ns)
+        .create(&pp, &service("tcp-echo-server", 5678, json!(5678)))
+        .await
+        .unwrap();
+    let g = Some(ns.as_str());
+    create_dynamic(
+        GatewayKind::Gateway,
+        g,
+        &client,
+        json!({"metadata": {"name": "tcp-echo-gateway"}, "spec": {
+        "gatewayClassName": class,
+        "listeners": [
+            {"name": "web-test", "protocol": "HTTP", "port": 80, "hostname": "web-test"},
+            {"name": "tcp", "protocol": "TCP", "port": 59123, "allowedRoutes": {"kinds": [{"kind": "TCPRoute"}]}},
+            {"name": "alt-http", "protocol": "HTTP", "port": 8080, "hostname": "alt"},
+        ]}}),
+    )
+    .await;
+    create_dynamic(
+        GatewayKind::HTTPRoute,
+        g,
+        &client,
+        json!({"metadata": {"name": "http-echo-route"}, "spec": {
+        "parentRefs": [{"name": "tcp-echo-gateway", "sectionName": "web-test"}],
+        "rules": [{"backendRefs": [{"name": "tcp-echo-server", "port": 5678}]}]}}),
+    )
+    .await;
+    create_dynamic(
+        GatewayKind::TCPRoute,
+        g,
+        &client,
+        json!({"metadata": {"name": "tcp-echo-route"}, "spec": {
+        "parentRefs": [{"name": "tcp-echo-gateway", "sectionName": "tcp"}],
+        "rules": [{"backendRefs": [{"name": "tcp-echo-server", "port": 5678}]}]}}),
+    )
+    .await;
+
+    // Every pod opens both: the HTTP name and the TCP port, relayed to the echo server.
+    let want = json!({"tunnels": [
+        {"name": "gw-tcp-echo-gateway-tcp", "kind": "tcp", "remotePort": 59123, "targetPort": 5678},
+        {"name": "gw-tcp-echo-gateway-web-test-web-test", "kind": "http", "host": "web-test", "targetPort": 5678},
+    ]});
+    let carrying = pods_carry(&pods, "tcp-echo-server", 3, &want).await;
+
+    // Status before any sidecar reports: accepted and attached, not yet programmed.
+    let class_status =
+        wait_for("GatewayClass Accepted", Duration::from_secs(30), Duration::from_millis(200), || async {
+            let s = status_of(GatewayKind::GatewayClass, None, &client, &class).await;
+            Ok((condition(&s["conditions"], "Accepted")["status"] == "True").then_some(s))
+        })
+        .await
+        .unwrap();
+    assert!(condition(&class_status["conditions"], "Accepted")["observedGeneration"].is_number());
+    let gw = wait_for("Gateway listeners", Duration::from_secs(30), Duration::from_millis(200), || async {
+        let s = status_of(GatewayKind::Gateway, g, &client, "tcp-echo-gateway").await;
+        Ok(s["listeners"].as_array().is_some_and(|l| l.len() == 3).then_some(s))
+    })
+    .await
+    .unwrap();
+    assert_eq!(condition(&gw["conditions"], "Accepted")["status"], "True", "{gw}");
+    assert_eq!(condition(&gw["conditions"], "Programmed")["status"], "False", "{gw}");
+    let listener =
+        |s: &Value, name: &str| s["listeners"].as_array().unwrap().iter().find(|l| l["name"] == name).cloned().unwrap();
+    assert_eq!(listener(&gw, "web-test")["attachedRoutes"], 1);
+    assert_eq!(listener(&gw, "tcp")["attachedRoutes"], 1);
+    let alt = listener(&gw, "alt-http");
+    assert_eq!(condition(&alt["conditions"], "Accepted")["reason"], "PortUnavailable", "{alt}");
+    let port_event = wait_event(&client, &ns, "tcp-echo-gateway", "PortUnavailable").await;
+    assert!(port_event.contains("8080"), "{port_event}");
+    for (kind, name) in [(GatewayKind::HTTPRoute, "http-echo-route"), (GatewayKind::TCPRoute, "tcp-echo-route")] {
+        let s = wait_for(&format!("{name} parents"), Duration::from_secs(30), Duration::from_millis(200), || async {
+            let s = status_of(kind, g, &client, name).await;
+            Ok(s["parents"].as_array().is_some_and(|p| !p.is_empty()).then_some(s))
+        })
+        .await
+        .unwrap();
+        let parent = &s["parents"][0];
+        assert_eq!(parent["controllerName"], format!("tunnels.pico.sh/gw-{scope}"));
+        assert_eq!(condition(&parent["conditions"], "Accepted")["status"], "True", "{s}");
+        assert_eq!(condition(&parent["conditions"], "ResolvedRefs")["status"], "True", "{s}");
+    }
+
+    // Sidecars report: the Gateway is programmed at the addresses the server assigned.
+    let names: Vec<String> = carrying.iter().map(|p| p.metadata.name.clone().unwrap()).collect();
+    report(&pods, &names[0], json!({
+        "gw-tcp-echo-gateway-tcp": {"state": "established", "publicAddress": "tuns.test:59123"},
+        "gw-tcp-echo-gateway-web-test-web-test": {"state": "established", "publicAddress": "https://alice-web-test.tuns.test"},
+    })).await;
+    let gw = wait_for("Gateway Programmed", Duration::from_secs(30), Duration::from_millis(200), || async {
+        let s = status_of(GatewayKind::Gateway, g, &client, "tcp-echo-gateway").await;
+        Ok((condition(&s["conditions"], "Programmed")["status"] == "True").then_some(s))
+    })
+    .await
+    .unwrap();
+    let addresses: Vec<&str> = gw["addresses"].as_array().unwrap().iter().filter_map(|a| a["value"].as_str()).collect();
+    assert_eq!(addresses, ["alice-web-test.tuns.test", "tuns.test"], "{gw}");
+    let tcp = listener(&gw, "tcp");
+    assert!(
+        condition(&tcp["conditions"], "Programmed")["message"].as_str().unwrap().contains("tuns.test:59123"),
+        "{tcp}"
+    );
+
+    // Weighted backends cannot be honoured: said on the route.
+    let patch = json!({"spec": {"rules": [{"backendRefs": [
+        {"name": "tcp-echo-server", "port": 5678, "weight": 90}, {"name": "tcp-echo-server", "port": 5678, "weight": 10}]}]}});
+    dynamic(GatewayKind::HTTPRoute, g, &client)
+        .patch("http-echo-route", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    wait_for("PartiallyInvalid on the route", Duration::from_secs(30), Duration::from_millis(200), || async {
+        let s = status_of(GatewayKind::HTTPRoute, g, &client, "http-echo-route").await;
+        Ok((condition(&s["parents"][0]["conditions"], "PartiallyInvalid")["reason"] == "UnsupportedValue")
+            .then_some(()))
+    })
+    .await
+    .unwrap();
+    wait_event(&client, &ns, "http-echo-route", "WeightsUnsupported").await;
+
+    // Deleting the TCPRoute takes the TCP tunnel off every pod, in place.
+    dynamic(GatewayKind::TCPRoute, g, &client).delete("tcp-echo-route", &DeleteParams::default()).await.unwrap();
+    let want_http = json!({"tunnels": [
+        {"name": "gw-tcp-echo-gateway-web-test-web-test", "kind": "http", "host": "web-test", "targetPort": 5678},
+    ]});
+    let after = pods_carry(&pods, "tcp-echo-server", 3, &want_http).await;
+    assert_eq!(uids(&carrying), uids(&after), "no pod was replaced");
+    assert!(controller.is_leader().await);
+    let _ = dynamic(GatewayKind::GatewayClass, None, &client).delete(&class, &DeleteParams::default()).await;
+}
+
+#[tokio::test]
+#[ignore = "needs the test ground (scripts/build-testground)"]
+async fn a_second_replica_takes_over_when_the_leader_is_killed() {
+    let ground = ControlPlane::shared(Existing::Allowed).await.unwrap();
+    let client = ground.client().await.unwrap();
+    let scope = random_suffix();
+    let ns = scoped_namespace(ground, &client, "ctl-ha", &scope).await;
+    let class = format!("pico-{scope}");
+    let ic: IngressClass = serde_json::from_value(
+        json!({"metadata": {"name": class}, "spec": {"controller": "tunnels.pico.sh/ingress-controller"}}),
+    )
+    .unwrap();
+    Api::<IngressClass>::all(client.clone()).create(&PostParams::default(), &ic).await.unwrap();
+    let first = Controller::start(ground, &scope, "first", &ns).await;
+    let second = Controller::start(ground, &scope, "second", &ns).await;
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
+    let lease_name = format!("picotun-{scope}");
+    let holder = |l: Lease| l.spec.and_then(|s| s.holder_identity);
+    let leader = wait_for("a leader", Duration::from_secs(20), Duration::from_millis(100), || async {
+        Ok(leases.get_opt(&lease_name).await.map_err(|e| e.to_string())?.and_then(holder))
+    })
+    .await
+    .unwrap();
+    let (mut leader_proc, follower) = if leader == "first" { (first, second) } else { (second, first) };
+    assert!(leader_proc.is_leader().await || wait_leader_metric(&leader_proc).await);
+    assert!(!follower.is_leader().await, "two leaders");
+
+    let pp = PostParams::default();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    Api::<Deployment>::namespaced(client.clone(), &ns).create(&pp, &injected_echo("web", 1)).await.unwrap();
+    Api::<Service>::namespaced(client.clone(), &ns).create(&pp, &service("web", 80, json!(5678))).await.unwrap();
+    let ingresses: Api<Ingress> = Api::namespaced(client.clone(), &ns);
+    ingresses.create(&pp, &ingress("web", &class, "one", "web", false)).await.unwrap();
+    pods_carry(
+        &pods,
+        "web",
+        1,
+        &json!({"tunnels": [{"name": "ing-web-one", "kind": "http", "host": "one", "targetPort": 5678}]}),
+    )
+    .await;
+
+    // Kill the leader outright (no release): the follower takes over once the Lease expires.
+    leader_proc.proc.kill();
+    let killed_at = Instant::now();
+    ingresses
+        .patch(
+            "web",
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"spec": {"rules": [{"host": "two", "http": {"paths": [
+        {"path": "/", "pathType": "Prefix", "backend": {"service": {"name": "web", "port": {"number": 80}}}}]}}]}})),
+        )
+        .await
+        .unwrap();
+    pods_carry(
+        &pods,
+        "web",
+        1,
+        &json!({"tunnels": [{"name": "ing-web-two", "kind": "http", "host": "two", "targetPort": 5678}]}),
+    )
+    .await;
+    let took = killed_at.elapsed();
+    let new_holder = leases.get(&lease_name).await.ok().and_then(holder);
+    assert_ne!(new_holder.as_deref(), Some(leader.as_str()), "the Lease moved");
+    assert!(follower.is_leader().await);
+    eprintln!("takeover after the leader was killed: {took:?}");
+    drop(leader_proc);
+    drop(follower);
+    let _ = Api::<IngressClass>::all(client.clone()).delete(&class, &DeleteParams::default()).await;
+}
+
+async fn wait_leader_metric(c: &Controller) -> bool {
+    for _ in 0..50 {
+        if c.is_leader().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
