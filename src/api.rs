@@ -15,6 +15,11 @@ pub const EXPOSE: &str = "tunnels.pico.sh/expose";
 pub const TUNNELS: &str = "tunnels.pico.sh/tunnels";
 /// Pod annotation recording what was injected (JSON), so injection is idempotent.
 pub const STATUS: &str = "tunnels.pico.sh/status";
+/// Pod annotation with the public addresses the pod's sidecar reported, as compact JSON:
+/// `{"tunnels":{"web":{"state":"established","publicAddress":"https://..."}}}`. Written by the
+/// webhook's `/report` endpoint (the agent has no Kubernetes access); the controller reads it
+/// from its pod cache into Ingress and Gateway status.
+pub const ADDRESSES: &str = "tunnels.pico.sh/addresses";
 /// Pod annotation naming the Secret with the SSH key (default [`DEFAULT_KEY_SECRET`]).
 pub const KEY_SECRET: &str = "tunnels.pico.sh/key-secret";
 pub const DEFAULT_KEY_SECRET: &str = "picotun-ssh-key";

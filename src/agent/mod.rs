@@ -7,6 +7,7 @@
 //!                                   AgentState ◄──────── forwarded channel ─► proxy ─► app port
 //!                                       │
 //!                              admin: /live /ready /metrics /status
+//!                              report: POST /status to --report-url (the webhook)
 //! ```
 
 pub mod backoff;
@@ -16,6 +17,7 @@ pub mod hostkey;
 pub mod keys;
 pub mod output;
 pub mod proxy;
+pub mod report;
 pub mod state;
 
 use std::collections::BTreeMap;
@@ -94,6 +96,10 @@ pub struct AgentArgs {
     /// How often the tunnels file is checked for changes.
     #[arg(long, env = "PICOTUN_RELOAD_INTERVAL", value_parser = humantime::parse_duration, default_value = "1s")]
     pub reload_interval: Duration,
+    /// Reporting the public addresses to the webhook (--report-url, --report-ca,
+    /// --report-token-file, --report-interval).
+    #[command(flatten)]
+    pub report: report::ReportArgs,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -104,6 +110,8 @@ pub enum AgentError {
     HostKey(#[from] hostkey::HostKeyError),
     #[error("cannot listen on the admin address {addr}: {source}")]
     Admin { addr: SocketAddr, source: std::io::Error },
+    #[error(transparent)]
+    Report(#[from] report::ReportError),
 }
 
 /// Which tunnel server, as whom, in which dialect: shared by the agent and by the webhook, which
@@ -179,6 +187,7 @@ pub async fn run(args: AgentArgs, shutdown: CancellationToken) -> Result<(), Age
         window_size: args.ssh_window_bytes,
     });
     let state = Arc::new(AgentState::default());
+    let reporter = report::Reporter::from_args(&args.report)?;
 
     let listener = tokio::net::TcpListener::bind(args.admin_addr)
         .await
@@ -187,24 +196,20 @@ pub async fn run(args: AgentArgs, shutdown: CancellationToken) -> Result<(), Age
     let status_state = state.clone();
     let server_label = format!("{}:{}", server.server, server.server_port);
     let dialect = server.dialect;
+    let status = Arc::new(move || status_document(&status_state, &server_label, dialect));
+    let status_route = status.clone();
     let extra = axum::Router::new().route(
         "/status",
         get(move || {
-            let s = status_state.clone();
-            let server = server_label.clone();
-            async move {
-                Json(serde_json::json!({
-                    "ready": s.is_ready(),
-                    "server": server,
-                    "dialect": dialect,
-                    "configError": s.config_error(),
-                    "tunnels": s.snapshot(),
-                }))
-            }
+            let status = status_route.clone();
+            async move { Json(status()) }
         }),
     );
     let mut registry = prometheus_client::registry::Registry::default();
     state.metrics.register(&mut registry);
+    if let Some(r) = &reporter {
+        r.metrics.register(&mut registry);
+    }
     let admin_shutdown = CancellationToken::new();
     let admin_task = tokio::spawn(admin::serve(
         listener,
@@ -214,11 +219,32 @@ pub async fn run(args: AgentArgs, shutdown: CancellationToken) -> Result<(), Age
         admin_shutdown.clone(),
     ));
 
+    // Reports go on while draining (the webhook learns the tunnels are going) and stop with the
+    // admin port.
+    let report_task = reporter.map(|r| {
+        info!(url = r.url(), "reporting the tunnels' public addresses");
+        tokio::spawn(r.run(move || status(), admin_shutdown.clone()))
+    });
+
     supervise(&args, settings, state.clone(), shutdown).await;
     admin_shutdown.cancel();
     let _ = admin_task.await;
+    if let Some(t) = report_task {
+        let _ = t.await;
+    }
     info!("picotun agent stopped");
     Ok(())
+}
+
+/// The `/status` document: served on the admin port, and what is posted to --report-url.
+fn status_document(state: &AgentState, server: &str, dialect: Dialect) -> serde_json::Value {
+    serde_json::json!({
+        "ready": state.is_ready(),
+        "server": server,
+        "dialect": dialect,
+        "configError": state.config_error(),
+        "tunnels": state.snapshot(),
+    })
 }
 
 /// Reads the tunnels file, keeps one connection task per option set, and passes each its

@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, DownwardAPIVolumeFile, DownwardAPIVolumeSource, EnvVar, HTTPGetAction,
-    KeyToPath, ObjectFieldSelector, Pod, Probe, ResourceRequirements, SeccompProfile, SecretVolumeSource,
-    SecurityContext, Volume, VolumeMount,
+    KeyToPath, ObjectFieldSelector, Pod, Probe, ProjectedVolumeSource, ResourceRequirements, SeccompProfile,
+    SecretVolumeSource, SecurityContext, ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -38,7 +38,19 @@ pub struct InjectConfig {
     /// known_hosts lines pinning the server's host key, passed to every sidecar (empty: the
     /// agent's built-in tuns.sh key).
     pub known_hosts: String,
+    /// Where sidecars POST their status (the webhook's `/report`); empty: they do not report.
+    pub report_url: String,
+    /// PEM CA bundle the sidecars verify `report_url` with, passed inline (empty: the agent's
+    /// platform roots).
+    pub report_ca: String,
 }
+
+/// The audience of the projected token a sidecar proves its pod with; `/report` accepts no other.
+pub const REPORT_AUDIENCE: &str = "tunnels.pico.sh";
+/// Where that token is mounted in the sidecar.
+pub const REPORT_TOKEN_DIR: &str = "/var/run/secrets/tunnels.pico.sh/report";
+/// The projected token's lifetime; the kubelet rotates it at 80%, the agent re-reads it per post.
+pub const REPORT_TOKEN_SECONDS: i64 = 3600;
 
 impl Default for InjectConfig {
     fn default() -> Self {
@@ -58,6 +70,8 @@ impl Default for InjectConfig {
             memory_limit: "64Mi".into(),
             log_level: "info".into(),
             known_hosts: String::new(),
+            report_url: String::new(),
+            report_ca: String::new(),
         }
     }
 }
@@ -209,7 +223,15 @@ pub fn mutate(
     }
     let mut warnings = Vec::new();
     let tunnels = tunnels_for(pod, workload, route_tunnels, &mut warnings);
-    let injected = inject(pod, &tunnels, config, &mut warnings);
+    let mut injected = inject(pod, &tunnels, config, &mut warnings);
+    // The pod carries everything its tunnels are computed from (route tunnels + its own expose
+    // annotation), so the controller can recompute them from the pod alone, without the
+    // workload that was there at admission.
+    if let Some(expose) = workload.and_then(|w| w.annotations.get(api::EXPOSE))
+        && lookup(&pod.metadata.annotations, api::EXPOSE).is_none()
+    {
+        injected.metadata.annotations.get_or_insert_with(BTreeMap::new).insert(api::EXPOSE.into(), expose.clone());
+    }
     Outcome { decision, pod: Some(injected), tunnels, warnings }
 }
 
@@ -309,6 +331,7 @@ pub fn inject(pod: &Pod, tunnels: &[TunnelSpec], config: &InjectConfig, warnings
     }
 
     let env = |name: &str, value: String| EnvVar { name: name.into(), value: Some(value), ..Default::default() };
+    let report = !config.report_url.is_empty();
     let probe = |path: &str| Probe {
         http_get: Some(HTTPGetAction {
             path: Some(path.into()),
@@ -319,7 +342,7 @@ pub fn inject(pod: &Pod, tunnels: &[TunnelSpec], config: &InjectConfig, warnings
         failure_threshold: Some(3),
         ..Default::default()
     };
-    let sidecar = Container {
+    let mut sidecar = Container {
         name: api::SIDECAR_NAME.into(),
         image: Some(config.image.clone()),
         image_pull_policy: Some(config.pull_policy.clone()),
@@ -339,6 +362,9 @@ pub fn inject(pod: &Pod, tunnels: &[TunnelSpec], config: &InjectConfig, warnings
             .chain(
                 (!config.known_hosts.is_empty()).then(|| env("PICOTUN_KNOWN_HOSTS_DATA", config.known_hosts.clone())),
             )
+            .chain(report.then(|| env("PICOTUN_REPORT_URL", config.report_url.clone())))
+            .chain((report && !config.report_ca.is_empty()).then(|| env("PICOTUN_REPORT_CA", config.report_ca.clone())))
+            .chain(report.then(|| env("PICOTUN_REPORT_TOKEN_FILE", format!("{REPORT_TOKEN_DIR}/token"))))
             .collect(),
         ),
         ports: Some(vec![ContainerPort {
@@ -378,6 +404,14 @@ pub fn inject(pod: &Pod, tunnels: &[TunnelSpec], config: &InjectConfig, warnings
         restart_policy: config.native_sidecar.then(|| "Always".to_string()),
         ..Default::default()
     };
+    if report {
+        sidecar.volume_mounts.get_or_insert_with(Vec::new).push(VolumeMount {
+            name: "picotun-report-token".into(),
+            mount_path: REPORT_TOKEN_DIR.into(),
+            read_only: Some(true),
+            ..Default::default()
+        });
+    }
     if config.native_sidecar {
         spec.init_containers.get_or_insert_with(Vec::new).push(sidecar);
     } else {
@@ -411,6 +445,27 @@ pub fn inject(pod: &Pod, tunnels: &[TunnelSpec], config: &InjectConfig, warnings
         }),
         ..Default::default()
     });
+    if report {
+        // A token bound to this pod (the kubelet requests it with the pod as boundObjectRef),
+        // for this audience only: it proves to `/report` which pod speaks, and is useless
+        // against the apiserver. Mounted only into the sidecar.
+        volumes.push(Volume {
+            name: "picotun-report-token".into(),
+            projected: Some(ProjectedVolumeSource {
+                sources: Some(vec![VolumeProjection {
+                    service_account_token: Some(ServiceAccountTokenProjection {
+                        audience: Some(REPORT_AUDIENCE.into()),
+                        expiration_seconds: Some(REPORT_TOKEN_SECONDS),
+                        path: "token".into(),
+                    }),
+                    ..Default::default()
+                }]),
+                // As for the key: readable by the sidecar's user without an fsGroup.
+                default_mode: Some(0o444),
+            }),
+            ..Default::default()
+        });
+    }
     pod
 }
 
@@ -573,6 +628,73 @@ mod tests {
                 .iter()
                 .any(|e| e.name == "PICOTUN_KNOWN_HOSTS_DATA")
         );
+    }
+
+    #[test]
+    fn reporting_adds_a_bound_token_for_the_sidecar_only() {
+        let p = app(json!({"tunnels.pico.sh/inject": "true"}), json!({}));
+        let config = InjectConfig {
+            report_url: "https://picotun-webhook.pico-sh-system.svc:443/report".into(),
+            report_ca: "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n".into(),
+            ..cfg()
+        };
+        let injected = mutate(&p, "apps", None, &[], false, &config).pod.unwrap();
+        let spec = injected.spec.unwrap();
+        let sidecar = &spec.init_containers.as_ref().unwrap()[0];
+        let env: BTreeMap<&str, &str> =
+            sidecar.env.iter().flatten().map(|e| (e.name.as_str(), e.value.as_deref().unwrap_or(""))).collect();
+        assert_eq!(env["PICOTUN_REPORT_URL"], "https://picotun-webhook.pico-sh-system.svc:443/report");
+        assert_eq!(env["PICOTUN_REPORT_CA"], config.report_ca);
+        assert_eq!(env["PICOTUN_REPORT_TOKEN_FILE"], "/var/run/secrets/tunnels.pico.sh/report/token");
+        let mount = sidecar.volume_mounts.iter().flatten().find(|m| m.name == "picotun-report-token").unwrap();
+        assert_eq!(
+            (mount.mount_path.as_str(), mount.read_only),
+            ("/var/run/secrets/tunnels.pico.sh/report", Some(true))
+        );
+        assert!(
+            spec.containers.iter().all(|c| c.volume_mounts.iter().flatten().all(|m| m.name != "picotun-report-token")),
+            "the app never sees the token"
+        );
+        let volume = spec.volumes.iter().flatten().find(|v| v.name == "picotun-report-token").unwrap();
+        let sources = volume.projected.as_ref().unwrap().sources.as_ref().unwrap();
+        let token = sources[0].service_account_token.as_ref().unwrap();
+        assert_eq!(
+            (token.audience.as_deref(), token.expiration_seconds, token.path.as_str()),
+            (Some("tunnels.pico.sh"), Some(3600), "token")
+        );
+
+        // Without a CA, no PICOTUN_REPORT_CA (the agent falls back to platform roots).
+        let no_ca = InjectConfig { report_ca: String::new(), ..config };
+        let injected = mutate(&p, "apps", None, &[], false, &no_ca).pod.unwrap();
+        let sidecar = &injected.spec.unwrap().init_containers.unwrap()[0];
+        assert!(sidecar.env.iter().flatten().all(|e| e.name != "PICOTUN_REPORT_CA"));
+
+        // Without a URL, nothing of it.
+        let plain = mutate(&p, "apps", None, &[], false, &cfg()).pod.unwrap();
+        let text = serde_json::to_string(&plain).unwrap();
+        assert!(!text.contains("PICOTUN_REPORT") && !text.contains("picotun-report-token"), "{text}");
+    }
+
+    #[test]
+    fn a_workload_expose_annotation_is_copied_onto_the_pod() {
+        let w = workload(&[("tunnels.pico.sh/expose", "http:demo=http")]);
+        let plain = app(json!({}), json!({}));
+        let out = mutate(&plain, "apps", Some(&w), &[], false, &cfg());
+        let annotations = out.pod.unwrap().metadata.annotations.unwrap();
+        assert_eq!(annotations["tunnels.pico.sh/expose"], "http:demo=http");
+        // The pod's own annotation is what counted, and stays as it is.
+        let own = app(json!({}), json!({"tunnels.pico.sh/expose": "tcp:any=8080"}));
+        let out = mutate(&own, "apps", Some(&w), &[], false, &cfg());
+        assert_eq!(out.tunnels[0].name, "tcp-any-8080");
+        assert_eq!(out.pod.unwrap().metadata.annotations.unwrap()["tunnels.pico.sh/expose"], "tcp:any=8080");
+        // Opted in another way: nothing is added.
+        let opted = app(json!({"tunnels.pico.sh/inject": "true"}), json!({}));
+        let out = mutate(&opted, "apps", Some(&workload(&[])), &[], false, &cfg());
+        assert!(!out.pod.unwrap().metadata.annotations.unwrap().contains_key("tunnels.pico.sh/expose"));
+        // What the pod carries recomputes the same tunnels without the workload.
+        let injected = mutate(&plain, "apps", Some(&w), &[], false, &cfg());
+        let again = tunnels_for(injected.pod.as_ref().unwrap(), None, &[], &mut Vec::new());
+        assert_eq!(again, injected.tunnels);
     }
 
     #[test]

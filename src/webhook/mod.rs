@@ -5,10 +5,13 @@
 //!                                      │                     │
 //!                                      ▼                     ▼
 //!                                 admission::answer ─► inject::mutate (pure) ─► JSON patch
+//!
+//! sidecar ─TLS─► POST /report ─► report: TokenReview ─► pod annotation tunnels.pico.sh/addresses
 //! ```
 
 pub mod admission;
 pub mod inject;
+pub mod report;
 pub mod tls;
 
 use std::net::SocketAddr;
@@ -73,6 +76,15 @@ pub struct WebhookArgs {
     /// (Takes effect once the controller's index feeds the webhook.)
     #[arg(long, env = "PICOTUN_INJECT_ROUTE_BACKENDS")]
     pub inject_route_backends: bool,
+    /// Where injected sidecars POST their status so their public addresses reach Kubernetes:
+    /// this webhook's /report as pods reach it, e.g.
+    /// https://picotun-webhook.pico-sh-system.svc:443/report. Unset: sidecars do not report.
+    #[arg(long, env = "PICOTUN_AGENT_REPORT_URL")]
+    pub agent_report_url: Option<String>,
+    /// PEM CA bundle the sidecars verify --agent-report-url with (the CA of this webhook's
+    /// certificate); passed to them inline. Unset: their platform's CA certificates.
+    #[arg(long, env = "PICOTUN_AGENT_REPORT_CA_FILE")]
+    pub agent_report_ca_file: Option<PathBuf>,
 }
 
 /// How injected sidecars are configured (shared by `webhook` and `inject`).
@@ -128,6 +140,8 @@ impl SidecarArgs {
             memory_limit: self.sidecar_memory_limit.clone(),
             log_level: "info".into(),
             known_hosts: String::new(),
+            report_url: String::new(),
+            report_ca: String::new(),
         }
     }
 
@@ -148,6 +162,10 @@ pub enum WebhookError {
     Cert(#[from] tls::CertError),
     #[error("cannot read --sidecar-known-hosts-file: {0}")]
     KnownHosts(std::io::Error),
+    #[error("cannot read --agent-report-ca-file: {0}")]
+    ReportCa(std::io::Error),
+    #[error("--agent-report-url {0:?} must start with https:// (sidecars send a token to it)")]
+    ReportUrl(String),
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -235,6 +253,7 @@ struct AppState {
     inject_route_backends: bool,
     client: Option<kube::Client>,
     metrics: Metrics,
+    reports: report::Reports,
 }
 
 /// Runs the webhook until `shutdown`.
@@ -271,12 +290,23 @@ pub async fn run(args: WebhookArgs, shutdown: CancellationToken) -> Result<(), W
     let mut config = args.sidecar.inject_config(native);
     config.own_namespace = args.namespace.clone();
     config.known_hosts = args.sidecar.known_hosts().map_err(WebhookError::KnownHosts)?;
+    if let Some(url) = args.agent_report_url.as_deref().map(str::trim).filter(|u| !u.is_empty()) {
+        if !url.starts_with("https://") {
+            return Err(WebhookError::ReportUrl(url.to_string()));
+        }
+        config.report_url = url.to_string();
+    }
+    if let Some(path) = &args.agent_report_ca_file {
+        config.report_ca = std::fs::read_to_string(path).map_err(WebhookError::ReportCa)?;
+    }
+    let reports = report::Reports::new(&mut registry);
     let state = Arc::new(AppState {
         secrets: SecretCache::default(),
         config,
         inject_route_backends: args.inject_route_backends,
         client,
         metrics,
+        reports,
     });
 
     let expiry = state.clone();
@@ -346,6 +376,7 @@ pub fn supports_native_sidecars(major: &str, minor: &str) -> bool {
 fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/mutate", post(mutate))
+        .route("/report", post(report::handle))
         .layer(DefaultBodyLimit::max(admission::MAX_BODY_BYTES))
         .with_state(state)
 }

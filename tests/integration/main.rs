@@ -4,6 +4,7 @@
 
 mod agent;
 mod ground;
+mod report;
 mod support;
 mod tunnel_servers;
 mod webhook;
