@@ -3,6 +3,7 @@
 //! `scripts/test` runs everything with `--include-ignored` after building the ground.
 
 mod agent;
+mod controller;
 mod deploy;
 mod ground;
 mod report;
