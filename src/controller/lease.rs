@@ -52,10 +52,13 @@ pub fn spawn(client: kube::Client, config: LeaseConfig, shutdown: CancellationTo
     rx
 }
 
+/// Another holder's Lease record: who, and when it last renewed.
+type Record = (Option<String>, Option<MicroTime>);
+
 struct Elector {
     config: LeaseConfig,
     /// The other holder's record and when this replica first saw it.
-    observed: Option<((Option<String>, Option<MicroTime>), Instant)>,
+    observed: Option<(Record, Instant)>,
     last_renewed: Option<Instant>,
 }
 

@@ -40,6 +40,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::admin;
+use crate::index::{Index, ResolveConfig};
 use crate::webhook::inject::{Decision, InjectConfig, Workload};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -76,6 +77,12 @@ pub struct WebhookArgs {
     /// (Takes effect once the controller's index feeds the webhook.)
     #[arg(long, env = "PICOTUN_INJECT_ROUTE_BACKENDS")]
     pub inject_route_backends: bool,
+    /// The IngressClass the controller serves (the webhook resolves routes the same way, so a
+    /// pod created after its route exists starts with the right tunnels).
+    #[arg(long, env = "PICOTUN_INGRESS_CLASS", default_value = crate::resolve::ingress::INGRESS_CLASS)]
+    pub ingress_class: String,
+    #[arg(long, env = "PICOTUN_GATEWAY_CONTROLLER_NAME", default_value = crate::resolve::gateway::GATEWAY_CONTROLLER)]
+    pub gateway_controller_name: String,
     /// Where injected sidecars POST their status so their public addresses reach Kubernetes:
     /// this webhook's /report as pods reach it, e.g.
     /// https://picotun-webhook.pico-sh-system.svc:443/report. Unset: sidecars do not report.
@@ -252,6 +259,9 @@ struct AppState {
     config: InjectConfig,
     inject_route_backends: bool,
     client: Option<kube::Client>,
+    /// The controller's index, without Pods: routes and Services, to resolve a new pod alone.
+    index: Option<Index>,
+    resolve: ResolveConfig,
     metrics: Metrics,
     reports: report::Reports,
 }
@@ -300,11 +310,22 @@ pub async fn run(args: WebhookArgs, shutdown: CancellationToken) -> Result<(), W
         config.report_ca = std::fs::read_to_string(path).map_err(WebhookError::ReportCa)?;
     }
     let reports = report::Reports::new(&mut registry);
+    let index = match &client {
+        Some(c) => Some(Index::start(c.clone(), false, shutdown.clone()).await),
+        None => None,
+    };
+    let resolve = ResolveConfig {
+        ingress_class: args.ingress_class.clone(),
+        gateway_controller: args.gateway_controller_name.clone(),
+        ..Default::default()
+    };
     let state = Arc::new(AppState {
         secrets: SecretCache::default(),
         config,
         inject_route_backends: args.inject_route_backends,
         client,
+        index,
+        resolve,
         metrics,
         reports,
     });
@@ -318,10 +339,13 @@ pub async fn run(args: WebhookArgs, shutdown: CancellationToken) -> Result<(), W
         .await
         .map_err(|source| WebhookError::Listen { addr: args.admin_addr, source })?;
     let ready_cert = cert.clone();
+    let ready_state = state.clone();
     let admin_shutdown = shutdown.clone();
     tokio::spawn(admin::serve(
         admin_listener,
-        Arc::new(move || ready_cert.is_valid()),
+        // Ready with a valid certificate and complete route caches: before they are, a pod
+        // would be injected without its route's tunnels.
+        Arc::new(move || ready_cert.is_valid() && ready_state.index.as_ref().is_none_or(Index::is_synced)),
         Arc::new(registry),
         Router::new(),
         admin_shutdown,
@@ -411,7 +435,23 @@ async fn mutate(State(state): State<Arc<AppState>>, headers: HeaderMap, body: By
             }
             _ => None,
         };
-        let mut answer = admission::answer(&req, workload.as_ref(), &[], state.inject_route_backends, &state.config, warnings);
+        // The same resolution the controller runs, for this one pod: created after its route, it
+        // starts with the right tunnels.
+        let route_tunnels = match (admission::pod_of(&req), &state.index) {
+            (Some(Ok(pod)), Some(index)) => {
+                let namespace = req.namespace.clone().or_else(|| pod.metadata.namespace.clone()).unwrap_or_default();
+                index.view().route_tunnels_for(&state.resolve, &pod, &namespace)
+            }
+            _ => Vec::new(),
+        };
+        let mut answer = admission::answer(
+            &req,
+            workload.as_ref(),
+            &route_tunnels,
+            state.inject_route_backends,
+            &state.config,
+            warnings,
+        );
         if let (Some(Decision::Inject { .. }), Some(client), Some(Ok(pod))) = (&answer.decision, &state.client, admission::pod_of(&req)) {
             let namespace = req.namespace.clone().unwrap_or_default();
             if let Some(w) = missing_key_secret(client, &state.secrets, &namespace, &pod).await {

@@ -446,3 +446,52 @@ fn inject_and_certs_commands() {
         assert!(dir.path().join(f).exists(), "{f}");
     }
 }
+
+#[tokio::test]
+#[ignore = "needs the test ground (scripts/build-testground)"]
+async fn a_pod_created_after_its_route_starts_with_the_routes_tunnels() {
+    let ground = ControlPlane::shared(Existing::Allowed).await.unwrap();
+    let client = ground.client().await.unwrap();
+    let ns = ground.namespace("inject-routes").await.unwrap();
+    label_for_injection(&client, ns.name()).await;
+    let pp = PostParams::default();
+    let service: k8s_openapi::api::core::v1::Service = serde_json::from_value(json!({
+        "metadata": {"name": "web"},
+        "spec": {"selector": {"app": "web"}, "ports": [{"port": 80, "targetPort": "http"}]},
+    }))
+    .unwrap();
+    Api::namespaced(client.clone(), ns.name()).create(&pp, &service).await.unwrap();
+    let ingress: k8s_openapi::api::networking::v1::Ingress = serde_json::from_value(json!({
+        "metadata": {"name": "web"},
+        "spec": {"ingressClassName": "pico-tunnel", "rules": [{"host": "early", "http": {"paths": [
+            {"path": "/", "pathType": "Prefix", "backend": {"service": {"name": "web", "port": {"number": 80}}}}]}}]},
+    }))
+    .unwrap();
+    Api::namespaced(client.clone(), ns.name()).create(&pp, &ingress).await.unwrap();
+    // Ready only once its route caches are complete.
+    let mut webhook = Webhook::start(ground).await;
+    webhook.register(&client, &[ns.name()], true).await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns.name());
+    wait_active(&pods).await;
+
+    // Opted in, and backing the Ingress: the tunnels file holds the route's tunnel from the start,
+    // before any controller has seen the pod.
+    let created = pods
+        .create(&pp, &pod_json("web-1", json!({"app": "web", "tunnels.pico.sh/inject": "true"}), json!({})))
+        .await
+        .unwrap();
+    let file = &created.metadata.annotations.as_ref().unwrap()["tunnels.pico.sh/tunnels"];
+    let tunnels = picotun::tunnel::TunnelsFile::parse(file).unwrap();
+    assert_eq!(tunnels.tunnels.len(), 1, "{file}");
+    assert_eq!(tunnels.tunnels[0].name, "ing-web-early");
+    assert_eq!(tunnels.tunnels[0].target_port, 8080, "the named target port, from this pod's containers");
+    // A pod the Service does not select gets none.
+    let other = pods
+        .create(&pp, &pod_json("other", json!({"app": "other", "tunnels.pico.sh/inject": "true"}), json!({})))
+        .await
+        .unwrap();
+    let file = &other.metadata.annotations.as_ref().unwrap()["tunnels.pico.sh/tunnels"];
+    assert!(picotun::tunnel::TunnelsFile::parse(file).unwrap().tunnels.is_empty(), "{file}");
+    webhook.unregister(&client).await;
+    drop(webhook.proc);
+}
