@@ -268,6 +268,9 @@ pub async fn run(args: ControllerArgs, shutdown: CancellationToken) -> Result<()
     let key_sync =
         args.sync_key_secret.then(|| sync_key::KeySync::new(client.clone(), &args.namespace, &args.key_secret_name));
 
+    // Secrets are not watched (that would cache every Secret in the cluster): with --sync-key-secret
+    // the source is compared every few seconds instead.
+    let wake_every = if key_sync.is_some() { args.resync_interval.min(sync_key::EVERY) } else { args.resync_interval };
     loop {
         let is_leader = *leader.borrow_and_update();
         metrics.leader.set(i64::from(is_leader));
@@ -286,7 +289,7 @@ pub async fn run(args: ControllerArgs, shutdown: CancellationToken) -> Result<()
                 restarter.step(&plan, &view, &metrics).await;
             }
             if let Some(k) = &key_sync {
-                k.step(&view, &metrics).await;
+                k.step(&view, &config, &metrics).await;
             }
         }
         metrics.reconciles.inc();
@@ -296,7 +299,7 @@ pub async fn run(args: ControllerArgs, shutdown: CancellationToken) -> Result<()
         tokio::select! {
             _ = index.changed() => {}
             _ = leader.changed() => {}
-            _ = tokio::time::sleep(args.resync_interval) => {}
+            _ = tokio::time::sleep(wake_every) => {}
             _ = shutdown.cancelled() => break,
         }
         // Coalesce a burst of watch events (a rollout, an apply of many objects) into one pass.

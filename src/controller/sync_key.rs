@@ -12,12 +12,12 @@ use tracing::{info, warn};
 
 use super::Metrics;
 use crate::api;
-use crate::index::View;
+use crate::index::{ResolveConfig, View};
 
 pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
 pub const MANAGER: &str = "picotun";
 /// How often the copies are compared with the source at most (each pass would be too chatty).
-const EVERY: Duration = Duration::from_secs(10);
+pub const EVERY: Duration = Duration::from_secs(10);
 
 pub struct KeySync {
     client: kube::Client,
@@ -54,7 +54,7 @@ impl KeySync {
         KeySync { client, namespace: namespace.into(), name: name.into(), last: Mutex::new(None) }
     }
 
-    pub async fn step(&self, view: &View, metrics: &Metrics) {
+    pub async fn step(&self, view: &View, config: &ResolveConfig, metrics: &Metrics) {
         {
             let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
             if last.is_some_and(|t| t.elapsed() < EVERY) {
@@ -83,8 +83,12 @@ impl KeySync {
                 return;
             }
         };
+        let scope = view.scope(config);
         for ns in &view.namespaces {
             let Some(name) = ns.metadata.name.as_deref() else { continue };
+            if scope.as_ref().is_some_and(|s| !s.contains(name)) {
+                continue;
+            }
             let labeled =
                 ns.metadata.labels.as_ref().and_then(|l| l.get(api::NAMESPACE_INJECTION_LABEL)).map(String::as_str)
                     == Some("enabled");

@@ -30,6 +30,16 @@ pub struct Controller {
 
 impl Controller {
     pub async fn start(ground: &ControlPlane, scope: &str, identity: &str, lease_namespace: &str) -> Controller {
+        Self::start_with(ground, scope, identity, lease_namespace, &[]).await
+    }
+
+    pub async fn start_with(
+        ground: &ControlPlane,
+        scope: &str,
+        identity: &str,
+        lease_namespace: &str,
+        extra: &[&str],
+    ) -> Controller {
         let dir = tempfile::tempdir().unwrap();
         let admin = format!("127.0.0.1:{}", free_port());
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_picotun"));
@@ -38,6 +48,7 @@ impl Controller {
             .args(["--gateway-controller-name", &format!("tunnels.pico.sh/gw-{scope}")])
             .args(["--namespace-selector", &format!("picotun.dev/controller-test={scope}")])
             .args(["--lease-duration", "3s", "--lease-name", &format!("picotun-{scope}")])
+            .args(extra)
             .env("KUBECONFIG", ground.kubeconfig())
             .env("PICOTUN_LOG", "picotun=debug,info");
         let mut proc =
@@ -516,4 +527,126 @@ async fn wait_leader_metric(c: &Controller) -> bool {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     false
+}
+
+#[tokio::test]
+#[ignore = "needs the test ground (scripts/build-testground)"]
+async fn the_key_secret_is_copied_into_labeled_namespaces_and_kept_in_sync() {
+    let ground = ControlPlane::shared(Existing::Allowed).await.unwrap();
+    let client = ground.client().await.unwrap();
+    let scope = random_suffix();
+    // picotun's own namespace holds the key; it is not in the controller's scope.
+    let own = ground.namespace("ctl-own").await.unwrap().name().to_string();
+    let labeled = scoped_namespace(ground, &client, "ctl-key", &scope).await;
+    let users = scoped_namespace(ground, &client, "ctl-key-own", &scope).await;
+    let secret = |ns: &str, value: &str, managed: bool| -> k8s_openapi::api::core::v1::Secret {
+        let labels = if managed { json!({}) } else { json!({"owner": "user"}) };
+        serde_json::from_value(json!({"metadata": {"name": "picotun-ssh-key", "namespace": ns, "labels": labels},
+            "type": "kubernetes.io/ssh-auth", "stringData": {"ssh-privatekey": value}}))
+        .unwrap()
+    };
+    let pp = PostParams::default();
+    let secrets = |ns: &str| Api::<k8s_openapi::api::core::v1::Secret>::namespaced(client.clone(), ns);
+    secrets(&own).create(&pp, &secret(&own, "KEY-1", true)).await.unwrap();
+    secrets(&users).create(&pp, &secret(&users, "THE USER'S OWN", false)).await.unwrap();
+    let _controller = Controller::start_with(ground, &scope, "c1", &own, &["--sync-key-secret", "true"]).await;
+
+    let copied = |ns: String, want: &'static str| {
+        let api = secrets(&ns);
+        async move {
+            wait_for(
+                &format!("the key copy in {ns} to hold {want}"),
+                Duration::from_secs(40),
+                Duration::from_millis(250),
+                || async {
+                    let s = api.get_opt("picotun-ssh-key").await.map_err(|e| e.to_string())?;
+                    let value = s
+                        .as_ref()
+                        .and_then(|s| s.data.as_ref())
+                        .and_then(|d| d.get("ssh-privatekey"))
+                        .map(|v| v.0.clone());
+                    Ok(if value.as_deref() == Some(want.as_bytes()) { s } else { None })
+                },
+            )
+            .await
+            .unwrap()
+        }
+    };
+    let copy = copied(labeled.clone(), "KEY-1").await;
+    assert_eq!(copy.type_.as_deref(), Some("kubernetes.io/ssh-auth"));
+    assert_eq!(copy.metadata.labels.unwrap()["app.kubernetes.io/managed-by"], "picotun");
+    // The source changes (a rotated key): the copy follows.
+    let patch = json!({"stringData": {"ssh-privatekey": "KEY-2"}});
+    secrets(&own).patch("picotun-ssh-key", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    copied(labeled.clone(), "KEY-2").await;
+    // A Secret the user made is theirs.
+    let theirs = secrets(&users).get("picotun-ssh-key").await.unwrap();
+    assert_eq!(theirs.data.unwrap()["ssh-privatekey"].0, b"THE USER'S OWN");
+}
+
+#[tokio::test]
+#[ignore = "needs the test ground (scripts/build-testground)"]
+async fn uninjected_workloads_are_restarted_one_rollout_at_a_time_when_asked() {
+    let ground = ControlPlane::shared(Existing::Allowed).await.unwrap();
+    let client = ground.client().await.unwrap();
+    let scope = random_suffix();
+    let ns = scoped_namespace(ground, &client, "ctl-restart", &scope).await;
+    let class = format!("pico-{scope}");
+    let ic: IngressClass = serde_json::from_value(
+        json!({"metadata": {"name": class}, "spec": {"controller": "tunnels.pico.sh/ingress-controller"}}),
+    )
+    .unwrap();
+    Api::<IngressClass>::all(client.clone()).create(&PostParams::default(), &ic).await.unwrap();
+    let pp = PostParams::default();
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    // Two workloads whose pods lack the sidecar (no webhook runs here), each behind an Ingress.
+    for name in ["one", "two"] {
+        let mut d = injected_echo(name, 1);
+        d.spec.as_mut().unwrap().template.spec.as_mut().unwrap().containers.truncate(1);
+        deployments.create(&pp, &d).await.unwrap();
+        Api::<Service>::namespaced(client.clone(), &ns).create(&pp, &service(name, 80, json!(5678))).await.unwrap();
+        Api::<Ingress>::namespaced(client.clone(), &ns)
+            .create(&pp, &ingress(name, &class, name, name, false))
+            .await
+            .unwrap();
+    }
+    crate::support::running_pods(&Api::namespaced(client.clone(), &ns), "app in (one,two)", 2).await;
+    let controller = Controller::start_with(
+        ground,
+        &scope,
+        "c1",
+        &ns,
+        &["--restart-uninjected", "true", "--restart-cooldown", "1h"],
+    )
+    .await;
+
+    let restarted_at = |d: &Deployment| {
+        d.spec.as_ref()?.template.metadata.as_ref()?.annotations.as_ref()?.get("tunnels.pico.sh/restartedAt").cloned()
+    };
+    let first = wait_for("a first restart", Duration::from_secs(30), Duration::from_millis(200), || async {
+        let list = deployments.list(&ListParams::default()).await.map_err(|e| e.to_string())?;
+        let done: Vec<String> =
+            list.items.iter().filter(|d| restarted_at(d).is_some()).filter_map(|d| d.metadata.name.clone()).collect();
+        Ok((!done.is_empty()).then_some(done))
+    })
+    .await
+    .unwrap();
+    assert_eq!(first.len(), 1, "one rollout at a time: {first:?}");
+    wait_event(&client, &ns, &first[0], "RestartedForSidecar").await;
+    // Once that rollout has finished, the other workload's turn comes.
+    wait_for("the second restart", Duration::from_secs(60), Duration::from_millis(250), || async {
+        let list = deployments.list(&ListParams::default()).await.map_err(|e| e.to_string())?;
+        Ok(list.items.iter().all(|d| restarted_at(d).is_some()).then_some(()))
+    })
+    .await
+    .unwrap();
+    // The new pods still lack the sidecar (nothing injects them here): the cooldown stops a loop.
+    let stamps: Vec<Option<String>> =
+        deployments.list(&ListParams::default()).await.unwrap().items.iter().map(restarted_at).collect();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let again: Vec<Option<String>> =
+        deployments.list(&ListParams::default()).await.unwrap().items.iter().map(restarted_at).collect();
+    assert_eq!(stamps, again, "restarted at most once per cooldown");
+    assert!(controller.metrics().await.contains("picotun_controller_workload_restarts_total 2"));
+    let _ = Api::<IngressClass>::all(client.clone()).delete(&class, &DeleteParams::default()).await;
 }
