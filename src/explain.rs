@@ -132,13 +132,14 @@ pub async fn explain(client: &Client, args: &ExplainArgs) -> Result<String, Expl
         let _ = writeln!(out, "  workload: {}", w.reference);
     }
     let config = InjectConfig { own_namespace: args.own_namespace.clone(), ..Default::default() };
-    let decision = inject::decide(&pod, ns, workload.as_ref(), &[], args.inject_route_backends, &config);
+    let route_tunnels = route_tunnels(client, &pod, ns).await;
+    let decision = inject::decide(&pod, ns, workload.as_ref(), &route_tunnels, args.inject_route_backends, &config);
     let would = if labelled { "would be" } else { "would be (once the namespace is labeled)" };
     match &decision {
         Decision::Inject { because } => {
             let _ = writeln!(out, "  decision: {would} injected, because of the {because}");
             let mut warnings = Vec::new();
-            let tunnels = inject::tunnels_for(&pod, workload.as_ref(), &[], &mut warnings);
+            let tunnels = inject::tunnels_for(&pod, workload.as_ref(), &route_tunnels, &mut warnings);
             describe_tunnels(&mut out, &TunnelsFile { tunnels });
             for w in warnings {
                 let _ = writeln!(out, "  warning: {w}");
@@ -160,6 +161,25 @@ pub async fn explain(client: &Client, args: &ExplainArgs) -> Result<String, Expl
         }
     }
     Ok(out)
+}
+
+/// The tunnels the routes picotun serves give this pod, resolved as the webhook and controller
+/// do (default class names); none when the routes cannot be read within a few seconds.
+async fn route_tunnels(
+    client: &Client,
+    pod: &k8s_openapi::api::core::v1::Pod,
+    ns: &str,
+) -> Vec<crate::tunnel::TunnelSpec> {
+    let stop = tokio_util::sync::CancellationToken::new();
+    let index = crate::index::Index::start(client.clone(), false, stop.clone()).await;
+    let synced = tokio::time::timeout(std::time::Duration::from_secs(10), index.wait_synced()).await.is_ok();
+    let tunnels = if synced {
+        index.view().route_tunnels_for(&crate::index::ResolveConfig::default(), pod, ns)
+    } else {
+        Vec::new()
+    };
+    stop.cancel();
+    tunnels
 }
 
 fn describe_tunnels(out: &mut String, file: &TunnelsFile) {

@@ -492,6 +492,18 @@ async fn a_pod_created_after_its_route_starts_with_the_routes_tunnels() {
         .unwrap();
     let file = &other.metadata.annotations.as_ref().unwrap()["tunnels.pico.sh/tunnels"];
     assert!(picotun::tunnel::TunnelsFile::parse(file).unwrap().tunnels.is_empty(), "{file}");
+    // `picotun explain` resolves the routes the same way.
+    Api::<Deployment>::namespaced(client.clone(), ns.name())
+        .create(&pp, &deployment("web", json!({}), json!({}), json!({})))
+        .await
+        .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_picotun"))
+        .args(["explain", "deployment/web", "-n", ns.name(), "--inject-route-backends"])
+        .env("KUBECONFIG", ground.kubeconfig())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("backs a route picotun serves") && text.contains("tunnel ing-web-early: http"), "{text}");
     webhook.unregister(&client).await;
     drop(webhook.proc);
 }
