@@ -74,7 +74,7 @@ pub struct WebhookArgs {
     #[command(flatten)]
     pub sidecar: SidecarArgs,
     /// Inject pods that back an Ingress or route picotun serves, without an opt-in of their own.
-    /// (Takes effect once the controller's index feeds the webhook.)
+    /// (Resolved through the same index the controller uses.)
     #[arg(long, env = "PICOTUN_INJECT_ROUTE_BACKENDS")]
     pub inject_route_backends: bool,
     /// The IngressClass the controller serves (the webhook resolves routes the same way, so a
