@@ -5,88 +5,30 @@
 
 use std::path::Path;
 use std::process::Command;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
 use kube::api::{Api, PostParams};
 use picotun_testground::http::{self, Backend};
-use picotun_testground::pki::Ca;
 use picotun_testground::{ControlPlane, Existing, Proc, ServerKind, SshClientKey, TunnelServer, free_port, wait_for};
 use serde_json::{Value, json};
 
 const ADDRESSES: &str = "tunnels.pico.sh/addresses";
 const AUDIENCE: &str = "tunnels.pico.sh";
 
-/// `picotun webhook` serving HTTPS on loopback with a certificate from a test CA.
-struct Webhook {
-    proc: Proc,
-    addr: String,
-    admin: String,
-    ca: Ca,
-    _dir: tempfile::TempDir,
-}
+use crate::support::Webhook;
 
 impl Webhook {
-    async fn start(ground: &ControlPlane) -> Webhook {
-        let dir = tempfile::tempdir().unwrap();
-        let ca = Ca::new("report-test-ca").unwrap();
-        let (cert, key) = ca.issue_loopback_server(&[]).unwrap().write(dir.path(), "tls").unwrap();
-        let ca_file = dir.path().join("ca.crt");
-        std::fs::write(&ca_file, ca.cert_pem()).unwrap();
-        let addr = format!("127.0.0.1:{}", free_port());
-        let admin = format!("127.0.0.1:{}", free_port());
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_picotun"));
-        cmd.args(["webhook", "--listen", &addr, "--admin-addr", &admin])
-            .args(["--cert-file", cert.to_str().unwrap(), "--key-file", key.to_str().unwrap()])
-            // As deployed: what injected sidecars are told (not used by these tests' pods).
-            .args(["--agent-report-url", &format!("https://{addr}/report")])
-            .args(["--agent-report-ca-file", ca_file.to_str().unwrap()])
-            .env("KUBECONFIG", ground.kubeconfig())
-            .env("PICOTUN_LOG", "picotun=debug,info");
-        let mut proc = Proc::spawn("picotun-webhook", cmd, &dir.path().join("webhook.log")).unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !http::get(&admin, "w", "/ready").await.is_ok_and(|r| r.status == 200) {
-            assert!(Instant::now() < deadline && proc.is_running(), "webhook not ready: {}", proc.log_tail(20));
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        Webhook { proc, addr, admin, ca, _dir: dir }
-    }
-
     fn report_url(&self) -> String {
         format!("https://{}/report", self.addr)
     }
 
-    async fn metrics(&self) -> String {
-        http::get(&self.admin, "w", "/metrics").await.map(|r| r.body).unwrap_or_default()
-    }
-
     /// POST /report with `token` (if any) and `body`; (status, body of the answer).
-    async fn post(&self, token: Option<&str>, body: &str) -> (u16, String) {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let mut roots = rustls::RootCertStore::empty();
-        let ca: rustls::pki_types::CertificateDer<'static> =
-            rustls::pki_types::pem::PemObject::from_pem_slice(self.ca.cert_pem().as_bytes()).unwrap();
-        roots.add(ca).unwrap();
-        let config = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
-        let tcp = tokio::net::TcpStream::connect(&self.addr).await.unwrap();
-        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
-        let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp).await.unwrap();
+    async fn report(&self, token: Option<&str>, body: &str) -> (u16, String) {
         let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
-        let head = format!(
-            "POST /report HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n",
-            body.len()
-        );
-        tls.write_all(head.as_bytes()).await.unwrap();
-        let _ = tls.write_all(body.as_bytes()).await;
-        let mut raw = Vec::new();
-        let _ = tls.read_to_end(&mut raw).await;
-        let text = String::from_utf8_lossy(&raw).to_string();
-        let status = text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-        let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-        (status, body)
+        let (status, text) = self.post("/report", "application/json", &auth, body.as_bytes()).await;
+        (status, text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
     }
 }
 
@@ -181,7 +123,7 @@ async fn a_sidecar_reports_the_address_sandhole_assigned_onto_its_pod() {
     let ns = ground.namespace("report").await.unwrap();
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns.name());
     let pod = injected_pod(&client, ns.name(), "web", true).await;
-    let webhook = Webhook::start(ground).await;
+    let webhook = Webhook::start(ground, true).await;
 
     let dir = tempfile::tempdir().unwrap();
     let token_file = dir.path().join("token");
@@ -269,7 +211,7 @@ async fn reports_without_a_pod_bound_token_or_with_a_broken_body_are_refused() {
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns.name());
     let pod = injected_pod(&client, ns.name(), "web", true).await;
     let plain = injected_pod(&client, ns.name(), "plain", false).await;
-    let webhook = Webhook::start(ground).await;
+    let webhook = Webhook::start(ground, true).await;
     let status = json!({"tunnels": [{"name": "web", "state": "established", "publicAddress": "https://web.example"}]})
         .to_string();
 
@@ -286,21 +228,21 @@ async fn reports_without_a_pod_bound_token_or_with_a_broken_body_are_refused() {
         ("wrong shape", Some(good.as_str()), r#"{"tunnels":{"web":1}}"#, 400, "not an agent /status document"),
         ("a pod picotun did not inject", Some(plain_token.as_str()), status.as_str(), 403, "no picotun-agent sidecar"),
     ] {
-        let (code, text) = webhook.post(token, body).await;
+        let (code, text) = webhook.report(token, body).await;
         assert_eq!(code, want_status, "{what}: {text}");
         assert!(text.contains(want_text), "{what}: {text}");
         if let Some(t) = token {
             assert!(!text.contains(t), "{what}: the token is never echoed");
         }
     }
-    let (code, _) = webhook.post(Some(&good), &" ".repeat(65 * 1024)).await;
+    let (code, _) = webhook.report(Some(&good), &" ".repeat(65 * 1024)).await;
     assert_eq!(code, 413, "a body over 64 KiB");
     assert_eq!(addresses(&pods, "web").await, None, "nothing was written by a refused report");
     assert_eq!(addresses(&pods, "plain").await, None);
 
     // The same pod with the right token: written once, then unchanged.
-    assert_eq!(webhook.post(Some(&good), &status).await, (200, "written\n".into()));
-    assert_eq!(webhook.post(Some(&good), &status).await, (200, "unchanged\n".into()));
+    assert_eq!(webhook.report(Some(&good), &status).await, (200, "written\n".into()));
+    assert_eq!(webhook.report(Some(&good), &status).await, (200, "unchanged\n".into()));
     assert_eq!(
         addresses(&pods, "web").await.as_deref(),
         Some(r#"{"tunnels":{"web":{"state":"established","publicAddress":"https://web.example"}}}"#)

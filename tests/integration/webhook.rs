@@ -1,9 +1,7 @@
 //! `picotun webhook` registered with the test ground's real kube-apiserver: pods the
 //! controller-manager creates are injected (or not) as the rules say, and run on kwok nodes.
 
-use std::path::PathBuf;
 use std::process::Command;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
@@ -12,50 +10,12 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use picotun_testground::pki::{Ca, CertAndKey};
-use picotun_testground::{ControlPlane, Existing, Proc, free_port, http, wait_for};
+use picotun_testground::{ControlPlane, Existing, wait_for};
 use serde_json::{Value, json};
 
-/// A webhook process with its certificate files and a configuration scoped to some namespaces.
-struct Webhook {
-    proc: Proc,
-    port: u16,
-    admin: String,
-    ca: Ca,
-    cert_file: PathBuf,
-    key_file: PathBuf,
-    config_name: String,
-    _dir: tempfile::TempDir,
-}
+use crate::support::{Webhook, tls_client};
 
 impl Webhook {
-    async fn start(ground: &ControlPlane) -> Webhook {
-        let dir = tempfile::tempdir().unwrap();
-        let ca = Ca::new("webhook-test-ca").unwrap();
-        let (cert_file, key_file) = ca.issue_loopback_server(&[]).unwrap().write(dir.path(), "tls").unwrap();
-        let port = free_port();
-        let admin = format!("127.0.0.1:{}", free_port());
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_picotun"));
-        cmd.args(["webhook", "--listen", &format!("127.0.0.1:{port}"), "--admin-addr", &admin])
-            .args(["--cert-file", cert_file.to_str().unwrap(), "--key-file", key_file.to_str().unwrap()])
-            .args([
-                "--cert-reload-interval",
-                "200ms",
-                "--sidecar-image",
-                "picotun:test",
-                "--namespace",
-                "pico-sh-system",
-            ])
-            .env("KUBECONFIG", ground.kubeconfig())
-            .env("PICOTUN_LOG", "picotun=debug,info");
-        let mut proc = Proc::spawn("picotun-webhook", cmd, &dir.path().join("webhook.log")).unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !http::get(&admin, "w", "/ready").await.is_ok_and(|r| r.status == 200) {
-            assert!(Instant::now() < deadline && proc.is_running(), "webhook not ready: {}", proc.log_tail(20));
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        Webhook { proc, port, admin, ca, cert_file, key_file, config_name: String::new(), _dir: dir }
-    }
-
     /// Registers the webhook for pods in `namespaces`; with `require_label`, only where the
     /// namespace carries the injection label (as deploy/ registers it).
     async fn register(&mut self, client: &kube::Client, namespaces: &[&str], require_label: bool) {
@@ -90,10 +50,6 @@ impl Webhook {
         let _ = Api::<MutatingWebhookConfiguration>::all(client.clone())
             .delete(&self.config_name, &DeleteParams::default())
             .await;
-    }
-
-    async fn metrics(&self) -> String {
-        http::get(&self.admin, "w", "/metrics").await.map(|r| r.body).unwrap_or_default()
     }
 }
 
@@ -171,7 +127,7 @@ async fn deployments_in_a_labeled_namespace_get_running_injected_pods() {
     let labeled = ground.namespace("inject").await.unwrap();
     let unlabeled = ground.namespace("plain").await.unwrap();
     label_for_injection(&client, labeled.name()).await;
-    let mut webhook = Webhook::start(ground).await;
+    let mut webhook = Webhook::start(ground, false).await;
     webhook.register(&client, &[labeled.name(), unlabeled.name()], true).await;
     let pods: Api<Pod> = Api::namespaced(client.clone(), labeled.name());
     wait_active(&pods).await;
@@ -266,7 +222,7 @@ async fn system_namespaces_dry_run_and_reinvocation() {
     let client = ground.client().await.unwrap();
     let ns = ground.namespace("dryrun").await.unwrap();
     label_for_injection(&client, ns.name()).await;
-    let mut webhook = Webhook::start(ground).await;
+    let mut webhook = Webhook::start(ground, false).await;
     // Scoped to kube-system too, without the label: the webhook itself must refuse it.
     webhook.register(&client, &[ns.name(), "kube-system"], false).await;
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns.name());
@@ -304,17 +260,16 @@ async fn system_namespaces_dry_run_and_reinvocation() {
     assert_eq!(sidecar_count(&stored), 1, "injected once, not twice");
 
     // Bad input straight to the webhook: clear errors, no crash.
-    let url = format!("127.0.0.1:{}", webhook.port);
     for (content_type, body, want) in [
         ("text/plain", "{}", "content type must be application/json"),
         ("application/json", "{not json", "malformed AdmissionReview"),
         ("application/json", r#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview"}"#, "no request"),
     ] {
-        let (status, text) = post_tls(&webhook.ca, &url, content_type, body.as_bytes()).await;
+        let (status, text) = webhook.post("/mutate", content_type, "", body.as_bytes()).await;
         assert_eq!(status, 400, "{text}");
         assert!(text.contains(want), "{text}");
     }
-    let (status, _) = post_tls(&webhook.ca, &url, "application/json", &vec![b' '; 5 * 1024 * 1024]).await;
+    let (status, _) = webhook.post("/mutate", "application/json", "", &vec![b' '; 5 * 1024 * 1024]).await;
     assert_eq!(status, 413, "an oversized body is refused");
     assert!(webhook.proc.is_running());
     webhook.unregister(&client).await;
@@ -327,12 +282,11 @@ async fn a_rotated_certificate_is_served_without_a_failed_admission() {
     let client = ground.client().await.unwrap();
     let ns = ground.namespace("rotate").await.unwrap();
     label_for_injection(&client, ns.name()).await;
-    let mut webhook = Webhook::start(ground).await;
+    let mut webhook = Webhook::start(ground, false).await;
     webhook.register(&client, &[ns.name()], true).await;
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns.name());
     wait_active(&pods).await;
-    let url = format!("127.0.0.1:{}", webhook.port);
-    let before = served_cert(&webhook.ca, &url).await;
+    let before = served_cert(&webhook.ca, &webhook.addr).await;
 
     // Pods keep being created while the files are replaced (key first, then the certificate:
     // the mismatched moment in between must not be served).
@@ -358,10 +312,10 @@ async fn a_rotated_certificate_is_served_without_a_failed_admission() {
     let failures: Vec<_> = results.iter().filter(|r| !matches!(r, Ok(true))).collect();
     assert!(failures.is_empty(), "every admission during the swap succeeded and injected: {failures:?}");
     let deadline = Instant::now() + Duration::from_secs(5);
-    let mut after = served_cert(&webhook.ca, &url).await;
+    let mut after = served_cert(&webhook.ca, &webhook.addr).await;
     while after == before && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        after = served_cert(&webhook.ca, &url).await;
+        after = served_cert(&webhook.ca, &webhook.addr).await;
     }
     assert_ne!(after, before, "new connections get the new certificate");
     let renewed_der = rustls::pki_types::pem::PemObject::from_pem_slice(renewed.cert_pem.as_bytes())
@@ -370,16 +324,6 @@ async fn a_rotated_certificate_is_served_without_a_failed_admission() {
     assert_eq!(after, renewed_der);
     assert!(webhook.proc.is_running());
     webhook.unregister(&client).await;
-}
-
-fn tls_client(ca: &Ca) -> tokio_rustls::TlsConnector {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let mut roots = rustls::RootCertStore::empty();
-    let ca_der: rustls::pki_types::CertificateDer<'static> =
-        rustls::pki_types::pem::PemObject::from_pem_slice(ca.cert_pem().as_bytes()).unwrap();
-    roots.add(ca_der).unwrap();
-    let config = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
-    tokio_rustls::TlsConnector::from(Arc::new(config))
 }
 
 /// The certificate a fresh TLS connection is served.
@@ -391,24 +335,6 @@ async fn served_cert(ca: &Ca, addr: &str) -> Vec<u8> {
 }
 
 /// A raw HTTPS POST /mutate; (status, body).
-async fn post_tls(ca: &Ca, addr: &str, content_type: &str, body: &[u8]) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
-    let mut tls = tls_client(ca).connect(name, tcp).await.unwrap();
-    let head = format!(
-        "POST /mutate HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    tls.write_all(head.as_bytes()).await.unwrap();
-    let _ = tls.write_all(body).await;
-    let mut raw = Vec::new();
-    let _ = tls.read_to_end(&mut raw).await;
-    let text = String::from_utf8_lossy(&raw).to_string();
-    let status = text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    (status, text)
-}
-
 /// `picotun inject -f -` and `picotun certs`, as a user runs them.
 #[test]
 fn inject_and_certs_commands() {
@@ -469,7 +395,7 @@ async fn a_pod_created_after_its_route_starts_with_the_routes_tunnels() {
     .unwrap();
     Api::namespaced(client.clone(), ns.name()).create(&pp, &ingress).await.unwrap();
     // Ready only once its route caches are complete.
-    let mut webhook = Webhook::start(ground).await;
+    let mut webhook = Webhook::start(ground, false).await;
     webhook.register(&client, &[ns.name()], true).await;
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns.name());
     wait_active(&pods).await;
