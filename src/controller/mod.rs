@@ -232,19 +232,25 @@ pub async fn run(args: ControllerArgs, shutdown: CancellationToken) -> Result<()
         shutdown.clone(),
     ));
 
-    let mut leader = if args.leader_election {
-        lease::spawn(
-            client.clone(),
-            lease::LeaseConfig {
-                namespace: args.namespace.clone(),
-                name: args.lease_name.clone(),
-                identity: identity.clone(),
-                duration: args.lease_duration,
-            },
-            shutdown.clone(),
+    // Without election this replica always leads; the sender is kept so `changed()` waits
+    // rather than returning at once (a dropped sender would make the loop spin).
+    let (_always_leader, mut leader) = if args.leader_election {
+        (
+            None,
+            lease::spawn(
+                client.clone(),
+                lease::LeaseConfig {
+                    namespace: args.namespace.clone(),
+                    name: args.lease_name.clone(),
+                    identity: identity.clone(),
+                    duration: args.lease_duration,
+                },
+                shutdown.clone(),
+            ),
         )
     } else {
-        watch::channel(true).1
+        let (tx, rx) = watch::channel(true);
+        (Some(tx), rx)
     };
     info!(%identity, leader_election = args.leader_election, "picotun controller starting");
 

@@ -650,3 +650,26 @@ async fn uninjected_workloads_are_restarted_one_rollout_at_a_time_when_asked() {
     assert!(controller.metrics().await.contains("picotun_controller_workload_restarts_total 2"));
     let _ = Api::<IngressClass>::all(client.clone()).delete(&class, &DeleteParams::default()).await;
 }
+
+#[tokio::test]
+#[ignore = "needs the test ground (scripts/build-testground)"]
+async fn an_idle_controller_without_leader_election_does_not_spin() {
+    let ground = ControlPlane::shared(Existing::Allowed).await.unwrap();
+    let client = ground.client().await.unwrap();
+    let scope = random_suffix();
+    let ns = scoped_namespace(ground, &client, "ctl-idle", &scope).await;
+    let controller = Controller::start_with(ground, &scope, "solo", &ns, &["--leader-election", "false"]).await;
+    let passes = |m: String| -> u64 {
+        m.lines()
+            .find_map(|l| l.strip_prefix("picotun_controller_reconciles_total "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    assert!(wait_leader_metric(&controller).await, "without election it leads");
+    // Other tests may be changing the shared cluster: a pass per watch event is fine, one every
+    // 100 ms regardless is not (3 s would be about 30).
+    let before = passes(controller.metrics().await);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = passes(controller.metrics().await);
+    assert!(after - before < 15, "{} passes in 3 s while nothing of its own changed", after - before);
+}
