@@ -185,7 +185,7 @@ impl ControlPlane {
             format!("--tls-private-key-file={}", serving_key.display()),
             format!("--client-ca-file={}", pki_path("ca.crt")),
             "--authorization-mode=RBAC".into(),
-            "--service-cluster-ip-range=10.0.0.0/24".into(),
+            "--service-cluster-ip-range=10.96.0.0/16".into(),
             "--allow-privileged=true".into(),
             format!("--service-account-issuer=https://127.0.0.1:{api_port}/"),
             format!("--service-account-key-file={}", sa_pub.display()),
