@@ -4,12 +4,11 @@
 # the time the apiserver of a second fresh ground needs just to accept the same objects.
 #
 # Per namespace: 20 pods that already carry the sidecar (and its report of the public address),
-# 10 headless Services (2 pods each; the ground has only 254 cluster IPs), 5 Ingresses (class
-# pico-tunnel) and 5 HTTPRoutes on the namespace's Gateway (class pico-tunnel). Phase 1 applies
-# everything (32 requests in flight) to a running controller and waits, by watches, until every
-# pod carries its tunnels file and every Ingress, HTTPRoute, Gateway and the GatewayClass shows its
-# status; phase 2 edits 100 routes (a new host on 50 Ingresses and 50 HTTPRoutes, and their pods'
-# new reports) and waits again.
+# 10 Services (2 pods each), 5 Ingresses (class pico-tunnel) and 5 HTTPRoutes on the namespace's
+# Gateway (class pico-tunnel). Phase 1 applies everything (32 requests in flight) to a running
+# controller and waits, by watches, until every pod carries its tunnels file and every Ingress,
+# HTTPRoute, Gateway and the GatewayClass shows its status; phase 2 edits 100 routes (a new host on
+# 50 Ingresses and 50 HTTPRoutes, and their pods' new reports) and waits again.
 #
 # Prints `bench: <metric> ours=<x> baseline=<y> ratio=<ours/baseline>` lines:
 #   controller_converge_seconds       phase 1 convergence vs the same creates with no controller

@@ -252,9 +252,7 @@ fn creates(layout: &Layout) -> Vec<Op> {
             ops.push(create(
                 Kind::Service,
                 &r.service(),
-                // Headless: the test ground's Service range (10.0.0.0/24) holds 254 cluster IPs,
-                // and picotun reads only the selector and ports.
-                json!({"spec": {"clusterIP": "None", "selector": {"app": r.service()},
+                json!({"spec": {"selector": {"app": r.service()},
                     "ports": [{"name": "web", "port": 80, "targetPort": "http"}]}}),
             ));
         }
@@ -504,6 +502,11 @@ struct Tracker {
     synced: usize,
     /// Watch events by kind: what changed, and how often.
     events: BTreeMap<Kind, u64>,
+    /// Changes of what the controller writes (a pod's tunnels file, an object's status), by
+    /// object: more than one per object and phase is a rewrite worth explaining.
+    changes: HashMap<Key, u32>,
+    /// Per kind, the first object changed twice in a phase: (key, before, after).
+    rewrites: BTreeMap<Kind, (Key, Value, Value)>,
 }
 
 impl Tracker {
@@ -586,6 +589,15 @@ fn watch(client: &kube::Client, kind: Kind, tracker: Arc<Mutex<Tracker>>) -> tok
                 Ok(watcher::Event::Apply(mut o) | watcher::Event::InitApply(mut o)) => {
                     o.metadata.managed_fields = None;
                     let k = key(&o);
+                    let before = t.seen.get(&k).map(written);
+                    let after = written(&o);
+                    if before.as_ref().is_some_and(|b| *b != after) {
+                        let n = t.changes.entry(k.clone()).or_default();
+                        *n += 1;
+                        if *n == 2 && !t.rewrites.contains_key(&kind) {
+                            t.rewrites.insert(kind, (k.clone(), before.unwrap_or_default(), after));
+                        }
+                    }
                     t.seen.insert(k.clone(), o);
                     t.reevaluate(&k);
                 }
@@ -612,6 +624,38 @@ async fn start_watches(client: &kube::Client, tracker: &Arc<Mutex<Tracker>>) -> 
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     handles
+}
+
+/// What the controller writes on an object: a pod's tunnels file, anything else's status.
+fn written(o: &DynamicObject) -> Value {
+    match o.metadata.annotations.as_ref().and_then(|a| a.get(TUNNELS)) {
+        Some(t) => Value::String(t.clone()),
+        None => o.data["status"].clone(),
+    }
+}
+
+/// Objects the controller changed since the last call, and how often, by kind; with the first
+/// object it changed twice.
+fn take_changes(tracker: &Arc<Mutex<Tracker>>) -> String {
+    let mut t = tracker.lock().unwrap();
+    let changes = std::mem::take(&mut t.changes);
+    let mut by_kind: BTreeMap<Kind, (u32, u32)> = BTreeMap::new();
+    for (k, n) in &changes {
+        let e = by_kind.entry(k.0).or_default();
+        e.0 += 1;
+        e.1 += n;
+    }
+    let mut out: Vec<String> = by_kind.iter().map(|(k, (o, n))| format!("{k:?} {n} on {o}")).collect();
+    if out.is_empty() {
+        out.push("none".into());
+    }
+    let mut text = out.join(", ");
+    for ((kind, ns, name), before, after) in std::mem::take(&mut t.rewrites).into_values() {
+        text.push_str(&format!(
+            "\n[bench]   {kind:?} {ns}/{name} changed again:\n    from {before:.1500}\n    to   {after:.1500}"
+        ));
+    }
+    text
 }
 
 /// Watch events by kind since the last call.
@@ -780,15 +824,17 @@ async fn settle(
     before: &BTreeMap<String, f64>,
 ) -> BTreeMap<String, f64> {
     take_events(tracker);
+    take_changes(tracker);
     let c = cpu.sample();
     tokio::time::sleep(k.settle).await;
     let after = metrics(admin).await;
     let controller_cpu = cpu.since(&c).get("picotun-controller").copied().unwrap_or(0.0);
     let (writes, text) = describe(before, &after);
     eprintln!(
-        "[bench] {} s after convergence: {text}; controller CPU {controller_cpu:.2} s; watch events: {}",
+        "[bench] {} s after convergence: {text}; controller CPU {controller_cpu:.2} s; watch events: {}; changes: {}",
         k.settle.as_secs(),
-        take_events(tracker)
+        take_events(tracker),
+        take_changes(tracker)
     );
     if writes > 0.0 {
         eprintln!("[bench] WARNING: the controller kept writing after everything had converged");
@@ -813,6 +859,19 @@ async fn wait_pods_running(client: &kube::Client, pods: usize) -> Result<(), Str
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
+}
+
+/// The Events the controller published so far, by reason.
+async fn events_published(client: &kube::Client) -> String {
+    let api: Api<k8s_openapi::api::events::v1::Event> = Api::all(client.clone());
+    let Ok(list) = api.list(&ListParams::default()).await else { return "(cannot list Events)".into() };
+    let mut by_reason: BTreeMap<String, usize> = BTreeMap::new();
+    for e in list.items.iter().filter(|e| e.reporting_controller.as_deref() == Some("picotun-controller")) {
+        *by_reason.entry(e.reason.clone().unwrap_or_default()).or_default() += 1;
+    }
+    let total: usize = by_reason.values().sum();
+    let parts: Vec<String> = by_reason.iter().map(|(r, n)| format!("{r} {n}")).collect();
+    format!("{total} ({})", parts.join(", "))
 }
 
 async fn run_ours(k: &Knobs, layout: &Layout, binary: &str, tmp: &Path) -> Result<Ours, String> {
@@ -879,6 +938,8 @@ async fn run_ours(k: &Knobs, layout: &Layout, binary: &str, tmp: &Path) -> Resul
     );
 
     eprintln!("[bench] phase 1 watch events: {}", take_events(&tracker));
+    eprintln!("[bench] phase 1 Events published by the controller: {}", events_published(&client).await);
+    eprintln!("[bench] phase 1 changes by the controller (writes seen): {}", take_changes(&tracker));
     let m2 = settle(k, &admin, &tracker, &cpu, &m1).await;
     wait_pods_running(&client, layout.routes.len() * 2).await?;
 
@@ -891,7 +952,14 @@ async fn run_ours(k: &Knobs, layout: &Layout, binary: &str, tmp: &Path) -> Resul
     tracker.lock().unwrap().set_want(wants(layout, &routes));
     let ops = edits(layout, &edited);
     take_events(&tracker);
-    eprintln!("[bench] phase 2: editing {} routes ({} requests with the pods' new reports)", edited.len(), ops.len());
+    take_changes(&tracker);
+    let epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    eprintln!(
+        "[bench] phase 2: editing {} routes ({} requests with the pods' new reports) at {:.3} (Unix time)",
+        edited.len(),
+        ops.len(),
+        epoch.as_secs_f64()
+    );
     let c2 = cpu.sample();
     let t2 = Instant::now();
     let (applied, _) = run_ops(&client, ops, k.concurrency).await?;
@@ -904,6 +972,7 @@ async fn run_ours(k: &Knobs, layout: &Layout, binary: &str, tmp: &Path) -> Resul
     eprintln!("[bench] phase 2 CPU seconds: {}", cpu_line(&cpu2));
     eprintln!("[bench] phase 2 controller: {}", describe(&m2, &m3).1);
     eprintln!("[bench] phase 2 watch events: {}", take_events(&tracker));
+    eprintln!("[bench] phase 2 changes by the controller (writes seen): {}", take_changes(&tracker));
     settle(k, &admin, &tracker, &cpu, &m3).await;
     let peak_rss_mb = status_kb(pid, "VmHWM") / 1024.0;
     eprintln!("[bench] controller peak RSS {peak_rss_mb:.1} MB, now {:.1} MB", status_kb(pid, "VmRSS") / 1024.0);
