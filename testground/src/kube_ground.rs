@@ -15,6 +15,8 @@ use kube::{Client, Config};
 use serde_json::json;
 use tokio::sync::OnceCell;
 
+use crate::crossns::EgressProxy;
+use crate::node::{NodeSetup, RealNode};
 use crate::pki::{Ca, Usage, key_pair_pem};
 use crate::process::{self, Proc};
 use crate::{Error, Result, bins, crds, free_port, wait_for, wait_for_unless, write_file};
@@ -30,6 +32,11 @@ pub enum Existing {
 
 /// Names of the fake nodes kwok manages.
 pub const NODES: [&str; 2] = ["kwok-node-0", "kwok-node-1"];
+/// The name of the real node (kubelet + containerd), when the ground has one.
+pub const REAL_NODE: &str = "real-node-0";
+/// The taint the kwok nodes carry when a real node is beside them, so that ordinary workloads
+/// run for real and only what tolerates it (scale tests) lands on kwok.
+pub const KWOK_TAINT: (&str, &str) = ("kwok.x-k8s.io/node", "fake");
 
 /// How to start a control plane.
 #[derive(Clone, Debug, Default)]
@@ -38,6 +45,9 @@ pub struct StartOptions {
     pub keep_dir: bool,
     /// Where to put it; a fresh temporary directory when unset.
     pub dir: Option<PathBuf>,
+    /// Start a real node ([`REAL_NODE`]: kubelet, containerd, runc, CNI) beside the kwok nodes;
+    /// the kwok nodes are then tainted [`KWOK_TAINT`].
+    pub real_node: bool,
 }
 
 /// A running control plane (or an existing cluster reached through `$KUBECONFIG`).
@@ -47,6 +57,8 @@ pub struct ControlPlane {
     ca_pem: Option<String>,
     procs: Mutex<Vec<Proc>>,
     existing: bool,
+    egress: Option<EgressProxy>,
+    node: Option<RealNode>,
 }
 
 static OWN: OnceCell<std::result::Result<ControlPlane, String>> = OnceCell::const_new();
@@ -79,6 +91,8 @@ impl ControlPlane {
             ca_pem: None,
             procs: Mutex::new(Vec::new()),
             existing: true,
+            egress: None,
+            node: None,
         };
         plane.client().await?.apiserver_version().await?;
         Ok(plane)
@@ -109,8 +123,10 @@ impl ControlPlane {
             ca_pem: None,
             procs: Mutex::new(Vec::new()),
             existing: false,
+            egress: None,
+            node: None,
         };
-        if let Err(e) = plane.boot().await {
+        if let Err(e) = plane.boot(&opts).await {
             // Whatever was started is stopped now, not at exit.
             plane.stop();
             return Err(e);
@@ -119,7 +135,7 @@ impl ControlPlane {
         Ok(plane)
     }
 
-    async fn boot(&mut self) -> Result<()> {
+    async fn boot(&mut self, opts: &StartOptions) -> Result<()> {
         let dir = self.dir.clone();
         let pki = dir.join("pki");
         std::fs::create_dir_all(&pki).map_err(|e| Error::io(&pki, e))?;
@@ -144,6 +160,15 @@ impl ControlPlane {
         let (serving_crt, serving_key) = serving.write(&pki, "apiserver")?;
         let admin = ca.issue("admin", &[], &[], &["system:masters"], Usage::Client)?;
         let (admin_crt, admin_key) = admin.write(&pki, "admin")?;
+        // The apiserver's identity towards kubelets (logs, exec, port-forward).
+        let kubelet_client = ca.issue("kube-apiserver-kubelet-client", &[], &[], &["system:masters"], Usage::Client)?;
+        let (kubelet_client_crt, kubelet_client_key) = kubelet_client.write(&pki, "apiserver-kubelet-client")?;
+        // Everything the apiserver dials "in the cluster" (kubelets, webhooks) goes through this
+        // proxy, which can reach into the real node's network namespace; see crossns.
+        let egress = EgressProxy::start(&dir.join("egress.sock"))?;
+        let egress_config = dir.join("egress-selector.yaml");
+        write_file(&egress_config, egress.egress_selector_config())?;
+        self.egress = Some(egress);
         let sa_key = pki.join("service-account.key");
         let sa_pub = pki.join("service-account.pub");
         let (sa_private, sa_public) = key_pair_pem()?;
@@ -184,7 +209,18 @@ impl ControlPlane {
             format!("--tls-cert-file={}", serving_crt.display()),
             format!("--tls-private-key-file={}", serving_key.display()),
             format!("--client-ca-file={}", pki_path("ca.crt")),
-            "--authorization-mode=RBAC".into(),
+            // Node + NodeRestriction: the real node's kubelet gets exactly a kubelet's rights.
+            "--authorization-mode=Node,RBAC".into(),
+            "--enable-admission-plugins=NodeRestriction".into(),
+            format!("--kubelet-client-certificate={}", kubelet_client_crt.display()),
+            format!("--kubelet-client-key={}", kubelet_client_key.display()),
+            format!("--kubelet-certificate-authority={}", pki_path("ca.crt")),
+            // Without it logs/exec try DNS for the node's name.
+            "--kubelet-preferred-address-types=InternalIP".into(),
+            format!("--egress-selector-config-file={}", egress_config.display()),
+            // Service webhooks are called at a ready endpoint's address (a pod IP on the real
+            // node, reached through the egress proxy): there is no kube-proxy for ClusterIPs.
+            "--enable-aggregator-routing=true".into(),
             "--service-cluster-ip-range=10.96.0.0/16".into(),
             "--allow-privileged=true".into(),
             format!("--service-account-issuer=https://127.0.0.1:{api_port}/"),
@@ -232,6 +268,26 @@ impl ControlPlane {
         let client = self.client().await?;
         crds::install_all(&client).await?;
 
+        if opts.real_node {
+            let node_dir = dir.join("node");
+            let ca_file = pki.join("ca.crt");
+            let setup = NodeSetup {
+                name: REAL_NODE,
+                ca: &ca,
+                ca_file: &ca_file,
+                api_port,
+                dir: &node_dir,
+                labels: &[("picotun.dev/real-node", "true")],
+            };
+            let (node, times) = RealNode::start(setup, &client).await?;
+            if let Some(egress) = &self.egress {
+                egress.route_cluster_to(Some(node.netns().clone()));
+            }
+            tracing::info!(node = REAL_NODE, %times, "real node ready");
+            eprintln!("[testground] real node {REAL_NODE} ready: {times}");
+            self.node = Some(node);
+        }
+
         // kwok: fake Nodes that report Ready and Pods that reach Running.
         self.create_nodes(&client).await?;
         let stages = dir.join("kwok-stages.yaml");
@@ -239,14 +295,16 @@ impl ControlPlane {
         let mut cmd = Command::new(bins::bin("kwok")?);
         cmd.args([
             format!("--kubeconfig={}", self.kubeconfig.display()),
-            "--manage-all-nodes=true".into(),
+            // Only the fake nodes: a real node beside them is its kubelet's. (Not also
+            // --manage-all-nodes=false: kwok calls any mention of it a conflict.)
+            "--manage-nodes-with-label-selector=type=kwok".into(),
             format!("--config={}", stages.display()),
             format!("--server-address=127.0.0.1:{}", free_port()),
             "--node-ip=127.0.0.1".into(),
         ]);
         self.spawn("kwok", cmd)?;
         self.wait_nodes_ready(&client, Duration::from_secs(60)).await?;
-        untaint_nodes(&client).await?;
+        untaint_nodes(&client, opts.real_node).await?;
         wait_default_service_account(&client, "default", Duration::from_secs(60)).await?;
         self.check_running()?;
         Ok(())
@@ -433,8 +491,16 @@ impl ControlPlane {
         Ok(TestNamespace { name, kubeconfig: self.existing.then(|| self.kubeconfig.clone()) })
     }
 
+    /// The real node, when the ground was started with one.
+    pub fn real_node(&self) -> Option<&RealNode> {
+        self.node.as_ref()
+    }
+
     /// Stops every process of the ground (SIGTERM, then SIGKILL after a short grace).
     pub fn stop(&self) {
+        if let Some(node) = &self.node {
+            node.stop();
+        }
         let mut procs = self.procs.lock().unwrap_or_else(|p| p.into_inner());
         // Reverse start order: kwok and the controllers before the apiserver, etcd last.
         while let Some(mut p) = procs.pop() {
@@ -447,10 +513,15 @@ impl ControlPlane {
 /// in a real cluster the node-lifecycle controller lifts it once the kubelet reports Ready. kwok
 /// reports Ready but that controller does not run here (it would evict pods of nodes whose
 /// fake heartbeats lag), so do its one job for our fake nodes.
-async fn untaint_nodes(client: &Client) -> Result<()> {
+async fn untaint_nodes(client: &Client, beside_real_node: bool) -> Result<()> {
     let nodes: Api<Node> = Api::all(client.clone());
+    let taints = if beside_real_node {
+        json!([{"key": KWOK_TAINT.0, "value": KWOK_TAINT.1, "effect": "NoSchedule"}])
+    } else {
+        serde_json::Value::Null
+    };
     for name in NODES {
-        let patch = json!({"spec": {"taints": null}});
+        let patch = json!({"spec": {"taints": taints}});
         nodes.patch(name, &PatchParams::default(), &Patch::Merge(&patch)).await?;
     }
     Ok(())

@@ -17,8 +17,10 @@
 
 pub mod bins;
 pub mod crds;
+pub mod crossns;
 pub mod http;
 pub mod kube_ground;
+pub mod node;
 pub mod pki;
 pub mod process;
 pub mod tunnels;

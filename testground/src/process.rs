@@ -26,9 +26,11 @@ const REAPER_SCRIPT: &str = r#"
 # Servers such as sshd move per-connection children into sessions of their own: kill the whole
 # tree below each group leader, not just the group.
 tree() { local c; for c in $(cat /proc/$1/task/*/children 2>/dev/null); do tree "$c"; done; echo "$1"; }
-declare -A groups dirs
+declare -A groups dirs cgroups
 while read -r verb arg; do
   case $verb in
+    cgroup) cgroups[$arg]=1 ;;
+    uncgroup) unset "cgroups[$arg]" ;;
     add) groups[$arg]=1 ;;
     del) unset "groups[$arg]" ;;
     dir) dirs[$arg]=1 ;;
@@ -42,6 +44,14 @@ sleep 1
 for pg in "${!groups[@]}"; do kill -KILL -- "-$pg" 2>/dev/null; done
 for p in "${pids[@]}"; do kill -KILL "$p" 2>/dev/null; done
 for d in "${!dirs[@]}"; do rm -rf -- "$d"; done
+# cgroupfs directories go with rmdir only, children first, once their processes are gone.
+for cg in "${!cgroups[@]}"; do
+  for _ in $(seq 1 50); do
+    [[ -d $cg ]] || break
+    find "$cg" -depth -type d -exec rmdir {} + 2>/dev/null
+    [[ -d $cg ]] && sleep 0.1
+  done
+done
 "#;
 
 struct Reaper {
@@ -83,6 +93,16 @@ pub fn remove_at_exit(dir: &Path) {
 /// Forgets a directory registered with [`remove_at_exit`] (used when it is handed to a person).
 pub fn keep_at_exit(dir: &Path) {
     tell_reaper(&format!("undir {}", dir.display()));
+}
+
+/// Removes the cgroup directory `dir` (and every cgroup below it) when this process exits.
+pub fn remove_cgroup_at_exit(dir: &Path) {
+    tell_reaper(&format!("cgroup {}", dir.display()));
+}
+
+/// Forgets a cgroup registered with [`remove_cgroup_at_exit`] (it was removed already).
+pub fn forget_cgroup_at_exit(dir: &Path) {
+    tell_reaper(&format!("uncgroup {}", dir.display()));
 }
 
 /// A running child process in its own process group, with stdout and stderr in a log file.

@@ -1,25 +1,24 @@
-//! `demo [--check]`: picotun end to end on one machine. Brings up the test ground, a local
-//! tunnel server in tuns.sh's role, the webhook and the controller; applies `examples/ingress/`;
-//! runs each injected pod's sidecar as a local process with exactly the arguments, environment
-//! and files the webhook gave that pod (kwok runs no containers); and fetches the public URL
-//! through the tunnel server. `--check` exits with a status instead of running until Ctrl-C.
+//! `demo [--check]`: picotun end to end on one machine. Brings up the test ground with a real
+//! node (kubelet + containerd: the pods' containers really run), sish in tuns.sh's role, the
+//! webhook and the controller; applies `examples/ingress/` as a user would; waits for the
+//! kubelet to run the app and the injected `picotun-agent` sidecar; and fetches the public URL
+//! through sish. `--check` exits with a status instead of running until Ctrl-C.
 //!
 //! Run it through `scripts/demo`, which builds what it needs first.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
-use k8s_openapi::api::authentication::v1::TokenRequest;
-use k8s_openapi::api::core::v1::{Container, Pod, Secret, Volume};
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::networking::v1::Ingress;
 use kube::api::{Api, ListParams, PostParams};
 use picotun_testground::kube_ground::StartOptions;
+use picotun_testground::node::{NODE_IP, PICOTUN_IMAGE};
 use picotun_testground::{
-    ControlPlane, Error, Proc, ServerKind, SishOptions, SshClientKey, TunnelServer, bins, free_port, http, wait_for,
+    ControlPlane, Proc, ServerKind, SishOptions, SshClientKey, TunnelServer, bins, free_port, http, wait_for,
 };
 use serde_json::json;
 use tokio::signal::unix::{SignalKind, signal};
@@ -80,36 +79,43 @@ async fn run(check: bool) -> Result<(), Box<dyn std::error::Error>> {
     let dir = work.path().to_path_buf();
     picotun_testground::process::remove_at_exit(&dir);
 
-    step(1, "test ground: etcd, kube-apiserver, controller-manager, scheduler, kwok (2 fake nodes)");
-    let plane = ControlPlane::start(StartOptions { keep_dir: false, dir: None }).await?;
+    step(
+        1,
+        "test ground: etcd, kube-apiserver, controller-manager, scheduler and a real node (kubelet, containerd, runc, CNI)",
+    );
+    let plane = ControlPlane::start(StartOptions { keep_dir: false, dir: None, real_node: true }).await?;
     let kubeconfig = plane.kubeconfig().to_path_buf();
     let client = plane.client().await?;
+    let node = plane.real_node().ok_or("the ground started without its real node")?;
     info(format!("ready after {:.1}s; KUBECONFIG={}", started.elapsed().as_secs_f32(), kubeconfig.display()));
+    info(format!("node {} at {NODE_IP}; images: {}", node.name(), node.images().join(", ")));
 
-    step(2, "a local tunnel server in tuns.sh's role");
+    step(2, "sish in tuns.sh's role (requested names honoured, the user in the name, no load balancing)");
     let key = SshClientKey::generate(&dir, "pico_ed25519", "ed25519")?;
-    let (server, dialect) = match TunnelServer::start(ServerKind::Sish(SishOptions::default()), &[&key]).await {
-        Ok(s) => (s, "sish"),
-        Err(Error::MissingBinary { .. }) => {
-            info(
-                "sish cannot be built here (the Go module proxy refuses it; see docs/TESTING.md): using sandhole, another real SSH tunnel server",
-            );
-            (TunnelServer::start(ServerKind::Sandhole(Default::default()), &[&key]).await?, "sandhole")
-        }
-        Err(e) => return Err(e.into()),
-    };
-    let http_port = server.http_port().ok_or("the tunnel server has no HTTP port")?;
-    info(format!("{dialect}: ssh {}  http 127.0.0.1:{http_port}", server.ssh_addr()));
+    let server = TunnelServer::start(ServerKind::Sish(SishOptions::default()), &[&key]).await?;
+    let http_port = server.http_port().ok_or("sish has no HTTP port")?;
+    // Pods dial the node's address; the ground relays that port to sish on the host's loopback.
+    node.bridge(server.ssh_port())?;
+    let known_hosts = dir.join("known_hosts");
+    std::fs::write(&known_hosts, format!("[{NODE_IP}]:{} {}\n", server.ssh_port(), server.host_key()))?;
+    info(format!(
+        "sish: ssh {} (pods: {NODE_IP}:{})  http 127.0.0.1:{http_port}",
+        server.ssh_addr(),
+        server.ssh_port()
+    ));
 
     step(3, "picotun webhook (certificates from `picotun certs`) and its MutatingWebhookConfiguration");
     let certs = dir.join("webhook-certs");
-    let out = Command::new(picotun()).args(["certs", "--out-dir", certs.to_str().unwrap()]).output()?;
+    let out = Command::new(picotun())
+        .args(["certs", "--out-dir", certs.to_str().unwrap(), "--ip", &NODE_IP.to_string()])
+        .output()?;
     if !out.status.success() {
         return Err(format!("picotun certs: {}", String::from_utf8_lossy(&out.stderr)).into());
     }
     let webhook_port = free_port();
+    node.bridge(webhook_port)?;
     let webhook_admin = format!("127.0.0.1:{}", free_port());
-    let report_url = format!("https://127.0.0.1:{webhook_port}/report");
+    let report_url = format!("https://{NODE_IP}:{webhook_port}/report");
     let mut cmd = Command::new(picotun());
     cmd.args(["webhook", "--listen", &format!("127.0.0.1:{webhook_port}"), "--admin-addr", &webhook_admin])
         .args([
@@ -118,9 +124,9 @@ async fn run(check: bool) -> Result<(), Box<dyn std::error::Error>> {
             "--key-file",
             certs.join("tls.key").to_str().unwrap(),
         ])
-        .args(["--namespace", "pico-sh-system", "--sidecar-image", "picotun:demo", "--inject-route-backends"])
-        .args(["--server", "127.0.0.1", "--server-port", &server.ssh_port().to_string(), "--dialect", dialect])
-        .args(["--user", "demo", "--sidecar-known-hosts-file", server.known_hosts().to_str().unwrap()])
+        .args(["--namespace", "pico-sh-system", "--sidecar-image", PICOTUN_IMAGE, "--inject-route-backends"])
+        .args(["--server", &NODE_IP.to_string(), "--server-port", &server.ssh_port().to_string(), "--dialect", "sish"])
+        .args(["--user", "demo", "--sidecar-known-hosts-file", known_hosts.to_str().unwrap()])
         .args(["--agent-report-url", &report_url, "--agent-report-ca-file", certs.join("ca.crt").to_str().unwrap()])
         .env("KUBECONFIG", &kubeconfig);
     let mut webhook = Proc::spawn("picotun-webhook", cmd, &dir.join("webhook.log"))?;
@@ -130,7 +136,8 @@ async fn run(check: bool) -> Result<(), Box<dyn std::error::Error>> {
         "metadata": {"name": "picotun-demo"},
         "webhooks": [{
             "name": "inject.tunnels.pico.sh",
-            // deploy/ points at the webhook's Service; here the apiserver calls it on loopback.
+            // deploy/ points at the webhook's Service; here the webhook runs on the host, and the
+            // apiserver calls it on loopback.
             "clientConfig": {"url": format!("https://127.0.0.1:{webhook_port}/mutate"),
                              "caBundle": base64::engine::general_purpose::STANDARD.encode(&ca)},
             "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"], "scope": "Namespaced"}],
@@ -174,80 +181,59 @@ async fn run(check: bool) -> Result<(), Box<dyn std::error::Error>> {
     );
     info(kubectl(&kubeconfig, &["apply", "-k", "examples/ingress/"])?);
 
-    step(6, "the injected pods (kwok reports them Running; it runs no containers)");
+    step(6, "the kubelet runs the app and the injected picotun-agent sidecar");
     let pods: Api<Pod> = Api::namespaced(client.clone(), NAMESPACE);
-    let running =
-        wait_for("2 Running pods of example-app", Duration::from_secs(60), Duration::from_millis(250), || async {
+    let ready =
+        wait_for("2 Ready pods of example-app", Duration::from_secs(90), Duration::from_millis(250), || async {
             let list = pods.list(&ListParams::default().labels(APP_LABEL)).await.map_err(|e| e.to_string())?;
-            let running: Vec<Pod> = list
-                .items
-                .into_iter()
-                .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
-                .filter(|p| p.metadata.annotations.as_ref().is_some_and(|a| a.contains_key("tunnels.pico.sh/tunnels")))
-                .collect();
-            Ok((running.len() == 2).then_some(running))
+            let ready: Vec<Pod> = list.items.into_iter().filter(is_ready).collect();
+            Ok((ready.len() == 2).then_some(ready))
         })
         .await?;
-    // The controller writes each pod's tunnels once it has resolved the Ingress.
-    for p in &running {
-        let name = p.metadata.name.clone().unwrap_or_default();
-        let tunnels =
-            wait_for(&format!("tunnels on {name}"), Duration::from_secs(30), Duration::from_millis(200), || async {
-                let p = pods.get(&name).await.map_err(|e| e.to_string())?;
-                let t =
-                    p.metadata.annotations.unwrap_or_default().remove("tunnels.pico.sh/tunnels").unwrap_or_default();
-                Ok(t.contains("\"host\"").then_some(t))
-            })
-            .await?;
-        info(format!("{name}: tunnels.pico.sh/tunnels = {tunnels}"));
-    }
+    info(kubectl(&kubeconfig, &["-n", NAMESPACE, "get", "pods", "-o", "wide"])?);
 
-    step(7, "the app and the sidecars, as local processes with what the webhook gave each pod");
-    let app = http::Backend::start_on(5678, "example-app").await?;
-    info(format!("app: {} on 127.0.0.1:{}", app.greeting().trim(), app.port()));
-    let mut sidecars = Vec::new();
-    for p in &running {
-        let pod = pods.get(p.metadata.name.as_deref().unwrap_or_default()).await?;
-        sidecars.push(Sidecar::start(&client, &pod, &dir).await?);
-    }
-
-    step(8, "the public address, as the tunnel server assigned it, in the Ingress status");
+    step(7, "the public address, as sish assigned it, in the Ingress status");
     let ingresses: Api<Ingress> = Api::namespaced(client.clone(), NAMESPACE);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let host = loop {
-        for s in &mut sidecars {
-            s.refresh().await;
+    let host =
+        wait_for("an address in the Ingress status", Duration::from_secs(60), Duration::from_millis(250), || async {
+            let ing = ingresses.get("example-app").await.map_err(|e| e.to_string())?;
+            Ok(ing
+                .status
+                .and_then(|s| s.load_balancer)
+                .and_then(|l| l.ingress)
+                .and_then(|i| i.first()?.hostname.clone()))
+        })
+        .await;
+    let host = match host {
+        Ok(h) => h,
+        Err(e) => {
+            let mut logs = String::new();
+            for p in &ready {
+                let name = p.metadata.name.clone().unwrap_or_default();
+                logs += &kubectl(&kubeconfig, &["-n", NAMESPACE, "logs", &name, "-c", "picotun-agent", "--tail=15"])
+                    .unwrap_or_else(|e| e.to_string());
+            }
+            return Err(format!("{e}; the sidecars' logs:\n{logs}").into());
         }
-        let ing = ingresses.get("example-app").await?;
-        if let Some(h) =
-            ing.status.and_then(|s| s.load_balancer).and_then(|l| l.ingress).and_then(|i| i.first()?.hostname.clone())
-        {
-            break h;
-        }
-        if Instant::now() > deadline {
-            let logs: Vec<String> = sidecars.iter().map(|s| s.proc.log_tail(15)).collect();
-            return Err(format!(
-                "no address in the Ingress status after 60 s; sidecar logs:\n{}",
-                logs.join("\n---\n")
-            )
-            .into());
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
     };
     info(kubectl(&kubeconfig, &["-n", NAMESPACE, "get", "ingress", "example-app"])?);
+    let first = ready[0].metadata.name.clone().unwrap_or_default();
+    info(format!("kubectl -n {NAMESPACE} logs {first} -c picotun-agent"));
+    info(kubectl(&kubeconfig, &["-n", NAMESPACE, "logs", &first, "-c", "picotun-agent", "--tail=6"])?);
 
-    step(9, &format!("GET http://{host}/ through the tunnel server (127.0.0.1:{http_port})"));
+    step(8, &format!("GET http://{host}/ through sish (127.0.0.1:{http_port})"));
     let body =
         wait_for("an answer through the tunnel", Duration::from_secs(30), Duration::from_millis(200), || async {
             match http::get(&format!("127.0.0.1:{http_port}"), &host, "/").await {
                 Ok(r) if r.status == 200 => Ok(Some(r.body)),
-                _ => Ok(None),
+                Ok(r) => Err(format!("{} {:?}", r.status, r.body)),
+                Err(e) => Err(e.to_string()),
             }
         })
         .await?;
     info(format!("200 {:?}", body.trim()));
-    if body != app.greeting() {
-        return Err(format!("expected {:?} through the tunnel, got {body:?}", app.greeting()).into());
+    if body.trim() != "hello from example-app" {
+        return Err(format!("expected \"hello from example-app\" through the tunnel, got {body:?}").into());
     }
     eprintln!(
         "\n[demo] OK in {:.0}s: https://{{user}}-demo.tuns.sh is, here, http://{host} on 127.0.0.1:{http_port}",
@@ -260,119 +246,17 @@ async fn run(check: bool) -> Result<(), Box<dyn std::error::Error>> {
     eprintln!("[demo] KUBECONFIG={} kubectl get pods,ingress -A   -- Ctrl-C stops everything", kubeconfig.display());
     let mut int = signal(SignalKind::interrupt())?;
     let mut term = signal(SignalKind::terminate())?;
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    loop {
-        tokio::select! {
-            _ = int.recv() => break,
-            _ = term.recv() => break,
-            _ = tick.tick() => for s in &mut sidecars { s.refresh().await; },
-        }
+    tokio::select! {
+        _ = int.recv() => {},
+        _ = term.recv() => {},
     }
     eprintln!("[demo] stopping");
     Ok(())
 }
 
-/// One pod's sidecar run locally: its volumes materialised as files under a directory of its
-/// own, its container paths rewritten to point there, and the downward-API tunnels file kept
-/// current from the pod's annotation (what the kubelet does).
-struct Sidecar {
-    pods: Api<Pod>,
-    pod: String,
-    tunnels_file: Option<(PathBuf, String)>,
-    proc: Proc,
-}
-
-impl Sidecar {
-    async fn start(client: &kube::Client, pod: &Pod, dir: &Path) -> Result<Sidecar, Box<dyn std::error::Error>> {
-        let name = pod.metadata.name.clone().unwrap_or_default();
-        let namespace = pod.metadata.namespace.clone().unwrap_or_default();
-        let spec = pod.spec.as_ref().ok_or("pod without spec")?;
-        let container: &Container = spec
-            .init_containers
-            .iter()
-            .flatten()
-            .chain(spec.containers.iter())
-            .find(|c| c.name == "picotun-agent")
-            .ok_or_else(|| format!("pod {name} has no picotun-agent sidecar: was it injected?"))?;
-        let root = dir.join(&name);
-        let mut mounts: BTreeMap<String, PathBuf> = BTreeMap::new();
-        let mut tunnels_file = None;
-        for m in container.volume_mounts.iter().flatten() {
-            let volume: &Volume =
-                spec.volumes.iter().flatten().find(|v| v.name == m.name).ok_or("a mount without its volume")?;
-            let local = root.join(&m.name);
-            std::fs::create_dir_all(&local)?;
-            if let Some(d) = &volume.downward_api {
-                for item in d.items.iter().flatten() {
-                    let field = item.field_ref.as_ref().map(|f| f.field_path.clone()).unwrap_or_default();
-                    let key = field.trim_start_matches("metadata.annotations['").trim_end_matches("']").to_string();
-                    let value =
-                        pod.metadata.annotations.as_ref().and_then(|a| a.get(&key)).cloned().unwrap_or_default();
-                    let path = local.join(&item.path);
-                    std::fs::write(&path, &value)?;
-                    tunnels_file = Some((path, key));
-                }
-            }
-            if let Some(s) = &volume.secret {
-                let secret_name = s.secret_name.clone().unwrap_or_default();
-                let secret = Api::<Secret>::namespaced(client.clone(), &namespace).get(&secret_name).await?;
-                let data = secret.data.unwrap_or_default();
-                for item in s.items.iter().flatten() {
-                    let value =
-                        data.get(&item.key).ok_or_else(|| format!("Secret {secret_name} has no {}", item.key))?;
-                    std::fs::write(local.join(&item.path), &value.0)?;
-                }
-            }
-            if let Some(p) = &volume.projected {
-                for source in p.sources.iter().flatten() {
-                    if let Some(t) = &source.service_account_token {
-                        // A token bound to this pod, as the kubelet would mount it.
-                        let request: TokenRequest = serde_json::from_value(json!({"spec": {
-                            "audiences": t.audience.iter().collect::<Vec<_>>(),
-                            "expirationSeconds": t.expiration_seconds.unwrap_or(3600),
-                            "boundObjectRef": {"kind": "Pod", "apiVersion": "v1", "name": name, "uid": pod.metadata.uid},
-                        }}))?;
-                        let sa = spec.service_account_name.clone().unwrap_or_else(|| "default".into());
-                        let api: Api<k8s_openapi::api::core::v1::ServiceAccount> =
-                            Api::namespaced(client.clone(), &namespace);
-                        let token: TokenRequest =
-                            api.create_subresource("token", &sa, &PostParams::default(), &request).await?;
-                        let token = token.status.and_then(|s| s.token).unwrap_or_default();
-                        std::fs::write(local.join(&t.path), token)?;
-                    }
-                }
-            }
-            mounts.insert(m.mount_path.clone(), local);
-        }
-        let rewrite = |s: &str| -> String {
-            mounts
-                .iter()
-                .fold(s.to_string(), |acc, (from, to)| acc.replace(from.as_str(), to.to_str().unwrap_or_default()))
-        };
-        let admin = format!("127.0.0.1:{}", free_port());
-        let mut cmd = Command::new(picotun());
-        cmd.env_clear().env("PATH", std::env::var_os("PATH").unwrap_or_default());
-        cmd.args(container.args.iter().flatten().map(|a| rewrite(a)));
-        for e in container.env.iter().flatten() {
-            if let Some(v) = &e.value {
-                cmd.env(&e.name, rewrite(v));
-            }
-        }
-        // Every pod has its own network namespace in a cluster; here they share loopback.
-        cmd.env("PICOTUN_ADMIN_ADDR", &admin);
-        let shown: Vec<String> = container.args.iter().flatten().cloned().collect();
-        info(format!("{name}: picotun {} (admin {admin})", shown.join(" ")));
-        let proc = Proc::spawn(&format!("sidecar-{name}"), cmd, &root.join("agent.log"))?;
-        Ok(Sidecar { pods: Api::namespaced(client.clone(), &namespace), pod: name, tunnels_file, proc })
-    }
-
-    /// Copies the pod's annotation into its downward-API file when it changed.
-    async fn refresh(&mut self) {
-        let Some((path, key)) = &self.tunnels_file else { return };
-        let Ok(pod) = self.pods.get(&self.pod).await else { return };
-        let value = pod.metadata.annotations.and_then(|mut a| a.remove(key)).unwrap_or_default();
-        if std::fs::read_to_string(path).ok().as_deref() != Some(value.as_str()) {
-            let _ = std::fs::write(path, value);
-        }
-    }
+fn is_ready(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }

@@ -38,7 +38,9 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     let key = SshClientKey::generate(&keys_dir, "client_ed25519", "ed25519")?;
 
     eprintln!("[testground] starting etcd, kube-apiserver, controller-manager, scheduler, kwok ...");
-    let plane = ControlPlane::start(StartOptions { keep_dir: true, dir: Some(state_dir.join("cluster")) }).await?;
+    let plane =
+        ControlPlane::start(StartOptions { keep_dir: true, dir: Some(state_dir.join("cluster")), real_node: true })
+            .await?;
     eprintln!("[testground] control plane ready after {:.1}s", started.elapsed().as_secs_f32());
 
     let mut servers = Vec::new();

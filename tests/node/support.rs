@@ -1,0 +1,320 @@
+//! What every real-node test stands on: one test ground with a real node per test binary, and
+//! a *stack* -- sish in tuns.sh's role, `picotun webhook` and `picotun controller` -- scoped to
+//! the namespaces a test names, so stacks of different tests never serve each other's objects.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use picotun_testground::kube_ground::StartOptions;
+use picotun_testground::node::{NODE_IP, PICOTUN_IMAGE, RealNode};
+use picotun_testground::{
+    ControlPlane, Proc, ServerKind, SishOptions, SshClientKey, TunnelServer, bins, free_port, http, random_suffix,
+    wait_for,
+};
+use serde_json::json;
+use tokio::sync::OnceCell;
+
+/// The label that ties a namespace to one test's stack.
+pub const STACK_LABEL: &str = "picotun.dev/node-stack";
+
+static GROUND: OnceCell<Result<ControlPlane, String>> = OnceCell::const_new();
+
+/// The ground of this test binary: a control plane with a real node (no existing cluster: the
+/// node is what these tests are about).
+pub async fn ground() -> &'static ControlPlane {
+    let res = GROUND
+        .get_or_init(|| async {
+            ControlPlane::start(StartOptions { real_node: true, ..Default::default() }).await.map_err(|e| e.to_string())
+        })
+        .await;
+    match res {
+        Ok(g) => g,
+        Err(e) => panic!("the test ground with a real node did not start: {e}"),
+    }
+}
+
+pub fn node(ground: &ControlPlane) -> &RealNode {
+    ground.real_node().expect("the ground was started with a real node")
+}
+
+/// `kubectl` of the ground's version, run from the repository root as a user would.
+pub fn kubectl(ground: &ControlPlane, args: &[&str]) -> String {
+    let out = Command::new(bins::bin_dir().join("kubectl"))
+        .args(args)
+        .env("KUBECONFIG", ground.kubeconfig())
+        .current_dir(bins::repo_root())
+        .output()
+        .expect("kubectl runs");
+    assert!(
+        out.status.success(),
+        "kubectl {}: {}{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Like [`kubectl`], but returns the error output instead of panicking.
+pub fn try_kubectl(ground: &ControlPlane, args: &[&str]) -> Result<String, String> {
+    let out = Command::new(bins::bin_dir().join("kubectl"))
+        .args(args)
+        .env("KUBECONFIG", ground.kubeconfig())
+        .current_dir(bins::repo_root())
+        .output()
+        .map_err(|e| e.to_string())?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+pub struct StackOptions {
+    /// IngressClass / GatewayClass the controller serves: `pico-tunnel` (deploy/'s classes, what
+    /// the examples use) or a class of the test's own.
+    pub class: String,
+    pub sish: SishOptions,
+    /// `--inject-route-backends` on the webhook.
+    pub route_backends: bool,
+}
+
+/// sish, the webhook and the controller, wired as deploy/ wires them, but running on the host.
+pub struct Stack {
+    pub sish: TunnelServer,
+    pub key: SshClientKey,
+    pub webhook: Proc,
+    pub controller: Proc,
+    pub webhook_config: String,
+    pub http_port: u16,
+    pub user: String,
+    /// Namespaces labeled `picotun.dev/node-stack=<scope>` are this stack's (see [`Stack::adopt`]).
+    pub scope: String,
+    pub dir: PathBuf,
+    _work: tempfile::TempDir,
+}
+
+impl Stack {
+    pub async fn start(ground: &ControlPlane, opts: StackOptions) -> Stack {
+        let client = ground.client().await.unwrap();
+        let node = node(ground);
+        let work = tempfile::Builder::new().prefix("picotun-node-test-").tempdir().unwrap();
+        let dir = work.path().to_path_buf();
+        let key = SshClientKey::generate(&dir, "pico_ed25519", "ed25519").unwrap();
+        let sish = TunnelServer::start(ServerKind::Sish(opts.sish.clone()), &[&key]).await.unwrap();
+        let http_port = sish.http_port().expect("sish serves HTTP");
+        node.bridge(sish.ssh_port()).unwrap();
+        let known_hosts = dir.join("known_hosts");
+        std::fs::write(&known_hosts, format!("[{NODE_IP}]:{} {}\n", sish.ssh_port(), sish.host_key())).unwrap();
+
+        // The webhook: certificates from `picotun certs` (the apiserver calls it on loopback,
+        // sidecars report to it at the node's address).
+        let certs = dir.join("certs");
+        let out = Command::new(picotun())
+            .args(["certs", "--out-dir", certs.to_str().unwrap(), "--ip", &NODE_IP.to_string()])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "picotun certs: {}", String::from_utf8_lossy(&out.stderr));
+        let port = free_port();
+        node.bridge(port).unwrap();
+        let admin = format!("127.0.0.1:{}", free_port());
+        let user = "alice".to_string();
+        let mut cmd = Command::new(picotun());
+        cmd.args(["webhook", "--listen", &format!("127.0.0.1:{port}"), "--admin-addr", &admin])
+            .args(["--cert-file", certs.join("tls.crt").to_str().unwrap()])
+            .args(["--key-file", certs.join("tls.key").to_str().unwrap()])
+            .args(["--namespace", "pico-sh-system", "--sidecar-image", PICOTUN_IMAGE])
+            .args(["--server", &NODE_IP.to_string(), "--server-port", &sish.ssh_port().to_string()])
+            .args(["--dialect", "sish", "--user", &user])
+            .args(["--sidecar-known-hosts-file", known_hosts.to_str().unwrap()])
+            .args(["--agent-report-url", &format!("https://{NODE_IP}:{port}/report")])
+            .args(["--agent-report-ca-file", certs.join("ca.crt").to_str().unwrap()])
+            .env("KUBECONFIG", ground.kubeconfig())
+            .env("PICOTUN_LOG", "picotun=debug,info");
+        if opts.route_backends {
+            cmd.arg("--inject-route-backends");
+        }
+        let mut webhook = Proc::spawn("picotun-webhook", cmd, &dir.join("webhook.log")).unwrap();
+        wait_ready(&mut webhook, &admin).await;
+
+        let scope = random_suffix();
+        let webhook_config = format!("picotun-node-test-{scope}");
+        let ca = std::fs::read(certs.join("ca.crt")).unwrap();
+        let config: MutatingWebhookConfiguration = serde_json::from_value(json!({
+            "metadata": {"name": webhook_config},
+            "webhooks": [{
+                "name": "inject.tunnels.pico.sh",
+                "clientConfig": {"url": format!("https://127.0.0.1:{port}/mutate"),
+                                 "caBundle": base64::engine::general_purpose::STANDARD.encode(&ca)},
+                "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"],
+                           "resources": ["pods"], "scope": "Namespaced"}],
+                "namespaceSelector": {"matchExpressions": [
+                    {"key": "tunnels.pico.sh/injection", "operator": "In", "values": ["enabled"]},
+                    {"key": STACK_LABEL, "operator": "In", "values": [scope]},
+                ]},
+                "sideEffects": "None", "admissionReviewVersions": ["v1"], "failurePolicy": "Ignore",
+                "reinvocationPolicy": "IfNeeded", "timeoutSeconds": 5,
+            }],
+        }))
+        .unwrap();
+        Api::<MutatingWebhookConfiguration>::all(client.clone()).create(&PostParams::default(), &config).await.unwrap();
+
+        let _ = try_kubectl(ground, &["create", "namespace", "pico-sh-system"]);
+        let admin = format!("127.0.0.1:{}", free_port());
+        let mut cmd = Command::new(picotun());
+        cmd.args(["controller", "--admin-addr", &admin, "--namespace", "pico-sh-system"])
+            .args(["--identity", &format!("node-test-{scope}"), "--lease-name", &format!("picotun-{scope}")])
+            .args(["--ingress-class", &opts.class])
+            .args(["--namespace-selector", &format!("{STACK_LABEL}={scope}")])
+            .env("KUBECONFIG", ground.kubeconfig())
+            .env("PICOTUN_LOG", "picotun=debug,info");
+        if opts.class != "pico-tunnel" {
+            cmd.args(["--gateway-controller-name", &format!("tunnels.pico.sh/{}", opts.class)]);
+        }
+        let mut controller = Proc::spawn("picotun-controller", cmd, &dir.join("controller.log")).unwrap();
+        wait_ready(&mut controller, &admin).await;
+        Stack { sish, key, webhook, controller, webhook_config, http_port, user, scope, dir, _work: work }
+    }
+
+    /// Makes `namespace` (which must exist) this stack's: labeled for its webhook and controller.
+    pub fn adopt(&self, ground: &ControlPlane, namespace: &str) {
+        kubectl(ground, &["label", "namespace", namespace, &format!("{STACK_LABEL}={}", self.scope), "--overwrite"]);
+    }
+
+    /// A fresh namespace of this stack's, labeled for injection.
+    pub async fn namespace(&self, ground: &ControlPlane, prefix: &str) -> String {
+        let ns = ground.namespace(prefix).await.unwrap().name().to_string();
+        kubectl(ground, &["label", "namespace", &ns, "tunnels.pico.sh/injection=enabled"]);
+        self.adopt(ground, &ns);
+        ns
+    }
+
+    /// The pico key Secret in `namespace`, as the README tells users to create it.
+    pub fn create_key_secret(&self, ground: &ControlPlane, namespace: &str) {
+        let key = format!("--from-file=ssh-privatekey={}", self.key.private_key.display());
+        kubectl(
+            ground,
+            &["-n", namespace, "create", "secret", "generic", "picotun-ssh-key", "--type=kubernetes.io/ssh-auth", &key],
+        );
+    }
+
+    /// GET through sish's HTTP port by Host header until it answers 200; (body, attempts).
+    pub async fn get_through_sish(&self, host: &str, timeout: Duration) -> String {
+        let addr = format!("127.0.0.1:{}", self.http_port);
+        wait_for(&format!("GET http://{host}/ through sish"), timeout, Duration::from_millis(100), || async {
+            match http::get(&addr, host, "/").await {
+                Ok(r) if r.status == 200 => Ok(Some(r.body)),
+                Ok(r) => Err(format!("{} {:?}", r.status, r.body)),
+                Err(e) => Err(e.to_string()),
+            }
+        })
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "{e}\nwebhook log:\n{}\ncontroller log:\n{}",
+                self.webhook.log_tail(10),
+                self.controller.log_tail(20)
+            )
+        })
+    }
+
+    pub async fn remove(self, ground: &ControlPlane) {
+        let client = ground.client().await.unwrap();
+        let _ = Api::<MutatingWebhookConfiguration>::all(client)
+            .delete(&self.webhook_config, &DeleteParams::default())
+            .await;
+    }
+}
+
+pub fn picotun() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_picotun"))
+}
+
+async fn wait_ready(proc: &mut Proc, admin: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !http::get(admin, "x", "/ready").await.is_ok_and(|r| r.status == 200) {
+        assert!(Instant::now() < deadline && proc.is_running(), "{} not ready: {}", proc.name(), proc.log_tail(30));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub fn is_ready(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// Waits until exactly `count` pods matching `labels` are Ready (all containers up, as the
+/// kubelet reports it); returns them.
+pub async fn ready_pods(pods: &Api<Pod>, labels: &str, count: usize, timeout: Duration) -> Vec<Pod> {
+    wait_for(&format!("{count} Ready pods ({labels})"), timeout, Duration::from_millis(200), || async {
+        let list = pods.list(&ListParams::default().labels(labels)).await.map_err(|e| e.to_string())?;
+        let states: Vec<String> = list
+            .items
+            .iter()
+            .map(|p| {
+                let s = p.status.as_ref();
+                format!(
+                    "{}: {} {:?}",
+                    p.metadata.name.as_deref().unwrap_or("?"),
+                    s.and_then(|s| s.phase.clone()).unwrap_or_default(),
+                    s.and_then(|s| s.container_statuses.as_ref()).map(|cs| cs
+                        .iter()
+                        .map(|c| format!(
+                            "{}={:?}",
+                            c.name,
+                            c.state
+                                .as_ref()
+                                .map(|st| (st.waiting.as_ref().map(|w| w.reason.clone()), st.running.is_some()))
+                        ))
+                        .collect::<Vec<_>>())
+                )
+            })
+            .collect();
+        let ready: Vec<Pod> = list.items.into_iter().filter(is_ready).collect();
+        if ready.len() == count { Ok(Some(ready)) } else { Err(states.join("; ")) }
+    })
+    .await
+    .unwrap()
+}
+
+/// Deletes a namespace the test made (the examples' fixed namespaces included).
+pub async fn delete_namespace(ground: &ControlPlane, name: &str) {
+    let client = ground.client().await.unwrap();
+    let _ = Api::<Namespace>::all(client).delete(name, &DeleteParams::background()).await;
+}
+
+/// The host PID of a container's first process, found through the kubelet's view: the
+/// container ID from the pod status, then the process whose cgroup names it.
+pub fn container_pid(pod: &Pod, container: &str) -> Option<u32> {
+    let id = pod
+        .status
+        .as_ref()?
+        .container_statuses
+        .iter()
+        .flatten()
+        .chain(pod.status.as_ref()?.init_container_statuses.iter().flatten())
+        .find(|c| c.name == container)?
+        .container_id
+        .clone()?;
+    let id = id.rsplit("://").next()?.to_string();
+    let procs = std::fs::read_dir("/proc").ok()?;
+    let mut found: Vec<u32> = procs
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| std::fs::read_to_string(format!("/proc/{pid}/cgroup")).is_ok_and(|c| c.contains(&id)))
+        .collect();
+    found.sort();
+    found.first().copied()
+}
+
+/// The file at `path` as seen from inside the container whose first process is `pid`.
+pub fn in_container(pid: u32, path: &str) -> PathBuf {
+    Path::new(&format!("/proc/{pid}/root")).join(path.trim_start_matches('/'))
+}
