@@ -251,15 +251,7 @@ impl RealNode {
         // Images, from tarballs; `imagePullPolicy` as the manifests set it must never pull.
         for tarball in &tarballs {
             let out = enter(&ctr)
-                .args([
-                    "--address",
-                    &socket.display().to_string(),
-                    "-n",
-                    "k8s.io",
-                    "images",
-                    "import",
-                    "--no-unpack=false",
-                ])
+                .args(["--address", &socket.display().to_string(), "-n", "k8s.io", "images", "import"])
                 .arg(tarball)
                 .output()
                 .map_err(|e| Error::Spawn { name: "ctr images import".into(), source: e })?;
@@ -270,13 +262,16 @@ impl RealNode {
                     String::from_utf8_lossy(&out.stderr).trim()
                 )));
             }
-            node.images.extend(
-                String::from_utf8_lossy(&out.stdout)
-                    .lines()
-                    .filter_map(|l| l.split_whitespace().nth(1).map(str::to_string))
-                    .filter(|n| !n.starts_with("sha256:")),
-            );
         }
+        let out = enter(&ctr)
+            .args(["--address", &socket.display().to_string(), "-n", "k8s.io", "images", "ls", "-q"])
+            .output()
+            .map_err(|e| Error::Spawn { name: "ctr images ls".into(), source: e })?;
+        node.images = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| !l.starts_with("sha256:") && !l.trim().is_empty())
+            .map(str::to_string)
+            .collect();
         lap("images", &mut times);
 
         // The kubelet.

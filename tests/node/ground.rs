@@ -136,10 +136,11 @@ fn killing_the_test_process_leaves_no_node_behind() {
     let (mut pids, mut dirs) = (Vec::<i32>::new(), Vec::<PathBuf>::new());
     for line in std::io::BufReader::new(stdout).lines() {
         let line = line.unwrap();
-        if let Some(rest) = line.strip_prefix("KILL-PROBE-DIRS ") {
+        // libtest prints "test NAME ... " first, on the same line.
+        if let Some((_, rest)) = line.split_once("KILL-PROBE-DIRS ") {
             dirs = rest.split_whitespace().map(PathBuf::from).collect();
         }
-        if let Some(rest) = line.strip_prefix("KILL-PROBE-PIDS ") {
+        if let Some((_, rest)) = line.split_once("KILL-PROBE-PIDS ") {
             pids = rest.split_whitespace().map(|p| p.parse().unwrap()).collect();
             break;
         }
