@@ -199,19 +199,18 @@ impl AddressWatch {
         Some(Placement::Public(best))
     }
 
-    /// Does a printed address carry what was requested? On tuns.sh a name `demo` becomes
-    /// `{user}-demo.<domain>`, so the first label must be the name or end with `-name`.
+    /// Does a printed address carry what was requested? A custom domain (with dots) must come
+    /// back as it is; a name must be the host's first label, alone or joined to a user name.
     fn matches_request(&self, address: &str) -> bool {
         let host_port = address.split("://").last().unwrap_or(address);
         match self.spec_kind {
             TunnelKind::Http | TunnelKind::Tls => {
-                let host = host_port.split(['/', ':']).next().unwrap_or_default();
-                let wanted = self.request.address.as_str();
+                let host = host_port.split(['/', ':']).next().unwrap_or_default().to_ascii_lowercase();
+                let wanted = self.request.address.to_ascii_lowercase();
                 if wanted.contains('.') {
                     host == wanted
                 } else {
-                    let first = host.split('.').next().unwrap_or_default();
-                    first == wanted || first.ends_with(&format!("-{wanted}"))
+                    label_carries_name(host.split('.').next().unwrap_or_default(), &wanted)
                 }
             }
             TunnelKind::Tcp => {
@@ -220,6 +219,32 @@ impl AddressWatch {
             }
         }
     }
+}
+
+/// Whether a host's first label is the requested `name` as a sish server names it: the name
+/// alone, `{user}{sep}{name}` (tuns.sh: `alice-demo`) or `{name}{sep}{user}` (stock sish with
+/// `--append-user-to-subdomain`: `demo-alice`). The separator is the server's
+/// (`--append-user-to-subdomain-separator`, `-` unless changed): any run of characters that are
+/// not letters or digits. The user is not checked against the SSH user: on tuns.sh it is the
+/// pico account, whatever name the connection logs in as. A random name (sish's are letters and
+/// digits only) or one that merely contains the name does not match.
+fn label_carries_name(label: &str, name: &str) -> bool {
+    let is_sep = |c: char| !c.is_ascii_alphanumeric();
+    let joined = |user: &str, sep: &str| !user.is_empty() && !sep.is_empty() && sep.chars().all(is_sep);
+    if label == name {
+        return true;
+    }
+    // {user}{sep}{name}: the separator is the run of non-alphanumerics just before the name.
+    let user_first = label.strip_suffix(name).is_some_and(|rest| {
+        let user = rest.trim_end_matches(is_sep);
+        joined(user, &rest[user.len()..])
+    });
+    // {name}{sep}{user}: the separator is the run just after it.
+    let name_first = label.strip_prefix(name).is_some_and(|rest| {
+        let user = rest.trim_start_matches(is_sep);
+        joined(user, &rest[..rest.len() - user.len()])
+    });
+    user_first || name_first
 }
 
 #[cfg(test)]
@@ -306,6 +331,121 @@ mod tests {
         );
         // Nothing printed yet: undecided.
         assert_eq!(watch(Dialect::Sish, TunnelKind::Http, req("demo", 80), 80, &[block("http", "80")]), None);
+    }
+
+    #[test]
+    fn sish_names_the_user_before_or_after_the_name() {
+        let http = |printed: &str| {
+            let lines = [block("http", "80"), addr("HTTP", printed)];
+            watch(Dialect::Sish, TunnelKind::Http, req("demo", 80), 80, &lines)
+        };
+        // tuns.sh: {user}-{name}; stock sish with --append-user-to-subdomain: {name}-{user}. The
+        // address reported is exactly the one printed, port included.
+        for printed in [
+            "http://alice-demo.tuns.sh",
+            "http://demo-alice.tuns.test:41234",
+            "http://demo-my-team.tuns.test",
+            "http://my-team-demo.tuns.test",
+            // Another --append-user-to-subdomain-separator, and a host sish lower-cased.
+            "http://demo_alice.tuns.test",
+            "http://alice--demo.tuns.test",
+            "http://Demo-Alice.tuns.test",
+            // The name alone (no user appended).
+            "http://demo.tuns.test:8080/",
+        ] {
+            assert_eq!(http(printed), Some(Placement::Public(printed.into())), "{printed}");
+        }
+        // A name with a dash of its own, in both forms.
+        let lines = [block("http", "80"), addr("HTTP", "http://my-app-alice.tuns.test")];
+        assert!(matches!(
+            watch(Dialect::Sish, TunnelKind::Http, req("my-app", 80), 80, &lines),
+            Some(Placement::Public(_))
+        ));
+        // TLS (SNI) forwards are named the same way.
+        let lines = [block("tls", "443"), addr("TLS", "demo-alice.tuns.test:443")];
+        assert_eq!(
+            watch(Dialect::Sish, TunnelKind::Tls, req("demo", 443), 443, &lines),
+            Some(Placement::Public("demo-alice.tuns.test:443".into()))
+        );
+        // Anything else is not ours: a random name, the name inside a longer word, a user with no
+        // separator, a separator with no user, another name.
+        for printed in [
+            "http://x7k.tuns.test",
+            "http://demox.tuns.test",
+            "http://xdemo.tuns.test",
+            "http://alicedemo.tuns.test",
+            "http://demo-.tuns.test",
+            "http://-demo.tuns.test",
+            "http://other-alice.tuns.test",
+            "http://alice.demo.tuns.test",
+        ] {
+            assert!(matches!(http(printed), Some(Placement::NotAsRequested(_))), "{printed}: {:?}", http(printed));
+        }
+    }
+
+    /// What sish 9609e83 printed on the session channel, byte for byte, run as the test ground
+    /// runs it (`--append-user-to-subdomain`, requested names and ports honoured, no load
+    /// balancer): the first connection of user alice asked for `app:80`, `localhost:38663` and
+    /// `localhost:0`; a second one asked for the same name and port while the first held them.
+    const SISH_FIRST: &str = "\x1b[41mPress Ctrl-C to close the session.\x1b[0m\r\n\r\n\
+        Starting SSH Forwarding service for \x1b[32mhttp:80\x1b[0m. Forwarded connections can be accessed via the following methods:\r\n\
+        \x1b[44mHTTP\x1b[0m: http://app-alice.tuns.test:41511\r\n\r\n\
+        Starting SSH Forwarding service for \x1b[32mtcp:38663\x1b[0m. Forwarded connections can be accessed via the following methods:\r\n\
+        \x1b[44mTCP\x1b[0m: tuns.test:38663\r\n\r\n\
+        Starting SSH Forwarding service for \x1b[32mtcp:0\x1b[0m. Forwarded connections can be accessed via the following methods:\r\n\
+        \x1b[44mTCP\x1b[0m: tuns.test:44597\r\n\r\n";
+    const SISH_SECOND: &str = "\x1b[41mPress Ctrl-C to close the session.\x1b[0m\r\n\r\n\
+        The subdomain \x1b[31mapp-alice.tuns.test\x1b[0m is unavailable. Assigning a random subdomain.\r\n\
+        Starting SSH Forwarding service for \x1b[32mhttp:80\x1b[0m. Forwarded connections can be accessed via the following methods:\r\n\
+        \x1b[44mHTTP\x1b[0m: http://d8q.tuns.test:41511\r\n\r\n\
+        The TCP port \x1b[31m38663\x1b[0m is unavailable. Assigning a random port.\r\n\
+        Starting SSH Forwarding service for \x1b[32mtcp:38663\x1b[0m. Forwarded connections can be accessed via the following methods:\r\n\
+        \x1b[44mTCP\x1b[0m: tuns.test:14669\r\n\r\n";
+
+    /// Splits a captured session into the lines that follow each forward's reply (sish sends one
+    /// block per forward, in request order, after the reply), parsed.
+    fn sish_blocks(raw: &str) -> Vec<Vec<ServerLine>> {
+        let lines = crate::agent::output::LineBuffer::default().push(raw.as_bytes());
+        let mut blocks: Vec<Vec<ServerLine>> = vec![Vec::new()];
+        for line in lines.iter().filter_map(|l| crate::agent::output::parse_line(l)) {
+            let ends_block = matches!(line, ServerLine::SishAddress { .. });
+            blocks.last_mut().unwrap().push(line);
+            if ends_block {
+                blocks.push(Vec::new());
+            }
+        }
+        blocks.pop();
+        blocks
+    }
+
+    #[test]
+    fn sish_as_captured_name_first_then_user_and_a_random_name_for_the_second_holder() {
+        let first = sish_blocks(SISH_FIRST);
+        assert_eq!(first.len(), 3);
+        let w = |kind, r, reply, lines: &[ServerLine]| watch(Dialect::Sish, kind, r, reply, lines);
+        assert_eq!(
+            w(TunnelKind::Http, req("app", 80), 80, &first[0]),
+            Some(Placement::Public("http://app-alice.tuns.test:41511".into()))
+        );
+        assert_eq!(
+            w(TunnelKind::Tcp, req("localhost", 38663), 38663, &first[1]),
+            Some(Placement::Public("tuns.test:38663".into()))
+        );
+        assert_eq!(
+            w(TunnelKind::Tcp, req("localhost", 0), 44597, &first[2]),
+            Some(Placement::Public("tuns.test:44597".into()))
+        );
+        let second = sish_blocks(SISH_SECOND);
+        assert_eq!(second.len(), 2);
+        for (kind, r, lines) in
+            [(TunnelKind::Http, req("app", 80), &second[0]), (TunnelKind::Tcp, req("localhost", 38663), &second[1])]
+        {
+            let p = w(kind, r, 38663, lines);
+            assert!(matches!(p, Some(Placement::NotAsRequested(ref why)) if why.contains("unavailable")), "{p:?}");
+        }
+        // The random name alone, without the notice, is not ours either.
+        let random = [second[0][1].clone(), second[0][2].clone()];
+        assert!(matches!(w(TunnelKind::Http, req("app", 80), 80, &random), Some(Placement::NotAsRequested(_))));
     }
 
     #[test]

@@ -57,7 +57,8 @@ pub enum ServerKind {
     /// sandhole: HTTP names under [`SANDHOLE_DOMAIN`], public TCP ports; load-balances names
     /// unless told otherwise (`--load-balancing=deny|replace`).
     Sandhole(SandholeOptions),
-    /// sish, the software behind tuns.sh: HTTP names `<user>-<name>.tuns.test`, public TCP ports.
+    /// sish, the software behind tuns.sh: HTTP names `<name>-<user>.tuns.test` (stock sish puts
+    /// the user last; tuns.sh first), public TCP ports; load balancing off unless asked for.
     Sish(SishOptions),
 }
 
@@ -71,11 +72,55 @@ pub struct SandholeOptions {
 #[derive(Clone, Debug, Default)]
 pub struct SishOptions {
     /// `--http-load-balancer --tcp-load-balancer --sni-load-balancer --alias-load-balancer`:
-    /// several connections asking for one name share it round-robin instead of the later ones
-    /// getting a random name.
+    /// several connections asking for one name share it round-robin. Off (as on tuns.sh), a
+    /// later connection asking for a name or port that is held gets a random one instead, with
+    /// `The subdomain ... is unavailable. Assigning a random subdomain.`
     pub load_balancer: bool,
-    /// Anything else, passed through verbatim.
+    /// Anything else, passed through verbatim (later flags win).
     pub extra_args: Vec<String>,
+}
+
+/// sish's flags for a loopback server that behaves like tuns.sh. Names as in sish's own
+/// `--help` (github.com/antoniomika/sish at 9609e83); sish's defaults noted where they differ.
+fn sish_args(ssh_port: u16, http_port: u16, keys_dir: &Path, private_keys: &Path, opts: &SishOptions) -> Vec<String> {
+    let mut args = vec![
+        format!("--ssh-address=127.0.0.1:{ssh_port}"),
+        format!("--http-address=127.0.0.1:{http_port}"),
+        "--https=false".into(),
+        format!("--domain={SISH_DOMAIN}"),
+        // Public-key authentication only, against the keys in this directory.
+        format!("--authentication-keys-directory={}", keys_dir.display()),
+        format!("--private-keys-directory={}", private_keys.display()),
+        // Requested names, ports and aliases are honoured (sish's defaults are all `true`:
+        // every forward would get a random one).
+        "--bind-random-subdomains=false".into(),
+        "--bind-random-ports=false".into(),
+        "--bind-random-aliases=false".into(),
+        // The user in the name, as on tuns.sh. Stock sish appends it: `{name}-{user}`; tuns.sh
+        // documents `{user}-{name}`.
+        "--append-user-to-subdomain=true".into(),
+        "--append-user-to-subdomain-separator=-".into(),
+        // Every public TCP listener on loopback, whatever bind address a client sends.
+        "--tcp-address=127.0.0.1".into(),
+        "--force-tcp-address=true".into(),
+        // The per-connection options tuns.sh documents (`sni-proxy=true`, `tcp-alias=true`,
+        // `proxy-protocol=1|2`), each gated by a server flag.
+        "--sni-proxy=true".into(),
+        "--tcp-aliases=true".into(),
+        "--proxy-protocol=true".into(),
+        "--proxy-protocol-version=userdefined".into(),
+        // No DNS lookups, no HTML templates from a relative path, no redirect of the root domain
+        // to github.com, no log file in /tmp: logs go to stdout (the server's log file here).
+        "--verify-dns=false".into(),
+        "--load-templates=false".into(),
+        "--redirect-root=false".into(),
+        "--log-to-file=false".into(),
+        "--log-to-stdout=true".into(),
+    ];
+    for lb in ["http", "tcp", "sni", "alias"] {
+        args.push(format!("--{lb}-load-balancer={}", opts.load_balancer));
+    }
+    args
 }
 
 /// A running tunnel server.
@@ -164,34 +209,16 @@ impl TunnelServer {
                 let private_keys = dir.join("private-keys");
                 std::fs::create_dir_all(&private_keys).map_err(|e| Error::io(&private_keys, e))?;
                 std::fs::copy(&host_key, private_keys.join("ssh_key")).map_err(|e| Error::io(&host_key, e))?;
-                let mut args = vec![
-                    format!("--ssh-address=127.0.0.1:{ssh_port}"),
-                    format!("--http-address=127.0.0.1:{http_port}"),
-                    "--https=false".into(),
-                    format!("--domain={SISH_DOMAIN}"),
-                    format!("--authentication-keys-directory={}", keys_dir.display()),
-                    format!("--private-keys-directory={}", private_keys.display()),
-                    // tuns.sh serves `<user>-<name>`.
-                    "--append-user-to-subdomain=true".into(),
-                    // Public TCP ports on loopback only.
-                    "--tcp-address=127.0.0.1".into(),
-                    "--load-templates=false".into(),
-                    "--verify-dns=false".into(),
-                    "--redirect-root=false".into(),
-                    "--log-to-file=false".into(),
-                ];
-                if opts.load_balancer {
-                    for lb in ["http", "tcp", "sni", "alias"] {
-                        args.push(format!("--{lb}-load-balancer=true"));
-                    }
-                }
+                let mut args = sish_args(ssh_port, http_port, &keys_dir, &private_keys, opts);
                 args.extend(opts.extra_args.iter().cloned());
                 let sish = bins::bin("sish").map_err(|_| Error::MissingBinary {
                     name: "sish".into(),
                     dir: bins::bin_dir(),
-                    hint: ". It cannot be built on this machine: the Go module proxy answers \
-                           `403 Forbidden: This module version is not available` for \
-                           github.com/antoniomika/sish; put a sish binary there to run the sish tests"
+                    hint: ". sish is what tuns.sh runs, and every test that stands for tuns.sh needs it: \
+                           `scripts/build-testground` builds it from the source tarball \
+                           sish-9609e83.tar.gz (in $PICOTUN_THIRD_PARTY or ../shared/third_party; \
+                           github.com/antoniomika/sish at commit 9609e83), or else with `go install` \
+                           where the Go module proxy serves github.com/antoniomika/sish"
                         .into(),
                 })?;
                 ((sish, args), Some(http_port))
@@ -300,7 +327,8 @@ impl TunnelServer {
     /// The public host name a forward requesting `name` gets on this server, for `user`.
     pub fn http_host(&self, user: &str, name: &str) -> String {
         match self.kind {
-            ServerKind::Sish(_) => format!("{user}-{name}.{SISH_DOMAIN}"),
+            // What stock sish prints with --append-user-to-subdomain (tuns.sh: `{user}-{name}`).
+            ServerKind::Sish(_) => format!("{name}-{user}.{SISH_DOMAIN}"),
             ServerKind::Sandhole(_) => format!("{name}.{SANDHOLE_DOMAIN}"),
             ServerKind::Sshd => name.to_string(),
         }

@@ -1,6 +1,7 @@
 //! `picotun agent` against the real tunnel servers of the test ground: the built binary, run as
 //! a process exactly as in a pod, observed through its admin port and through the public side of
-//! the server.
+//! the server. sish, as tuns.sh runs it, is the server wherever a test stands for tuns.sh;
+//! sandhole and OpenSSH sshd keep tests of their own.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -109,20 +110,25 @@ impl Agent {
     }
 }
 
-async fn server(kind: ServerKind) -> Option<(TunnelServer, SshClientKey, tempfile::TempDir)> {
+/// A started server and an authorized key, or a failed test: a missing binary (sish included)
+/// fails with the error that says how to build it.
+async fn server(kind: ServerKind) -> (TunnelServer, SshClientKey, tempfile::TempDir) {
     let keys = tempfile::tempdir().unwrap();
     let key = SshClientKey::generate(keys.path(), "agent", "ed25519").unwrap();
-    match TunnelServer::start(kind.clone(), &[&key]).await {
-        Ok(s) => Some((s, key, keys)),
-        Err(e @ picotun_testground::Error::MissingBinary { .. }) if matches!(kind, ServerKind::Sish(_)) => {
-            if std::env::var_os("PICOTUN_REQUIRE_SISH").is_some() {
-                panic!("{e}");
-            }
-            eprintln!("SKIPPED: {e}");
-            None
-        }
-        Err(e) => panic!("{} did not start: {e}", kind.name()),
-    }
+    let server = TunnelServer::start(kind.clone(), &[&key])
+        .await
+        .unwrap_or_else(|e| panic!("{} did not start: {e}", kind.name()));
+    (server, key, keys)
+}
+
+/// The server that stands for tuns.sh: sish, load balancing off, as tuns.sh runs it.
+fn tuns() -> ServerKind {
+    ServerKind::Sish(SishOptions::default())
+}
+
+/// sish with its load balancers on: replicas share a name.
+fn sish_load_balancing() -> ServerKind {
+    ServerKind::Sish(SishOptions { load_balancer: true, ..Default::default() })
 }
 
 fn http_tunnel(name: &str, host: &str, port: u16) -> String {
@@ -147,7 +153,7 @@ fn dial_addr(public: &str) -> String {
 }
 
 async fn http_by_host_header(kind: ServerKind) {
-    let Some((server, key, _k)) = server(kind).await else { return };
+    let (server, key, _k) = server(kind).await;
     let backend = Backend::start("app").await.unwrap();
     let mut agent = Agent::start(&server, &key, &file(&[http_tunnel("web", "app", backend.port())]), &[]);
     let t = agent.wait_tunnel("web", "established", Duration::from_secs(20)).await;
@@ -165,7 +171,7 @@ async fn http_by_host_header(kind: ServerKind) {
 }
 
 async fn public_tcp(kind: ServerKind, fixed_port: bool) {
-    let Some((server, key, _k)) = server(kind).await else { return };
+    let (server, key, _k) = server(kind).await;
     let backend = Backend::start("tcp-app").await.unwrap();
     let remote = fixed_port.then(free_port);
     let mut agent = Agent::start(&server, &key, &file(&[tcp_tunnel("raw", remote, backend.port())]), &[]);
@@ -186,7 +192,7 @@ async fn agent_http_by_host_header_through_sandhole() {
 #[tokio::test]
 #[ignore = "needs the test ground (scripts/build-testground)"]
 async fn agent_http_by_host_header_through_sish() {
-    http_by_host_header(ServerKind::Sish(SishOptions::default())).await;
+    http_by_host_header(tuns()).await;
 }
 
 #[tokio::test]
@@ -206,7 +212,8 @@ async fn agent_public_tcp_through_sshd() {
 #[tokio::test]
 #[ignore = "needs the test ground (scripts/build-testground)"]
 async fn agent_public_tcp_through_sish() {
-    public_tcp(ServerKind::Sish(SishOptions::default()), true).await;
+    public_tcp(tuns(), false).await;
+    public_tcp(tuns(), true).await;
 }
 
 /// A TCP echo app: each line sent comes back.
@@ -234,7 +241,7 @@ async fn echo_line(stream: &mut BufReader<TcpStream>, line: &str) -> String {
 #[tokio::test]
 #[ignore = "needs the test ground (scripts/build-testground)"]
 async fn reload_adds_and_removes_a_tunnel_without_touching_another() {
-    let (server, key, _k) = server(ServerKind::Sandhole(Default::default())).await.unwrap();
+    let (server, key, _k) = server(tuns()).await;
     let (echo_port, _echo) = echo_app().await;
     let web = Backend::start("web").await.unwrap();
     let keep = tcp_tunnel("keep", None, echo_port);
@@ -292,8 +299,8 @@ async fn reload_adds_and_removes_a_tunnel_without_touching_another() {
 #[tokio::test]
 #[ignore = "needs the test ground (scripts/build-testground)"]
 async fn forwards_come_back_after_the_server_restarts() {
-    for kind in [ServerKind::Sandhole(Default::default()), ServerKind::Sshd] {
-        let (mut server, key, _k) = server(kind).await.unwrap();
+    for kind in [tuns(), ServerKind::Sandhole(Default::default()), ServerKind::Sshd] {
+        let (mut server, key, _k) = server(kind).await;
         let backend = Backend::start("restart").await.unwrap();
         let tunnel = match server.kind() {
             ServerKind::Sshd => tcp_tunnel("svc", Some(free_port()), backend.port()),
@@ -320,51 +327,120 @@ async fn forwards_come_back_after_the_server_restarts() {
     }
 }
 
-#[tokio::test]
-#[ignore = "needs the test ground (scripts/build-testground)"]
-async fn replicas_share_a_name_when_the_server_load_balances() {
-    let (server, key, _k) = server(ServerKind::Sandhole(Default::default())).await.unwrap();
+/// A replica's tunnels file: HTTP tunnel `web` asking for `host`, and TCP tunnel `raw` asking for
+/// `tcp_port` if given, both to `backend`.
+fn replica_tunnels(host: &str, tcp_port: Option<u16>, backend: &Backend) -> String {
+    let mut t = vec![http_tunnel("web", host, backend.port())];
+    if let Some(port) = tcp_port {
+        t.push(tcp_tunnel("raw", Some(port), backend.port()));
+    }
+    file(&t)
+}
+
+/// Two replicas' agents ask for one name (and, where `tcp`, one public port): with a load
+/// balancer on the server, both serve.
+async fn replicas_share_a_name(kind: ServerKind, tcp: bool) {
+    let (server, key, _k) = server(kind).await;
     let (a, b) = (Backend::start("replica-a").await.unwrap(), Backend::start("replica-b").await.unwrap());
-    let mut agent_a = Agent::start(&server, &key, &file(&[http_tunnel("web", "shared", a.port())]), &[]);
-    let mut agent_b = Agent::start(&server, &key, &file(&[http_tunnel("web", "shared", b.port())]), &[]);
-    agent_a.wait_tunnel("web", "established", Duration::from_secs(20)).await;
-    agent_b.wait_tunnel("web", "established", Duration::from_secs(20)).await;
+    let port = free_port();
+    let tunnels = |backend: &Backend| replica_tunnels("shared", tcp.then_some(port), backend);
+    let mut agent_a = Agent::start(&server, &key, &tunnels(&a), &[]);
+    let mut agent_b = Agent::start(&server, &key, &tunnels(&b), &[]);
+    for agent in [&mut agent_a, &mut agent_b] {
+        agent.wait_tunnel("web", "established", Duration::from_secs(20)).await;
+        if tcp {
+            let t = agent.wait_tunnel("raw", "established", Duration::from_secs(20)).await;
+            assert!(t["publicAddress"].as_str().unwrap().ends_with(&format!(":{port}")), "{t}");
+        }
+    }
     let addr = format!("127.0.0.1:{}", server.http_port().unwrap());
     let host = server.http_host(USER, "shared");
     expect_body(&addr, &host, "/", &a.greeting()).await;
     expect_body(&addr, &host, "/", &b.greeting()).await;
+    if tcp {
+        let public = format!("127.0.0.1:{port}");
+        expect_body(&public, "x", "/", &a.greeting()).await;
+        expect_body(&public, "x", "/", &b.greeting()).await;
+    }
 }
 
 #[tokio::test]
 #[ignore = "needs the test ground (scripts/build-testground)"]
-async fn one_replica_holds_a_name_without_load_balancing_and_another_takes_over() {
-    let deny = SandholeOptions { extra_args: vec!["--load-balancing=deny".into()] };
-    let (server, key, _k) = server(ServerKind::Sandhole(deny)).await.unwrap();
+async fn replicas_share_a_name_and_a_port_when_sish_load_balances() {
+    replicas_share_a_name(sish_load_balancing(), true).await;
+}
+
+#[tokio::test]
+#[ignore = "needs the test ground (scripts/build-testground)"]
+async fn replicas_share_a_name_on_sandhole_which_load_balances_by_default() {
+    replicas_share_a_name(ServerKind::Sandhole(Default::default()), false).await;
+}
+
+/// Without load balancing, the first replica's agent holds the name (and, where `tcp`, the public
+/// port); the second is given another one, cancels it and stands by, Ready and serving nothing;
+/// when the holder dies without a goodbye, the standby takes over.
+async fn one_replica_holds_a_name_and_another_takes_over(kind: ServerKind, tcp: bool) {
+    let (server, key, _k) = server(kind).await;
     let (a, b) = (Backend::start("holder").await.unwrap(), Backend::start("standby").await.unwrap());
-    let mut holder = Agent::start(&server, &key, &file(&[http_tunnel("web", "single", a.port())]), &[]);
-    holder.wait_tunnel("web", "established", Duration::from_secs(20)).await;
-    let mut standby = Agent::start(&server, &key, &file(&[http_tunnel("web", "single", b.port())]), &[]);
-    let t = standby.wait_tunnel("web", "standingBy", Duration::from_secs(20)).await;
-    assert!(t["publicAddress"].is_null(), "a standby serves nothing: {t}");
+    let port = free_port();
+    let tunnels = |backend: &Backend| replica_tunnels("single", tcp.then_some(port), backend);
+    let names: &[&str] = if tcp { &["web", "raw"] } else { &["web"] };
+    let mut holder = Agent::start(&server, &key, &tunnels(&a), &[]);
+    for name in names {
+        holder.wait_tunnel(name, "established", Duration::from_secs(20)).await;
+    }
+    let mut standby = Agent::start(&server, &key, &tunnels(&b), &[]);
+    for name in names {
+        let t = standby.wait_tunnel(name, "standingBy", Duration::from_secs(20)).await;
+        assert!(t["publicAddress"].is_null(), "a standby serves nothing: {t}");
+    }
     assert_eq!(http::get(&standby.admin, "a", "/ready").await.unwrap().status, 200, "standing by is ready");
     let addr = format!("127.0.0.1:{}", server.http_port().unwrap());
     let host = server.http_host(USER, "single");
-    expect_body(&addr, &host, "/", &a.greeting()).await;
+    let public = format!("127.0.0.1:{port}");
+    for _ in 0..3 {
+        expect_body(&addr, &host, "/", &a.greeting()).await;
+        if tcp {
+            expect_body(&public, "x", "/", &a.greeting()).await;
+        }
+    }
+    assert_eq!(b.requests(), 0, "the standby's app got no visitors");
 
     // The holder dies without a goodbye.
     holder.proc.kill();
     let killed = Instant::now();
-    standby.wait_tunnel("web", "established", Duration::from_secs(15)).await;
+    for name in names {
+        let t = standby.wait_tunnel(name, "established", Duration::from_secs(30)).await;
+        eprintln!("{}: {name} taken over after {:?}: {}", server.kind().name(), killed.elapsed(), t["publicAddress"]);
+    }
     expect_body(&addr, &host, "/", &b.greeting()).await;
-    let took = killed.elapsed();
-    eprintln!("takeover after the holder was killed: {took:?}");
-    assert!(took < Duration::from_secs(15), "takeover took {took:?}");
+    if tcp {
+        expect_body(&public, "x", "/", &b.greeting()).await;
+    }
+    eprintln!(
+        "{}: the standby's app answered {:?} after the holder was killed",
+        server.kind().name(),
+        killed.elapsed()
+    );
+}
+
+#[tokio::test]
+#[ignore = "needs the test ground (scripts/build-testground)"]
+async fn one_replica_holds_a_name_and_a_port_on_sish_and_another_takes_over() {
+    one_replica_holds_a_name_and_another_takes_over(tuns(), true).await;
+}
+
+#[tokio::test]
+#[ignore = "needs the test ground (scripts/build-testground)"]
+async fn one_replica_holds_a_name_on_sandhole_denying_load_balancing_and_another_takes_over() {
+    let deny = SandholeOptions { extra_args: vec!["--load-balancing=deny".into()] };
+    one_replica_holds_a_name_and_another_takes_over(ServerKind::Sandhole(deny), false).await;
 }
 
 #[tokio::test]
 #[ignore = "needs the test ground (scripts/build-testground)"]
 async fn a_stuck_app_connection_does_not_stall_the_others() {
-    let (server, key, _k) = server(ServerKind::Sandhole(Default::default())).await.unwrap();
+    let (server, key, _k) = server(tuns()).await;
     // An app that accepts and never reads.
     let stuck = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let stuck_port = stuck.local_addr().unwrap().port();
@@ -423,7 +499,7 @@ async fn a_stuck_app_connection_does_not_stall_the_others() {
 #[tokio::test]
 #[ignore = "needs the test ground (scripts/build-testground)"]
 async fn sigterm_cancels_forwards_then_drains_in_flight_connections() {
-    let (server, key, _k) = server(ServerKind::Sandhole(Default::default())).await.unwrap();
+    let (server, key, _k) = server(tuns()).await;
     // An app that answers after 2 seconds.
     let slow = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let slow_port = slow.local_addr().unwrap().port();
@@ -472,8 +548,8 @@ async fn sigterm_cancels_forwards_then_drains_in_flight_connections() {
 #[tokio::test]
 #[ignore = "needs the test ground (scripts/build-testground)"]
 async fn a_wrong_host_key_is_refused() {
-    let (server, key, _k) = server(ServerKind::Sandhole(Default::default())).await.unwrap();
-    let (other, _, _o) = self::server(ServerKind::Sshd).await.unwrap();
+    let (server, key, _k) = server(tuns()).await;
+    let (other, _, _o) = self::server(ServerKind::Sshd).await;
     // Pin the *other* server's key for this server's address.
     let wrong = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(wrong.path(), format!("[127.0.0.1]:{} {}\n", server.ssh_port(), other.host_key())).unwrap();
@@ -682,7 +758,7 @@ async fn freezable_relay(upstream: u16) -> (u16, std::sync::Arc<std::sync::atomi
 #[ignore = "needs the test ground (scripts/build-testground)"]
 async fn a_silent_server_is_detected_by_keepalives_and_the_agent_reconnects() {
     use std::sync::atomic::Ordering;
-    let (server, key, _k) = server(ServerKind::Sandhole(Default::default())).await.unwrap();
+    let (server, key, _k) = server(tuns()).await;
     let (relay_port, frozen) = freezable_relay(server.ssh_port()).await;
     let known = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(known.path(), format!("[127.0.0.1]:{relay_port} {}\n", server.host_key())).unwrap();
@@ -719,7 +795,7 @@ async fn a_silent_server_is_detected_by_keepalives_and_the_agent_reconnects() {
 #[tokio::test]
 #[ignore = "needs the test ground (scripts/build-testground)"]
 async fn a_forward_opens_only_once_the_app_accepts_connections() {
-    let (server, key, _k) = server(ServerKind::Sshd).await.unwrap();
+    let (server, key, _k) = server(ServerKind::Sshd).await;
     // Reserve a port for the app, and do not listen on it yet.
     let app_port = free_port();
     let mut agent = Agent::start(&server, &key, &file(&[tcp_tunnel("raw", Some(free_port()), app_port)]), &[]);
@@ -742,7 +818,7 @@ async fn a_forward_opens_only_once_the_app_accepts_connections() {
 #[tokio::test]
 #[ignore = "needs the test ground (scripts/build-testground)"]
 async fn the_host_key_pin_can_be_given_inline() {
-    let (server, key, _k) = server(ServerKind::Sshd).await.unwrap();
+    let (server, key, _k) = server(ServerKind::Sshd).await;
     let backend = Backend::start("inline").await.unwrap();
     let pin = std::fs::read_to_string(server.known_hosts()).unwrap();
     let mut agent =

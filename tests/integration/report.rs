@@ -1,5 +1,5 @@
 //! The public address a sidecar learns reaches its pod: the real `picotun agent` tunnels through
-//! sandhole and POSTs its status, with a token the real apiserver bound to the pod, to the real
+//! sish (as tuns.sh runs it) and POSTs its status, with a token the real apiserver bound to the pod, to the real
 //! `picotun webhook`'s `/report`, which checks it with a TokenReview and writes the pod's
 //! `tunnels.pico.sh/addresses` annotation. And what must be refused is refused.
 
@@ -11,7 +11,9 @@ use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, T
 use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
 use kube::api::{Api, PostParams};
 use picotun_testground::http::{self, Backend};
-use picotun_testground::{ControlPlane, Existing, Proc, ServerKind, SshClientKey, TunnelServer, free_port, wait_for};
+use picotun_testground::{
+    ControlPlane, Existing, Proc, ServerKind, SishOptions, SshClientKey, TunnelServer, free_port, wait_for,
+};
 use serde_json::{Value, json};
 
 const ADDRESSES: &str = "tunnels.pico.sh/addresses";
@@ -103,7 +105,7 @@ fn start_agent(
     cmd.arg("agent")
         .args(["--tunnels-file", tunnels.to_str().unwrap()])
         .args(["--server", "127.0.0.1", "--server-port", &server.ssh_port().to_string()])
-        .args(["--user", &server.login_user("alice"), "--dialect", "sandhole"])
+        .args(["--user", &server.login_user("alice"), "--dialect", "sish"])
         .args(["--key-file", key.private_key.to_str().unwrap()])
         .args(["--known-hosts", server.known_hosts().to_str().unwrap()])
         .args(["--admin-addr", &admin, "--reload-interval", "200ms"])
@@ -117,7 +119,7 @@ fn start_agent(
 
 #[tokio::test]
 #[ignore = "needs the test ground (scripts/build-testground)"]
-async fn a_sidecar_reports_the_address_sandhole_assigned_onto_its_pod() {
+async fn a_sidecar_reports_the_address_sish_assigned_onto_its_pod() {
     let ground = ControlPlane::shared(Existing::Allowed).await.unwrap();
     let client = ground.client().await.unwrap();
     let ns = ground.namespace("report").await.unwrap();
@@ -129,7 +131,7 @@ async fn a_sidecar_reports_the_address_sandhole_assigned_onto_its_pod() {
     let token_file = dir.path().join("token");
     std::fs::write(&token_file, token(&client, ns.name(), Some(&pod), AUDIENCE).await).unwrap();
     let key = SshClientKey::generate(dir.path(), "agent", "ed25519").unwrap();
-    let server = TunnelServer::start(ServerKind::Sandhole(Default::default()), &[&key]).await.unwrap();
+    let server = TunnelServer::start(ServerKind::Sish(SishOptions::default()), &[&key]).await.unwrap();
     let backend = Backend::start("app").await.unwrap();
     let report = [
         ("PICOTUN_REPORT_URL", webhook.report_url()),
@@ -140,7 +142,7 @@ async fn a_sidecar_reports_the_address_sandhole_assigned_onto_its_pod() {
     ];
     let (mut agent, admin) = start_agent(&server, &key, backend.port(), &report, dir.path());
 
-    // What the agent learned from sandhole...
+    // What the agent learned from sish...
     let public = wait_for("the tunnel to be established", Duration::from_secs(30), Duration::from_millis(100), || {
         let admin = admin.clone();
         async move {
