@@ -248,6 +248,13 @@ impl TunnelServer {
         self.starts += 1;
         let mut cmd = Command::new(&self.command.0);
         cmd.args(&self.command.1).current_dir(&self.dir);
+        if let ServerKind::Sish(_) = self.kind {
+            // sish makes a unix socket per forward with os.CreateTemp("", ...): keep them in the
+            // server's directory, which goes when the test does, even after a SIGKILL.
+            let tmp = self.dir.join("tmp");
+            std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+            cmd.env("TMPDIR", &tmp);
+        }
         let log = self.dir.join(format!("{}.log", self.kind.name()));
         let mut proc = Proc::spawn(self.kind.name(), cmd, &log)?;
         let ssh_port = self.ssh_port;

@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use picotun_testground::http::{self, Backend};
 use picotun_testground::process::Signal;
-use picotun_testground::{Proc, SandholeOptions, ServerKind, SishOptions, SshClientKey, TunnelServer, free_port};
+use picotun_testground::{
+    Proc, SandholeOptions, ServerKind, SishOptions, SshClientKey, TunnelServer, free_port, wait_for,
+};
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
@@ -378,7 +380,8 @@ async fn replicas_share_a_name_on_sandhole_which_load_balances_by_default() {
 
 /// Without load balancing, the first replica's agent holds the name (and, where `tcp`, the public
 /// port); the second is given another one, cancels it and stands by, Ready and serving nothing;
-/// when the holder dies without a goodbye, the standby takes over.
+/// when the holder dies without a goodbye, the standby takes over; and again when that one is
+/// stopped with SIGTERM, as in a rollout.
 async fn one_replica_holds_a_name_and_another_takes_over(kind: ServerKind, tcp: bool) {
     let (server, key, _k) = server(kind).await;
     let (a, b) = (Backend::start("holder").await.unwrap(), Backend::start("standby").await.unwrap());
@@ -405,6 +408,18 @@ async fn one_replica_holds_a_name_and_another_takes_over(kind: ServerKind, tcp: 
         }
     }
     assert_eq!(b.requests(), 0, "the standby's app got no visitors");
+    if matches!(server.kind(), ServerKind::Sish(_)) {
+        // Each retry of the standby got a random name or port from sish and cancelled it: once
+        // retries have happened, only the holder's forwards are left open on the server.
+        wait_for("sish to hold only the holder's forwards", Duration::from_secs(20), Duration::from_millis(50), || {
+            let log = std::fs::read_to_string(server.dir().join("sish.log")).unwrap_or_default();
+            let (started, stopped) =
+                (log.matches("forwarding started").count(), log.matches("forwarding stopped").count());
+            async move { Ok((started >= 3 * names.len() && started - stopped == names.len()).then_some(())) }
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}\nsish log:\n{}", server.log_tail(40)));
+    }
 
     // The holder dies without a goodbye.
     holder.proc.kill();
@@ -422,6 +437,24 @@ async fn one_replica_holds_a_name_and_another_takes_over(kind: ServerKind, tcp: 
         server.kind().name(),
         killed.elapsed()
     );
+
+    // A rollout: a third replica stands by, the serving one is stopped the way the kubelet stops
+    // it (SIGTERM: forwards cancelled, in-flight connections drained), and the third takes over.
+    let c = Backend::start("next").await.unwrap();
+    let mut next = Agent::start(&server, &key, &tunnels(&c), &[]);
+    for name in names {
+        next.wait_tunnel(name, "standingBy", Duration::from_secs(20)).await;
+    }
+    standby.proc.signal(Signal::SIGTERM);
+    let stopped = Instant::now();
+    for name in names {
+        next.wait_tunnel(name, "established", Duration::from_secs(30)).await;
+    }
+    expect_body(&addr, &host, "/", &c.greeting()).await;
+    if tcp {
+        expect_body(&public, "x", "/", &c.greeting()).await;
+    }
+    eprintln!("{}: the next replica's app answered {:?} after SIGTERM", server.kind().name(), stopped.elapsed());
 }
 
 #[tokio::test]
