@@ -77,7 +77,14 @@ async fn ingress_walkthrough_on_the_kubelet_through_sish() {
         Ok(ing.status.and_then(|s| s.load_balancer).and_then(|l| l.ingress).and_then(|i| i.first()?.hostname.clone()))
     })
     .await
-    .unwrap_or_else(|e| panic!("{e}; controller log:\n{}", stack.controller.log_tail(30)));
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}; controller log:\n{}\nagent logs:\n{}\nwebhook log:\n{}",
+            stack.controller.log_tail(10),
+            stack_agent_logs(ground, ns, &ready),
+            stack.webhook.log_tail(20)
+        )
+    });
     println!("Ingress ADDRESS {host} {:.1}s after kubectl apply", started.elapsed().as_secs_f32());
     let user = &stack.user;
     assert!(
