@@ -136,6 +136,12 @@ impl ControlPlane {
     }
 
     async fn boot(&mut self, opts: &StartOptions) -> Result<()> {
+        let mut times = crate::node::StartTimes::default();
+        let mut clock = Instant::now();
+        let mut lap = |what: &str, times: &mut crate::node::StartTimes| {
+            times.0.push((what.to_string(), clock.elapsed()));
+            clock = Instant::now();
+        };
         let dir = self.dir.clone();
         let pki = dir.join("pki");
         std::fs::create_dir_all(&pki).map_err(|e| Error::io(&pki, e))?;
@@ -195,6 +201,7 @@ impl ControlPlane {
         ]);
         self.spawn("etcd", cmd)?;
         self.wait_http_ok("etcd", etcd_port, "/health", "\"health\":\"true\"", Duration::from_secs(30)).await?;
+        lap("etcd", &mut times);
 
         // kube-apiserver
         let api_port = free_port();
@@ -235,6 +242,7 @@ impl ControlPlane {
         self.spawn("kube-apiserver", cmd)?;
         self.write_kubeconfig(api_port, &pki_path("ca.crt"), &admin_crt, &admin_key)?;
         self.wait_apiserver_ready(Duration::from_secs(90)).await?;
+        lap("kube-apiserver", &mut times);
 
         // kube-controller-manager: Deployments -> ReplicaSets -> Pods, garbage collection,
         // namespace deletion, service accounts and their tokens, EndpointSlices, Jobs.
@@ -267,6 +275,7 @@ impl ControlPlane {
 
         let client = self.client().await?;
         crds::install_all(&client).await?;
+        lap("CRDs", &mut times);
 
         if opts.real_node {
             let node_dir = dir.join("node");
@@ -279,13 +288,14 @@ impl ControlPlane {
                 dir: &node_dir,
                 labels: &[("picotun.dev/real-node", "true")],
             };
-            let (node, times) = RealNode::start(setup, &client).await?;
+            let (node, node_times) = RealNode::start(setup, &client).await?;
             if let Some(egress) = &self.egress {
                 egress.route_cluster_to(Some(node.netns().clone()));
             }
-            tracing::info!(node = REAL_NODE, %times, "real node ready");
-            eprintln!("[testground] real node {REAL_NODE} ready: {times}");
+            tracing::info!(node = REAL_NODE, times = %node_times, "real node ready");
+            eprintln!("[testground] real node {REAL_NODE} ready: {node_times}");
             self.node = Some(node);
+            lap("real node", &mut times);
         }
 
         // kwok: fake Nodes that report Ready and Pods that reach Running.
@@ -306,7 +316,13 @@ impl ControlPlane {
         self.wait_nodes_ready(&client, Duration::from_secs(60)).await?;
         untaint_nodes(&client, opts.real_node).await?;
         wait_default_service_account(&client, "default", Duration::from_secs(60)).await?;
+        lap("kwok nodes and the default service account", &mut times);
         self.check_running()?;
+        tracing::info!(%times, "test ground started");
+        if opts.real_node {
+            // A person is watching (`scripts/testground up`, the demo): say where the time went.
+            eprintln!("[testground] started: {times}");
+        }
         Ok(())
     }
 

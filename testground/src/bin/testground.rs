@@ -1,6 +1,7 @@
 //! `testground serve --state-dir DIR`: runs the test ground in the foreground until SIGTERM or
-//! SIGINT -- the control plane plus sshd, sandhole and (where it could be built) sish, with one
-//! client key authorized on all of them -- and writes `DIR/env.sh` with shell exports.
+//! SIGINT -- the control plane with a real node beside the kwok nodes, plus sshd, sandhole and
+//! sish (each reachable from pods at the node's address), with one client key authorized on all
+//! of them -- and writes `DIR/env.sh` with shell exports.
 //! `scripts/testground up|down` runs it in the background for people.
 
 use std::fmt::Write as _;
@@ -8,7 +9,8 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use picotun_testground::kube_ground::StartOptions;
-use picotun_testground::{ControlPlane, Error, ServerKind, SishOptions, SshClientKey, TunnelServer, bins};
+use picotun_testground::node::NODE_IP;
+use picotun_testground::{ControlPlane, ServerKind, SishOptions, SshClientKey, TunnelServer, bins};
 use tokio::signal::unix::{SignalKind, signal};
 
 const USAGE: &str = "usage: testground serve --state-dir DIR";
@@ -37,7 +39,7 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     std::fs::create_dir_all(&keys_dir)?;
     let key = SshClientKey::generate(&keys_dir, "client_ed25519", "ed25519")?;
 
-    eprintln!("[testground] starting etcd, kube-apiserver, controller-manager, scheduler, kwok ...");
+    eprintln!("[testground] starting etcd, kube-apiserver, controller-manager, scheduler, a real node, kwok ...");
     let plane =
         ControlPlane::start(StartOptions { keep_dir: true, dir: Some(state_dir.join("cluster")), real_node: true })
             .await?;
@@ -45,13 +47,12 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
 
     let mut servers = Vec::new();
     for kind in [ServerKind::Sshd, ServerKind::Sandhole(Default::default()), ServerKind::Sish(SishOptions::default())] {
-        match TunnelServer::start(kind.clone(), &[&key]).await {
-            Ok(s) => servers.push(s),
-            Err(e @ Error::MissingBinary { .. }) if matches!(kind, ServerKind::Sish(_)) => {
-                eprintln!("[testground] sish not started: {e}");
-            }
-            Err(e) => return Err(e.into()),
-        }
+        servers.push(TunnelServer::start(kind.clone(), &[&key]).await?);
+    }
+    // Pods on the real node reach each server's SSH port at the node's address.
+    let node = plane.real_node().ok_or("the ground started without its real node")?;
+    for s in &servers {
+        node.bridge(s.ssh_port())?;
     }
 
     let mut env = String::new();
@@ -65,13 +66,15 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         let upper = s.kind().name().to_uppercase();
         writeln!(env, "export PICOTUN_{upper}_SSH={}", s.ssh_addr())?;
         writeln!(env, "export PICOTUN_{upper}_KNOWN_HOSTS={}", s.known_hosts().display())?;
-        write!(summary, "  {:<9} ssh {}", s.kind().name(), s.ssh_addr())?;
+        writeln!(env, "export PICOTUN_{upper}_SSH_FROM_PODS={NODE_IP}:{}", s.ssh_port())?;
+        write!(summary, "  {:<9} ssh {} (from pods {NODE_IP}:{})", s.kind().name(), s.ssh_addr(), s.ssh_port())?;
         if let Some(p) = s.http_port() {
             writeln!(env, "export PICOTUN_{upper}_HTTP=127.0.0.1:{p}")?;
             write!(summary, "  http 127.0.0.1:{p}")?;
         }
         writeln!(summary, "  (log {})", s.dir().display())?;
     }
+    writeln!(summary, "  node      {} at {NODE_IP} (logs {}/log)", node.name(), node.dir().display())?;
     let env_file = state_dir.join("env.sh");
     std::fs::write(&env_file, &env)?;
     println!(
