@@ -6,6 +6,7 @@ use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::networking::v1::Ingress;
 use kube::api::{Api, DynamicObject};
 use kube::discovery::ApiResource;
+use picotun_testground::tunnels::SISH_DOMAIN;
 use picotun_testground::wait_for;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -183,12 +184,10 @@ async fn gateway_walkthrough_http_and_tcp_on_the_kubelet_through_sish() {
         .find(|a| **a == format!("{user}-web-test.tuns.test") || **a == format!("web-test-{user}.tuns.test"))
         .unwrap_or_else(|| panic!("an HTTP address for listener web-test among {addresses:?}"))
         .clone();
-    let tcp = addresses
-        .iter()
-        .find(|a| a.ends_with(":59123"))
-        .unwrap_or_else(|| panic!("a TCP address on port 59123 among {addresses:?}"))
-        .clone();
-
+    // A Gateway address is a hostname without a port: sish's TCP host is its domain; the port is
+    // the listener's (59123), which sish bound as requested.
+    assert!(addresses.iter().any(|a| a == SISH_DOMAIN), "sish's TCP host {SISH_DOMAIN} among {addresses:?}");
+    let tcp = format!("{SISH_DOMAIN}:59123");
     // HTTP by name through sish's HTTP port.
     assert_eq!(stack.get_through_sish(&http_host, Duration::from_secs(30)).await, BODY);
     // TCP: sish's public port 59123 on loopback, the same bytes over a raw connection.
