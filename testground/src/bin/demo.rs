@@ -126,7 +126,7 @@ async fn run(check: bool) -> Result<(), Box<dyn std::error::Error>> {
         ])
         .args(["--namespace", "pico-sh-system", "--sidecar-image", PICOTUN_IMAGE, "--inject-route-backends"])
         .args(["--server", &NODE_IP.to_string(), "--server-port", &server.ssh_port().to_string(), "--dialect", "sish"])
-        .args(["--user", "demo", "--sidecar-known-hosts-file", known_hosts.to_str().unwrap()])
+        .args(["--user", "alice", "--sidecar-known-hosts-file", known_hosts.to_str().unwrap()])
         .args(["--agent-report-url", &report_url, "--agent-report-ca-file", certs.join("ca.crt").to_str().unwrap()])
         .env("KUBECONFIG", &kubeconfig);
     let mut webhook = Proc::spawn("picotun-webhook", cmd, &dir.join("webhook.log"))?;
