@@ -302,10 +302,12 @@ pub async fn run(args: ControllerArgs, shutdown: CancellationToken) -> Result<()
         metrics.duration.observe(started.elapsed().as_secs_f64());
         debug!(writes = plan.writes.len(), elapsed_ms = started.elapsed().as_millis() as u64, "pass done");
 
+        // A rollout in flight is looked at again soon: its end may change nothing we cache.
+        let wake = if is_leader && restarter.waiting() { wake_every.min(restart::ROLLOUT_POLL) } else { wake_every };
         tokio::select! {
             _ = index.changed() => {}
             _ = leader.changed() => {}
-            _ = tokio::time::sleep(wake_every) => {}
+            _ = tokio::time::sleep(wake) => {}
             _ = shutdown.cancelled() => break,
         }
         // Coalesce a burst of watch events (a rollout, an apply of many objects) into one pass.

@@ -22,6 +22,10 @@ use crate::index::View;
 pub const RESTARTED_AT: &str = "tunnels.pico.sh/restartedAt";
 /// How long one rollout may take before the next workload's turn comes anyway.
 const ROLLOUT_TIMEOUT: Duration = Duration::from_secs(600);
+/// How often a rollout in flight is looked at. Workloads are not cached: the change that
+/// finishes a rollout may be in the workload's status alone (minReadySeconds, maxSurge 0), with
+/// no pod event after it to wake the controller.
+pub const ROLLOUT_POLL: Duration = Duration::from_secs(1);
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct WorkloadRef {
@@ -70,11 +74,22 @@ impl Restarter {
         Restarter { client, cooldown, last: HashMap::new(), in_flight: None }
     }
 
+    /// True while a rollout started here has not been seen to finish (the loop must then come
+    /// round every [`ROLLOUT_POLL`] to look again).
+    pub fn waiting(&self) -> bool {
+        self.in_flight.is_some()
+    }
+
     pub async fn step(&mut self, plan: &Plan, view: &View, metrics: &Metrics) {
         if let Some((w, since)) = &self.in_flight {
             let done = match w.api(&self.client).get(&w.name).await {
                 Ok(o) => rollout_done(w.kind, &serde_json::to_value(&o).unwrap_or_default()),
-                Err(_) => true,
+                Err(kube::Error::Api(s)) if s.code == 404 => true, // deleted: nothing rolls out
+                Err(e) => {
+                    // Not known to be finished: another rollout now could make two at once.
+                    warn!(kind = w.kind, name = %w.name, error = %e, "cannot look at the rollout in flight");
+                    false
+                }
             };
             if !done && since.elapsed() < ROLLOUT_TIMEOUT {
                 return;

@@ -10,12 +10,15 @@ use std::collections::BTreeMap;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::api::networking::v1::{Ingress, IngressClass};
-use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{
+    Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams, WatchEvent, WatchParams,
+};
 use kube::core::ApiResource;
 use picotun::index::GatewayKind;
 use picotun_testground::{ControlPlane, Existing, Proc, free_port, http, random_suffix, wait_for};
@@ -600,9 +603,17 @@ async fn uninjected_workloads_are_restarted_one_rollout_at_a_time_when_asked() {
     let pp = PostParams::default();
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
     // Two workloads whose pods lack the sidecar (no webhook runs here), each behind an Ingress.
+    // On kwok a rollout of one replica is over in about 100 ms; minReadySeconds keeps each going
+    // for 2 s after its new pod is Ready, so a controller that started the second rollout early
+    // would be seen doing it. With maxSurge 0 the rollout ends in the Deployment's status alone
+    // (the old pod went first), with no pod event after it for the controller to wake on.
     for name in ["one", "two"] {
         let mut d = injected_echo(name, 1);
-        d.spec.as_mut().unwrap().template.spec.as_mut().unwrap().containers.truncate(1);
+        let spec = d.spec.as_mut().unwrap();
+        spec.min_ready_seconds = Some(2);
+        spec.strategy =
+            Some(serde_json::from_value(json!({"rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}})).unwrap());
+        spec.template.spec.as_mut().unwrap().containers.truncate(1);
         deployments.create(&pp, &d).await.unwrap();
         Api::<Service>::namespaced(client.clone(), &ns).create(&pp, &service(name, 80, json!(5678))).await.unwrap();
         Api::<Ingress>::namespaced(client.clone(), &ns)
@@ -611,6 +622,13 @@ async fn uninjected_workloads_are_restarted_one_rollout_at_a_time_when_asked() {
             .unwrap();
     }
     crate::support::running_pods(&Api::namespaced(client.clone(), &ns), "app in (one,two)", 2).await;
+    // Every change to the Deployments, in the apiserver's order, from before the controller starts:
+    // sampling them now and then could not tell two rollouts at once from two in quick succession.
+    let listed = deployments.list(&ListParams::default()).await.unwrap();
+    let mut latest: BTreeMap<String, Deployment> =
+        listed.items.into_iter().map(|d| (d.metadata.name.clone().unwrap_or_default(), d)).collect();
+    let rv = listed.metadata.resource_version.unwrap_or_default();
+    let mut changes = Box::pin(deployments.watch(&WatchParams::default().timeout(290), &rv).await.unwrap());
     let controller = Controller::start_with(
         ground,
         &scope,
@@ -623,23 +641,53 @@ async fn uninjected_workloads_are_restarted_one_rollout_at_a_time_when_asked() {
     let restarted_at = |d: &Deployment| {
         d.spec.as_ref()?.template.metadata.as_ref()?.annotations.as_ref()?.get("tunnels.pico.sh/restartedAt").cloned()
     };
-    let first = wait_for("a first restart", Duration::from_secs(30), Duration::from_millis(200), || async {
-        let list = deployments.list(&ListParams::default()).await.map_err(|e| e.to_string())?;
-        let done: Vec<String> =
-            list.items.iter().filter(|d| restarted_at(d).is_some()).filter_map(|d| d.metadata.name.clone()).collect();
-        Ok((!done.is_empty()).then_some(done))
-    })
-    .await
-    .unwrap();
-    assert_eq!(first.len(), 1, "one rollout at a time: {first:?}");
-    wait_event(&client, &ns, &first[0], "RestartedForSidecar").await;
-    // Once that rollout has finished, the other workload's turn comes.
-    wait_for("the second restart", Duration::from_secs(60), Duration::from_millis(250), || async {
-        let list = deployments.list(&ListParams::default()).await.map_err(|e| e.to_string())?;
-        Ok(list.items.iter().all(|d| restarted_at(d).is_some()).then_some(()))
-    })
-    .await
-    .unwrap();
+    // Once a workload's rollout has finished (what `kubectl rollout status` waits for), the next
+    // one's turn comes -- and not before.
+    let finished = |d: &Deployment| {
+        let want = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+        d.status.as_ref().is_some_and(|s| {
+            s.observed_generation >= d.metadata.generation
+                && s.updated_replicas == Some(want)
+                && s.replicas == Some(want)
+                && s.available_replicas == Some(want)
+        })
+    };
+    // The order the workloads were restarted in. The deadline is well under the controller's
+    // 5 min resync, so a controller that misses the end of a rollout does not pass by luck.
+    let mut order: Vec<String> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while order.len() < 2 {
+        let change = tokio::time::timeout_at(deadline.into(), changes.next())
+            .await
+            .unwrap_or_else(|_| panic!("90 s without both restarts; restarted so far: {order:?}"))
+            .expect("the watch of Deployments ended")
+            .expect("the watch of Deployments failed");
+        let d = match change {
+            WatchEvent::Added(d) | WatchEvent::Modified(d) => d,
+            WatchEvent::Deleted(d) => panic!("Deployment {:?} deleted", d.metadata.name),
+            WatchEvent::Bookmark(_) => continue,
+            WatchEvent::Error(e) => panic!("the watch of Deployments: {e:?}"),
+        };
+        let name = d.metadata.name.clone().unwrap_or_default();
+        if restarted_at(&d).is_some() && !order.contains(&name) {
+            for earlier in &order {
+                let e = &latest[earlier];
+                assert!(
+                    finished(e),
+                    "one rollout at a time: {name} restarted while {earlier} was still rolling out \
+                     (generation {:?}, status {:?})",
+                    e.metadata.generation,
+                    e.status.as_ref().map(|s| format!(
+                        "observedGeneration {:?}, replicas {:?}, updated {:?}, available {:?}",
+                        s.observed_generation, s.replicas, s.updated_replicas, s.available_replicas
+                    ))
+                );
+            }
+            order.push(name.clone());
+        }
+        latest.insert(name, d);
+    }
+    wait_event(&client, &ns, &order[0], "RestartedForSidecar").await;
     // The new pods still lack the sidecar (nothing injects them here): the cooldown stops a loop.
     let stamps: Vec<Option<String>> =
         deployments.list(&ListParams::default()).await.unwrap().items.iter().map(restarted_at).collect();
