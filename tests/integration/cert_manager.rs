@@ -37,8 +37,9 @@ use crate::report::{AUDIENCE, metric, token};
 
 /// How long the renewal tests' certificates live, and how long before expiry cert-manager
 /// renews them: a renewal every 30 s. cert-manager's own webhook (which the ground does not run)
-/// would refuse a duration under 1h and a renewBefore under 5m or not below the duration; these
-/// keep to that, so a renewal is as frequent as cert-manager allows.
+/// refuses a duration under 1h and a renewBefore under 5m or not below the duration; these keep
+/// to that. The renewal interval (duration - renewBefore) it does not bound: 30 s leaves
+/// cert-manager time to issue and the webhook time to reload between two renewals.
 const SHORT_DURATION: &str = "1h";
 const SHORT_RENEW_BEFORE: &str = "59m30s";
 /// Renewals each renewal test waits to see served.
