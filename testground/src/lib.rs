@@ -16,6 +16,7 @@
 //! ```
 
 pub mod bins;
+pub mod cert_manager;
 pub mod crds;
 pub mod crossns;
 pub mod http;

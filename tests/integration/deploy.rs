@@ -22,17 +22,17 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::OnceCell;
 
-const SYSTEM_NAMESPACE: &str = "pico-sh-system";
+pub(crate) const SYSTEM_NAMESPACE: &str = "pico-sh-system";
 
 /// `kubectl` of the ground's version, acting as the holder of `kubeconfig`.
-fn kubectl(kubeconfig: &Path) -> Command {
+pub(crate) fn kubectl(kubeconfig: &Path) -> Command {
     let mut cmd = Command::new(bin("kubectl").unwrap());
     cmd.arg("--kubeconfig").arg(kubeconfig);
     cmd
 }
 
 /// Runs `cmd` with `input` on its standard input: (success, stdout, stderr).
-fn run(cmd: &mut Command, input: &str) -> (bool, String, String) {
+pub(crate) fn run(cmd: &mut Command, input: &str) -> (bool, String, String) {
     use std::io::Write;
     let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     let mut stdin = child.stdin.take().unwrap();
@@ -45,7 +45,7 @@ fn run(cmd: &mut Command, input: &str) -> (bool, String, String) {
 }
 
 /// `kubectl kustomize DIR`, one JSON value per document.
-fn render(dir: &Path) -> Vec<Value> {
+pub(crate) fn render(dir: &Path) -> Vec<Value> {
     let out = Command::new(bin("kubectl").unwrap()).arg("kustomize").arg(dir).output().unwrap();
     assert!(out.status.success(), "kubectl kustomize {}: {}", dir.display(), String::from_utf8_lossy(&out.stderr));
     serde_yaml::Deserializer::from_str(std::str::from_utf8(&out.stdout).unwrap())
@@ -53,7 +53,7 @@ fn render(dir: &Path) -> Vec<Value> {
         .collect()
 }
 
-fn doc<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
+pub(crate) fn doc<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
     docs.iter()
         .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
         .unwrap_or_else(|| panic!("no {kind}/{name} in the rendered manifests"))
@@ -62,7 +62,7 @@ fn doc<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
 /// Server-side apply as the holder of `kubeconfig`. With `dry_run` the apiserver checks
 /// everything -- schemas (CRDs included), defaults, admission -- and stores nothing. Returns what
 /// kubectl printed, one line per object.
-fn apply(kubeconfig: &Path, docs: &[Value], dry_run: bool) -> String {
+pub(crate) fn apply(kubeconfig: &Path, docs: &[Value], dry_run: bool) -> String {
     let mut cmd = kubectl(kubeconfig);
     cmd.args(["apply", "--server-side", "--force-conflicts", "--field-manager=picotun-deploy-test", "-f", "-"]);
     if dry_run {
@@ -86,7 +86,7 @@ fn into_namespace(docs: Vec<Value>, namespace: &str) -> Vec<Value> {
         .collect()
 }
 
-fn env_value<'a>(container: &'a Value, name: &str) -> &'a Value {
+pub(crate) fn env_value<'a>(container: &'a Value, name: &str) -> &'a Value {
     container["env"]
         .as_array()
         .and_then(|env| env.iter().find(|e| e["name"] == name))
@@ -221,7 +221,7 @@ async fn install(account: &str, also: &[(&str, &str)], leave_out: &[&str]) -> In
 
 /// A kubeconfig that authenticates as service account `account` of picotun's namespace, with a
 /// token from the TokenRequest API (`kubectl create token`).
-fn kubeconfig_for(admin: &Path, account: &str, dir: &Path) -> PathBuf {
+pub(crate) fn kubeconfig_for(admin: &Path, account: &str, dir: &Path) -> PathBuf {
     let out =
         kubectl(admin).args(["create", "token", account, "-n", SYSTEM_NAMESPACE, "--duration=2h"]).output().unwrap();
     assert!(out.status.success(), "TokenRequest: {}", String::from_utf8_lossy(&out.stderr));
@@ -246,7 +246,7 @@ fn can_i(kubeconfig: &Path, args: &[&str]) -> bool {
 
 /// The command line and environment deploy/ gives `deployment`'s container in a pod named
 /// `pod`: its args, its env (values and downward-API fields) and its envFrom ConfigMaps.
-fn command_of(docs: &[Value], deployment: &str, pod: &str) -> Command {
+pub(crate) fn command_of(docs: &[Value], deployment: &str, pod: &str) -> Command {
     let d = doc(docs, "Deployment", deployment);
     let namespace = d["metadata"]["namespace"].as_str().unwrap();
     let container = &d["spec"]["template"]["spec"]["containers"][0];
@@ -271,7 +271,7 @@ fn command_of(docs: &[Value], deployment: &str, pod: &str) -> Command {
 }
 
 /// Starts `cmd` and waits until `GET /ready` on `admin` answers 200.
-async fn start_until_ready(name: &str, cmd: Command, admin: &str, log_dir: &Path) -> Proc {
+pub(crate) async fn start_until_ready(name: &str, cmd: Command, admin: &str, log_dir: &Path) -> Proc {
     let mut proc = Proc::spawn(name, cmd, &log_dir.join(format!("{name}.log"))).unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
     while !http::get(admin, "admin", "/ready").await.is_ok_and(|r| r.status == 200) {
@@ -302,7 +302,7 @@ async fn labeled_namespace(
     ns
 }
 
-fn sidecar(pod: &Pod) -> Option<&k8s_openapi::api::core::v1::Container> {
+pub(crate) fn sidecar(pod: &Pod) -> Option<&k8s_openapi::api::core::v1::Container> {
     let spec = pod.spec.as_ref()?;
     spec.init_containers.iter().flatten().chain(&spec.containers).find(|c| c.name == "picotun-agent")
 }

@@ -2,6 +2,8 @@
 //! `#[ignore = "needs the test ground"]`: plain `cargo test` stays fast and hermetic, and
 //! `scripts/test` runs everything with `--include-ignored` after building the ground.
 
+mod cert_manager;
+
 mod agent;
 mod controller;
 mod deploy;

@@ -17,7 +17,7 @@ use picotun_testground::{
 use serde_json::{Value, json};
 
 const ADDRESSES: &str = "tunnels.pico.sh/addresses";
-const AUDIENCE: &str = "tunnels.pico.sh";
+pub(crate) const AUDIENCE: &str = "tunnels.pico.sh";
 
 use crate::support::Webhook;
 
@@ -59,7 +59,7 @@ async fn injected_pod(client: &kube::Client, namespace: &str, name: &str, inject
 
 /// A token of the namespace's `default` service account from the TokenRequest API, for
 /// `audience`, bound to `pod` if given (as the kubelet requests projected tokens).
-async fn token(client: &kube::Client, namespace: &str, pod: Option<&Pod>, audience: &str) -> String {
+pub(crate) async fn token(client: &kube::Client, namespace: &str, pod: Option<&Pod>, audience: &str) -> String {
     let request = TokenRequest {
         spec: Some(TokenRequestSpec {
             audiences: Some(vec![audience.into()]),
@@ -83,7 +83,7 @@ async fn addresses(pods: &Api<Pod>, name: &str) -> Option<String> {
     pod.metadata.annotations.and_then(|mut a| a.remove(ADDRESSES))
 }
 
-fn metric(text: &str, line_prefix: &str) -> u64 {
+pub(crate) fn metric(text: &str, line_prefix: &str) -> u64 {
     text.lines().find_map(|l| l.strip_prefix(line_prefix).and_then(|v| v.trim().parse().ok())).unwrap_or(0)
 }
 
