@@ -169,12 +169,20 @@ impl ControlPlane {
         // The apiserver's identity towards kubelets (logs, exec, port-forward).
         let kubelet_client = ca.issue("kube-apiserver-kubelet-client", &[], &[], &["system:masters"], Usage::Client)?;
         let (kubelet_client_crt, kubelet_client_key) = kubelet_client.write(&pki, "apiserver-kubelet-client")?;
-        // Everything the apiserver dials "in the cluster" (kubelets, webhooks) goes through this
-        // proxy, which can reach into the real node's network namespace; see crossns.
-        let egress = EgressProxy::start(&dir.join("egress.sock"))?;
-        let egress_config = dir.join("egress-selector.yaml");
-        write_file(&egress_config, egress.egress_selector_config())?;
-        self.egress = Some(egress);
+        // With a real node, everything the apiserver dials "in the cluster" (kubelets, webhooks)
+        // goes through this proxy, which can reach into the node's network namespace (see
+        // crossns). Without one, the apiserver dials loopback webhooks directly, as before.
+        let mut egress_flags = Vec::new();
+        if opts.real_node {
+            let egress = EgressProxy::start(&dir.join("egress.sock"))?;
+            let egress_config = dir.join("egress-selector.yaml");
+            write_file(&egress_config, egress.egress_selector_config())?;
+            self.egress = Some(egress);
+            egress_flags.push(format!("--egress-selector-config-file={}", egress_config.display()));
+            // Service webhooks are called at a ready endpoint's address (a pod IP on the real
+            // node, reached through the egress proxy): there is no kube-proxy for ClusterIPs.
+            egress_flags.push("--enable-aggregator-routing=true".into());
+        }
         let sa_key = pki.join("service-account.key");
         let sa_pub = pki.join("service-account.pub");
         let (sa_private, sa_public) = key_pair_pem()?;
@@ -224,10 +232,6 @@ impl ControlPlane {
             format!("--kubelet-certificate-authority={}", pki_path("ca.crt")),
             // Without it logs/exec try DNS for the node's name.
             "--kubelet-preferred-address-types=InternalIP".into(),
-            format!("--egress-selector-config-file={}", egress_config.display()),
-            // Service webhooks are called at a ready endpoint's address (a pod IP on the real
-            // node, reached through the egress proxy): there is no kube-proxy for ClusterIPs.
-            "--enable-aggregator-routing=true".into(),
             "--service-cluster-ip-range=10.96.0.0/16".into(),
             "--allow-privileged=true".into(),
             format!("--service-account-issuer=https://127.0.0.1:{api_port}/"),
@@ -239,6 +243,7 @@ impl ControlPlane {
             "--profiling=false".into(),
             "--v=0".into(),
         ]);
+        cmd.args(&egress_flags);
         self.spawn("kube-apiserver", cmd)?;
         self.write_kubeconfig(api_port, &pki_path("ca.crt"), &admin_crt, &admin_key)?;
         self.wait_apiserver_ready(Duration::from_secs(90)).await?;
