@@ -397,7 +397,7 @@ impl RealNode {
         drop(procs);
         for hierarchy in cgroup_hierarchies() {
             let dir = hierarchy.join(&self.cgroup);
-            if remove_cgroup_tree(&dir, Duration::from_secs(5)) {
+            if remove_cgroup_tree(&dir, Duration::from_secs(30)) {
                 process::forget_cgroup_at_exit(&dir);
             }
         }

@@ -44,9 +44,10 @@ sleep 1
 for pg in "${!groups[@]}"; do kill -KILL -- "-$pg" 2>/dev/null; done
 for p in "${pids[@]}"; do kill -KILL "$p" 2>/dev/null; done
 for d in "${!dirs[@]}"; do rm -rf -- "$d"; done
-# cgroupfs directories go with rmdir only, children first, once their processes are gone.
+# cgroupfs directories go with rmdir only, children first, once their processes are gone (a
+# loaded machine can take seconds to finish killing a node's containers).
 for cg in "${!cgroups[@]}"; do
-  for _ in $(seq 1 50); do
+  for _ in $(seq 1 300); do
     [[ -d $cg ]] || break
     find "$cg" -depth -type d -exec rmdir {} + 2>/dev/null
     [[ -d $cg ]] && sleep 0.1

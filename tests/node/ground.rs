@@ -153,7 +153,7 @@ fn killing_the_test_process_leaves_no_node_behind() {
     holder.0.kill().unwrap();
     holder.0.wait().unwrap();
 
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let deadline = std::time::Instant::now() + Duration::from_secs(40);
     while (pids.iter().any(|&p| alive(p)) || dirs.iter().any(|d| d.exists())) && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
     }
