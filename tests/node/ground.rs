@@ -102,11 +102,13 @@ async fn node_kill_probe_holder() {
     let mut pids: Vec<String> = plane.pids().into_iter().map(|(_, p)| p.to_string()).collect();
     pids.extend(node.pids().into_iter().map(|(_, p)| p.to_string()));
     pids.push(support::container_pid(&pod, "echo").unwrap().to_string());
-    let cgroups: Vec<String> = std::fs::read_dir("/sys/fs/cgroup/memory")
+    // The node's cgroup tree in every hierarchy (memory, cpu, freezer, ..., unified).
+    let cgroups: Vec<String> = std::fs::read_dir("/sys/fs/cgroup")
         .unwrap()
         .flatten()
+        .flat_map(|h| std::fs::read_dir(h.path()).into_iter().flatten().flatten())
         .map(|e| e.path().display().to_string())
-        .filter(|p| p.contains("picotun-"))
+        .filter(|p| p.contains("/picotun-real-node-0-"))
         .collect();
     println!("KILL-PROBE-DIRS {} {}", plane.dir().display(), cgroups.join(" "));
     println!("KILL-PROBE-PIDS {}", pids.join(" "));
@@ -147,29 +149,29 @@ fn killing_the_test_process_leaves_no_node_behind() {
     }
     // etcd, apiserver, controller-manager, scheduler, kwok; holder, containerd, kubelet; the app.
     assert!(pids.len() >= 9, "the holder reported its processes: {pids:?}");
-    assert!(dirs.len() >= 2, "the ground's directory and the node's cgroup: {dirs:?}");
+    assert!(dirs.len() >= 5, "the ground's directory and the node's cgroup in each hierarchy: {dirs:?}");
     assert!(pids.iter().all(|&p| alive(p)), "all running before the kill");
 
     holder.0.kill().unwrap();
     holder.0.wait().unwrap();
+    let killed = std::time::Instant::now();
 
     let deadline = std::time::Instant::now() + Duration::from_secs(40);
+    let mut last_report = std::time::Instant::now();
     while (pids.iter().any(|&p| alive(p)) || dirs.iter().any(|d| d.exists())) && std::time::Instant::now() < deadline {
+        if last_report.elapsed() > Duration::from_secs(2) {
+            let alive_now: Vec<i32> = pids.iter().copied().filter(|&p| alive(p)).collect();
+            let dirs_now: Vec<_> = dirs.iter().filter(|d| d.exists()).collect();
+            println!("{:.1}s after the kill: alive {alive_now:?}, left {dirs_now:?}", killed.elapsed().as_secs_f32());
+            last_report = std::time::Instant::now();
+        }
         std::thread::sleep(Duration::from_millis(100));
     }
+    println!("everything gone {:.1}s after the SIGKILL", killed.elapsed().as_secs_f32());
     let survivors: Vec<i32> = pids.iter().copied().filter(|&p| alive(p)).collect();
     assert!(survivors.is_empty(), "processes left after the test process was killed: {survivors:?}");
     let left: Vec<_> = dirs.iter().filter(|d| d.exists()).collect();
     assert!(left.is_empty(), "directories or cgroups left behind: {left:?}");
-    let leftover_cgroups: Vec<String> = std::fs::read_dir("/sys/fs/cgroup")
-        .unwrap()
-        .flatten()
-        .flat_map(|h| std::fs::read_dir(h.path()).into_iter().flatten().flatten())
-        .map(|e| e.path().display().to_string())
-        .filter(|p| p.contains("/picotun-real-node-0-"))
-        .filter(|p| dirs.iter().any(|d| d.file_name().map(|n| p.ends_with(&*n.to_string_lossy())).unwrap_or(false)))
-        .collect();
-    assert!(leftover_cgroups.is_empty(), "cgroups left in some hierarchy: {leftover_cgroups:?}");
     assert_eq!(veth_count(), veths_before, "no veth left on the host");
 }
 

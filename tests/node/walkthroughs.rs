@@ -1,13 +1,13 @@
 //! The prototype's two walkthroughs, as a user types them, on the real node through sish.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::networking::v1::Ingress;
 use kube::api::{Api, DynamicObject};
 use kube::discovery::ApiResource;
 use picotun_testground::tunnels::SISH_DOMAIN;
-use picotun_testground::wait_for;
+use picotun_testground::{ControlPlane, wait_for};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -16,7 +16,7 @@ use crate::support::{self, Stack, StackOptions, kubectl};
 const BODY: &str = "hello from example-app\n";
 
 /// What the sidecar of a Ready pod logged, and that its tunnel came up.
-fn agent_log_shows_established(ground: &picotun_testground::ControlPlane, ns: &str, pod: &Pod) -> String {
+fn agent_log_shows_established(ground: &ControlPlane, ns: &str, pod: &Pod) -> String {
     let name = pod.metadata.name.as_deref().unwrap();
     let logs = kubectl(ground, &["-n", ns, "logs", name, "-c", "picotun-agent"]);
     assert!(
@@ -45,31 +45,45 @@ fn assert_sidecar_ran(pod: &Pod) {
     assert!(status.container_statuses.iter().flatten().all(|c| c.ready), "every app container is ready");
 }
 
-#[tokio::test]
-#[ignore = "needs the test ground with a real node (scripts/build-testground, scripts/build-node-images)"]
-async fn ingress_walkthrough_on_the_kubelet_through_sish() {
-    let ground = support::ground().await;
+/// The README's steps for an example, as a user types them -- the classes (part of deploy/), the
+/// namespace, the key Secret, `kubectl apply -k examples/<example>/` -- with a stack of this
+/// test's own serving the namespace; then waits for `replicas` Ready pods, each running the
+/// injected sidecar. Returns the stack, the pods and when `apply -k` was run.
+async fn apply_example(
+    ground: &ControlPlane,
+    example: &str,
+    ns: &str,
+    app: &str,
+    replicas: usize,
+) -> (Stack, Vec<Pod>, Instant) {
     let client = ground.client().await.unwrap();
     let stack = Stack::start(
         ground,
         StackOptions { class: "pico-tunnel".into(), sish: Default::default(), route_backends: false },
     )
     .await;
-    let ns = "example-ingress";
-    // The README's steps: the classes (part of deploy/), the namespace, the key, the example.
     kubectl(ground, &["apply", "-f", "deploy/base/classes.yaml"]);
-    kubectl(ground, &["apply", "-f", "examples/ingress/namespace.yaml"]);
+    kubectl(ground, &["apply", "-f", &format!("examples/{example}/namespace.yaml")]);
     stack.adopt(ground, ns);
     stack.create_key_secret(ground, ns);
-    let started = std::time::Instant::now();
-    println!("{}", kubectl(ground, &["apply", "-k", "examples/ingress/"]));
-
-    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
-    let ready = support::ready_pods(&pods, "app=example-app", 2, Duration::from_secs(90)).await;
-    println!("2 pods Ready {:.1}s after kubectl apply", started.elapsed().as_secs_f32());
+    let started = Instant::now();
+    println!("{}", kubectl(ground, &["apply", "-k", &format!("examples/{example}/")]));
+    let pods: Api<Pod> = Api::namespaced(client, ns);
+    let ready = support::ready_pods(&pods, &format!("app={app}"), replicas, Duration::from_secs(90)).await;
+    println!("{replicas} pods Ready {:.1}s after kubectl apply", started.elapsed().as_secs_f32());
     for pod in &ready {
         assert_sidecar_ran(pod);
     }
+    (stack, ready, started)
+}
+
+#[tokio::test]
+#[ignore = "needs the test ground with a real node (scripts/build-testground, scripts/build-node-images)"]
+async fn ingress_walkthrough_on_the_kubelet_through_sish() {
+    let ground = support::ground().await;
+    let client = ground.client().await.unwrap();
+    let ns = "example-ingress";
+    let (stack, ready, started) = apply_example(ground, "ingress", ns, "example-app", 2).await;
 
     // The Ingress ADDRESS is the name sish assigned, as it printed it.
     let ingresses: Api<Ingress> = Api::namespaced(client.clone(), ns);
@@ -113,7 +127,7 @@ async fn ingress_walkthrough_on_the_kubelet_through_sish() {
     stack.remove(ground).await;
 }
 
-fn stack_agent_logs(ground: &picotun_testground::ControlPlane, ns: &str, pods: &[Pod]) -> String {
+fn stack_agent_logs(ground: &ControlPlane, ns: &str, pods: &[Pod]) -> String {
     pods.iter()
         .map(|p| kubectl(ground, &["-n", ns, "logs", p.metadata.name.as_deref().unwrap(), "-c", "picotun-agent"]))
         .collect::<Vec<_>>()
@@ -139,24 +153,8 @@ fn condition<'a>(conditions: &'a Value, type_: &str) -> &'a Value {
 async fn gateway_walkthrough_http_and_tcp_on_the_kubelet_through_sish() {
     let ground = support::ground().await;
     let client = ground.client().await.unwrap();
-    let stack = Stack::start(
-        ground,
-        StackOptions { class: "pico-tunnel".into(), sish: Default::default(), route_backends: false },
-    )
-    .await;
     let ns = "example-gateway-api";
-    kubectl(ground, &["apply", "-f", "deploy/base/classes.yaml"]);
-    kubectl(ground, &["apply", "-f", "examples/gateway-api/namespace.yaml"]);
-    stack.adopt(ground, ns);
-    stack.create_key_secret(ground, ns);
-    let started = std::time::Instant::now();
-    println!("{}", kubectl(ground, &["apply", "-k", "examples/gateway-api/"]));
-
-    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
-    let ready = support::ready_pods(&pods, "app=tcp-echo-server", 3, Duration::from_secs(90)).await;
-    for pod in &ready {
-        assert_sidecar_ran(pod);
-    }
+    let (stack, _ready, started) = apply_example(ground, "gateway-api", ns, "tcp-echo-server", 3).await;
 
     let gateways: Api<DynamicObject> =
         Api::namespaced_with(client.clone(), ns, &gateway_api("Gateway", "v1", "gateways"));
