@@ -5,5 +5,6 @@
 //! and `scripts/test` runs them with `--include-ignored`.
 
 mod ground;
+mod pods;
 mod support;
 mod walkthroughs;
