@@ -519,12 +519,19 @@ async fn open_forward(
     }
 }
 
-async fn cancel(settings: &Arc<Settings>, handle: &Handle<Handler>, routes: &Arc<Routes>, held: &Held) {
+/// Cancels a held forward; true when the server acknowledged it (the name or port is free on
+/// the server once this returns).
+async fn cancel(settings: &Arc<Settings>, handle: &Handle<Handler>, routes: &Arc<Routes>, held: &Held) -> bool {
     let c = settings.dialect.cancel_request(&held.request, held.reply_port);
-    if let Err(e) = handle.cancel_tcpip_forward(c.address.clone(), c.port).await {
-        debug!(tunnel = %held.spec.name, error = %e, "cancel-tcpip-forward not acknowledged");
-    }
+    let acknowledged = match handle.cancel_tcpip_forward(c.address.clone(), c.port).await {
+        Ok(()) => true,
+        Err(e) => {
+            debug!(tunnel = %held.spec.name, error = %e, "cancel-tcpip-forward not acknowledged");
+            false
+        }
+    };
     routes.remove(&held.spec.name);
+    acknowledged
 }
 
 /// Shutdown: no new visitors (forwards cancelled), in-flight connections get the grace period.
@@ -536,7 +543,10 @@ async fn drain(
     held: BTreeMap<String, Held>,
 ) -> Result<(), ConnError> {
     for h in held.values() {
-        cancel(settings, handle, routes, h).await;
+        // Logged after the server's answer: a pod's log shows its tunnels were closed on the
+        // server while the sidecar still ran (the kubelet stops it after the app).
+        let acknowledged = cancel(settings, handle, routes, h).await;
+        info!(tunnel = %h.spec.name, acknowledged, "forward cancelled (shutting down)");
         state.set_state(&h.spec.name, ForwardState::Draining, None, Some("shutting down".into()));
     }
     let deadline = Instant::now() + settings.grace;

@@ -576,6 +576,13 @@ async fn sigterm_cancels_forwards_then_drains_in_flight_connections() {
     .await
     .unwrap();
     assert!(status.0.is_some_and(|s| s.success()), "exit status {:?}; log:\n{}", status.0, status.1.proc.log_tail(20));
+    // The server acknowledged the cancel before the agent exited, and the log says so.
+    let log = std::fs::read_to_string(status.1.proc.log_path()).unwrap();
+    let cancelled =
+        log.lines().position(|l| l.contains("forward cancelled (shutting down)") && l.contains("tunnel=web"));
+    let stopped = log.lines().position(|l| l.contains("picotun agent stopped"));
+    assert!(cancelled.is_some() && cancelled < stopped, "cancel logged before the exit:\n{log}");
+    assert!(log.lines().nth(cancelled.unwrap()).unwrap().contains("acknowledged=true"), "{log}");
 }
 
 #[tokio::test]

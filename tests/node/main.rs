@@ -6,5 +6,6 @@
 
 mod faults;
 mod ground;
+mod pods;
 mod support;
 mod walkthroughs;

@@ -318,3 +318,85 @@ pub fn container_pid(pod: &Pod, container: &str) -> Option<u32> {
 pub fn in_container(pid: u32, path: &str) -> PathBuf {
     Path::new(&format!("/proc/{pid}/root")).join(path.trim_start_matches('/'))
 }
+
+impl Stack {
+    /// Restarts the stack's webhook with the flags it runs with and `extra` after them (for
+    /// instance `--native-sidecar=false`), on the same ports, and waits until it is ready.
+    pub async fn restart_webhook_with(&mut self, ground: &ControlPlane, extra: &[&str]) {
+        let cmdline = std::fs::read(format!("/proc/{}/cmdline", self.webhook.pid())).unwrap();
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let admin = args.windows(2).find(|w| w[0] == "--admin-addr").map(|w| w[1].clone()).expect("--admin-addr");
+        self.webhook.stop(Duration::from_secs(5));
+        let mut cmd = Command::new(picotun());
+        cmd.args(&args[1..])
+            .args(extra)
+            .env("KUBECONFIG", ground.kubeconfig())
+            .env("PICOTUN_LOG", "picotun=debug,info");
+        self.webhook = Proc::spawn("picotun-webhook", cmd, &self.dir.join("webhook.log")).unwrap();
+        wait_ready(&mut self.webhook, &admin).await;
+    }
+}
+
+/// The kubelet's log file of `container` in `pod` on the node (`/var/log/pods/...` inside it),
+/// in the CRI format: `TIME STREAM P|F MESSAGE` a line. The current restart's file.
+pub fn container_log_path(ground: &ControlPlane, pod: &Pod, container: &str) -> PathBuf {
+    let meta = &pod.metadata;
+    let status = pod.status.as_ref().expect("a pod with a status");
+    let restarts = status
+        .container_statuses
+        .iter()
+        .flatten()
+        .chain(status.init_container_statuses.iter().flatten())
+        .find(|c| c.name == container)
+        .map(|c| c.restart_count)
+        .unwrap_or(0);
+    node(ground)
+        .dir()
+        .join("log/pods")
+        .join(format!(
+            "{}_{}_{}",
+            meta.namespace.as_deref().unwrap(),
+            meta.name.as_deref().unwrap(),
+            meta.uid.as_deref().unwrap()
+        ))
+        .join(container)
+        .join(format!("{restarts}.log"))
+}
+
+/// One line of a container's log as the kubelet keeps it: the time containerd read it
+/// (nanoseconds) and the text.
+#[derive(Clone, Debug)]
+pub struct LogLine {
+    pub at: k8s_openapi::jiff::Timestamp,
+    pub text: String,
+}
+
+/// Parses a CRI log file's text (see [`container_log_path`]).
+pub fn cri_log_lines(text: &str) -> Vec<LogLine> {
+    text.lines()
+        .filter_map(|l| {
+            let mut parts = l.splitn(4, ' ');
+            let at = parts.next()?.parse().ok()?;
+            let (_stream, _tag) = (parts.next()?, parts.next()?);
+            Some(LogLine { at, text: parts.next().unwrap_or_default().to_string() })
+        })
+        .collect()
+}
+
+/// When a process started, in clock ticks since boot (field 22 of /proc/PID/stat); None once
+/// it is gone.
+pub fn process_start_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(") ")?;
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// True while `pid` exists and is not a zombie.
+pub fn process_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|stat| stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z')))
+}
