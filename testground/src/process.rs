@@ -46,12 +46,17 @@ for p in "${pids[@]}"; do kill -KILL "$p" 2>/dev/null; done
 for d in "${!dirs[@]}"; do rm -rf -- "$d"; done
 # cgroupfs directories go with rmdir only, children first, once their processes are gone (a
 # loaded machine can take seconds to finish killing a node's containers).
-for cg in "${!cgroups[@]}"; do
-  for _ in $(seq 1 300); do
-    [[ -d $cg ]] || break
+# Whatever still runs in them (a container whose namespace has not been torn down yet) is killed.
+for _ in $(seq 1 300); do
+  left=0
+  for cg in "${!cgroups[@]}"; do
+    [[ -d $cg ]] || continue
+    left=1
+    for p in $(cat $(find "$cg" -name cgroup.procs) 2>/dev/null); do kill -KILL "$p" 2>/dev/null; done
     find "$cg" -depth -type d -exec rmdir {} + 2>/dev/null
-    [[ -d $cg ]] && sleep 0.1
   done
+  ((left)) || break
+  sleep 0.1
 done
 "#;
 

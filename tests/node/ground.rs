@@ -171,7 +171,23 @@ fn killing_the_test_process_leaves_no_node_behind() {
     let survivors: Vec<i32> = pids.iter().copied().filter(|&p| alive(p)).collect();
     assert!(survivors.is_empty(), "processes left after the test process was killed: {survivors:?}");
     let left: Vec<_> = dirs.iter().filter(|d| d.exists()).collect();
-    assert!(left.is_empty(), "directories or cgroups left behind: {left:?}");
+    // What holds a cgroup that is left: its processes, their state and parent.
+    let holders: Vec<String> = left
+        .iter()
+        .flat_map(|d| {
+            let procs = Command::new("find").arg(d).args(["-name", "cgroup.procs"]).output().unwrap();
+            String::from_utf8_lossy(&procs.stdout)
+                .lines()
+                .flat_map(|f| {
+                    std::fs::read_to_string(f).unwrap_or_default().lines().map(str::to_string).collect::<Vec<_>>()
+                })
+                .map(|pid| {
+                    format!("{pid}: {}", std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default())
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert!(left.is_empty(), "directories or cgroups left behind: {left:?}; processes in them: {holders:?}");
     assert_eq!(veth_count(), veths_before, "no veth left on the host");
 }
 
