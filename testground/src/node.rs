@@ -376,6 +376,11 @@ impl RealNode {
         &self.dir
     }
 
+    /// The node's cgroup tree in every hierarchy (the kubelet's `cgroupRoot`).
+    pub fn cgroup_dirs(&self) -> Vec<PathBuf> {
+        cgroup_hierarchies().into_iter().map(|h| h.join(&self.cgroup)).collect()
+    }
+
     /// The image names imported into the node.
     pub fn images(&self) -> &[String] {
         &self.images

@@ -102,14 +102,10 @@ async fn node_kill_probe_holder() {
     let mut pids: Vec<String> = plane.pids().into_iter().map(|(_, p)| p.to_string()).collect();
     pids.extend(node.pids().into_iter().map(|(_, p)| p.to_string()));
     pids.push(support::container_pid(&pod, "echo").unwrap().to_string());
-    // The node's cgroup tree in every hierarchy (memory, cpu, freezer, ..., unified).
-    let cgroups: Vec<String> = std::fs::read_dir("/sys/fs/cgroup")
-        .unwrap()
-        .flatten()
-        .flat_map(|h| std::fs::read_dir(h.path()).into_iter().flatten().flatten())
-        .map(|e| e.path().display().to_string())
-        .filter(|p| p.contains("/picotun-real-node-0-"))
-        .collect();
+    // This node's cgroup tree in every hierarchy (memory, cpu, freezer, ..., unified) -- only
+    // this one's: the test binary that runs this probe may have a node of its own.
+    let cgroups: Vec<String> = node.cgroup_dirs().iter().map(|d| d.display().to_string()).collect();
+    assert!(cgroups.iter().all(|d| std::path::Path::new(d).is_dir()), "the node's cgroups exist: {cgroups:?}");
     println!("KILL-PROBE-DIRS {} {}", plane.dir().display(), cgroups.join(" "));
     println!("KILL-PROBE-PIDS {}", pids.join(" "));
     tokio::time::sleep(Duration::from_secs(600)).await;
