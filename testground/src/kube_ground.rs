@@ -5,7 +5,6 @@
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Namespace, Node, ServiceAccount};
@@ -18,7 +17,7 @@ use tokio::sync::OnceCell;
 use crate::crossns::EgressProxy;
 use crate::node::{NodeSetup, RealNode};
 use crate::pki::{Ca, Usage, key_pair_pem};
-use crate::process::{self, Proc};
+use crate::process::{self, ProcGroup, StartTimes};
 use crate::{Error, Result, bins, crds, free_port, wait_for, wait_for_unless, write_file};
 
 /// Whether a test may run against the cluster `KUBECONFIG` points at instead of its own ground.
@@ -55,7 +54,7 @@ pub struct ControlPlane {
     kubeconfig: PathBuf,
     dir: PathBuf,
     ca_pem: Option<String>,
-    procs: Mutex<Vec<Proc>>,
+    procs: ProcGroup,
     existing: bool,
     egress: Option<EgressProxy>,
     node: Option<RealNode>,
@@ -89,7 +88,7 @@ impl ControlPlane {
             kubeconfig: path.clone(),
             dir: path.parent().unwrap_or(Path::new(".")).to_path_buf(),
             ca_pem: None,
-            procs: Mutex::new(Vec::new()),
+            procs: ProcGroup::new(path.parent().unwrap_or(Path::new("."))),
             existing: true,
             egress: None,
             node: None,
@@ -121,7 +120,7 @@ impl ControlPlane {
             kubeconfig: dir.join("kubeconfig"),
             dir: dir.clone(),
             ca_pem: None,
-            procs: Mutex::new(Vec::new()),
+            procs: ProcGroup::new(&dir),
             existing: false,
             egress: None,
             node: None,
@@ -136,12 +135,7 @@ impl ControlPlane {
     }
 
     async fn boot(&mut self, opts: &StartOptions) -> Result<()> {
-        let mut times = crate::node::StartTimes::default();
-        let mut clock = Instant::now();
-        let mut lap = |what: &str, times: &mut crate::node::StartTimes| {
-            times.0.push((what.to_string(), clock.elapsed()));
-            clock = Instant::now();
-        };
+        let mut times = StartTimes::default();
         let dir = self.dir.clone();
         let pki = dir.join("pki");
         std::fs::create_dir_all(&pki).map_err(|e| Error::io(&pki, e))?;
@@ -209,7 +203,7 @@ impl ControlPlane {
         ]);
         self.spawn("etcd", cmd)?;
         self.wait_http_ok("etcd", etcd_port, "/health", "\"health\":\"true\"", Duration::from_secs(30)).await?;
-        lap("etcd", &mut times);
+        times.lap("etcd");
 
         // kube-apiserver
         let api_port = free_port();
@@ -247,7 +241,7 @@ impl ControlPlane {
         self.spawn("kube-apiserver", cmd)?;
         self.write_kubeconfig(api_port, &pki_path("ca.crt"), &admin_crt, &admin_key)?;
         self.wait_apiserver_ready(Duration::from_secs(90)).await?;
-        lap("kube-apiserver", &mut times);
+        times.lap("kube-apiserver");
 
         // kube-controller-manager: Deployments -> ReplicaSets -> Pods, garbage collection,
         // namespace deletion, service accounts and their tokens, EndpointSlices, Jobs.
@@ -280,7 +274,7 @@ impl ControlPlane {
 
         let client = self.client().await?;
         crds::install_all(&client).await?;
-        lap("CRDs", &mut times);
+        times.lap("CRDs");
 
         if opts.real_node {
             let node_dir = dir.join("node");
@@ -300,7 +294,7 @@ impl ControlPlane {
             tracing::info!(node = REAL_NODE, times = %node_times, "real node ready");
             eprintln!("[testground] real node {REAL_NODE} ready: {node_times}");
             self.node = Some(node);
-            lap("real node", &mut times);
+            times.lap("real node");
         }
 
         // kwok: fake Nodes that report Ready and Pods that reach Running.
@@ -321,7 +315,7 @@ impl ControlPlane {
         self.wait_nodes_ready(&client, Duration::from_secs(60)).await?;
         untaint_nodes(&client, opts.real_node).await?;
         wait_default_service_account(&client, "default", Duration::from_secs(60)).await?;
-        lap("kwok nodes and the default service account", &mut times);
+        times.lap("kwok nodes and the default service account");
         self.check_running()?;
         tracing::info!(%times, "test ground started");
         if opts.real_node {
@@ -332,17 +326,12 @@ impl ControlPlane {
     }
 
     fn spawn(&self, name: &str, cmd: Command) -> Result<()> {
-        let proc = Proc::spawn(name, cmd, &self.dir.join(format!("{name}.log")))?;
-        self.procs.lock().unwrap_or_else(|p| p.into_inner()).push(proc);
-        Ok(())
+        self.procs.spawn(name, cmd)
     }
 
     /// Fails (with the log tail) if any process of the ground has exited.
     pub fn check_running(&self) -> Result<()> {
-        for p in self.procs.lock().unwrap_or_else(|p| p.into_inner()).iter_mut() {
-            p.check_running()?;
-        }
-        Ok(())
+        self.procs.check_running()
     }
 
     fn write_kubeconfig(&self, api_port: u16, ca: &str, crt: &Path, key: &Path) -> Result<()> {
@@ -485,7 +474,7 @@ impl ControlPlane {
 
     /// The (name, PID) of every process of this ground.
     pub fn pids(&self) -> Vec<(String, u32)> {
-        self.procs.lock().unwrap_or_else(|p| p.into_inner()).iter().map(|p| (p.name().to_string(), p.pid())).collect()
+        self.procs.pids()
     }
 
     /// A new client for the calling tokio runtime. (A kube `Client` runs a task on the runtime
@@ -522,11 +511,8 @@ impl ControlPlane {
         if let Some(node) = &self.node {
             node.stop();
         }
-        let mut procs = self.procs.lock().unwrap_or_else(|p| p.into_inner());
         // Reverse start order: kwok and the controllers before the apiserver, etcd last.
-        while let Some(mut p) = procs.pop() {
-            p.stop(Duration::from_secs(3));
-        }
+        self.procs.stop(Duration::from_secs(3));
     }
 }
 

@@ -31,7 +31,7 @@ use serde_json::json;
 
 use crate::crossns::{Netns, PortBridge};
 use crate::pki::{Ca, Usage};
-use crate::process::{self, Proc};
+use crate::process::{self, ProcGroup, StartTimes};
 use crate::{Error, Result, bins, wait_for, wait_for_unless, write_file};
 
 /// The node's address inside its network namespace; pods dial host services here.
@@ -63,20 +63,9 @@ pub struct RealNode {
     netns: Netns,
     cgroup: String,
     // Reverse start order on stop: kubelet, containerd, then the holder (which takes the rest).
-    procs: Mutex<Vec<Proc>>,
+    procs: ProcGroup,
     bridges: Mutex<Vec<PortBridge>>,
     images: Vec<String>,
-}
-
-/// How long each part of the start took, for the log a person reads.
-#[derive(Debug, Default, Clone)]
-pub struct StartTimes(pub Vec<(String, Duration)>);
-
-impl std::fmt::Display for StartTimes {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let parts: Vec<String> = self.0.iter().map(|(what, d)| format!("{what} {:.2}s", d.as_secs_f32())).collect();
-        f.write_str(&parts.join(", "))
-    }
 }
 
 /// The directory holding the image tarballs (`$PICOTUN_NODE_IMAGES`, or `<cache>/images`).
@@ -88,11 +77,6 @@ impl RealNode {
     /// Starts the node and waits until it is Ready (and untainted).
     pub async fn start(setup: NodeSetup<'_>, client: &Client) -> Result<(RealNode, StartTimes)> {
         let mut times = StartTimes::default();
-        let mut clock = Instant::now();
-        let mut lap = |what: &str, times: &mut StartTimes| {
-            times.0.push((what.to_string(), clock.elapsed()));
-            clock = Instant::now();
-        };
         let dir = setup.dir.to_path_buf();
         for sub in ["log", "sysctl", "cni", "pki", "images"] {
             let d = dir.join(sub);
@@ -111,7 +95,6 @@ impl RealNode {
 
         // The holder. Its child (PID 1 of the new PID namespace) reaps orphans -- containerd's
         // shims are re-parented to it -- and its death takes every process of the node along.
-        let holder_log = dir.join("holder.log");
         let mut cmd = Command::new("unshare");
         cmd.args([
             "--mount",
@@ -124,14 +107,15 @@ impl RealNode {
             "--mount-proc",
         ]);
         cmd.args(["python3", "-c", INIT_PY]);
-        let holder = Proc::spawn("node-holder", cmd, &holder_log)?;
-        let holder_pid = holder.pid();
+        let procs = ProcGroup::new(&dir);
+        procs.spawn("node-holder", cmd)?;
+        let holder_pid = procs.pids()[0].1;
         let mut node = RealNode {
             name: setup.name.to_string(),
             dir: dir.clone(),
             netns: Netns::of_pid(holder_pid)?,
             cgroup: format!("picotun-{}-{}", setup.name, crate::random_suffix()),
-            procs: Mutex::new(vec![holder]),
+            procs,
             bridges: Mutex::new(Vec::new()),
             images: Vec::new(),
         };
@@ -181,7 +165,7 @@ impl RealNode {
                 String::from_utf8_lossy(&status.stderr).trim()
             )));
         }
-        lap("namespaces", &mut times);
+        times.lap("namespaces");
 
         // cgroups: this node's own root in every v1 hierarchy (and the unified one).
         node.make_cgroups()?;
@@ -246,7 +230,7 @@ impl RealNode {
             )
             .await?;
         }
-        lap("containerd", &mut times);
+        times.lap("containerd");
 
         // Images, from tarballs; `imagePullPolicy` as the manifests set it must never pull.
         for tarball in &tarballs {
@@ -272,7 +256,7 @@ impl RealNode {
             .filter(|l| !l.starts_with("sha256:") && !l.trim().is_empty())
             .map(str::to_string)
             .collect();
-        lap("images", &mut times);
+        times.lap("images");
 
         // The kubelet.
         let resolv = dir.join("resolv.conf");
@@ -316,22 +300,17 @@ impl RealNode {
         // As for the kwok nodes: the node-lifecycle controller that would lift the not-ready
         // taint the kubelet registered with does not run here.
         nodes.patch(&name, &PatchParams::default(), &Patch::Merge(&json!({"spec": {"taints": null}}))).await?;
-        lap("kubelet", &mut times);
+        times.lap("kubelet");
         Ok((node, times))
     }
 
     fn spawn(&self, name: &str, cmd: Command) -> Result<()> {
-        let proc = Proc::spawn(name, cmd, &self.dir.join(format!("{name}.log")))?;
-        self.procs.lock().unwrap_or_else(|p| p.into_inner()).push(proc);
-        Ok(())
+        self.procs.spawn(name, cmd)
     }
 
     /// Fails (with the log tail) if any process of the node has exited.
     pub fn check_running(&self) -> Result<()> {
-        for p in self.procs.lock().unwrap_or_else(|p| p.into_inner()).iter_mut() {
-            p.check_running()?;
-        }
-        Ok(())
+        self.procs.check_running()
     }
 
     fn make_cgroups(&self) -> Result<()> {
@@ -388,18 +367,14 @@ impl RealNode {
 
     /// (name, PID) of the node's processes (the holder first).
     pub fn pids(&self) -> Vec<(String, u32)> {
-        self.procs.lock().unwrap_or_else(|p| p.into_inner()).iter().map(|p| (p.name().to_string(), p.pid())).collect()
+        self.procs.pids()
     }
 
     /// Stops the kubelet, containerd and the holder (with it every container), then removes the
     /// node's cgroups.
     pub fn stop(&self) {
         self.bridges.lock().unwrap_or_else(|p| p.into_inner()).clear();
-        let mut procs = self.procs.lock().unwrap_or_else(|p| p.into_inner());
-        while let Some(mut p) = procs.pop() {
-            p.stop(Duration::from_secs(3));
-        }
-        drop(procs);
+        self.procs.stop(Duration::from_secs(3));
         for hierarchy in cgroup_hierarchies() {
             let dir = hierarchy.join(&self.cgroup);
             if remove_cgroup_tree(&dir, Duration::from_secs(30)) {

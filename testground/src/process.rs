@@ -13,7 +13,7 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 pub use nix::sys::signal::Signal;
@@ -263,4 +263,73 @@ pub fn log_tail(path: &Path, lines: usize) -> String {
         tail.push_back(line);
     }
     tail.into_iter().collect::<Vec<_>>().join("\n")
+}
+
+/// Processes started together and stopped together, newest first, each logging to
+/// `<dir>/<name>.log`: the control plane's, the real node's.
+pub struct ProcGroup {
+    dir: PathBuf,
+    procs: Mutex<Vec<Proc>>,
+}
+
+impl ProcGroup {
+    pub fn new(dir: &Path) -> ProcGroup {
+        ProcGroup { dir: dir.to_path_buf(), procs: Mutex::new(Vec::new()) }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Vec<Proc>> {
+        self.procs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn spawn(&self, name: &str, cmd: Command) -> Result<(), Error> {
+        let proc = Proc::spawn(name, cmd, &self.dir.join(format!("{name}.log")))?;
+        self.lock().push(proc);
+        Ok(())
+    }
+
+    /// Fails (with the log tail) if any process of the group has exited.
+    pub fn check_running(&self) -> Result<(), Error> {
+        self.lock().iter_mut().try_for_each(|p| p.check_running())
+    }
+
+    /// (name, PID) of each process, in start order.
+    pub fn pids(&self) -> Vec<(String, u32)> {
+        self.lock().iter().map(|p| (p.name().to_string(), p.pid())).collect()
+    }
+
+    /// Stops every process, the newest first (SIGTERM, then SIGKILL after `grace`).
+    pub fn stop(&self, grace: Duration) {
+        let mut procs = self.lock();
+        while let Some(mut p) = procs.pop() {
+            p.stop(grace);
+        }
+    }
+}
+
+/// How long each part of a start took, for the log a person reads.
+#[derive(Debug, Clone)]
+pub struct StartTimes {
+    parts: Vec<(String, Duration)>,
+    since: Instant,
+}
+
+impl Default for StartTimes {
+    fn default() -> Self {
+        StartTimes { parts: Vec::new(), since: Instant::now() }
+    }
+}
+
+impl StartTimes {
+    /// Records the time since the previous lap (or since creation) as `what`.
+    pub fn lap(&mut self, what: &str) {
+        self.parts.push((what.to_string(), self.since.elapsed()));
+        self.since = Instant::now();
+    }
+}
+
+impl std::fmt::Display for StartTimes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let parts: Vec<String> = self.parts.iter().map(|(what, d)| format!("{what} {:.2}s", d.as_secs_f32())).collect();
+        f.write_str(&parts.join(", "))
+    }
 }

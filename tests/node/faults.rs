@@ -9,7 +9,7 @@
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ContainerStatus, Pod, Service};
+use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::networking::v1::Ingress;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use nix::sys::signal::{Signal, kill};
@@ -17,7 +17,7 @@ use nix::unistd::Pid;
 use picotun_testground::{ControlPlane, wait_for};
 use serde_json::{Value, json};
 
-use crate::support::{self, Stack, StackOptions, kubectl};
+use crate::support::{self, Stack, StackOptions, container_status, kubectl};
 
 /// The app every test here runs: `replicas` echo pods opted in for the sidecar, a Service, and an
 /// Ingress of class `pico-tunnel` for host `host`.
@@ -85,18 +85,6 @@ async fn ingress_address(ground: &ControlPlane, stack: &Stack, ns: &str, name: &
 
 fn pod_name(pod: &Pod) -> &str {
     pod.metadata.name.as_deref().unwrap_or("?")
-}
-
-/// The status of container `name` (app container or native sidecar).
-fn container_status<'a>(pod: &'a Pod, name: &str) -> &'a ContainerStatus {
-    let status = pod.status.as_ref().expect("pod status");
-    status
-        .container_statuses
-        .iter()
-        .flatten()
-        .chain(status.init_container_statuses.iter().flatten())
-        .find(|c| c.name == name)
-        .unwrap_or_else(|| panic!("pod {} has no status for container {name}", pod_name(pod)))
 }
 
 /// (container ID, restart count) of container `name`.

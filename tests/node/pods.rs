@@ -23,8 +23,8 @@ use picotun_testground::{ControlPlane, http, wait_for};
 use serde_json::{Value, json};
 
 use crate::support::{
-    self, LogLine, Stack, StackOptions, container_pid, cri_log_lines, in_container, kubectl, process_alive,
-    process_start_ticks,
+    self, LogLine, Stack, StackOptions, container_pid, container_status, cri_log_lines, in_container, kubectl,
+    process_alive, process_start_ticks,
 };
 
 const AGENT: &str = "picotun-agent";
@@ -92,19 +92,8 @@ fn exposed_job(name: &str) -> Job {
     .unwrap()
 }
 
-fn status_of<'a>(pod: &'a Pod, container: &str) -> &'a ContainerStatus {
-    let status = pod.status.as_ref().expect("a pod status");
-    status
-        .init_container_statuses
-        .iter()
-        .flatten()
-        .chain(status.container_statuses.iter().flatten())
-        .find(|c| c.name == container)
-        .unwrap_or_else(|| panic!("no status for container {container}: {status:?}"))
-}
-
 fn started_at(pod: &Pod, container: &str) -> Option<Timestamp> {
-    status_of(pod, container).state.as_ref()?.running.as_ref()?.started_at.as_ref().map(|t| t.0)
+    container_status(pod, container).state.as_ref()?.running.as_ref()?.started_at.as_ref().map(|t| t.0)
 }
 
 fn running(c: &ContainerStatus) -> bool {
@@ -355,11 +344,11 @@ async fn a_job_with_the_native_sidecar_completes_when_its_app_exits() {
     println!(
         "pod phase {:?}; app exit code {:?}, agent exit code {:?}",
         done.status.as_ref().and_then(|s| s.phase.clone()),
-        terminated_exit_code(status_of(&done, APP)),
-        terminated_exit_code(status_of(&done, AGENT))
+        terminated_exit_code(container_status(&done, APP)),
+        terminated_exit_code(container_status(&done, AGENT))
     );
     assert_eq!(done.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded"));
-    assert_eq!(terminated_exit_code(status_of(&done, APP)), Some(0));
+    assert_eq!(terminated_exit_code(container_status(&done, APP)), Some(0));
     assert!(!agent.alive(), "the kubelet stopped the sidecar once the app was done");
     let logs = kubectl(ground, &["-n", &ns, "logs", &name, "-c", AGENT]);
     assert!(logs.contains("picotun agent stopped"), "the agent stopped cleanly:\n{logs}");
@@ -413,15 +402,15 @@ async fn without_native_sidecars_a_job_runs_on_until_its_sidecar_exits() {
     app.terminate();
     wait_for("the app container terminated", Duration::from_secs(30), Duration::from_millis(100), || async {
         let p = pods.get(&name).await.map_err(|e| e.to_string())?;
-        Ok(terminated_exit_code(status_of(&p, APP)).map(|_| ()))
+        Ok(terminated_exit_code(container_status(&p, APP)).map(|_| ()))
     })
     .await
     .unwrap();
     while exited.elapsed() < REGULAR_JOB_WATCH {
         let p = pods.get(&name).await.unwrap();
         assert_eq!(p.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Running"), "the pod stays Running");
-        assert_eq!(terminated_exit_code(status_of(&p, APP)), Some(0), "the app is done");
-        assert!(running(status_of(&p, AGENT)) && agent.alive(), "the sidecar still runs");
+        assert_eq!(terminated_exit_code(container_status(&p, APP)), Some(0), "the app is done");
+        assert!(running(container_status(&p, AGENT)) && agent.alive(), "the sidecar still runs");
         assert_eq!(job_condition(&jobs, "batch").await, None, "the Job neither completes nor fails");
         let job = jobs.get("batch").await.unwrap();
         assert_eq!(job.status.as_ref().and_then(|s| s.active), Some(1), "the Job's pod counts as active");
@@ -445,7 +434,7 @@ async fn without_native_sidecars_a_job_runs_on_until_its_sidecar_exits() {
     assert_eq!(condition, "Complete");
     let done = pods.get(&name).await.unwrap();
     assert_eq!(done.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded"));
-    assert_eq!(terminated_exit_code(status_of(&done, AGENT)), Some(0));
+    assert_eq!(terminated_exit_code(container_status(&done, AGENT)), Some(0));
 
     // On delete, the kubelet stops both containers at once: the sidecar does not wait for the
     // app (nothing to assert about their order; the figures show it).

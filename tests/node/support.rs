@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::core::v1::{ContainerStatus, Namespace, Pod};
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use picotun_testground::kube_ground::StartOptions;
 use picotun_testground::node::{NODE_IP, PICOTUN_IMAGE, RealNode};
@@ -290,19 +290,29 @@ pub async fn delete_namespace(ground: &ControlPlane, name: &str) {
     let _ = Api::<Namespace>::all(client).delete(name, &DeleteParams::background()).await;
 }
 
-/// The host PID of a container's first process, found through the kubelet's view: the
-/// container ID from the pod status, then the process whose cgroup names it.
-pub fn container_pid(pod: &Pod, container: &str) -> Option<u32> {
-    let id = pod
-        .status
-        .as_ref()?
+/// The status of container `name` in `pod`: an app container or an init container (the native
+/// sidecar is one).
+pub fn find_container_status<'a>(pod: &'a Pod, name: &str) -> Option<&'a ContainerStatus> {
+    let status = pod.status.as_ref()?;
+    status
         .container_statuses
         .iter()
         .flatten()
-        .chain(pod.status.as_ref()?.init_container_statuses.iter().flatten())
-        .find(|c| c.name == container)?
-        .container_id
-        .clone()?;
+        .chain(status.init_container_statuses.iter().flatten())
+        .find(|c| c.name == name)
+}
+
+/// Like [`find_container_status`], for a container that must have a status by now.
+pub fn container_status<'a>(pod: &'a Pod, name: &str) -> &'a ContainerStatus {
+    find_container_status(pod, name).unwrap_or_else(|| {
+        panic!("pod {} has no status for container {name}", pod.metadata.name.as_deref().unwrap_or("?"))
+    })
+}
+
+/// The host PID of a container's first process, found through the kubelet's view: the
+/// container ID from the pod status, then the process whose cgroup names it.
+pub fn container_pid(pod: &Pod, container: &str) -> Option<u32> {
+    let id = find_container_status(pod, container)?.container_id.clone()?;
     let id = id.rsplit("://").next()?.to_string();
     let procs = std::fs::read_dir("/proc").ok()?;
     let mut found: Vec<u32> = procs
