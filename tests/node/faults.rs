@@ -17,7 +17,7 @@ use nix::unistd::Pid;
 use picotun_testground::{ControlPlane, wait_for};
 use serde_json::{Value, json};
 
-use crate::support::{self, Stack, StackOptions, container_status, kubectl};
+use crate::support::{self, Stack, container_status, kubectl};
 
 /// The app every test here runs: `replicas` echo pods opted in for the sidecar, a Service, and an
 /// Ingress of class `pico-tunnel` for host `host`.
@@ -228,13 +228,7 @@ struct Scene {
 
 async fn scene(ground: &ControlPlane, prefix: &str, host: &str, replicas: usize) -> Scene {
     let client = ground.client().await.unwrap();
-    let stack = Stack::start(
-        ground,
-        StackOptions { class: "pico-tunnel".into(), sish: Default::default(), route_backends: false },
-    )
-    .await;
-    let ns = stack.namespace(ground, prefix).await;
-    stack.create_key_secret(ground, &ns);
+    let (stack, ns) = support::stack_and_namespace(ground, prefix).await;
     deploy_echo(ground, &ns, "echo", host, replicas as i32).await;
     let pods: Api<Pod> = Api::namespaced(client, &ns);
     let ready = support::ready_pods(&pods, "app=echo", replicas, Duration::from_secs(90)).await;

@@ -23,25 +23,13 @@ use picotun_testground::{ControlPlane, http, wait_for};
 use serde_json::{Value, json};
 
 use crate::support::{
-    self, LogLine, Stack, StackOptions, container_pid, container_status, cri_log_lines, in_container, kubectl,
-    process_alive, process_start_ticks,
+    self, LogLine, Stack, container_pid, container_status, cri_log_lines, in_container, kubectl, process_alive,
+    process_start_ticks, stack_and_namespace,
 };
 
 const AGENT: &str = "picotun-agent";
 const APP: &str = "echo";
 const BODY: &str = "hello from a pod\n";
-
-/// A stack of the test's own and a fresh namespace of that stack's, with the key Secret in it.
-async fn stack_and_namespace(ground: &ControlPlane, prefix: &str) -> (Stack, String) {
-    let stack = Stack::start(
-        ground,
-        StackOptions { class: "pico-tunnel".into(), sish: Default::default(), route_backends: false },
-    )
-    .await;
-    let ns = stack.namespace(ground, prefix).await;
-    stack.create_key_secret(ground, &ns);
-    (stack, ns)
-}
 
 async fn clean_up(ground: &ControlPlane, stack: Stack, ns: &str) {
     support::delete_namespace(ground, ns).await;

@@ -231,6 +231,19 @@ impl Stack {
     }
 }
 
+/// A stack of the test's own (deploy/'s classes, sish without load balancing) and a fresh
+/// namespace of that stack's, with the key Secret in it.
+pub async fn stack_and_namespace(ground: &ControlPlane, prefix: &str) -> (Stack, String) {
+    let stack = Stack::start(
+        ground,
+        StackOptions { class: "pico-tunnel".into(), sish: Default::default(), route_backends: false },
+    )
+    .await;
+    let ns = stack.namespace(ground, prefix).await;
+    stack.create_key_secret(ground, &ns);
+    (stack, ns)
+}
+
 pub fn picotun() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_picotun"))
 }
