@@ -15,6 +15,7 @@ pub mod index;
 pub mod inject_cli;
 pub mod resolve;
 pub mod shutdown;
+pub mod sshca;
 pub mod telemetry;
 pub mod tunnel;
 pub mod webhook;
