@@ -1,7 +1,7 @@
 //! One SSH connection to the tunnel server, shared by every tunnel of the pod with the same
 //! server options. It connects (pinned host key, one client key), starts the session the dialect
-//! wants, opens each forward once the app's port answers, learns the public address from what
-//! the server prints, keeps the forwards matching the configuration, and reconnects with
+//! wants, opens each forward once the app's port answers (at once with --open-before-app),
+//! learns the public address from what the server prints, keeps the forwards matching the configuration, and reconnects with
 //! jittered backoff when the connection is lost.
 
 use std::collections::{BTreeMap, HashMap};
@@ -43,6 +43,9 @@ pub struct Settings {
     pub address_timeout: Duration,
     pub grace: Duration,
     pub window_size: u32,
+    /// Open forwards without waiting for the app's port (the startup gate holds the app until
+    /// the tunnels are up, so waiting for it would wait forever).
+    pub open_before_app: bool,
 }
 
 /// Why a connection attempt or a live connection ended.
@@ -379,7 +382,7 @@ async fn session(
                 break;
             }
             let target = SocketAddr::new(settings.target_host, spec.target_port);
-            if !app_ready(target).await {
+            if !settings.open_before_app && !app_ready(target).await {
                 state.set_state(
                     &spec.name,
                     ForwardState::WaitingForApp,

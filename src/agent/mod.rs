@@ -6,7 +6,7 @@
 //!                                       ▼                     ▼
 //!                                   AgentState ◄──────── forwarded channel ─► proxy ─► app port
 //!                                       │
-//!                              admin: /live /ready /metrics /status
+//!                              admin: /live /ready /tunnels-up /metrics /status
 //!                              report: POST /status to --report-url (the webhook)
 //! ```
 
@@ -27,6 +27,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Json;
+use axum::http::StatusCode;
 use axum::routing::get;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -71,7 +72,12 @@ pub struct AgentArgs {
     /// Where the app listens (the pod's loopback).
     #[arg(long, env = "PICOTUN_TARGET_HOST", default_value = "127.0.0.1")]
     pub target_host: IpAddr,
-    /// The admin port: /live, /ready, /metrics, /status.
+    /// Open forwards without waiting for the app's port to accept connections (for a startup
+    /// gate on /tunnels-up, which holds the app until the tunnels are up).
+    #[arg(long, env = "PICOTUN_OPEN_BEFORE_APP")]
+    pub open_before_app: bool,
+    /// The admin port: /live, /ready (the tunnels file was read), /tunnels-up (every tunnel
+    /// established), /metrics, /status.
     #[arg(long, env = "PICOTUN_ADMIN_ADDR", default_value = "0.0.0.0:9901")]
     pub admin_addr: SocketAddr,
     /// After SIGTERM: how long in-flight connections may take to finish.
@@ -185,6 +191,7 @@ pub async fn run(args: AgentArgs, shutdown: CancellationToken) -> Result<(), Age
         address_timeout: Duration::from_secs(5),
         grace: args.grace_period,
         window_size: args.ssh_window_bytes,
+        open_before_app: args.open_before_app,
     });
     let state = Arc::new(AgentState::default());
     let reporter = report::Reporter::from_args(&args.report)?;
@@ -198,13 +205,22 @@ pub async fn run(args: AgentArgs, shutdown: CancellationToken) -> Result<(), Age
     let dialect = server.dialect;
     let status = Arc::new(move || status_document(&status_state, &server_label, dialect));
     let status_route = status.clone();
-    let extra = axum::Router::new().route(
-        "/status",
-        get(move || {
-            let status = status_route.clone();
-            async move { Json(status()) }
-        }),
-    );
+    let up_state = state.clone();
+    let extra = axum::Router::new()
+        .route(
+            "/status",
+            get(move || {
+                let status = status_route.clone();
+                async move { Json(status()) }
+            }),
+        )
+        .route(
+            "/tunnels-up",
+            get(move || {
+                let state = up_state.clone();
+                async move { tunnels_up(&state) }
+            }),
+        );
     let mut registry = prometheus_client::registry::Registry::default();
     state.metrics.register(&mut registry);
     if let Some(r) = &reporter {
@@ -247,6 +263,20 @@ fn status_document(state: &AgentState, server: &str, dialect: Dialect) -> serde_
     })
 }
 
+/// `/tunnels-up`: 200 when every tunnel is up, else 503 saying which are not and why.
+fn tunnels_up(state: &AgentState) -> (StatusCode, Json<serde_json::Value>) {
+    match state.tunnels_up() {
+        Ok(n) => (StatusCode::OK, Json(serde_json::json!({"up": true, "tunnels": n}))),
+        Err((reason, down)) => {
+            let down: Vec<serde_json::Value> = down
+                .iter()
+                .map(|t| serde_json::json!({"name": t.name, "state": t.state, "message": t.message}))
+                .collect();
+            (StatusCode::SERVICE_UNAVAILABLE, Json(serde_json::json!({"up": false, "reason": reason, "notUp": down})))
+        }
+    }
+}
+
 /// Reads the tunnels file, keeps one connection task per option set, and passes each its
 /// tunnels. Returns after shutdown, once every connection has drained.
 async fn supervise(args: &AgentArgs, settings: Arc<Settings>, state: Arc<AgentState>, shutdown: CancellationToken) {
@@ -260,7 +290,10 @@ async fn supervise(args: &AgentArgs, settings: Arc<Settings>, state: Arc<AgentSt
             _ = shutdown.cancelled() => break,
         }
         let text = match std::fs::read_to_string(&args.tunnels_file) {
-            Ok(t) => t,
+            Ok(t) => {
+                state.tunnels_file_read();
+                t
+            }
             Err(e) => {
                 let msg = format!("cannot read the tunnels file {}: {e}", args.tunnels_file.display());
                 if state.config_error().as_deref() != Some(msg.as_str()) {

@@ -644,7 +644,11 @@ async fn an_unreachable_server_is_reported_and_retried() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(proc.is_running(), "an unreachable server is retried, not fatal");
-    assert_eq!(http::get(&admin, "a", "/ready").await.unwrap().status, 503);
+    // The pod stays in its Services while the tunnel server is down; /tunnels-up says why.
+    assert_eq!(http::get(&admin, "a", "/ready").await.unwrap().status, 200);
+    let up = http::get(&admin, "a", "/tunnels-up").await.unwrap();
+    assert_eq!(up.status, 503, "{}", up.body);
+    assert!(up.body.contains(&format!("cannot reach 127.0.0.1:{dead_port}")), "{}", up.body);
 }
 
 /// Starts the agent with a key file and returns its exit status and log.
@@ -841,10 +845,11 @@ async fn a_forward_opens_only_once_the_app_accepts_connections() {
     let mut agent = Agent::start(&server, &key, &file(&[tcp_tunnel("raw", Some(free_port()), app_port)]), &[]);
     let t = agent.wait_tunnel("raw", "waitingForApp", Duration::from_secs(10)).await;
     assert!(t["message"].as_str().unwrap().contains(&format!("127.0.0.1:{app_port}")), "{t}");
+    assert_eq!(http::get(&agent.admin, "a", "/ready").await.unwrap().status, 200, "ready: readiness is the app's");
     assert_eq!(
-        http::get(&agent.admin, "a", "/ready").await.unwrap().status,
+        http::get(&agent.admin, "a", "/tunnels-up").await.unwrap().status,
         503,
-        "not ready while waiting for the app"
+        "the tunnel is not up while waiting for the app"
     );
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(agent.wait_tunnel("raw", "waitingForApp", Duration::from_secs(1)).await["publicAddress"], Value::Null);
@@ -865,4 +870,73 @@ async fn the_host_key_pin_can_be_given_inline() {
         Agent::start(&server, &key, &file(&[tcp_tunnel("raw", None, backend.port())]), &["--known-hosts-data", &pin]);
     let t = agent.wait_tunnel("raw", "established", Duration::from_secs(20)).await;
     expect_body(&dial_addr(t["publicAddress"].as_str().unwrap()), "x", "/", &backend.greeting()).await;
+}
+
+/// The issue's "Readiness depends on tuns.sh": `/ready` was the sidecar's readinessProbe and
+/// required every tunnel established, so a tunnel server's outage took every injected pod out of
+/// its Services. Now `/ready` is the agent's own health (the tunnels file was read) and
+/// `/tunnels-up` says whether every tunnel is established, and which are not.
+#[tokio::test]
+#[ignore = "needs the test ground (scripts/build-testground)"]
+async fn a_down_tunnel_server_keeps_the_pod_ready_and_tunnels_up_says_what_is_down() {
+    let (mut server, key, _k) = server(ServerKind::Sshd).await;
+    let backend = Backend::start("outage").await.unwrap();
+    server.kill();
+    let mut agent = Agent::start(&server, &key, &file(&[tcp_tunnel("raw", Some(free_port()), backend.port())]), &[]);
+    let started = Instant::now();
+    let t = agent.wait_tunnel("raw", "connecting", Duration::from_secs(10)).await;
+    let a = &agent;
+    let ready = wait_for("/ready 200", Duration::from_secs(10), Duration::from_millis(50), || async move {
+        let r = http::get(&a.admin, "a", "/ready").await.map_err(|e| e.to_string())?;
+        Ok((r.status == 200).then_some(r))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}: the pod must stay Ready while the tunnel server is down; {t}"));
+    eprintln!("/ready 200 after {:?} with the tunnel server down", started.elapsed());
+    assert_eq!(ready.body, "ready\n");
+    // Wait for the connection error to be in the status, then /tunnels-up names the tunnel.
+    wait_for("the connect error", Duration::from_secs(10), Duration::from_millis(100), || async move {
+        let s = a.status().await.unwrap_or_default();
+        Ok(s["tunnels"][0]["message"].as_str().is_some_and(|m| m.contains("cannot reach")).then_some(()))
+    })
+    .await
+    .unwrap();
+    let up = http::get(&agent.admin, "a", "/tunnels-up").await.unwrap();
+    assert_eq!(up.status, 503, "{}", up.body);
+    let body: Value = serde_json::from_str(&up.body).unwrap();
+    assert_eq!(body["up"], false);
+    assert_eq!(body["notUp"][0]["name"], "raw", "{body}");
+    assert_eq!(body["notUp"][0]["state"], "connecting", "{body}");
+    assert!(body["reason"].as_str().unwrap().contains("1 of 1"), "{body}");
+    assert_eq!(agent.status().await.unwrap()["ready"], true);
+
+    // The server comes back: the tunnel follows, and /tunnels-up turns 200.
+    server.restart().await.unwrap();
+    let t = agent.wait_tunnel("raw", "established", Duration::from_secs(40)).await;
+    expect_body(&dial_addr(t["publicAddress"].as_str().unwrap()), "x", "/", &backend.greeting()).await;
+    let up = http::get(&agent.admin, "a", "/tunnels-up").await.unwrap();
+    assert_eq!((up.status, up.body.as_str()), (200, r#"{"tunnels":1,"up":true}"#));
+}
+
+/// For the startup gate (the app starts only once /tunnels-up answers 200), the agent must not
+/// wait for the app's port: `--open-before-app`.
+#[tokio::test]
+#[ignore = "needs the test ground (scripts/build-testground)"]
+async fn open_before_app_opens_the_forward_before_the_app_listens() {
+    let (server, key, _k) = server(ServerKind::Sshd).await;
+    let app_port = free_port();
+    let remote = free_port();
+    let mut agent =
+        Agent::start(&server, &key, &file(&[tcp_tunnel("raw", Some(remote), app_port)]), &["--open-before-app"]);
+    let t = agent.wait_tunnel("raw", "established", Duration::from_secs(20)).await;
+    assert!(t["publicAddress"].as_str().unwrap().ends_with(&format!(":{remote}")), "{t}");
+    let up = http::get(&agent.admin, "a", "/tunnels-up").await.unwrap();
+    assert_eq!(up.status, 200, "{}", up.body);
+    // A visitor before the app listens is closed, not hung.
+    let early = http::get(&format!("127.0.0.1:{remote}"), "x", "/").await;
+    assert!(early.is_err() || early.as_ref().is_ok_and(|r| r.status != 200), "{early:?}");
+    // The app comes up: served through the forward already open.
+    let backend = Backend::start_on(app_port, "gated").await.unwrap();
+    expect_body(&format!("127.0.0.1:{remote}"), "x", "/", &backend.greeting()).await;
+    assert!(agent.metrics().await.contains("picotun_agent_ssh_connects_total 1\n"));
 }
