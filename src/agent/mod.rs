@@ -3,6 +3,8 @@
 //! ```text
 //! tunnels file ──(poll, validate)──► supervisor ──watch──► connection per option set
 //!                                       │                     │ russh session, forwards
+//!  key file (polled) or certificate     │                     │ each (re)connect takes the
+//!  from --certificate-url (renewed) ──► Credentials ─────────►│ current credential
 //!                                       ▼                     ▼
 //!                                   AgentState ◄──────── forwarded channel ─► proxy ─► app port
 //!                                       │
@@ -12,6 +14,7 @@
 
 pub mod backoff;
 pub mod connection;
+pub mod credential;
 pub mod dialect;
 pub mod hostkey;
 pub mod keys;
@@ -35,6 +38,7 @@ use tracing::{error, info, warn};
 
 use crate::admin;
 use crate::agent::connection::Settings;
+use crate::agent::credential::Credentials;
 use crate::agent::dialect::Dialect;
 use crate::agent::hostkey::HostKeyPolicy;
 use crate::agent::state::{AgentState, ForwardState};
@@ -50,9 +54,15 @@ pub struct AgentArgs {
     pub tunnels_file: PathBuf,
     #[command(flatten)]
     pub tunnel_server: ServerArgs,
-    /// The private key (ed25519, ECDSA or RSA; OpenSSH or PEM).
+    /// The private key (ed25519, ECDSA or RSA; OpenSSH or PEM). Reloaded when its content
+    /// changes (a rotated Secret), for the next connect. Ignored with --certificate-url.
     #[arg(long, env = "PICOTUN_KEY_FILE", default_value = "/etc/picotun/ssh/id")]
     pub key_file: PathBuf,
+    /// Certificate mode: make an ed25519 key in memory (never written anywhere), get a short
+    /// SSH certificate for it from this URL (the webhook's /certificate, HTTPS; the token and CA
+    /// are --report-token-file and --report-ca) and renew it before it expires.
+    #[arg(long, env = "PICOTUN_CERTIFICATE_URL")]
+    pub certificate_url: Option<String>,
     /// A file holding the key's passphrase, if it has one.
     #[arg(long, env = "PICOTUN_KEY_PASSPHRASE_FILE")]
     pub key_passphrase_file: Option<PathBuf>,
@@ -99,7 +109,7 @@ pub struct AgentArgs {
     /// used, so on a long round trip the window, not the link, bounds throughput into the pod.
     #[arg(long, env = "PICOTUN_SSH_WINDOW_BYTES", default_value_t = 8 * 1024 * 1024)]
     pub ssh_window_bytes: u32,
-    /// How often the tunnels file is checked for changes.
+    /// How often the tunnels file (and the key file) is checked for changes.
     #[arg(long, env = "PICOTUN_RELOAD_INTERVAL", value_parser = humantime::parse_duration, default_value = "1s")]
     pub reload_interval: Duration,
     /// Reporting the public addresses to the webhook (--report-url, --report-ca,
@@ -155,7 +165,26 @@ fn connection_key(spec: &TunnelSpec) -> ConnectionKey {
 /// Runs the agent until `shutdown` is cancelled, then drains and returns.
 pub async fn run(args: AgentArgs, shutdown: CancellationToken) -> Result<(), AgentError> {
     let server = args.tunnel_server.clone();
-    let key = keys::load(&args.key_file, args.key_passphrase_file.as_deref())?;
+    let certificate_url = args.certificate_url.as_deref().map(str::trim).filter(|u| !u.is_empty());
+    // Key mode reads the key now (a bad key stops the agent at once) and then watches the file.
+    let key_file = match certificate_url {
+        None => {
+            let seen = keys::read(&args.key_file, args.key_passphrase_file.as_deref())?;
+            let key = keys::decode(&args.key_file, &seen.0, seen.1.as_deref())?;
+            Some((key, seen))
+        }
+        Some(_) => None,
+    };
+    let certificate_endpoint = certificate_url
+        .map(|url| {
+            report::Endpoint::new(
+                "--certificate-url",
+                url,
+                args.report.report_ca.as_deref(),
+                args.report.report_token_file.clone(),
+            )
+        })
+        .transpose()?;
     let host_keys = match (&args.known_hosts, &args.known_hosts_data) {
         (None, Some(data)) if !args.insecure_skip_host_key_check => {
             HostKeyPolicy::from_text(data, "PICOTUN_KNOWN_HOSTS_DATA", &server.server, server.server_port)?
@@ -167,18 +196,47 @@ pub async fn run(args: AgentArgs, shutdown: CancellationToken) -> Result<(), Age
             args.insecure_skip_host_key_check,
         )?,
     };
-    info!(
-        server = %format!("{}:{}", server.server, server.server_port),
-        dialect = ?server.dialect,
-        key = %keys::fingerprint(&key),
-        host_keys = %host_keys.describe(),
-        "picotun agent starting"
-    );
+    let (credentials, credential_task) = match (key_file, certificate_endpoint) {
+        (Some((key, seen)), _) => {
+            info!(
+                server = %format!("{}:{}", server.server, server.server_port),
+                dialect = ?server.dialect,
+                key = %keys::fingerprint(&key),
+                host_keys = %host_keys.describe(),
+                "picotun agent starting"
+            );
+            let credentials = Arc::new(Credentials::with_key(key, &args.key_file));
+            let task = tokio::spawn(credential::watch_key_file(
+                credentials.clone(),
+                args.key_file.clone(),
+                args.key_passphrase_file.clone(),
+                seen,
+                args.reload_interval,
+                shutdown.clone(),
+            ));
+            (credentials, task)
+        }
+        (None, Some(endpoint)) => {
+            let key = credential::generate_key();
+            info!(
+                server = %format!("{}:{}", server.server, server.server_port),
+                dialect = ?server.dialect,
+                key = %keys::fingerprint(&key),
+                certificate_url = endpoint.url(),
+                host_keys = %host_keys.describe(),
+                "picotun agent starting (certificate mode: a key made in memory, certified by the webhook)"
+            );
+            let credentials = Arc::new(Credentials::for_certificates(endpoint.url()));
+            let task = tokio::spawn(credential::keep_certificate(credentials.clone(), endpoint, key, shutdown.clone()));
+            (credentials, task)
+        }
+        (None, None) => unreachable!("one of the two modes is chosen above"),
+    };
     let settings = Arc::new(Settings {
         server_host: server.server.clone(),
         server_port: server.server_port,
         user: server.user.clone(),
-        key,
+        credentials: credentials.clone(),
         host_keys,
         dialect: server.dialect,
         openssh_bind: args.openssh_bind_address.clone(),
@@ -203,7 +261,8 @@ pub async fn run(args: AgentArgs, shutdown: CancellationToken) -> Result<(), Age
     let status_state = state.clone();
     let server_label = format!("{}:{}", server.server, server.server_port);
     let dialect = server.dialect;
-    let status = Arc::new(move || status_document(&status_state, &server_label, dialect));
+    let status_credentials = credentials.clone();
+    let status = Arc::new(move || status_document(&status_state, &status_credentials, &server_label, dialect));
     let status_route = status.clone();
     let up_state = state.clone();
     let extra = axum::Router::new()
@@ -223,6 +282,7 @@ pub async fn run(args: AgentArgs, shutdown: CancellationToken) -> Result<(), Age
         );
     let mut registry = prometheus_client::registry::Registry::default();
     state.metrics.register(&mut registry);
+    credentials.register(&mut registry);
     if let Some(r) = &reporter {
         r.metrics.register(&mut registry);
     }
@@ -243,6 +303,7 @@ pub async fn run(args: AgentArgs, shutdown: CancellationToken) -> Result<(), Age
     });
 
     supervise(&args, settings, state.clone(), shutdown).await;
+    let _ = credential_task.await;
     admin_shutdown.cancel();
     let _ = admin_task.await;
     if let Some(t) = report_task {
@@ -253,12 +314,16 @@ pub async fn run(args: AgentArgs, shutdown: CancellationToken) -> Result<(), Age
 }
 
 /// The `/status` document: served on the admin port, and what is posted to --report-url.
-fn status_document(state: &AgentState, server: &str, dialect: Dialect) -> serde_json::Value {
+/// `certificate` is null in key mode; `credentialError` is the last failure to renew the
+/// certificate or to reload the key file (null after a success).
+fn status_document(state: &AgentState, credentials: &Credentials, server: &str, dialect: Dialect) -> serde_json::Value {
     serde_json::json!({
         "ready": state.is_ready(),
         "server": server,
         "dialect": dialect,
         "configError": state.config_error(),
+        "certificate": credentials.certificate_status(),
+        "credentialError": credentials.problem(),
         "tunnels": state.snapshot(),
     })
 }

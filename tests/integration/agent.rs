@@ -18,18 +18,30 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::support::expect_body;
 
-const USER: &str = "alice";
+pub(crate) const USER: &str = "alice";
 
 /// A running agent and what it was started with.
-struct Agent {
-    proc: Proc,
-    admin: String,
+pub(crate) struct Agent {
+    pub(crate) proc: Proc,
+    pub(crate) admin: String,
     tunnels_file: PathBuf,
     _dir: tempfile::TempDir,
 }
 
 impl Agent {
     fn start(server: &TunnelServer, key: &SshClientKey, tunnels: &str, extra: &[&str]) -> Agent {
+        Agent::launch(server, tunnels, extra, |cmd| {
+            cmd.args(["--key-file", key.private_key.to_str().unwrap()]);
+        })
+    }
+
+    /// The agent for `server`, told how to log in (and anything else) by `login`.
+    pub(crate) fn launch(
+        server: &TunnelServer,
+        tunnels: &str,
+        extra: &[&str],
+        login: impl FnOnce(&mut Command),
+    ) -> Agent {
         let dir = tempfile::tempdir().unwrap();
         let tunnels_file = dir.path().join("tunnels.json");
         std::fs::write(&tunnels_file, tunnels).unwrap();
@@ -43,8 +55,8 @@ impl Agent {
         cmd.arg("agent")
             .args(["--tunnels-file", tunnels_file.to_str().unwrap()])
             .args(["--server", "127.0.0.1"])
-            .args(["--user", &server.login_user(USER)])
-            .args(["--key-file", key.private_key.to_str().unwrap()]);
+            .args(["--user", &server.login_user(USER)]);
+        login(&mut cmd);
         if !extra.contains(&"--server-port") {
             cmd.args(["--server-port", &server.ssh_port().to_string()]);
         }
@@ -59,24 +71,24 @@ impl Agent {
         Agent { proc, admin, tunnels_file, _dir: dir }
     }
 
-    fn write_tunnels(&self, json: &str) {
+    pub(crate) fn write_tunnels(&self, json: &str) {
         // Like the kubelet: write elsewhere, then rename over, so the agent never reads half a file.
         let tmp = self.tunnels_file.with_extension("tmp");
         std::fs::write(&tmp, json).unwrap();
         std::fs::rename(&tmp, &self.tunnels_file).unwrap();
     }
 
-    async fn status(&self) -> Option<Value> {
+    pub(crate) async fn status(&self) -> Option<Value> {
         let r = http::get(&self.admin, "agent", "/status").await.ok()?;
         serde_json::from_str(&r.body).ok()
     }
 
-    async fn metrics(&self) -> String {
+    pub(crate) async fn metrics(&self) -> String {
         http::get(&self.admin, "agent", "/metrics").await.map(|r| r.body).unwrap_or_default()
     }
 
     /// Waits until tunnel `name` is in `state`; returns its status entry.
-    async fn wait_tunnel(&mut self, name: &str, state: &str, timeout: Duration) -> Value {
+    pub(crate) async fn wait_tunnel(&mut self, name: &str, state: &str, timeout: Duration) -> Value {
         let deadline = Instant::now() + timeout;
         let mut last = Value::Null;
         loop {
@@ -133,23 +145,23 @@ fn sish_load_balancing() -> ServerKind {
     ServerKind::Sish(SishOptions { load_balancer: true, ..Default::default() })
 }
 
-fn http_tunnel(name: &str, host: &str, port: u16) -> String {
+pub(crate) fn http_tunnel(name: &str, host: &str, port: u16) -> String {
     format!(r#"{{"name":"{name}","kind":"http","host":"{host}","targetPort":{port}}}"#)
 }
 
-fn tcp_tunnel(name: &str, remote: Option<u16>, port: u16) -> String {
+pub(crate) fn tcp_tunnel(name: &str, remote: Option<u16>, port: u16) -> String {
     match remote {
         Some(r) => format!(r#"{{"name":"{name}","kind":"tcp","remotePort":{r},"targetPort":{port}}}"#),
         None => format!(r#"{{"name":"{name}","kind":"tcp","targetPort":{port}}}"#),
     }
 }
 
-fn file(tunnels: &[String]) -> String {
+pub(crate) fn file(tunnels: &[String]) -> String {
     format!(r#"{{"tunnels":[{}]}}"#, tunnels.join(","))
 }
 
 /// The public TCP address a status entry reports, as a loopback address to dial.
-fn dial_addr(public: &str) -> String {
+pub(crate) fn dial_addr(public: &str) -> String {
     let port = public.rsplit_once(':').unwrap().1;
     format!("127.0.0.1:{port}")
 }
@@ -219,7 +231,7 @@ async fn agent_public_tcp_through_sish() {
 }
 
 /// A TCP echo app: each line sent comes back.
-async fn echo_app() -> (u16, tokio::task::JoinHandle<()>) {
+pub(crate) async fn echo_app() -> (u16, tokio::task::JoinHandle<()>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let task = tokio::spawn(async move {
@@ -233,7 +245,7 @@ async fn echo_app() -> (u16, tokio::task::JoinHandle<()>) {
     (port, task)
 }
 
-async fn echo_line(stream: &mut BufReader<TcpStream>, line: &str) -> String {
+pub(crate) async fn echo_line(stream: &mut BufReader<TcpStream>, line: &str) -> String {
     stream.get_mut().write_all(format!("{line}\n").as_bytes()).await.unwrap();
     let mut got = String::new();
     tokio::time::timeout(Duration::from_secs(5), stream.read_line(&mut got)).await.expect("echo within 5s").unwrap();
@@ -939,4 +951,105 @@ async fn open_before_app_opens_the_forward_before_the_app_listens() {
     let backend = Backend::start_on(app_port, "gated").await.unwrap();
     expect_body(&format!("127.0.0.1:{remote}"), "x", "/", &backend.greeting()).await;
     assert!(agent.metrics().await.contains("picotun_agent_ssh_connects_total 1\n"));
+}
+
+/// `ssh-keygen -l`: the key's SHA256 fingerprint.
+fn fingerprint_of(key: &SshClientKey) -> String {
+    let out = Command::new("ssh-keygen").args(["-l", "-E", "sha256", "-f"]).arg(&key.private_key).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).split_whitespace().nth(1).unwrap().to_string()
+}
+
+/// A directory laid out like a Secret volume: `id -> ..data/id`, `..data -> ..<version>`.
+/// `rotate` swaps the `..data` link atomically, as the kubelet does.
+struct SecretVolume {
+    dir: tempfile::TempDir,
+    versions: u32,
+}
+
+impl SecretVolume {
+    fn new(first: &str) -> SecretVolume {
+        let mut v = SecretVolume { dir: tempfile::tempdir().unwrap(), versions: 0 };
+        v.rotate(first);
+        std::os::unix::fs::symlink("..data/id", v.dir.path().join("id")).unwrap();
+        v
+    }
+
+    fn rotate(&mut self, content: &str) {
+        self.versions += 1;
+        let version = format!("..2026_v{}", self.versions);
+        std::fs::create_dir(self.dir.path().join(&version)).unwrap();
+        std::fs::write(self.dir.path().join(&version).join("id"), content).unwrap();
+        let tmp = self.dir.path().join("..data_tmp");
+        std::os::unix::fs::symlink(&version, &tmp).unwrap();
+        std::fs::rename(&tmp, self.dir.path().join("..data")).unwrap();
+    }
+
+    fn key_file(&self) -> PathBuf {
+        self.dir.path().join("id")
+    }
+}
+
+/// The issue: "The key is read once and never reloaded on rotation (src/agent/mod.rs)". A
+/// rotated key Secret (new key registered, old one revoked) must be used by the next connect,
+/// without a restart; a broken rotation keeps the last good key and says so; connections up are
+/// not touched.
+#[tokio::test]
+#[ignore = "needs the test ground (scripts/build-testground)"]
+async fn a_rotated_key_file_is_used_by_the_next_connect() {
+    let keys = tempfile::tempdir().unwrap();
+    let old = SshClientKey::generate(keys.path(), "old", "ed25519").unwrap();
+    let new = SshClientKey::generate(keys.path(), "new", "ed25519").unwrap();
+    let mut server = TunnelServer::start(ServerKind::Sshd, &[&old]).await.unwrap();
+    let (echo_port, _echo) = echo_app().await;
+    let mut volume = SecretVolume::new(&std::fs::read_to_string(&old.private_key).unwrap());
+    let key_file = volume.key_file();
+    let mut agent = Agent::launch(&server, &file(&[tcp_tunnel("raw", Some(free_port()), echo_port)]), &[], |cmd| {
+        cmd.args(["--key-file", key_file.to_str().unwrap()]);
+    });
+    let t = agent.wait_tunnel("raw", "established", Duration::from_secs(20)).await;
+    let public = dial_addr(t["publicAddress"].as_str().unwrap());
+    let mut conn = BufReader::new(TcpStream::connect(&public).await.unwrap());
+    assert_eq!(echo_line(&mut conn, "before").await, "before");
+
+    // A rotation to something that is not a key: the last good key stays, and /status says so.
+    volume.rotate("-----BEGIN OPENSSH PRIVATE KEY-----\nbroken\n-----END OPENSSH PRIVATE KEY-----\n");
+    let a = &agent;
+    let status =
+        wait_for("the broken key reported", Duration::from_secs(10), Duration::from_millis(100), || async move {
+            let s = a.status().await.unwrap_or_default();
+            Ok(s["credentialError"].as_str().is_some_and(|m| m.contains("cannot be used")).then_some(s))
+        })
+        .await
+        .unwrap();
+    let error = status["credentialError"].as_str().unwrap();
+    assert!(error.contains(&fingerprint_of(&old)), "names the key kept: {error}");
+    assert!(!error.contains("broken"), "never quotes the file: {error}");
+
+    // The real rotation: the new key is registered, the old one revoked.
+    volume.rotate(&std::fs::read_to_string(&new.private_key).unwrap());
+    server.set_authorized_keys(&[&new]).unwrap();
+    let rotated = Instant::now();
+    wait_for("the new key loaded", Duration::from_secs(10), Duration::from_millis(100), || async move {
+        let m = a.metrics().await;
+        Ok(m.contains("picotun_agent_key_reloads_total{result=\"ok\"} 1").then_some(()))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}; agent log:\n{}", agent.proc.log_tail(20)));
+    eprintln!("rotated key loaded after {:?}", rotated.elapsed());
+    assert!(agent.status().await.unwrap()["credentialError"].is_null());
+    // The connection up is not touched.
+    assert_eq!(echo_line(&mut conn, "during").await, "during");
+
+    // A reconnect (the server restarts) logs in with the new key: with the key read once, it
+    // would offer the revoked one forever.
+    server.kill();
+    agent.wait_tunnel("raw", "connecting", Duration::from_secs(15)).await;
+    server.restart().await.unwrap();
+    let t = agent.wait_tunnel("raw", "established", Duration::from_secs(40)).await;
+    let mut conn = BufReader::new(TcpStream::connect(dial_addr(t["publicAddress"].as_str().unwrap())).await.unwrap());
+    assert_eq!(echo_line(&mut conn, "after").await, "after");
+    let log = std::fs::read_to_string(agent.proc.log_path()).unwrap();
+    let connected: Vec<&str> = log.lines().filter(|l| l.contains("connected") && l.contains("credential=")).collect();
+    assert_eq!(connected.len(), 2, "{log}");
+    assert!(connected[0].contains(&fingerprint_of(&old)) && connected[1].contains(&fingerprint_of(&new)), "{log}");
 }
