@@ -1,8 +1,9 @@
 //! One SSH connection to the tunnel server, shared by every tunnel of the pod with the same
-//! server options. It connects (pinned host key, one client key), starts the session the dialect
-//! wants, opens each forward once the app's port answers, learns the public address from what
-//! the server prints, keeps the forwards matching the configuration, and reconnects with
-//! jittered backoff when the connection is lost.
+//! server options. It connects (pinned host key, the current credential: one client key, or a
+//! certificate for the agent's own key), starts the session the dialect wants, opens each
+//! forward once the app's port answers (at once with --open-before-app), learns the public
+//! address from what the server prints, keeps the forwards matching the configuration, and
+//! reconnects with jittered backoff when the connection is lost.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
@@ -10,14 +11,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use russh::client::{self, Handle, Msg};
+use russh::keys::PrivateKeyWithHashAlg;
 use russh::keys::PublicKeyOrCertificate;
-use russh::keys::{PrivateKey, PrivateKeyWithHashAlg};
 use russh::{Channel, ChannelMsg, Disconnect};
 use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::agent::backoff::Backoff;
+use crate::agent::credential::{self, Credential, Credentials};
 use crate::agent::dialect::{AddressWatch, Dialect, ForwardRequest, Placement, SessionStart};
 use crate::agent::hostkey::{HostKeyPolicy, fingerprint};
 use crate::agent::output::{LineBuffer, ServerLine, parse_line};
@@ -30,7 +32,8 @@ pub struct Settings {
     pub server_host: String,
     pub server_port: u16,
     pub user: String,
-    pub key: Arc<PrivateKey>,
+    /// What each (re)connect logs in with: read afresh for every attempt.
+    pub credentials: Arc<Credentials>,
     pub host_keys: HostKeyPolicy,
     pub dialect: Dialect,
     pub openssh_bind: String,
@@ -43,6 +46,9 @@ pub struct Settings {
     pub address_timeout: Duration,
     pub grace: Duration,
     pub window_size: u32,
+    /// Open forwards without waiting for the app's port (the startup gate holds the app until
+    /// the tunnels are up, so waiting for it would wait forever).
+    pub open_before_app: bool,
 }
 
 /// Why a connection attempt or a live connection ended.
@@ -60,6 +66,9 @@ pub enum ConnError {
          service (pico.sh: `ssh pico.sh` -> keys) or check the user name"
     )]
     AuthRefused { user: String, fingerprint: String },
+    /// The whole message: what was offered and what to check ([`credential::refusal`]).
+    #[error("{0}")]
+    CertificateRefused(String),
     #[error("SSH error: {0}")]
     Ssh(String),
     #[error("connection lost")]
@@ -72,6 +81,7 @@ impl ConnError {
             ConnError::Unreachable { .. } => "unreachable",
             ConnError::HostKeyMismatch { .. } => "host_key_mismatch",
             ConnError::AuthRefused { .. } => "auth_refused",
+            ConnError::CertificateRefused(_) => "certificate_refused",
             ConnError::Ssh(_) => "ssh",
             ConnError::Lost => "connection_lost",
         }
@@ -198,12 +208,38 @@ pub async fn run(
             state.metrics.reconnects_total.inc();
         }
         first = false;
+        // The credential of the moment; without one (no certificate yet, or it expired before a
+        // renewal came), wait for one rather than offer what the server would refuse.
+        let credential = match settings.credentials.current() {
+            Some(c) => c,
+            None => {
+                let why = settings.credentials.waiting_reason();
+                info!(reason = %why, "waiting for a credential before connecting");
+                for s in specs.borrow().iter() {
+                    state.set_state(&s.name, ForwardState::Connecting, None, Some(why.clone()));
+                }
+                let mut wait = std::pin::pin!(settings.credentials.next_usable());
+                loop {
+                    tokio::select! {
+                        c = &mut wait => break c,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {
+                            // Keep the reason current (the last failed renewal).
+                            let why = settings.credentials.waiting_reason();
+                            for s in specs.borrow().iter() {
+                                state.set_state(&s.name, ForwardState::Connecting, None, Some(why.clone()));
+                            }
+                        }
+                        _ = shutdown.cancelled() => return,
+                    }
+                }
+            }
+        };
         let started = Instant::now();
         let names: Vec<TunnelSpec> = specs.borrow().clone();
         for s in &names {
             state.set_state(&s.name, ForwardState::Connecting, None, None);
         }
-        match session(&settings, &options, &mut specs, &state, &shutdown).await {
+        match session(&settings, &credential, &options, &mut specs, &state, &shutdown).await {
             Ok(()) => return,
             Err(e) => {
                 state.metrics.error(e.metric_label());
@@ -228,6 +264,7 @@ pub async fn run(
 
 async fn connect(
     settings: &Arc<Settings>,
+    credential: &Credential,
     routes: &Arc<Routes>,
     state: &Arc<AgentState>,
 ) -> Result<Handle<Handler>, ConnError> {
@@ -278,15 +315,31 @@ async fn connect(
         }
         Ok(Ok(h)) => h,
     };
-    let hash = handle.best_supported_rsa_hash().await.map_err(|e| ConnError::Ssh(e.to_string()))?.flatten();
-    let auth = handle
-        .authenticate_publickey(settings.user.clone(), PrivateKeyWithHashAlg::new(settings.key.clone(), hash))
-        .await
-        .map_err(|e| ConnError::Ssh(e.to_string()))?;
+    let auth = match credential {
+        Credential::Key(key) => {
+            let hash = handle.best_supported_rsa_hash().await.map_err(|e| ConnError::Ssh(e.to_string()))?.flatten();
+            handle.authenticate_publickey(settings.user.clone(), PrivateKeyWithHashAlg::new(key.clone(), hash)).await
+        }
+        Credential::Certificate(issued) => {
+            handle
+                .authenticate_openssh_cert(settings.user.clone(), issued.key.clone(), issued.certificate.clone())
+                .await
+        }
+    }
+    .map_err(|e| ConnError::Ssh(e.to_string()))?;
     if !auth.success() {
-        return Err(ConnError::AuthRefused {
-            user: settings.user.clone(),
-            fingerprint: crate::agent::keys::fingerprint(&settings.key),
+        return Err(match credential {
+            Credential::Key(key) => ConnError::AuthRefused {
+                user: settings.user.clone(),
+                fingerprint: crate::agent::keys::fingerprint(key),
+            },
+            Credential::Certificate(issued) => {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0);
+                ConnError::CertificateRefused(credential::refusal(issued, &settings.user, now))
+            }
         });
     }
     Ok(handle)
@@ -318,6 +371,7 @@ fn spawn_session_reader(mut channel: Channel<Msg>, lines: broadcast::Sender<Serv
 
 async fn session(
     settings: &Arc<Settings>,
+    credential: &Credential,
     options: &BTreeMap<String, String>,
     specs: &mut watch::Receiver<Vec<TunnelSpec>>,
     state: &Arc<AgentState>,
@@ -325,11 +379,16 @@ async fn session(
 ) -> Result<(), ConnError> {
     let routes = Arc::new(Routes::default());
     let handle = tokio::select! {
-        h = connect(settings, &routes, state) => h?,
+        h = connect(settings, credential, &routes, state) => h?,
         _ = shutdown.cancelled() => return Ok(()),
     };
     state.metrics.ssh_connects_total.inc();
-    info!(server = %format!("{}:{}", settings.server_host, settings.server_port), user = %settings.user, "connected");
+    info!(
+        server = %format!("{}:{}", settings.server_host, settings.server_port),
+        user = %settings.user,
+        credential = %credential.describe(),
+        "connected"
+    );
 
     let (lines_tx, _) = broadcast::channel(256);
     let tls = specs.borrow().iter().any(|s| s.kind == TunnelKind::Tls);
@@ -379,7 +438,7 @@ async fn session(
                 break;
             }
             let target = SocketAddr::new(settings.target_host, spec.target_port);
-            if !app_ready(target).await {
+            if !settings.open_before_app && !app_ready(target).await {
                 state.set_state(
                     &spec.name,
                     ForwardState::WaitingForApp,

@@ -26,6 +26,12 @@ pub enum KeyError {
 
 /// Loads the key. The error says what to fix and never quotes the file.
 pub fn load(path: &Path, passphrase_file: Option<&Path>) -> Result<Arc<PrivateKey>, KeyError> {
+    let (text, passphrase) = read(path, passphrase_file)?;
+    decode(path, &text, passphrase.as_deref())
+}
+
+/// The key file's text and the passphrase (without its line end), as they are now.
+pub fn read(path: &Path, passphrase_file: Option<&Path>) -> Result<(String, Option<String>), KeyError> {
     let text = std::fs::read_to_string(path).map_err(|source| KeyError::Read { path: path.to_path_buf(), source })?;
     let passphrase = passphrase_file
         .map(|p| {
@@ -34,8 +40,13 @@ pub fn load(path: &Path, passphrase_file: Option<&Path>) -> Result<Arc<PrivateKe
                 .map_err(|source| KeyError::ReadPassphrase { path: p.to_path_buf(), source })
         })
         .transpose()?;
-    let encrypted = text.contains("ENCRYPTED") || is_encrypted_openssh(&text);
-    match russh::keys::decode_secret_key(&text, passphrase.as_deref()) {
+    Ok((text, passphrase))
+}
+
+/// Decodes key text read from `path` (named in errors, which never quote the text).
+pub fn decode(path: &Path, text: &str, passphrase: Option<&str>) -> Result<Arc<PrivateKey>, KeyError> {
+    let encrypted = text.contains("ENCRYPTED") || is_encrypted_openssh(text);
+    match russh::keys::decode_secret_key(text, passphrase) {
         Ok(key) => Ok(Arc::new(key)),
         Err(_) if encrypted && passphrase.is_none() => Err(KeyError::NeedsPassphrase { path: path.to_path_buf() }),
         Err(_) if encrypted => Err(KeyError::WrongPassphrase { path: path.to_path_buf() }),

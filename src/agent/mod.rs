@@ -3,15 +3,18 @@
 //! ```text
 //! tunnels file ──(poll, validate)──► supervisor ──watch──► connection per option set
 //!                                       │                     │ russh session, forwards
+//!  key file (polled) or certificate     │                     │ each (re)connect takes the
+//!  from --certificate-url (renewed) ──► Credentials ─────────►│ current credential
 //!                                       ▼                     ▼
 //!                                   AgentState ◄──────── forwarded channel ─► proxy ─► app port
 //!                                       │
-//!                              admin: /live /ready /metrics /status
+//!                              admin: /live /ready /tunnels-up /metrics /status
 //!                              report: POST /status to --report-url (the webhook)
 //! ```
 
 pub mod backoff;
 pub mod connection;
+pub mod credential;
 pub mod dialect;
 pub mod hostkey;
 pub mod keys;
@@ -27,6 +30,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Json;
+use axum::http::StatusCode;
 use axum::routing::get;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -34,6 +38,7 @@ use tracing::{error, info, warn};
 
 use crate::admin;
 use crate::agent::connection::Settings;
+use crate::agent::credential::Credentials;
 use crate::agent::dialect::Dialect;
 use crate::agent::hostkey::HostKeyPolicy;
 use crate::agent::state::{AgentState, ForwardState};
@@ -49,9 +54,15 @@ pub struct AgentArgs {
     pub tunnels_file: PathBuf,
     #[command(flatten)]
     pub tunnel_server: ServerArgs,
-    /// The private key (ed25519, ECDSA or RSA; OpenSSH or PEM).
+    /// The private key (ed25519, ECDSA or RSA; OpenSSH or PEM). Reloaded when its content
+    /// changes (a rotated Secret), for the next connect. Ignored with --certificate-url.
     #[arg(long, env = "PICOTUN_KEY_FILE", default_value = "/etc/picotun/ssh/id")]
     pub key_file: PathBuf,
+    /// Certificate mode: make an ed25519 key in memory (never written anywhere), get a short
+    /// SSH certificate for it from this URL (the webhook's /certificate, HTTPS; the token and CA
+    /// are --report-token-file and --report-ca) and renew it before it expires.
+    #[arg(long, env = "PICOTUN_CERTIFICATE_URL")]
+    pub certificate_url: Option<String>,
     /// A file holding the key's passphrase, if it has one.
     #[arg(long, env = "PICOTUN_KEY_PASSPHRASE_FILE")]
     pub key_passphrase_file: Option<PathBuf>,
@@ -71,7 +82,12 @@ pub struct AgentArgs {
     /// Where the app listens (the pod's loopback).
     #[arg(long, env = "PICOTUN_TARGET_HOST", default_value = "127.0.0.1")]
     pub target_host: IpAddr,
-    /// The admin port: /live, /ready, /metrics, /status.
+    /// Open forwards without waiting for the app's port to accept connections (for a startup
+    /// gate on /tunnels-up, which holds the app until the tunnels are up).
+    #[arg(long, env = "PICOTUN_OPEN_BEFORE_APP")]
+    pub open_before_app: bool,
+    /// The admin port: /live, /ready (the tunnels file was read), /tunnels-up (every tunnel
+    /// established), /metrics, /status.
     #[arg(long, env = "PICOTUN_ADMIN_ADDR", default_value = "0.0.0.0:9901")]
     pub admin_addr: SocketAddr,
     /// After SIGTERM: how long in-flight connections may take to finish.
@@ -93,7 +109,7 @@ pub struct AgentArgs {
     /// used, so on a long round trip the window, not the link, bounds throughput into the pod.
     #[arg(long, env = "PICOTUN_SSH_WINDOW_BYTES", default_value_t = 8 * 1024 * 1024)]
     pub ssh_window_bytes: u32,
-    /// How often the tunnels file is checked for changes.
+    /// How often the tunnels file (and the key file) is checked for changes.
     #[arg(long, env = "PICOTUN_RELOAD_INTERVAL", value_parser = humantime::parse_duration, default_value = "1s")]
     pub reload_interval: Duration,
     /// Reporting the public addresses to the webhook (--report-url, --report-ca,
@@ -149,7 +165,26 @@ fn connection_key(spec: &TunnelSpec) -> ConnectionKey {
 /// Runs the agent until `shutdown` is cancelled, then drains and returns.
 pub async fn run(args: AgentArgs, shutdown: CancellationToken) -> Result<(), AgentError> {
     let server = args.tunnel_server.clone();
-    let key = keys::load(&args.key_file, args.key_passphrase_file.as_deref())?;
+    let certificate_url = args.certificate_url.as_deref().map(str::trim).filter(|u| !u.is_empty());
+    // Key mode reads the key now (a bad key stops the agent at once) and then watches the file.
+    let key_file = match certificate_url {
+        None => {
+            let seen = keys::read(&args.key_file, args.key_passphrase_file.as_deref())?;
+            let key = keys::decode(&args.key_file, &seen.0, seen.1.as_deref())?;
+            Some((key, seen))
+        }
+        Some(_) => None,
+    };
+    let certificate_endpoint = certificate_url
+        .map(|url| {
+            report::Endpoint::new(
+                "--certificate-url",
+                url,
+                args.report.report_ca.as_deref(),
+                args.report.report_token_file.clone(),
+            )
+        })
+        .transpose()?;
     let host_keys = match (&args.known_hosts, &args.known_hosts_data) {
         (None, Some(data)) if !args.insecure_skip_host_key_check => {
             HostKeyPolicy::from_text(data, "PICOTUN_KNOWN_HOSTS_DATA", &server.server, server.server_port)?
@@ -161,18 +196,47 @@ pub async fn run(args: AgentArgs, shutdown: CancellationToken) -> Result<(), Age
             args.insecure_skip_host_key_check,
         )?,
     };
-    info!(
-        server = %format!("{}:{}", server.server, server.server_port),
-        dialect = ?server.dialect,
-        key = %keys::fingerprint(&key),
-        host_keys = %host_keys.describe(),
-        "picotun agent starting"
-    );
+    let (credentials, credential_task) = match (key_file, certificate_endpoint) {
+        (Some((key, seen)), _) => {
+            info!(
+                server = %format!("{}:{}", server.server, server.server_port),
+                dialect = ?server.dialect,
+                key = %keys::fingerprint(&key),
+                host_keys = %host_keys.describe(),
+                "picotun agent starting"
+            );
+            let credentials = Arc::new(Credentials::with_key(key, &args.key_file));
+            let task = tokio::spawn(credential::watch_key_file(
+                credentials.clone(),
+                args.key_file.clone(),
+                args.key_passphrase_file.clone(),
+                seen,
+                args.reload_interval,
+                shutdown.clone(),
+            ));
+            (credentials, task)
+        }
+        (None, Some(endpoint)) => {
+            let key = credential::generate_key();
+            info!(
+                server = %format!("{}:{}", server.server, server.server_port),
+                dialect = ?server.dialect,
+                key = %keys::fingerprint(&key),
+                certificate_url = endpoint.url(),
+                host_keys = %host_keys.describe(),
+                "picotun agent starting (certificate mode: a key made in memory, certified by the webhook)"
+            );
+            let credentials = Arc::new(Credentials::for_certificates(endpoint.url()));
+            let task = tokio::spawn(credential::keep_certificate(credentials.clone(), endpoint, key, shutdown.clone()));
+            (credentials, task)
+        }
+        (None, None) => unreachable!("one of the two modes is chosen above"),
+    };
     let settings = Arc::new(Settings {
         server_host: server.server.clone(),
         server_port: server.server_port,
         user: server.user.clone(),
-        key,
+        credentials: credentials.clone(),
         host_keys,
         dialect: server.dialect,
         openssh_bind: args.openssh_bind_address.clone(),
@@ -185,6 +249,7 @@ pub async fn run(args: AgentArgs, shutdown: CancellationToken) -> Result<(), Age
         address_timeout: Duration::from_secs(5),
         grace: args.grace_period,
         window_size: args.ssh_window_bytes,
+        open_before_app: args.open_before_app,
     });
     let state = Arc::new(AgentState::default());
     let reporter = report::Reporter::from_args(&args.report)?;
@@ -196,17 +261,28 @@ pub async fn run(args: AgentArgs, shutdown: CancellationToken) -> Result<(), Age
     let status_state = state.clone();
     let server_label = format!("{}:{}", server.server, server.server_port);
     let dialect = server.dialect;
-    let status = Arc::new(move || status_document(&status_state, &server_label, dialect));
+    let status_credentials = credentials.clone();
+    let status = Arc::new(move || status_document(&status_state, &status_credentials, &server_label, dialect));
     let status_route = status.clone();
-    let extra = axum::Router::new().route(
-        "/status",
-        get(move || {
-            let status = status_route.clone();
-            async move { Json(status()) }
-        }),
-    );
+    let up_state = state.clone();
+    let extra = axum::Router::new()
+        .route(
+            "/status",
+            get(move || {
+                let status = status_route.clone();
+                async move { Json(status()) }
+            }),
+        )
+        .route(
+            "/tunnels-up",
+            get(move || {
+                let state = up_state.clone();
+                async move { tunnels_up(&state) }
+            }),
+        );
     let mut registry = prometheus_client::registry::Registry::default();
     state.metrics.register(&mut registry);
+    credentials.register(&mut registry);
     if let Some(r) = &reporter {
         r.metrics.register(&mut registry);
     }
@@ -227,6 +303,7 @@ pub async fn run(args: AgentArgs, shutdown: CancellationToken) -> Result<(), Age
     });
 
     supervise(&args, settings, state.clone(), shutdown).await;
+    let _ = credential_task.await;
     admin_shutdown.cancel();
     let _ = admin_task.await;
     if let Some(t) = report_task {
@@ -237,14 +314,32 @@ pub async fn run(args: AgentArgs, shutdown: CancellationToken) -> Result<(), Age
 }
 
 /// The `/status` document: served on the admin port, and what is posted to --report-url.
-fn status_document(state: &AgentState, server: &str, dialect: Dialect) -> serde_json::Value {
+/// `certificate` is null in key mode; `credentialError` is the last failure to renew the
+/// certificate or to reload the key file (null after a success).
+fn status_document(state: &AgentState, credentials: &Credentials, server: &str, dialect: Dialect) -> serde_json::Value {
     serde_json::json!({
         "ready": state.is_ready(),
         "server": server,
         "dialect": dialect,
         "configError": state.config_error(),
+        "certificate": credentials.certificate_status(),
+        "credentialError": credentials.problem(),
         "tunnels": state.snapshot(),
     })
+}
+
+/// `/tunnels-up`: 200 when every tunnel is up, else 503 saying which are not and why.
+fn tunnels_up(state: &AgentState) -> (StatusCode, Json<serde_json::Value>) {
+    match state.tunnels_up() {
+        Ok(n) => (StatusCode::OK, Json(serde_json::json!({"up": true, "tunnels": n}))),
+        Err((reason, down)) => {
+            let down: Vec<serde_json::Value> = down
+                .iter()
+                .map(|t| serde_json::json!({"name": t.name, "state": t.state, "message": t.message}))
+                .collect();
+            (StatusCode::SERVICE_UNAVAILABLE, Json(serde_json::json!({"up": false, "reason": reason, "notUp": down})))
+        }
+    }
 }
 
 /// Reads the tunnels file, keeps one connection task per option set, and passes each its
@@ -260,7 +355,10 @@ async fn supervise(args: &AgentArgs, settings: Arc<Settings>, state: Arc<AgentSt
             _ = shutdown.cancelled() => break,
         }
         let text = match std::fs::read_to_string(&args.tunnels_file) {
-            Ok(t) => t,
+            Ok(t) => {
+                state.tunnels_file_read();
+                t
+            }
             Err(e) => {
                 let msg = format!("cannot read the tunnels file {}: {e}", args.tunnels_file.display());
                 if state.config_error().as_deref() != Some(msg.as_str()) {

@@ -9,6 +9,9 @@
 //!            │ failure: jittered backoff (1 s .. 60 s), logged, counted
 //! ```
 //!
+//! [`Endpoint`] is the HTTPS client both calls to the webhook use (this one and the certificate
+//! request of `--certificate-url`): URL and CA checked at start, the token read per call.
+//!
 //! The token is the pod's projected service-account token for audience `tunnels.pico.sh`; the
 //! kubelet rotates it, so it is read afresh for every post and never logged.
 
@@ -63,22 +66,22 @@ pub struct ReportArgs {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReportError {
-    #[error("--report-url {url:?}: {reason}")]
-    Url { url: String, reason: String },
+    #[error("{flag} {url:?}: {reason}")]
+    Url { flag: &'static str, url: String, reason: String },
     #[error("--report-ca: {0} (give the PEM text of the CA that signed the webhook's certificate)")]
     Ca(String),
     #[error(
-        "--report-url is set but no --report-ca was given and the platform has no CA certificates ({0}); give the \
+        "{flag} is set but no --report-ca was given and the platform has no CA certificates ({reason}); give the \
          PEM of the CA that signed the webhook's certificate"
     )]
-    NoRoots(String),
+    NoRoots { flag: &'static str, reason: String },
     #[error("--report-interval must be more than zero")]
     Interval,
 }
 
 /// Why one post failed; `label()` is the metric's `result`.
 #[derive(Debug, thiserror::Error)]
-enum PostError {
+pub enum PostError {
     #[error("cannot read the token file {path}: {reason}")]
     Token { path: String, reason: String },
     #[error("cannot reach {0}")]
@@ -88,7 +91,7 @@ enum PostError {
 }
 
 impl PostError {
-    fn label(&self) -> &'static str {
+    pub fn label(&self) -> &'static str {
         match self {
             PostError::Token { .. } => "token_unreadable",
             PostError::Unreachable(_) => "unreachable",
@@ -127,8 +130,9 @@ impl ReportMetrics {
     }
 }
 
-/// Where and how to post.
-pub struct Reporter {
+/// An HTTPS endpoint of the webhook that the agent calls with its pod-bound token: `/report`
+/// and `/certificate`. The URL and CA are checked when it is made; the token is read per call.
+pub struct Endpoint {
     url: String,
     /// `host[:port]` for the Host header.
     authority: String,
@@ -139,21 +143,13 @@ pub struct Reporter {
     path: String,
     tls: tokio_rustls::TlsConnector,
     token_file: PathBuf,
-    interval: Duration,
-    pub metrics: ReportMetrics,
 }
 
-impl Reporter {
-    /// A reporter when --report-url is set; the URL and CA are checked now, so a mistake stops
-    /// the agent at start rather than failing every post.
-    pub fn from_args(args: &ReportArgs) -> Result<Option<Reporter>, ReportError> {
-        let Some(url) = args.report_url.as_deref().map(str::trim).filter(|u| !u.is_empty()) else {
-            return Ok(None);
-        };
-        if args.report_interval.is_zero() {
-            return Err(ReportError::Interval);
-        }
-        let bad = |reason: &str| ReportError::Url { url: url.to_string(), reason: reason.to_string() };
+impl Endpoint {
+    /// `flag` names the option the URL came from, for the error. `ca` is PEM text; without it
+    /// the platform's CA certificates verify the server.
+    pub fn new(flag: &'static str, url: &str, ca: Option<&str>, token_file: PathBuf) -> Result<Endpoint, ReportError> {
+        let bad = |reason: &str| ReportError::Url { flag, url: url.to_string(), reason: reason.to_string() };
         let uri: Uri = url.parse().map_err(|_| bad("not a URL"))?;
         if uri.scheme_str() != Some("https") {
             return Err(bad("must start with https:// (the token must not travel in clear text)"));
@@ -167,7 +163,7 @@ impl Reporter {
         let path = uri.path_and_query().map(|p| p.as_str().to_string()).unwrap_or_else(|| "/".into());
 
         let mut roots = rustls::RootCertStore::empty();
-        match args.report_ca.as_deref().map(str::trim).filter(|c| !c.is_empty()) {
+        match ca.map(str::trim).filter(|c| !c.is_empty()) {
             Some(pem) => {
                 let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(pem.as_bytes())
                     .collect::<Result<_, _>>()
@@ -184,7 +180,7 @@ impl Reporter {
                 let (added, _) = roots.add_parsable_certificates(found.certs);
                 if added == 0 {
                     let why = found.errors.first().map(|e| e.to_string()).unwrap_or_else(|| "none found".into());
-                    return Err(ReportError::NoRoots(why));
+                    return Err(ReportError::NoRoots { flag, reason: why });
                 }
             }
         }
@@ -194,7 +190,7 @@ impl Reporter {
             .map_err(|e| ReportError::Ca(e.to_string()))?
             .with_root_certificates(roots)
             .with_no_client_auth();
-        Ok(Some(Reporter {
+        Ok(Endpoint {
             url: url.to_string(),
             host: host.to_string(),
             port: uri.port_u16().unwrap_or(443),
@@ -202,14 +198,75 @@ impl Reporter {
             server_name,
             path,
             tls: tokio_rustls::TlsConnector::from(Arc::new(config)),
-            token_file: args.report_token_file.clone(),
-            interval: args.report_interval,
-            metrics: ReportMetrics::default(),
-        }))
+            token_file,
+        })
     }
 
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// POSTs `body` (JSON) with the token as it is in the file now; the answer's body (at most
+    /// `limit` bytes) on a 2xx, the status and the server's reason otherwise.
+    pub async fn post(&self, body: Bytes, limit: usize) -> Result<Bytes, PostError> {
+        let token = read_token(&self.token_file)?;
+        let unreachable = |e: &dyn std::fmt::Display| PostError::Unreachable(format!("{}: {e}", self.url));
+        let tcp = tokio::net::TcpStream::connect((self.host.as_str(), self.port)).await.map_err(|e| unreachable(&e))?;
+        let _ = tcp.set_nodelay(true);
+        let tls = self.tls.connect(self.server_name.clone(), tcp).await.map_err(|e| unreachable(&e))?;
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake::<_, Body>(hyper_util::rt::TokioIo::new(tls))
+                .await
+                .map_err(|e| unreachable(&e))?;
+        // Drives the connection; it ends when `sender` is dropped after the answer.
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        let mut authorization = HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| PostError::Token {
+            path: self.token_file.display().to_string(),
+            reason: "holds characters a token cannot have".into(),
+        })?;
+        authorization.set_sensitive(true);
+        let request = Request::post(self.path.as_str())
+            .header(header::HOST, self.authority.as_str())
+            .header(header::CONTENT_TYPE, "application/json")
+            .header(header::AUTHORIZATION, authorization)
+            .body(Body::from(body))
+            .map_err(|e| unreachable(&e))?;
+        let response = sender.send_request(request).await.map_err(|e| unreachable(&e))?;
+        let status = response.status();
+        if status.is_success() {
+            return axum::body::to_bytes(Body::new(response.into_body()), limit).await.map_err(|e| unreachable(&e));
+        }
+        let text = axum::body::to_bytes(Body::new(response.into_body()), 4096).await.unwrap_or_default();
+        let reason = String::from_utf8_lossy(&text).trim().to_string();
+        Err(PostError::Refused { status, reason })
+    }
+}
+
+/// Where and how to post.
+pub struct Reporter {
+    endpoint: Endpoint,
+    interval: Duration,
+    pub metrics: ReportMetrics,
+}
+
+impl Reporter {
+    /// A reporter when --report-url is set; the URL and CA are checked now, so a mistake stops
+    /// the agent at start rather than failing every post.
+    pub fn from_args(args: &ReportArgs) -> Result<Option<Reporter>, ReportError> {
+        let Some(url) = args.report_url.as_deref().map(str::trim).filter(|u| !u.is_empty()) else {
+            return Ok(None);
+        };
+        if args.report_interval.is_zero() {
+            return Err(ReportError::Interval);
+        }
+        let endpoint = Endpoint::new("--report-url", url, args.report_ca.as_deref(), args.report_token_file.clone())?;
+        Ok(Some(Reporter { endpoint, interval: args.report_interval, metrics: ReportMetrics::default() }))
+    }
+
+    pub fn url(&self) -> &str {
+        self.endpoint.url()
     }
 
     /// Reports `status()` (the /status document) until `shutdown`.
@@ -247,7 +304,7 @@ impl Reporter {
             let body = Bytes::from(serde_json::to_vec(&doc).unwrap_or_default());
             let outcome = tokio::select! {
                 r = tokio::time::timeout(POST_TIMEOUT, self.post(body)) => {
-                    r.unwrap_or_else(|_| Err(PostError::Unreachable(format!("{}: no answer within {POST_TIMEOUT:?}", self.url))))
+                    r.unwrap_or_else(|_| Err(PostError::Unreachable(format!("{}: no answer within {POST_TIMEOUT:?}", self.url()))))
                 }
                 _ = shutdown.cancelled() => return,
             };
@@ -255,9 +312,9 @@ impl Reporter {
                 Ok(()) => {
                     self.metrics.count("ok");
                     if failing {
-                        info!(url = %self.url, "status report accepted again");
+                        info!(url = %self.url(), "status report accepted again");
                     } else {
-                        debug!(url = %self.url, "status reported");
+                        debug!(url = %self.url(), "status reported");
                     }
                     failing = false;
                     sent = Some(seen);
@@ -269,7 +326,7 @@ impl Reporter {
                 Err(e) => {
                     self.metrics.count(e.label());
                     let wait = backoff.next_delay();
-                    warn!(url = %self.url, error = %e, retry_in = ?wait, "status report failed");
+                    warn!(url = %self.url(), error = %e, retry_in = ?wait, "status report failed");
                     failing = true;
                     retry_at = Some(Instant::now() + wait);
                 }
@@ -278,38 +335,7 @@ impl Reporter {
     }
 
     async fn post(&self, body: Bytes) -> Result<(), PostError> {
-        let token = read_token(&self.token_file)?;
-        let unreachable = |e: &dyn std::fmt::Display| PostError::Unreachable(format!("{}: {e}", self.url));
-        let tcp = tokio::net::TcpStream::connect((self.host.as_str(), self.port)).await.map_err(|e| unreachable(&e))?;
-        let _ = tcp.set_nodelay(true);
-        let tls = self.tls.connect(self.server_name.clone(), tcp).await.map_err(|e| unreachable(&e))?;
-        let (mut sender, connection) =
-            hyper::client::conn::http1::handshake::<_, Body>(hyper_util::rt::TokioIo::new(tls))
-                .await
-                .map_err(|e| unreachable(&e))?;
-        // Drives the connection; it ends when `sender` is dropped after the answer.
-        tokio::spawn(async move {
-            let _ = connection.await;
-        });
-        let mut authorization = HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| PostError::Token {
-            path: self.token_file.display().to_string(),
-            reason: "holds characters a token cannot have".into(),
-        })?;
-        authorization.set_sensitive(true);
-        let request = Request::post(self.path.as_str())
-            .header(header::HOST, self.authority.as_str())
-            .header(header::CONTENT_TYPE, "application/json")
-            .header(header::AUTHORIZATION, authorization)
-            .body(Body::from(body))
-            .map_err(|e| unreachable(&e))?;
-        let response = sender.send_request(request).await.map_err(|e| unreachable(&e))?;
-        let status = response.status();
-        if status.is_success() {
-            return Ok(());
-        }
-        let text = axum::body::to_bytes(Body::new(response.into_body()), 4096).await.unwrap_or_default();
-        let reason = String::from_utf8_lossy(&text).trim().to_string();
-        Err(PostError::Refused { status, reason })
+        self.endpoint.post(body, 4096).await.map(|_| ())
     }
 }
 
@@ -320,7 +346,7 @@ struct Pending {
     changed: Instant,
 }
 
-fn read_token(path: &std::path::Path) -> Result<String, PostError> {
+pub fn read_token(path: &std::path::Path) -> Result<String, PostError> {
     let unreadable = |reason: String| PostError::Token { path: path.display().to_string(), reason };
     let token = std::fs::read_to_string(path).map_err(|e| unreadable(e.to_string()))?;
     let token = token.trim();
@@ -382,10 +408,12 @@ mod tests {
         let r = Reporter::from_args(&args("https://picotun-webhook.pico-sh-system.svc/report", Some(&pem)))
             .unwrap()
             .unwrap();
-        assert_eq!((r.host.as_str(), r.port, r.path.as_str()), ("picotun-webhook.pico-sh-system.svc", 443, "/report"));
+        let e = &r.endpoint;
+        assert_eq!((e.host.as_str(), e.port, e.path.as_str()), ("picotun-webhook.pico-sh-system.svc", 443, "/report"));
         let r = Reporter::from_args(&args("https://[::1]:8443/report", Some(&pem))).unwrap().unwrap();
-        assert_eq!((r.host.as_str(), r.port, r.authority.as_str()), ("::1", 8443, "[::1]:8443"));
-        assert!(matches!(r.server_name, ServerName::IpAddress(_)));
+        let e = &r.endpoint;
+        assert_eq!((e.host.as_str(), e.port, e.authority.as_str()), ("::1", 8443, "[::1]:8443"));
+        assert!(matches!(e.server_name, ServerName::IpAddress(_)));
 
         let err = |url: &str, ca: Option<&str>| Reporter::from_args(&args(url, ca)).err().unwrap().to_string();
         assert!(err("http://webhook/report", Some(&pem)).contains("must start with https://"));

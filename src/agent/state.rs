@@ -60,7 +60,7 @@ impl ForwardState {
     ];
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct TunnelStatus {
     pub name: String,
@@ -171,6 +171,7 @@ pub struct AgentState {
     tunnels: Mutex<BTreeMap<String, TunnelStatus>>,
     config_error: Mutex<Option<String>>,
     config_loaded: AtomicBool,
+    tunnels_file_read: AtomicBool,
     draining: AtomicBool,
     generation: AtomicU64,
     pub metrics: Metrics,
@@ -283,17 +284,40 @@ impl AgentState {
         self.draining.load(Ordering::Relaxed)
     }
 
-    /// Ready when a configuration has loaded, nothing is draining, and every tunnel is
-    /// established or deliberately standing by.
+    /// The tunnels file has been read (valid or not: a broken one is reported in /status).
+    pub fn tunnels_file_read(&self) {
+        self.tunnels_file_read.store(true, Ordering::Relaxed);
+    }
+
+    /// Ready (the sidecar's readinessProbe) once the tunnels file has been read, until draining.
+    /// Tunnel state is deliberately not part of it: a tunnel server's outage must not take the
+    /// pod out of its Services (see [`AgentState::tunnels_up`] for the opt-in startup gate).
     pub fn is_ready(&self) -> bool {
-        self.config_loaded.load(Ordering::Relaxed)
-            && !self.is_draining()
-            && self
-                .tunnels
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .values()
-                .all(|t| matches!(t.state, ForwardState::Established | ForwardState::StandingBy))
+        self.tunnels_file_read.load(Ordering::Relaxed) && !self.is_draining()
+    }
+
+    /// `/tunnels-up`: Ok when a configuration has loaded, nothing is draining, and every tunnel
+    /// is established -- or deliberately standing by for a name another replica holds, which
+    /// would otherwise hold a rollout on a server without load balancing forever. Otherwise
+    /// the reason and the tunnels that are not up.
+    pub fn tunnels_up(&self) -> Result<usize, (String, Vec<TunnelStatus>)> {
+        if !self.config_loaded.load(Ordering::Relaxed) {
+            return Err(("no valid tunnels file has been loaded yet".into(), Vec::new()));
+        }
+        if self.is_draining() {
+            return Err(("shutting down".into(), Vec::new()));
+        }
+        let tunnels = self.tunnels.lock().unwrap_or_else(|p| p.into_inner());
+        let down: Vec<TunnelStatus> = tunnels
+            .values()
+            .filter(|t| !matches!(t.state, ForwardState::Established | ForwardState::StandingBy))
+            .cloned()
+            .collect();
+        if down.is_empty() {
+            Ok(tunnels.len())
+        } else {
+            Err((format!("{} of {} tunnels are not established", down.len(), tunnels.len()), down))
+        }
     }
 
     pub fn snapshot(&self) -> Vec<TunnelStatus> {
@@ -321,18 +345,36 @@ mod tests {
     }
 
     #[test]
-    fn ready_only_when_every_tunnel_is_served_or_standing_by() {
+    fn ready_once_the_file_is_read_whatever_the_tunnels_do() {
         let s = AgentState::default();
-        assert!(!s.is_ready(), "no configuration yet");
-        s.set_configured(&[], ForwardState::Connecting);
-        assert!(s.is_ready(), "nothing to serve");
+        assert!(!s.is_ready(), "the tunnels file has not been read yet");
+        s.tunnels_file_read();
+        assert!(s.is_ready(), "read, even before a valid configuration");
         s.set_configured(&[spec("a"), spec("b")], ForwardState::Connecting);
-        assert!(!s.is_ready());
-        s.set_state("a", ForwardState::Established, Some("https://u-a.tuns.sh".into()), None);
-        s.set_state("b", ForwardState::StandingBy, None, Some("held by another replica".into()));
+        assert!(s.is_ready(), "tunnels still connecting (the tunnel server may be down)");
+        s.set_state("a", ForwardState::Failed, None, Some("refused".into()));
         assert!(s.is_ready());
         s.start_draining();
-        assert!(!s.is_ready());
+        assert!(!s.is_ready(), "draining takes the pod out of its Services first");
+    }
+
+    #[test]
+    fn tunnels_up_only_when_every_tunnel_is_served_or_standing_by() {
+        let s = AgentState::default();
+        assert!(s.tunnels_up().unwrap_err().0.contains("no valid tunnels file"));
+        s.set_configured(&[], ForwardState::Connecting);
+        assert_eq!(s.tunnels_up(), Ok(0), "nothing to serve");
+        s.set_configured(&[spec("a"), spec("b")], ForwardState::Connecting);
+        let (why, down) = s.tunnels_up().unwrap_err();
+        assert_eq!(why, "2 of 2 tunnels are not established");
+        assert_eq!(down.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+        s.set_state("a", ForwardState::Established, Some("https://u-a.tuns.sh".into()), None);
+        let (_, down) = s.tunnels_up().unwrap_err();
+        assert_eq!(down.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(), ["b"]);
+        s.set_state("b", ForwardState::StandingBy, None, Some("held by another replica".into()));
+        assert_eq!(s.tunnels_up(), Ok(2));
+        s.start_draining();
+        assert_eq!(s.tunnels_up().unwrap_err().0, "shutting down");
     }
 
     #[test]

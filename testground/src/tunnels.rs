@@ -1,6 +1,8 @@
 //! Real SSH tunnel servers on loopback: OpenSSH sshd, sandhole and sish, each with a generated
 //! host key (so clients can pin it) and a set of authorized client keys. They can be killed and
-//! restarted on the same ports for fault tests.
+//! restarted on the same ports for fault tests. sshd can also trust an SSH CA
+//! ([`TunnelServer::start_sshd`] with [`SshdOptions`]): certificates it signed log in when they
+//! carry an accepted principal (`tuns`, as on pico.sh). Stock sish and sandhole take keys only.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -49,10 +51,25 @@ fn ssh_keygen(path: &Path, kind: &str, comment: &str) -> Result<()> {
     Ok(())
 }
 
+/// What an OpenSSH sshd accepts besides its authorized keys (the default: nothing else).
+#[derive(Clone, Debug, Default)]
+pub struct SshdOptions {
+    /// CA public key lines (`ssh-ed25519 AAAA...`) for `TrustedUserCAKeys`: user certificates
+    /// they signed log in, within their validity. Empty: keys only.
+    pub trusted_user_ca_keys: Vec<String>,
+    /// With CA keys: the principals the login user accepts (`AuthorizedPrincipalsFile`); a
+    /// certificate must carry one of them. Empty means `tuns`, pico.sh's tunnels-only principal.
+    pub authorized_principals: Vec<String>,
+}
+
+/// The principal pico.sh grants tunnels to.
+pub const TUNS_PRINCIPAL: &str = "tuns";
+
 /// Which server, with its options.
 #[derive(Clone, Debug)]
 pub enum ServerKind {
-    /// OpenSSH sshd: public TCP ports only, no names, no session text.
+    /// OpenSSH sshd: public TCP ports only, no names, no session text. Keys only unless started
+    /// with [`TunnelServer::start_sshd`].
     Sshd,
     /// sandhole: HTTP names under [`SANDHOLE_DOMAIN`], public TCP ports; load-balances names
     /// unless told otherwise (`--load-balancing=deny|replace`).
@@ -139,6 +156,15 @@ pub struct TunnelServer {
 impl TunnelServer {
     /// Starts `kind` on free loopback ports, accepting `authorized` client keys.
     pub async fn start(kind: ServerKind, authorized: &[&SshClientKey]) -> Result<TunnelServer> {
+        Self::start_with(kind, authorized, &SshdOptions::default()).await
+    }
+
+    /// Starts OpenSSH sshd accepting `authorized` keys and, with `options`, certificates.
+    pub async fn start_sshd(options: &SshdOptions, authorized: &[&SshClientKey]) -> Result<TunnelServer> {
+        Self::start_with(ServerKind::Sshd, authorized, options).await
+    }
+
+    async fn start_with(kind: ServerKind, authorized: &[&SshClientKey], sshd: &SshdOptions) -> Result<TunnelServer> {
         let name = kind.name();
         let dir = tempfile::Builder::new()
             .prefix(&format!("picotun-{name}-"))
@@ -169,7 +195,26 @@ impl TunnelServer {
                 let config = dir.join("sshd_config");
                 let authorized_file = dir.join("authorized_keys");
                 write_file(&authorized_file, &authorized_keys)?;
-                write_file(&config, sshd_config(ssh_port, &host_key, &authorized_file))?;
+                let mut text = sshd_config(ssh_port, &host_key, &authorized_file);
+                if !sshd.trusted_user_ca_keys.is_empty() {
+                    let cas = dir.join("trusted_user_ca_keys");
+                    write_file(&cas, sshd.trusted_user_ca_keys.iter().map(|l| format!("{l}\n")).collect::<String>())?;
+                    let principals = dir.join("authorized_principals");
+                    let list = if sshd.authorized_principals.is_empty() {
+                        vec![TUNS_PRINCIPAL.to_string()]
+                    } else {
+                        sshd.authorized_principals.clone()
+                    };
+                    write_file(&principals, list.iter().map(|p| format!("{p}\n")).collect::<String>())?;
+                    text.push_str(&format!(
+                        "# User certificates signed by these CAs, carrying one of these principals.\n\
+                         TrustedUserCAKeys {}\n\
+                         AuthorizedPrincipalsFile {}\n",
+                        cas.display(),
+                        principals.display()
+                    ));
+                }
+                write_file(&config, text)?;
                 // sshd refuses to start as root without its privilege-separation directory.
                 if nix::unistd::geteuid().is_root() {
                     let _ = std::fs::create_dir_all("/run/sshd");
@@ -284,6 +329,29 @@ impl TunnelServer {
         Ok(())
     }
 
+    /// Replaces the authorized client keys: sshd reads its file at each login; sish and sandhole
+    /// watch their directory (give them a moment).
+    pub fn set_authorized_keys(&self, authorized: &[&SshClientKey]) -> Result<()> {
+        match self.kind {
+            ServerKind::Sshd => {
+                let file = self.dir.join("authorized_keys");
+                let tmp = self.dir.join("authorized_keys.tmp");
+                write_file(&tmp, authorized.iter().map(|k| format!("{}\n", k.public_line)).collect::<String>())?;
+                std::fs::rename(&tmp, &file).map_err(|e| Error::io(&file, e))
+            }
+            _ => {
+                let keys_dir = self.dir.join("authorized");
+                for entry in std::fs::read_dir(&keys_dir).map_err(|e| Error::io(&keys_dir, e))?.flatten() {
+                    let _ = std::fs::remove_file(entry.path());
+                }
+                for (i, key) in authorized.iter().enumerate() {
+                    write_file(&keys_dir.join(format!("client{i}.pub")), format!("{}\n", key.public_line))?;
+                }
+                Ok(())
+            }
+        }
+    }
+
     /// SIGKILLs the server (a crash). `restart` brings it back.
     pub fn kill(&mut self) {
         if let Some(mut p) = self.proc.take() {
@@ -357,10 +425,36 @@ impl TunnelServer {
     /// pinned, exactly one identity offered, and failure to forward fatal. Its output goes to
     /// `<server dir>/<log_name>.log`.
     pub fn ssh_forward(&self, key: &SshClientKey, user: &str, spec: &str, log_name: &str) -> Result<Proc> {
+        self.ssh_forward_as(key, None, user, spec, log_name)
+    }
+
+    /// [`TunnelServer::ssh_forward`] authenticating with `certificate` (an OpenSSH certificate
+    /// file for `key`) instead of the plain key.
+    pub fn ssh_forward_with_certificate(
+        &self,
+        key: &SshClientKey,
+        certificate: &Path,
+        user: &str,
+        spec: &str,
+        log_name: &str,
+    ) -> Result<Proc> {
+        self.ssh_forward_as(key, Some(certificate), user, spec, log_name)
+    }
+
+    fn ssh_forward_as(
+        &self,
+        key: &SshClientKey,
+        certificate: Option<&Path>,
+        user: &str,
+        spec: &str,
+        log_name: &str,
+    ) -> Result<Proc> {
         let mut cmd = Command::new("ssh");
-        cmd.args(["-N", "-T", "-p", &self.ssh_port.to_string(), "-i"])
-            .arg(&key.private_key)
-            .args(["-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes"])
+        cmd.args(["-N", "-T", "-p", &self.ssh_port.to_string(), "-i"]).arg(&key.private_key);
+        if let Some(cert) = certificate {
+            cmd.arg("-o").arg(format!("CertificateFile={}", cert.display()));
+        }
+        cmd.args(["-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes"])
             .arg("-o")
             .arg(format!("UserKnownHostsFile={}", self.known_hosts.display()))
             .args(["-o", "GlobalKnownHostsFile=/dev/null", "-o", "ExitOnForwardFailure=yes"])

@@ -18,18 +18,30 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::support::expect_body;
 
-const USER: &str = "alice";
+pub(crate) const USER: &str = "alice";
 
 /// A running agent and what it was started with.
-struct Agent {
-    proc: Proc,
-    admin: String,
+pub(crate) struct Agent {
+    pub(crate) proc: Proc,
+    pub(crate) admin: String,
     tunnels_file: PathBuf,
     _dir: tempfile::TempDir,
 }
 
 impl Agent {
     fn start(server: &TunnelServer, key: &SshClientKey, tunnels: &str, extra: &[&str]) -> Agent {
+        Agent::launch(server, tunnels, extra, |cmd| {
+            cmd.args(["--key-file", key.private_key.to_str().unwrap()]);
+        })
+    }
+
+    /// The agent for `server`, told how to log in (and anything else) by `login`.
+    pub(crate) fn launch(
+        server: &TunnelServer,
+        tunnels: &str,
+        extra: &[&str],
+        login: impl FnOnce(&mut Command),
+    ) -> Agent {
         let dir = tempfile::tempdir().unwrap();
         let tunnels_file = dir.path().join("tunnels.json");
         std::fs::write(&tunnels_file, tunnels).unwrap();
@@ -43,8 +55,8 @@ impl Agent {
         cmd.arg("agent")
             .args(["--tunnels-file", tunnels_file.to_str().unwrap()])
             .args(["--server", "127.0.0.1"])
-            .args(["--user", &server.login_user(USER)])
-            .args(["--key-file", key.private_key.to_str().unwrap()]);
+            .args(["--user", &server.login_user(USER)]);
+        login(&mut cmd);
         if !extra.contains(&"--server-port") {
             cmd.args(["--server-port", &server.ssh_port().to_string()]);
         }
@@ -59,24 +71,24 @@ impl Agent {
         Agent { proc, admin, tunnels_file, _dir: dir }
     }
 
-    fn write_tunnels(&self, json: &str) {
+    pub(crate) fn write_tunnels(&self, json: &str) {
         // Like the kubelet: write elsewhere, then rename over, so the agent never reads half a file.
         let tmp = self.tunnels_file.with_extension("tmp");
         std::fs::write(&tmp, json).unwrap();
         std::fs::rename(&tmp, &self.tunnels_file).unwrap();
     }
 
-    async fn status(&self) -> Option<Value> {
+    pub(crate) async fn status(&self) -> Option<Value> {
         let r = http::get(&self.admin, "agent", "/status").await.ok()?;
         serde_json::from_str(&r.body).ok()
     }
 
-    async fn metrics(&self) -> String {
+    pub(crate) async fn metrics(&self) -> String {
         http::get(&self.admin, "agent", "/metrics").await.map(|r| r.body).unwrap_or_default()
     }
 
     /// Waits until tunnel `name` is in `state`; returns its status entry.
-    async fn wait_tunnel(&mut self, name: &str, state: &str, timeout: Duration) -> Value {
+    pub(crate) async fn wait_tunnel(&mut self, name: &str, state: &str, timeout: Duration) -> Value {
         let deadline = Instant::now() + timeout;
         let mut last = Value::Null;
         loop {
@@ -133,23 +145,23 @@ fn sish_load_balancing() -> ServerKind {
     ServerKind::Sish(SishOptions { load_balancer: true, ..Default::default() })
 }
 
-fn http_tunnel(name: &str, host: &str, port: u16) -> String {
+pub(crate) fn http_tunnel(name: &str, host: &str, port: u16) -> String {
     format!(r#"{{"name":"{name}","kind":"http","host":"{host}","targetPort":{port}}}"#)
 }
 
-fn tcp_tunnel(name: &str, remote: Option<u16>, port: u16) -> String {
+pub(crate) fn tcp_tunnel(name: &str, remote: Option<u16>, port: u16) -> String {
     match remote {
         Some(r) => format!(r#"{{"name":"{name}","kind":"tcp","remotePort":{r},"targetPort":{port}}}"#),
         None => format!(r#"{{"name":"{name}","kind":"tcp","targetPort":{port}}}"#),
     }
 }
 
-fn file(tunnels: &[String]) -> String {
+pub(crate) fn file(tunnels: &[String]) -> String {
     format!(r#"{{"tunnels":[{}]}}"#, tunnels.join(","))
 }
 
 /// The public TCP address a status entry reports, as a loopback address to dial.
-fn dial_addr(public: &str) -> String {
+pub(crate) fn dial_addr(public: &str) -> String {
     let port = public.rsplit_once(':').unwrap().1;
     format!("127.0.0.1:{port}")
 }
@@ -219,7 +231,7 @@ async fn agent_public_tcp_through_sish() {
 }
 
 /// A TCP echo app: each line sent comes back.
-async fn echo_app() -> (u16, tokio::task::JoinHandle<()>) {
+pub(crate) async fn echo_app() -> (u16, tokio::task::JoinHandle<()>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let task = tokio::spawn(async move {
@@ -233,7 +245,7 @@ async fn echo_app() -> (u16, tokio::task::JoinHandle<()>) {
     (port, task)
 }
 
-async fn echo_line(stream: &mut BufReader<TcpStream>, line: &str) -> String {
+pub(crate) async fn echo_line(stream: &mut BufReader<TcpStream>, line: &str) -> String {
     stream.get_mut().write_all(format!("{line}\n").as_bytes()).await.unwrap();
     let mut got = String::new();
     tokio::time::timeout(Duration::from_secs(5), stream.read_line(&mut got)).await.expect("echo within 5s").unwrap();
@@ -644,7 +656,11 @@ async fn an_unreachable_server_is_reported_and_retried() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(proc.is_running(), "an unreachable server is retried, not fatal");
-    assert_eq!(http::get(&admin, "a", "/ready").await.unwrap().status, 503);
+    // The pod stays in its Services while the tunnel server is down; /tunnels-up says why.
+    assert_eq!(http::get(&admin, "a", "/ready").await.unwrap().status, 200);
+    let up = http::get(&admin, "a", "/tunnels-up").await.unwrap();
+    assert_eq!(up.status, 503, "{}", up.body);
+    assert!(up.body.contains(&format!("cannot reach 127.0.0.1:{dead_port}")), "{}", up.body);
 }
 
 /// Starts the agent with a key file and returns its exit status and log.
@@ -841,10 +857,11 @@ async fn a_forward_opens_only_once_the_app_accepts_connections() {
     let mut agent = Agent::start(&server, &key, &file(&[tcp_tunnel("raw", Some(free_port()), app_port)]), &[]);
     let t = agent.wait_tunnel("raw", "waitingForApp", Duration::from_secs(10)).await;
     assert!(t["message"].as_str().unwrap().contains(&format!("127.0.0.1:{app_port}")), "{t}");
+    assert_eq!(http::get(&agent.admin, "a", "/ready").await.unwrap().status, 200, "ready: readiness is the app's");
     assert_eq!(
-        http::get(&agent.admin, "a", "/ready").await.unwrap().status,
+        http::get(&agent.admin, "a", "/tunnels-up").await.unwrap().status,
         503,
-        "not ready while waiting for the app"
+        "the tunnel is not up while waiting for the app"
     );
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(agent.wait_tunnel("raw", "waitingForApp", Duration::from_secs(1)).await["publicAddress"], Value::Null);
@@ -865,4 +882,174 @@ async fn the_host_key_pin_can_be_given_inline() {
         Agent::start(&server, &key, &file(&[tcp_tunnel("raw", None, backend.port())]), &["--known-hosts-data", &pin]);
     let t = agent.wait_tunnel("raw", "established", Duration::from_secs(20)).await;
     expect_body(&dial_addr(t["publicAddress"].as_str().unwrap()), "x", "/", &backend.greeting()).await;
+}
+
+/// The issue's "Readiness depends on tuns.sh": `/ready` was the sidecar's readinessProbe and
+/// required every tunnel established, so a tunnel server's outage took every injected pod out of
+/// its Services. Now `/ready` is the agent's own health (the tunnels file was read) and
+/// `/tunnels-up` says whether every tunnel is established, and which are not.
+#[tokio::test]
+#[ignore = "needs the test ground (scripts/build-testground)"]
+async fn a_down_tunnel_server_keeps_the_pod_ready_and_tunnels_up_says_what_is_down() {
+    let (mut server, key, _k) = server(ServerKind::Sshd).await;
+    let backend = Backend::start("outage").await.unwrap();
+    server.kill();
+    let mut agent = Agent::start(&server, &key, &file(&[tcp_tunnel("raw", Some(free_port()), backend.port())]), &[]);
+    let started = Instant::now();
+    let t = agent.wait_tunnel("raw", "connecting", Duration::from_secs(10)).await;
+    let a = &agent;
+    let ready = wait_for("/ready 200", Duration::from_secs(10), Duration::from_millis(50), || async move {
+        let r = http::get(&a.admin, "a", "/ready").await.map_err(|e| e.to_string())?;
+        Ok((r.status == 200).then_some(r))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}: the pod must stay Ready while the tunnel server is down; {t}"));
+    eprintln!("/ready 200 after {:?} with the tunnel server down", started.elapsed());
+    assert_eq!(ready.body, "ready\n");
+    // Wait for the connection error to be in the status, then /tunnels-up names the tunnel.
+    wait_for("the connect error", Duration::from_secs(10), Duration::from_millis(100), || async move {
+        let s = a.status().await.unwrap_or_default();
+        Ok(s["tunnels"][0]["message"].as_str().is_some_and(|m| m.contains("cannot reach")).then_some(()))
+    })
+    .await
+    .unwrap();
+    let up = http::get(&agent.admin, "a", "/tunnels-up").await.unwrap();
+    assert_eq!(up.status, 503, "{}", up.body);
+    let body: Value = serde_json::from_str(&up.body).unwrap();
+    assert_eq!(body["up"], false);
+    assert_eq!(body["notUp"][0]["name"], "raw", "{body}");
+    assert_eq!(body["notUp"][0]["state"], "connecting", "{body}");
+    assert!(body["reason"].as_str().unwrap().contains("1 of 1"), "{body}");
+    assert_eq!(agent.status().await.unwrap()["ready"], true);
+
+    // The server comes back: the tunnel follows, and /tunnels-up turns 200.
+    server.restart().await.unwrap();
+    let t = agent.wait_tunnel("raw", "established", Duration::from_secs(40)).await;
+    expect_body(&dial_addr(t["publicAddress"].as_str().unwrap()), "x", "/", &backend.greeting()).await;
+    let up = http::get(&agent.admin, "a", "/tunnels-up").await.unwrap();
+    assert_eq!((up.status, up.body.as_str()), (200, r#"{"tunnels":1,"up":true}"#));
+}
+
+/// For the startup gate (the app starts only once /tunnels-up answers 200), the agent must not
+/// wait for the app's port: `--open-before-app`.
+#[tokio::test]
+#[ignore = "needs the test ground (scripts/build-testground)"]
+async fn open_before_app_opens_the_forward_before_the_app_listens() {
+    let (server, key, _k) = server(ServerKind::Sshd).await;
+    let app_port = free_port();
+    let remote = free_port();
+    let mut agent =
+        Agent::start(&server, &key, &file(&[tcp_tunnel("raw", Some(remote), app_port)]), &["--open-before-app"]);
+    let t = agent.wait_tunnel("raw", "established", Duration::from_secs(20)).await;
+    assert!(t["publicAddress"].as_str().unwrap().ends_with(&format!(":{remote}")), "{t}");
+    let up = http::get(&agent.admin, "a", "/tunnels-up").await.unwrap();
+    assert_eq!(up.status, 200, "{}", up.body);
+    // A visitor before the app listens is closed, not hung.
+    let early = http::get(&format!("127.0.0.1:{remote}"), "x", "/").await;
+    assert!(early.is_err() || early.as_ref().is_ok_and(|r| r.status != 200), "{early:?}");
+    // The app comes up: served through the forward already open.
+    let backend = Backend::start_on(app_port, "gated").await.unwrap();
+    expect_body(&format!("127.0.0.1:{remote}"), "x", "/", &backend.greeting()).await;
+    assert!(agent.metrics().await.contains("picotun_agent_ssh_connects_total 1\n"));
+}
+
+/// `ssh-keygen -l`: the key's SHA256 fingerprint.
+fn fingerprint_of(key: &SshClientKey) -> String {
+    let out = Command::new("ssh-keygen").args(["-l", "-E", "sha256", "-f"]).arg(&key.private_key).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).split_whitespace().nth(1).unwrap().to_string()
+}
+
+/// A directory laid out like a Secret volume: `id -> ..data/id`, `..data -> ..<version>`.
+/// `rotate` swaps the `..data` link atomically, as the kubelet does.
+struct SecretVolume {
+    dir: tempfile::TempDir,
+    versions: u32,
+}
+
+impl SecretVolume {
+    fn new(first: &str) -> SecretVolume {
+        let mut v = SecretVolume { dir: tempfile::tempdir().unwrap(), versions: 0 };
+        v.rotate(first);
+        std::os::unix::fs::symlink("..data/id", v.dir.path().join("id")).unwrap();
+        v
+    }
+
+    fn rotate(&mut self, content: &str) {
+        self.versions += 1;
+        let version = format!("..2026_v{}", self.versions);
+        std::fs::create_dir(self.dir.path().join(&version)).unwrap();
+        std::fs::write(self.dir.path().join(&version).join("id"), content).unwrap();
+        let tmp = self.dir.path().join("..data_tmp");
+        std::os::unix::fs::symlink(&version, &tmp).unwrap();
+        std::fs::rename(&tmp, self.dir.path().join("..data")).unwrap();
+    }
+
+    fn key_file(&self) -> PathBuf {
+        self.dir.path().join("id")
+    }
+}
+
+/// The issue: "The key is read once and never reloaded on rotation (src/agent/mod.rs)". A
+/// rotated key Secret (new key registered, old one revoked) must be used by the next connect,
+/// without a restart; a broken rotation keeps the last good key and says so; connections up are
+/// not touched.
+#[tokio::test]
+#[ignore = "needs the test ground (scripts/build-testground)"]
+async fn a_rotated_key_file_is_used_by_the_next_connect() {
+    let keys = tempfile::tempdir().unwrap();
+    let old = SshClientKey::generate(keys.path(), "old", "ed25519").unwrap();
+    let new = SshClientKey::generate(keys.path(), "new", "ed25519").unwrap();
+    let mut server = TunnelServer::start(ServerKind::Sshd, &[&old]).await.unwrap();
+    let (echo_port, _echo) = echo_app().await;
+    let mut volume = SecretVolume::new(&std::fs::read_to_string(&old.private_key).unwrap());
+    let key_file = volume.key_file();
+    let mut agent = Agent::launch(&server, &file(&[tcp_tunnel("raw", Some(free_port()), echo_port)]), &[], |cmd| {
+        cmd.args(["--key-file", key_file.to_str().unwrap()]);
+    });
+    let t = agent.wait_tunnel("raw", "established", Duration::from_secs(20)).await;
+    let public = dial_addr(t["publicAddress"].as_str().unwrap());
+    let mut conn = BufReader::new(TcpStream::connect(&public).await.unwrap());
+    assert_eq!(echo_line(&mut conn, "before").await, "before");
+
+    // A rotation to something that is not a key: the last good key stays, and /status says so.
+    volume.rotate("-----BEGIN OPENSSH PRIVATE KEY-----\nbroken\n-----END OPENSSH PRIVATE KEY-----\n");
+    let a = &agent;
+    let status =
+        wait_for("the broken key reported", Duration::from_secs(10), Duration::from_millis(100), || async move {
+            let s = a.status().await.unwrap_or_default();
+            Ok(s["credentialError"].as_str().is_some_and(|m| m.contains("cannot be used")).then_some(s))
+        })
+        .await
+        .unwrap();
+    let error = status["credentialError"].as_str().unwrap();
+    assert!(error.contains(&fingerprint_of(&old)), "names the key kept: {error}");
+    assert!(!error.contains("broken"), "never quotes the file: {error}");
+
+    // The real rotation: the new key is registered, the old one revoked.
+    volume.rotate(&std::fs::read_to_string(&new.private_key).unwrap());
+    server.set_authorized_keys(&[&new]).unwrap();
+    let rotated = Instant::now();
+    wait_for("the new key loaded", Duration::from_secs(10), Duration::from_millis(100), || async move {
+        let m = a.metrics().await;
+        Ok(m.contains("picotun_agent_key_reloads_total{result=\"ok\"} 1").then_some(()))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}; agent log:\n{}", agent.proc.log_tail(20)));
+    eprintln!("rotated key loaded after {:?}", rotated.elapsed());
+    assert!(agent.status().await.unwrap()["credentialError"].is_null());
+    // The connection up is not touched.
+    assert_eq!(echo_line(&mut conn, "during").await, "during");
+
+    // A reconnect (the server restarts) logs in with the new key: with the key read once, it
+    // would offer the revoked one forever.
+    server.kill();
+    agent.wait_tunnel("raw", "connecting", Duration::from_secs(15)).await;
+    server.restart().await.unwrap();
+    let t = agent.wait_tunnel("raw", "established", Duration::from_secs(40)).await;
+    let mut conn = BufReader::new(TcpStream::connect(dial_addr(t["publicAddress"].as_str().unwrap())).await.unwrap());
+    assert_eq!(echo_line(&mut conn, "after").await, "after");
+    let log = std::fs::read_to_string(agent.proc.log_path()).unwrap();
+    let connected: Vec<&str> = log.lines().filter(|l| l.contains("connected") && l.contains("credential=")).collect();
+    assert_eq!(connected.len(), 2, "{log}");
+    assert!(connected[0].contains(&fingerprint_of(&old)) && connected[1].contains(&fingerprint_of(&new)), "{log}");
 }

@@ -5,6 +5,7 @@
 mod cert_manager;
 
 mod agent;
+mod certificates;
 mod controller;
 mod deploy;
 mod ground;

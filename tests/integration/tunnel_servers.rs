@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use picotun_testground::http::Backend;
-use picotun_testground::tunnels::public_tcp_spec;
+use picotun_testground::tunnels::{SshdOptions, public_tcp_spec};
 use picotun_testground::{ServerKind, SishOptions, SshClientKey, TunnelServer};
 
 use crate::support::expect_body;
@@ -161,4 +161,93 @@ async fn servers_can_be_killed_and_restarted() {
         let _second = f.server.ssh_forward(&f.key, "alice", &spec, "ssh-after").unwrap();
         expect_body(&format!("127.0.0.1:{public}"), "x", "/", &f.backend.greeting()).await;
     }
+}
+
+/// `ssh-keygen -s ca -I id -n principals -V validity` on a copy of `key`'s public half; the
+/// certificate file.
+fn sign_with_ssh_keygen(
+    ca: &SshClientKey,
+    key: &SshClientKey,
+    dir: &std::path::Path,
+    name: &str,
+    principals: &str,
+    validity: &str,
+) -> std::path::PathBuf {
+    let public = dir.join(format!("{name}.pub"));
+    std::fs::write(&public, format!("{}\n", key.public_line)).unwrap();
+    let out = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-s"])
+        .arg(&ca.private_key)
+        .args(["-I", &format!("test/{name}"), "-n", principals, "-V", validity])
+        .arg(&public)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "ssh-keygen -s: {}", String::from_utf8_lossy(&out.stderr));
+    dir.join(format!("{name}-cert.pub"))
+}
+
+/// sshd trusting a CA (TrustedUserCAKeys) for the principal `tuns` (AuthorizedPrincipalsFile),
+/// with no authorized keys: a certificate from that CA carrying `tuns` logs in and its forward
+/// carries traffic; an expired one, one for `pgs`, one from another CA and the bare key are
+/// refused. Certificates made with OpenSSH's own ssh-keygen, used by OpenSSH's client: the
+/// ground, not picotun, is what this proves.
+#[tokio::test]
+#[ignore = "needs the test ground (scripts/build-testground)"]
+async fn sshd_takes_certificates_from_its_trusted_ca_for_tuns_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = SshClientKey::generate(dir.path(), "ca", "ed25519").unwrap();
+    let other_ca = SshClientKey::generate(dir.path(), "other-ca", "ed25519").unwrap();
+    let key = SshClientKey::generate(dir.path(), "client", "ed25519").unwrap();
+    let options = SshdOptions { trusted_user_ca_keys: vec![ca.public_line.clone()], ..Default::default() };
+    let server = TunnelServer::start_sshd(&options, &[]).await.unwrap();
+    let backend = Backend::start("certified").await.unwrap();
+    let user = server.login_user("alice");
+
+    let good = sign_with_ssh_keygen(&ca, &key, dir.path(), "good", "tuns", "-5m:+10m");
+    let (public, spec) = public_tcp_spec(server.kind(), backend.port());
+    let mut ssh = server.ssh_forward_with_certificate(&key, &good, &user, &spec, "ssh-good").unwrap();
+    expect_body(&format!("127.0.0.1:{public}"), "x", "/", &backend.greeting()).await;
+    assert!(ssh.is_running());
+    let log = std::fs::read_to_string(server.dir().join("sshd.log")).unwrap();
+    let accepted = log
+        .lines()
+        .find(|l| l.contains("Accepted publickey") && l.contains("ID test/good"))
+        .unwrap_or_else(|| panic!("{log}"));
+    eprintln!("sshd: {accepted}");
+
+    // (name, certificate, what sshd logs about it)
+    let cases = [
+        (
+            "expired",
+            sign_with_ssh_keygen(&ca, &key, dir.path(), "expired", "tuns", "20200101:20200102"),
+            "Certificate invalid: expired",
+        ),
+        (
+            "pgs",
+            sign_with_ssh_keygen(&ca, &key, dir.path(), "pgs", "pgs", "-5m:+10m"),
+            "Certificate does not contain an authorized principal",
+        ),
+        (
+            "other-ca",
+            sign_with_ssh_keygen(&other_ca, &key, dir.path(), "other-ca", "tuns", "-5m:+10m"),
+            "Failed publickey",
+        ),
+    ];
+    for (name, cert, reason) in &cases {
+        let (_, spec) = public_tcp_spec(server.kind(), backend.port());
+        let before = std::fs::read_to_string(server.dir().join("sshd.log")).unwrap().len();
+        let mut ssh = server.ssh_forward_with_certificate(&key, cert, &user, &spec, &format!("ssh-{name}")).unwrap();
+        let status = ssh.wait_exit(Duration::from_secs(10));
+        assert!(status.is_some_and(|s| !s.success()), "{name}: ssh must fail: {}", ssh.log_tail(20));
+        assert!(ssh.log_tail(40).contains("Permission denied"), "{name}: {}", ssh.log_tail(40));
+        let log = std::fs::read_to_string(server.dir().join("sshd.log")).unwrap();
+        let said: Vec<&str> = log[before..].lines().filter(|l| l.contains("ertificate") || l.contains("CA")).collect();
+        eprintln!("sshd on the {name} certificate: {said:?}");
+        assert!(said.iter().any(|l| l.contains(reason)), "{name}: {said:?}");
+        assert!(!log[before..].contains("Accepted publickey"), "{name}: {}", &log[before..]);
+    }
+    // The bare key is not authorized either: certificates only.
+    let (_, spec) = public_tcp_spec(server.kind(), backend.port());
+    let mut bare = server.ssh_forward(&key, &user, &spec, "ssh-bare").unwrap();
+    assert!(bare.wait_exit(Duration::from_secs(10)).is_some_and(|s| !s.success()), "{}", bare.log_tail(20));
 }
