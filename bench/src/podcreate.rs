@@ -45,9 +45,14 @@ async fn main() {
     let ca = Ca::new("bench-ca").unwrap();
     let (cert, key) = ca.issue_loopback_server(&[]).unwrap().write(dir.path(), "tls").unwrap();
     let (port, admin) = (free_port(), format!("127.0.0.1:{}", free_port()));
+    let ticket_key = dir.path().join("ticket-key");
+    std::fs::write(&ticket_key, [7u8; 32]).unwrap();
     let mut cmd = Command::new(binary);
     cmd.args(["--log-filter", "warn", "webhook", "--listen", &format!("127.0.0.1:{port}"), "--admin-addr", &admin])
         .args(["--cert-file", cert.to_str().unwrap(), "--key-file", key.to_str().unwrap()])
+        // Injection as it costs at admission: key mode needs no report endpoint, and the ticket key
+        // from a file needs no Secret.
+        .args(["--sidecar-auth", "key", "--ticket-key-file", ticket_key.to_str().unwrap()])
         .env("KUBECONFIG", ground.kubeconfig());
     let _webhook = Proc::spawn("picotun-webhook", cmd, &dir.path().join("webhook.log")).unwrap();
     while !http::get(&admin, "w", "/ready").await.is_ok_and(|r| r.status == 200) {

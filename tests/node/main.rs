@@ -4,6 +4,7 @@
 //! tests of `integration`. Like those, every test here is `#[ignore = "needs the test ground"]`
 //! and `scripts/test` runs them with `--include-ignored`.
 
+mod certificates;
 mod faults;
 mod ground;
 mod pods;

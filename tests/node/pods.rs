@@ -24,7 +24,7 @@ use serde_json::{Value, json};
 
 use crate::support::{
     self, LogLine, Stack, container_pid, container_status, cri_log_lines, in_container, kubectl, process_alive,
-    process_start_ticks, stack_and_namespace,
+    process_start_ticks, root_mount_options, stack_and_namespace,
 };
 
 const AGENT: &str = "picotun-agent";
@@ -573,12 +573,6 @@ fn proc_status_field(pid: u32, field: &str) -> String {
         .unwrap_or_else(|| panic!("{field} in /proc/{pid}/status"))
         .trim()
         .to_string()
-}
-
-fn root_mount_options(pid: u32) -> String {
-    let mountinfo = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
-    let root = mountinfo.lines().find(|l| l.split_whitespace().nth(4) == Some("/")).expect("a root mount");
-    root.split_whitespace().nth(5).unwrap().to_string()
 }
 
 #[tokio::test]

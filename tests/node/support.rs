@@ -101,7 +101,6 @@ pub struct Stack {
 
 impl Stack {
     pub async fn start(ground: &ControlPlane, opts: StackOptions) -> Stack {
-        let client = ground.client().await.unwrap();
         let node = node(ground);
         let work = tempfile::Builder::new().prefix("picotun-node-test-").tempdir().unwrap();
         let dir = work.path().to_path_buf();
@@ -112,59 +111,27 @@ impl Stack {
         let known_hosts = dir.join("known_hosts");
         std::fs::write(&known_hosts, format!("[{NODE_IP}]:{} {}\n", sish.ssh_port(), sish.host_key())).unwrap();
 
-        // The webhook: certificates from `picotun certs` (the apiserver calls it on loopback,
-        // sidecars report to it at the node's address).
-        let certs = dir.join("certs");
-        let out = Command::new(picotun())
-            .args(["certs", "--out-dir", certs.to_str().unwrap(), "--ip", &NODE_IP.to_string()])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "picotun certs: {}", String::from_utf8_lossy(&out.stderr));
-        let port = free_port();
-        node.bridge(port).unwrap();
-        let admin = format!("127.0.0.1:{}", free_port());
         let user = "alice".to_string();
-        let mut cmd = Command::new(picotun());
-        cmd.args(["webhook", "--listen", &format!("127.0.0.1:{port}"), "--admin-addr", &admin])
-            .args(["--cert-file", certs.join("tls.crt").to_str().unwrap()])
-            .args(["--key-file", certs.join("tls.key").to_str().unwrap()])
-            .args(["--namespace", "pico-sh-system", "--sidecar-image", PICOTUN_IMAGE])
-            .args(["--server", &NODE_IP.to_string(), "--server-port", &sish.ssh_port().to_string()])
-            .args(["--dialect", "sish", "--user", &user])
-            .args(["--sidecar-known-hosts-file", known_hosts.to_str().unwrap()])
-            .args(["--agent-report-url", &format!("https://{NODE_IP}:{port}/report")])
-            .args(["--agent-report-ca-file", certs.join("ca.crt").to_str().unwrap()])
-            .env("KUBECONFIG", ground.kubeconfig())
-            .env("PICOTUN_LOG", "picotun=debug,info");
-        if opts.route_backends {
-            cmd.arg("--inject-route-backends");
-        }
-        let mut webhook = Proc::spawn("picotun-webhook", cmd, &dir.join("webhook.log")).unwrap();
-        wait_ready(&mut webhook, &admin).await;
-
+        let webhook = HostWebhook::start(
+            ground,
+            &dir,
+            &WebhookServer { port: sish.ssh_port(), dialect: "sish", user: &user, known_hosts: &known_hosts },
+            &[
+                // Stock sish takes keys only: the sidecars get the key Secret.
+                "--sidecar-auth",
+                "key",
+                "--server-domain",
+                picotun_testground::tunnels::SISH_DOMAIN,
+            ]
+            .into_iter()
+            .chain(opts.route_backends.then_some("--inject-route-backends"))
+            .collect::<Vec<_>>(),
+        )
+        .await;
         let scope = random_suffix();
-        let webhook_config = format!("picotun-node-test-{scope}");
-        let ca = std::fs::read(certs.join("ca.crt")).unwrap();
-        let config: MutatingWebhookConfiguration = serde_json::from_value(json!({
-            "metadata": {"name": webhook_config},
-            "webhooks": [{
-                "name": "inject.tunnels.pico.sh",
-                "clientConfig": {"url": format!("https://127.0.0.1:{port}/mutate"),
-                                 "caBundle": base64::engine::general_purpose::STANDARD.encode(&ca)},
-                "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"],
-                           "resources": ["pods"], "scope": "Namespaced"}],
-                "namespaceSelector": {"matchExpressions": [
-                    {"key": "tunnels.pico.sh/injection", "operator": "In", "values": ["enabled"]},
-                    {"key": STACK_LABEL, "operator": "In", "values": [scope]},
-                ]},
-                "sideEffects": "None", "admissionReviewVersions": ["v1"], "failurePolicy": "Ignore",
-                "reinvocationPolicy": "IfNeeded", "timeoutSeconds": 5,
-            }],
-        }))
-        .unwrap();
-        Api::<MutatingWebhookConfiguration>::all(client.clone()).create(&PostParams::default(), &config).await.unwrap();
+        let webhook_config = webhook.register(ground, &scope).await;
+        let HostWebhook { proc: webhook, .. } = webhook;
 
-        let _ = try_kubectl(ground, &["create", "namespace", "pico-sh-system"]);
         let admin = format!("127.0.0.1:{}", free_port());
         let mut cmd = Command::new(picotun());
         cmd.args(["controller", "--admin-addr", &admin, "--namespace", "pico-sh-system"])
@@ -242,6 +209,84 @@ pub async fn stack_and_namespace(ground: &ControlPlane, prefix: &str) -> (Stack,
     let ns = stack.namespace(ground, prefix).await;
     stack.create_key_secret(ground, &ns);
     (stack, ns)
+}
+
+/// The tunnel server the sidecars are told to use, as pods reach it (bridged to the node).
+pub struct WebhookServer<'a> {
+    pub port: u16,
+    pub dialect: &'a str,
+    pub user: &'a str,
+    pub known_hosts: &'a Path,
+}
+
+/// `picotun webhook` on the host as deploy/ wires it: a certificate from `picotun certs` (the
+/// apiserver calls it on loopback, sidecars report to it at the node's address), the image the
+/// node has, the sidecars' server and pin.
+pub struct HostWebhook {
+    pub proc: Proc,
+    pub port: u16,
+    pub admin: String,
+    pub certs: PathBuf,
+}
+
+impl HostWebhook {
+    pub async fn start(ground: &ControlPlane, dir: &Path, server: &WebhookServer<'_>, extra: &[&str]) -> HostWebhook {
+        let node = node(ground);
+        // picotun's namespace, where the webhook keeps its ticket key.
+        let _ = try_kubectl(ground, &["create", "namespace", "pico-sh-system"]);
+        let certs = dir.join("certs");
+        let out = Command::new(picotun())
+            .args(["certs", "--out-dir", certs.to_str().unwrap(), "--ip", &NODE_IP.to_string()])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "picotun certs: {}", String::from_utf8_lossy(&out.stderr));
+        let port = free_port();
+        node.bridge(port).unwrap();
+        let admin = format!("127.0.0.1:{}", free_port());
+        let mut cmd = Command::new(picotun());
+        cmd.args(["webhook", "--listen", &format!("127.0.0.1:{port}"), "--admin-addr", &admin])
+            .args(["--cert-file", certs.join("tls.crt").to_str().unwrap()])
+            .args(["--key-file", certs.join("tls.key").to_str().unwrap()])
+            .args(["--namespace", "pico-sh-system", "--sidecar-image", PICOTUN_IMAGE])
+            .args(["--server", &NODE_IP.to_string(), "--server-port", &server.port.to_string()])
+            .args(["--dialect", server.dialect, "--user", server.user])
+            .args(["--sidecar-known-hosts-file", server.known_hosts.to_str().unwrap()])
+            .args(["--agent-report-url", &format!("https://{NODE_IP}:{port}/report")])
+            .args(["--agent-report-ca-file", certs.join("ca.crt").to_str().unwrap()])
+            .args(extra)
+            .env("KUBECONFIG", ground.kubeconfig())
+            .env("PICOTUN_LOG", "picotun=debug,info");
+        let mut proc = Proc::spawn("picotun-webhook", cmd, &dir.join("webhook.log")).unwrap();
+        wait_ready(&mut proc, &admin).await;
+        HostWebhook { proc, port, admin, certs }
+    }
+
+    /// Registers this webhook for pods in namespaces labeled for injection and for `scope`;
+    /// returns the configuration's name.
+    pub async fn register(&self, ground: &ControlPlane, scope: &str) -> String {
+        let client = ground.client().await.unwrap();
+        let name = format!("picotun-node-test-{scope}");
+        let ca = std::fs::read(self.certs.join("ca.crt")).unwrap();
+        let config: MutatingWebhookConfiguration = serde_json::from_value(json!({
+            "metadata": {"name": name},
+            "webhooks": [{
+                "name": "inject.tunnels.pico.sh",
+                "clientConfig": {"url": format!("https://127.0.0.1:{}/mutate", self.port),
+                                 "caBundle": base64::engine::general_purpose::STANDARD.encode(&ca)},
+                "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"],
+                           "resources": ["pods"], "scope": "Namespaced"}],
+                "namespaceSelector": {"matchExpressions": [
+                    {"key": "tunnels.pico.sh/injection", "operator": "In", "values": ["enabled"]},
+                    {"key": STACK_LABEL, "operator": "In", "values": [scope]},
+                ]},
+                "sideEffects": "None", "admissionReviewVersions": ["v1"], "failurePolicy": "Ignore",
+                "reinvocationPolicy": "IfNeeded", "timeoutSeconds": 5,
+            }],
+        }))
+        .unwrap();
+        Api::<MutatingWebhookConfiguration>::all(client).create(&PostParams::default(), &config).await.unwrap();
+        name
+    }
 }
 
 pub fn picotun() -> PathBuf {
@@ -422,4 +467,24 @@ pub fn process_start_ticks(pid: u32) -> Option<u64> {
 pub fn process_alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .is_ok_and(|stat| stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z')))
+}
+
+/// The mount options of the root file system of the process `pid` (e.g. `ro,relatime`).
+pub fn root_mount_options(pid: u32) -> String {
+    let mountinfo = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
+    let root = mountinfo.lines().find(|l| l.split_whitespace().nth(4) == Some("/")).expect("a root mount");
+    root.split_whitespace().nth(5).unwrap().to_string()
+}
+
+/// GET `path` from a pod's address, inside the node's network: (status, body).
+pub fn get_in_node(ground: &ControlPlane, addr: std::net::SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut conn = node(ground).netns().connect(addr, Duration::from_secs(5))?;
+    conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+    conn.write_all(format!("GET {path} HTTP/1.1\r\nHost: pod\r\nConnection: close\r\n\r\n").as_bytes())?;
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer)?;
+    let status = answer.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = answer.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Ok((status, body))
 }

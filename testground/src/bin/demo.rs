@@ -128,7 +128,12 @@ async fn run(check: bool) -> Result<(), Box<dyn std::error::Error>> {
         .args(["--server", &NODE_IP.to_string(), "--server-port", &server.ssh_port().to_string(), "--dialect", "sish"])
         .args(["--user", "alice", "--sidecar-known-hosts-file", known_hosts.to_str().unwrap()])
         .args(["--agent-report-url", &report_url, "--agent-report-ca-file", certs.join("ca.crt").to_str().unwrap()])
+        // Stock sish takes keys only (tuns.sh also takes certificates from a CA the account
+        // registered, deploy/'s default): the sidecar mounts the key Secret of its namespace.
+        .args(["--sidecar-auth", "key", "--server-domain", picotun_testground::tunnels::SISH_DOMAIN])
         .env("KUBECONFIG", &kubeconfig);
+    // picotun's namespace, where the webhook keeps the key its injection tickets are signed with.
+    let _ = kubectl(&kubeconfig, &["create", "namespace", "pico-sh-system"]);
     let mut webhook = Proc::spawn("picotun-webhook", cmd, &dir.join("webhook.log"))?;
     wait_ready(&mut webhook, &webhook_admin, "the webhook").await?;
     let ca = std::fs::read(certs.join("ca.crt"))?;
