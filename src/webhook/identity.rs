@@ -98,6 +98,8 @@ pub enum NotInjected {
     SharedProcessNamespace,
     #[error("the token is service account {token:?}'s but the pod runs as {pod:?}")]
     ServiceAccount { token: String, pod: String },
+    #[error("the pod opts out of injection ({}=false): picotun did not inject it", api::INJECT)]
+    OptedOut,
 }
 
 /// Whether `pod`, as it is now, runs picotun's sidecar as the webhook injected it, alone with its
@@ -122,6 +124,14 @@ pub fn check_pod(pod: &Pod, id: &PodIdentity, key: &TicketKey) -> Result<(), Not
     }
     if spec.and_then(|s| s.share_process_namespace) == Some(true) {
         return Err(NotInjected::SharedProcessNamespace);
+    }
+    // The webhook never injects a pod that opts out: a ticket on one was copied there.
+    let meta = &pod.metadata;
+    if [&meta.labels, &meta.annotations]
+        .iter()
+        .any(|m| api::switch(m.as_ref().and_then(|m| m.get(api::INJECT))) == Some(false))
+    {
+        return Err(NotInjected::OptedOut);
     }
     Ok(())
 }
@@ -468,6 +478,10 @@ mod tests {
         let mut shared = pod.clone();
         shared.spec.as_mut().unwrap().share_process_namespace = Some(true);
         assert_eq!(check_pod(&shared, &id("team-a"), &key), Err(NotInjected::SharedProcessNamespace));
+        // A copy in the same namespace, opted out so the webhook leaves it alone.
+        let mut opted_out = pod.clone();
+        opted_out.metadata.labels = Some([("tunnels.pico.sh/inject".to_string(), "false".to_string())].into());
+        assert_eq!(check_pod(&opted_out, &id("team-a"), &key), Err(NotInjected::OptedOut));
         // A token of another service account than the pod's (cannot happen with a bound token;
         // checked all the same).
         let other = PodIdentity { service_account: "admin".into(), ..id("team-a") };

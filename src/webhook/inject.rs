@@ -14,7 +14,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use crate::api;
 use crate::tunnel::{TunnelSpec, TunnelsFile};
-use crate::webhook::ticket::{self, TicketKey};
+use crate::webhook::ticket::TicketKey;
 
 /// How the webhook injects: from its flags.
 #[derive(Clone, Debug)]
@@ -209,7 +209,16 @@ pub fn decide(
         match &config.ticket_key {
             // Offline there is no key to check with: the sidecar is taken as it is.
             None => return skip(SkipReason::AlreadyInjected, format!("already carries {}", api::SIDECAR_NAME)),
-            Some(key) if key.verify_pod(pod, namespace).is_ok() => {
+            // Re-invocation: picotun's own sidecar, with the tunnels picotun gives this pod. (A
+            // ticketed spec copied into a new pod with tunnels of its own choosing is not.)
+            Some(key)
+                if key.verify_pod(pod, namespace).is_ok()
+                    && lookup(&pod.metadata.annotations, api::TUNNELS).is_some_and(|current| {
+                        let stripped = strip_sidecar(pod);
+                        let tunnels = tunnels_for(&stripped, workload, route_tunnels, &mut Vec::new());
+                        *current == TunnelsFile { tunnels }.to_json()
+                    }) =>
+            {
                 return skip(SkipReason::AlreadyInjected, format!("already injected by picotun ({})", api::INJECTED));
             }
             // A sidecar picotun did not put there (or changed since): decided like any pod, and
@@ -281,11 +290,20 @@ pub fn mutate(
     // replaced by the one picotun injects: the ticket is only ever written over picotun's own.
     let stripped;
     let pod = if is_injected(pod) {
-        warnings.push(format!(
-            "the pod carries a {} container without a valid {} ticket; replaced by the one picotun injects",
-            api::SIDECAR_NAME,
-            api::INJECTED
-        ));
+        // The apiserver re-runs its own plugins after a webhook changed a pod (reinvocation), and
+        // its ServiceAccount plugin then mounts the token into picotun's sidecar too: re-injected
+        // quietly, without that token (the agent needs no Kubernetes API access).
+        let own_remounted = config
+            .ticket_key
+            .as_ref()
+            .is_some_and(|key| key.verify_pod(&without_service_account_token(pod), namespace).is_ok());
+        if !own_remounted {
+            warnings.push(format!(
+                "the pod carries a {} container without a valid {} ticket; replaced by the one picotun injects",
+                api::SIDECAR_NAME,
+                api::INJECTED
+            ));
+        }
         stripped = strip_sidecar(pod);
         &stripped
     } else {
@@ -293,10 +311,7 @@ pub fn mutate(
     };
     let tunnels = tunnels_for(pod, workload, route_tunnels, &mut warnings);
     let mut injected = inject(pod, &tunnels, config, &mut warnings);
-    if let Some(key) = &config.ticket_key
-        && let Some(agent) = ticket::agent_container(&injected)
-    {
-        let value = key.ticket(namespace, ticket::service_account_of(&injected), agent);
+    if let Some(value) = config.ticket_key.as_ref().and_then(|key| key.ticket(&injected, namespace)) {
         injected.metadata.annotations.get_or_insert_with(BTreeMap::new).insert(api::INJECTED.into(), value);
     }
     for (container, volume) in foreign_mounts(&injected) {
@@ -313,6 +328,23 @@ pub fn mutate(
         injected.metadata.annotations.get_or_insert_with(BTreeMap::new).insert(api::EXPOSE.into(), expose.clone());
     }
     Outcome { decision, pod: Some(injected), tunnels, warnings }
+}
+
+/// Where the apiserver's ServiceAccount plugin mounts a pod's API token into its containers.
+pub const SERVICE_ACCOUNT_TOKEN_PATH: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+
+/// `pod` with no API-token mount on the sidecar.
+fn without_service_account_token(pod: &Pod) -> Pod {
+    let mut pod = pod.clone();
+    let spec = pod.spec.as_mut();
+    for c in spec.into_iter().flat_map(|s| s.init_containers.iter_mut().flatten().chain(s.containers.iter_mut())) {
+        if c.name == api::SIDECAR_NAME
+            && let Some(mounts) = c.volume_mounts.as_mut()
+        {
+            mounts.retain(|m| m.mount_path != SERVICE_ACCOUNT_TOKEN_PATH);
+        }
+    }
+    pod
 }
 
 /// `pod` without what `inject` adds: the sidecar, picotun's volumes and annotations.
@@ -662,6 +694,7 @@ pub fn patch(before: &Pod, after: &Pod) -> json_patch::Patch {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::webhook::ticket;
     use serde_json::json;
 
     fn pod(v: serde_json::Value) -> Pod {
@@ -1045,6 +1078,33 @@ mod tests {
             decide(&unasked, "apps", None, &[], false, &config),
             Decision::Skip { reason: SkipReason::NotOptedIn, .. }
         ));
+        // Reinvoked after the apiserver mounted the API token into the sidecar too: re-injected
+        // without it, and without a warning.
+        let mut remounted = injected.clone();
+        let sidecar = remounted.spec.as_mut().unwrap().init_containers.as_mut().unwrap().get_mut(0).unwrap();
+        sidecar.volume_mounts.as_mut().unwrap().push(
+            serde_json::from_value(
+                json!({"name": "kube-api-access-x", "mountPath": SERVICE_ACCOUNT_TOKEN_PATH, "readOnly": true}),
+            )
+            .unwrap(),
+        );
+        assert!(matches!(decide(&remounted, "apps", None, &[], false, &config), Decision::Inject { .. }));
+        let out = mutate(&remounted, "apps", None, &[], false, &config);
+        assert!(out.warnings.is_empty(), "{:?}", out.warnings);
+        let again = out.pod.unwrap();
+        assert_eq!(ticket::agent_container(&again), ticket::agent_container(&injected), "no API token in the sidecar");
+        assert_eq!(key.verify_pod(&again, "apps"), Ok(()));
+        // A ticketed spec copied into a new pod with tunnels of its own choosing: picotun's
+        // tunnels are written over them.
+        let mut copied = injected.clone();
+        copied.metadata.annotations.as_mut().unwrap().insert(
+            "tunnels.pico.sh/tunnels".into(),
+            r#"{"tunnels":[{"name":"x","kind":"http","host":"someone-elses","targetPort":80}]}"#.into(),
+        );
+        assert!(matches!(decide(&copied, "apps", None, &[], false, &config), Decision::Inject { .. }));
+        let fixed = mutate(&copied, "apps", None, &[], false, &config).pod.unwrap();
+        assert_eq!(fixed.metadata.annotations.as_ref().unwrap()["tunnels.pico.sh/tunnels"], r#"{"tunnels":[]}"#);
+        assert_eq!(key.verify_pod(&fixed, "apps"), Ok(()));
         // A ticket from another namespace is no ticket here.
         assert!(matches!(decide(&injected, "other", None, &[], false, &config), Decision::Inject { .. }));
         // Offline (no key): a pod with the sidecar counts as injected, as before.

@@ -440,11 +440,11 @@ async fn ticket_key(args: &WebhookArgs, client: Option<&kube::Client>) -> Result
 
 /// Runs the webhook until `shutdown`, then drains (server.rs) and returns.
 pub async fn run(args: WebhookArgs, shutdown: CancellationToken) -> Result<(), WebhookError> {
+    // Checked before anything else: a configuration that cannot work fails at once, with the fix.
+    let mut config = args.sidecar.inject_config(true)?;
     let _ = rustls::crypto::ring::default_provider().install_default();
     let cert = Arc::new(tls::ReloadingCert::new(args.cert_file.clone(), args.key_file.clone()));
     cert.reload()?;
-    // Checked before anything else: a configuration that cannot work fails at once, with the fix.
-    let mut config = args.sidecar.inject_config(true)?;
     let client = match kube::Client::try_default().await {
         Ok(c) => Some(c),
         Err(e) => {

@@ -304,8 +304,10 @@ impl Conn {
                     connection.as_mut().graceful_shutdown();
                 }
                 _ = activity.idle(&self.limits), if !stopping => {
-                    debug!(%peer, "no request in time; closed");
-                    self.metrics.closed("idle");
+                    // Before any request: headers that never came (any protocol); after: idle.
+                    let first = activity.served.load(Ordering::SeqCst) == 0;
+                    debug!(%peer, first, "no request in time; closed");
+                    self.metrics.closed(if first { "header_timeout" } else { "idle" });
                     return;
                 }
             }

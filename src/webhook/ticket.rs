@@ -12,13 +12,14 @@
 //! the one the webhook injected -- which is what the webhook would have given that pod anyway.
 //!
 //! The canonical JSON covers what decides what the container runs and what it can reach (image,
-//! command, args, env, mounts, security context, anything that executes in it), not fields the
-//! apiserver fills with defaults after admission (termination message path, probe timings,
-//! resources in canonical quantity form), so the stored pod verifies as the admitted one did.
+//! command, args, env, mounts and the sources of the volumes it mounts, security context, anything
+//! that executes in it), not fields the apiserver fills with defaults after admission (termination
+//! message path, probe timings, resources in canonical quantity form, volume modes), so the stored
+//! pod verifies as the admitted one did.
 //! Pure: no I/O.
 
 use base64::Engine;
-use k8s_openapi::api::core::v1::{Container, Pod, VolumeMount};
+use k8s_openapi::api::core::v1::{Container, Pod, Volume, VolumeMount};
 use russh::keys::ssh_key::sha2::{Digest, Sha256};
 use serde_json::{Map, Value, json};
 
@@ -80,26 +81,26 @@ impl TicketKey {
         bytes
     }
 
-    fn mac(&self, namespace: &str, service_account: &str, container: &Container) -> [u8; 32] {
+    fn mac(&self, namespace: &str, service_account: &str, canonical: &str) -> [u8; 32] {
         let mut message = Vec::new();
         message.extend_from_slice(namespace.as_bytes());
         message.push(0);
         message.extend_from_slice(service_account.as_bytes());
         message.push(0);
-        message.extend_from_slice(canonical_container(container).as_bytes());
+        message.extend_from_slice(canonical.as_bytes());
         hmac_sha256(&self.key, &message)
     }
 
-    /// The annotation value for this agent container in a pod of `namespace` running as
-    /// `service_account`.
-    pub fn ticket(&self, namespace: &str, service_account: &str, container: &Container) -> String {
-        let mac = self.mac(namespace, service_account, container);
-        format!("{TICKET_VERSION}.{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(mac))
+    /// The annotation value for `pod`'s agent container (and the volumes it mounts), for a pod of
+    /// `namespace` running as its service account. None without an agent container.
+    pub fn ticket(&self, pod: &Pod, namespace: &str) -> Option<String> {
+        let mac = self.mac(namespace, service_account_of(pod), &canonical_agent(pod)?);
+        Some(format!("{TICKET_VERSION}.{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(mac)))
     }
 
     /// Whether `pod`, as it is, carries a ticket this key made for it.
     pub fn verify_pod(&self, pod: &Pod, namespace: &str) -> Result<(), TicketError> {
-        let container = agent_container(pod).ok_or(TicketError::NoSidecar)?;
+        let canonical = canonical_agent(pod).ok_or(TicketError::NoSidecar)?;
         let ticket =
             pod.metadata.annotations.as_ref().and_then(|a| a.get(api::INJECTED)).ok_or(TicketError::Missing)?;
         let encoded = ticket.trim().strip_prefix(TICKET_VERSION).and_then(|t| t.strip_prefix('.'));
@@ -107,7 +108,7 @@ impl TicketKey {
             .and_then(|e| base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(e).ok())
             .filter(|m| m.len() == 32)
             .ok_or(TicketError::Malformed)?;
-        let want = self.mac(namespace, service_account_of(pod), container);
+        let want = self.mac(namespace, service_account_of(pod), &canonical);
         if constant_time_eq(&given, &want) { Ok(()) } else { Err(TicketError::Mismatch) }
     }
 }
@@ -125,6 +126,62 @@ pub fn service_account_of(pod: &Pod) -> &str {
 pub fn agent_container(pod: &Pod) -> Option<&Container> {
     let spec = pod.spec.as_ref()?;
     spec.init_containers.iter().flatten().chain(spec.containers.iter()).find(|c| c.name == api::SIDECAR_NAME)
+}
+
+/// What the ticket covers: the agent container's fields (see [`canonical_container`]) and the
+/// source of every volume it mounts -- so a copy cannot swap the tunnels file for a ConfigMap of
+/// its own. None without an agent container.
+pub fn canonical_agent(pod: &Pod) -> Option<String> {
+    let container = agent_container(pod)?;
+    let volumes = pod.spec.as_ref().and_then(|s| s.volumes.as_ref());
+    let mounted: Map<String, Value> = container
+        .volume_mounts
+        .iter()
+        .flatten()
+        .map(|m| {
+            let source = volumes
+                .and_then(|vs| vs.iter().find(|v| v.name == m.name))
+                .map(volume_source)
+                .unwrap_or(Value::String("missing".into()));
+            (m.name.clone(), source)
+        })
+        .collect();
+    let mut canonical: Value = serde_json::from_str(&canonical_container(container)).expect("canonical JSON parses");
+    if !mounted.is_empty() {
+        canonical["volumes"] = Value::Object(mounted);
+    }
+    Some(prune(canonical).unwrap_or(Value::Object(Map::new())).to_string())
+}
+
+/// A volume's source without its name and without what the apiserver defaults (modes, the
+/// downward API's `apiVersion: v1`, a token's default lifetime).
+fn volume_source(v: &Volume) -> Value {
+    fn strip(v: &mut Value, parent: &str) {
+        match v {
+            Value::Object(map) => {
+                map.remove("defaultMode");
+                map.remove("mode");
+                if parent == "fieldRef" && map.get("apiVersion").and_then(Value::as_str) == Some("v1") {
+                    map.remove("apiVersion");
+                }
+                if parent == "serviceAccountToken" && map.get("expirationSeconds").and_then(Value::as_i64) == Some(3600)
+                {
+                    map.remove("expirationSeconds");
+                }
+                for (k, child) in map.iter_mut() {
+                    strip(child, k);
+                }
+            }
+            Value::Array(items) => items.iter_mut().for_each(|i| strip(i, parent)),
+            _ => {}
+        }
+    }
+    let mut source = to(v);
+    if let Value::Object(map) = &mut source {
+        map.remove("name");
+    }
+    strip(&mut source, "");
+    prune(source).unwrap_or(Value::Null)
 }
 
 /// The container fields the ticket covers, as compact JSON with sorted keys and no empty values.
@@ -253,7 +310,9 @@ mod tests {
     fn pod(namespace: &str, sa: Option<&str>, container: Container, ticket: Option<String>) -> Pod {
         let mut p: Pod = serde_json::from_value(json!({
             "metadata": {"name": "web-1", "namespace": namespace},
-            "spec": {"containers": [{"name": "app", "image": "app"}], "initContainers": [container]},
+            "spec": {"containers": [{"name": "app", "image": "app"}], "initContainers": [container],
+                     "volumes": [{"name": "picotun-report-token", "projected": {"defaultMode": 292, "sources": [
+                         {"serviceAccountToken": {"audience": "tunnels.pico.sh", "expirationSeconds": 3600, "path": "token"}}]}}]},
         }))
         .unwrap();
         p.spec.as_mut().unwrap().service_account_name = sa.map(str::to_string);
@@ -267,26 +326,27 @@ mod tests {
     fn a_ticket_verifies_on_its_pod_only() {
         let key = TicketKey::from_bytes(&[9; 32]).unwrap();
         let c = agent(json!({}));
-        let ticket = key.ticket("team-a", "web", &c);
+        let ticket = key.ticket(&pod("team-a", Some("web"), c.clone(), None), "team-a").unwrap();
         assert!(ticket.starts_with("v1.") && !ticket.contains('=') && !ticket.contains('+'), "{ticket}");
         assert_eq!(key.verify_pod(&pod("team-a", Some("web"), c.clone(), Some(ticket.clone())), "team-a"), Ok(()));
 
         let refused = |p: Pod, ns: &str| key.verify_pod(&p, ns).unwrap_err();
-        assert_eq!(
-            refused(pod("team-b", Some("web"), c.clone(), Some(ticket.clone())), "team-b"),
-            TicketError::Mismatch
-        );
-        assert_eq!(
-            refused(pod("team-a", Some("admin"), c.clone(), Some(ticket.clone())), "team-a"),
-            TicketError::Mismatch
-        );
+        let t = || Some(ticket.clone());
+        assert_eq!(refused(pod("team-b", Some("web"), c.clone(), t()), "team-b"), TicketError::Mismatch);
+        assert_eq!(refused(pod("team-a", Some("admin"), c.clone(), t()), "team-a"), TicketError::Mismatch);
         let changed = agent(json!({"image": "evil/agent:1"}));
-        assert_eq!(refused(pod("team-a", Some("web"), changed, Some(ticket.clone())), "team-a"), TicketError::Mismatch);
+        assert_eq!(refused(pod("team-a", Some("web"), changed, t()), "team-a"), TicketError::Mismatch);
         let exec = agent(json!({"lifecycle": {"postStart": {"exec": {"command": ["sh", "-c", "cat token"]}}}}));
-        assert_eq!(refused(pod("team-a", Some("web"), exec, Some(ticket.clone())), "team-a"), TicketError::Mismatch);
+        assert_eq!(refused(pod("team-a", Some("web"), exec, t()), "team-a"), TicketError::Mismatch);
+        // The same container over a volume of another kind (a ConfigMap of the author's).
+        let mut swapped = pod("team-a", Some("web"), c.clone(), t());
+        swapped.spec.as_mut().unwrap().volumes = Some(vec![
+            serde_json::from_value(json!({"name": "picotun-report-token", "configMap": {"name": "mine"}})).unwrap(),
+        ]);
+        assert_eq!(refused(swapped, "team-a"), TicketError::Mismatch);
         let other_key = TicketKey::from_bytes(&[8; 32]).unwrap();
         assert_eq!(
-            other_key.verify_pod(&pod("team-a", Some("web"), c.clone(), Some(ticket)), "team-a"),
+            other_key.verify_pod(&pod("team-a", Some("web"), c.clone(), t()), "team-a"),
             Err(TicketError::Mismatch)
         );
         assert_eq!(refused(pod("team-a", Some("web"), c.clone(), None), "team-a"), TicketError::Missing);
@@ -300,14 +360,32 @@ mod tests {
         let mut plain = pod("team-a", Some("web"), c, None);
         plain.spec.as_mut().unwrap().init_containers = None;
         assert_eq!(key.verify_pod(&plain, "team-a"), Err(TicketError::NoSidecar));
+        assert_eq!(key.ticket(&plain, "team-a"), None);
     }
 
     #[test]
     fn no_service_account_is_default() {
         let key = TicketKey::from_bytes(&[9; 32]).unwrap();
         let c = agent(json!({}));
-        let ticket = key.ticket("team-a", "default", &c);
-        assert_eq!(key.verify_pod(&pod("team-a", None, c, Some(ticket)), "team-a"), Ok(()));
+        let ticket = key.ticket(&pod("team-a", Some("default"), c.clone(), None), "team-a");
+        assert_eq!(key.verify_pod(&pod("team-a", None, c, ticket), "team-a"), Ok(()));
+    }
+
+    #[test]
+    fn volume_defaults_do_not_change_the_ticket() {
+        let key = TicketKey::from_bytes(&[9; 32]).unwrap();
+        let admitted = pod("team-a", Some("web"), agent(json!({})), None);
+        let mut stored = admitted.clone();
+        stored.spec.as_mut().unwrap().volumes = Some(vec![
+            serde_json::from_value(json!(
+            {"name": "picotun-report-token", "projected": {"defaultMode": 420, "sources": [
+                {"serviceAccountToken": {"audience": "tunnels.pico.sh", "path": "token"}}]}}))
+            .unwrap(),
+        ]);
+        assert_eq!(canonical_agent(&admitted), canonical_agent(&stored));
+        stored.metadata.annotations =
+            Some([(api::INJECTED.to_string(), key.ticket(&admitted, "team-a").unwrap())].into());
+        assert_eq!(key.verify_pod(&stored, "team-a"), Ok(()));
     }
 
     #[test]
