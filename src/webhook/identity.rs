@@ -8,7 +8,7 @@
 //!   ▼ GET the pod: same uid?                                                404 gone / replaced
 //!   ▼ injected by picotun, as it is now?                                    403 which check failed
 //!     - the tunnels.pico.sh/injected ticket verifies (namespace, service account, agent container)
-//!     - no other container (init, regular, ephemeral) mounts the token or picotun's volumes
+//!     - no other container (init, regular, ephemeral) mounts the sidecar's token or key volume
 //!     - no ephemeral container targets the agent's processes; shareProcessNamespace is not true
 //! ```
 //!
@@ -88,7 +88,7 @@ pub enum NotInjected {
     #[error("{0}; only pods picotun injected may call this endpoint")]
     Ticket(#[from] TicketError),
     #[error(
-        "container {container} mounts {volume}, the sidecar's token or one of picotun's volumes; only the {} sidecar may",
+        "container {container} mounts {volume}, a credential of the {} sidecar (its token or key); only the sidecar may",
         api::SIDECAR_NAME
     )]
     ForeignMount { container: String, volume: String },

@@ -316,7 +316,7 @@ pub fn mutate(
     }
     for (container, volume) in foreign_mounts(&injected) {
         warnings.push(format!(
-            "container {container} mounts picotun's volume {volume}: /report and /certificate refuse this pod's sidecar"
+            "container {container} mounts {volume}, a credential of the sidecar: /report and /certificate refuse this pod"
         ));
     }
     // The pod carries everything its tunnels are computed from (route tunnels + its own expose
@@ -370,8 +370,9 @@ pub fn strip_sidecar(pod: &Pod) -> Pod {
     pod
 }
 
-/// Containers other than the sidecar (init, regular, ephemeral) that mount one of picotun's
-/// volumes, or any projected token volume for [`REPORT_AUDIENCE`]: (container, volume).
+/// Containers other than the sidecar (init, regular, ephemeral) that mount one of the sidecar's
+/// credentials -- its token volume, the key Secret volume, or any projected token volume for
+/// [`REPORT_AUDIENCE`]: (container, volume). (The tunnels file is the pod's own annotation.)
 pub fn foreign_mounts(pod: &Pod) -> Vec<(String, String)> {
     let Some(spec) = pod.spec.as_ref() else { return Vec::new() };
     let guarded: Vec<&str> = spec
@@ -379,7 +380,7 @@ pub fn foreign_mounts(pod: &Pod) -> Vec<(String, String)> {
         .iter()
         .flatten()
         .filter(|v| {
-            [TUNNELS_VOLUME, KEY_VOLUME, REPORT_TOKEN_VOLUME].contains(&v.name.as_str())
+            [KEY_VOLUME, REPORT_TOKEN_VOLUME].contains(&v.name.as_str())
                 || v.projected.as_ref().is_some_and(|p| {
                     p.sources.iter().flatten().any(|s| {
                         s.service_account_token.as_ref().is_some_and(|t| t.audience.as_deref() == Some(REPORT_AUDIENCE))
@@ -1121,7 +1122,9 @@ mod tests {
             Some(vec![serde_json::from_value(json!({"name": "picotun-report-token", "mountPath": "/t"})).unwrap()]);
         let out = mutate(&p, "apps", None, &[], false, &certificate_cfg());
         assert!(
-            out.warnings.iter().any(|w| w.contains("container web mounts picotun's volume picotun-report-token")),
+            out.warnings
+                .iter()
+                .any(|w| w.contains("container web mounts picotun-report-token, a credential of the sidecar")),
             "{:?}",
             out.warnings
         );

@@ -409,11 +409,17 @@ async fn ticket_key(args: &WebhookArgs, client: Option<&kube::Client>) -> Result
             ))
         })
     };
+    let api_error = |e: kube::Error| match e {
+        kube::Error::Api(s) => s.message,
+        other => other.to_string(),
+    };
     let get = || async {
         tokio::time::timeout(Duration::from_secs(10), secrets.get_opt(TICKET_SECRET))
             .await
             .map_err(|_| WebhookError::TicketKey(format!("reading Secret {TICKET_SECRET} timed out")))?
-            .map_err(|e| WebhookError::TicketKey(format!("cannot read Secret {TICKET_SECRET}: {e}; {fix}")))
+            .map_err(|e| {
+                WebhookError::TicketKey(format!("cannot read Secret {TICKET_SECRET}: {}; {fix}", api_error(e)))
+            })
     };
     if let Some(secret) = get().await? {
         return from(secret).map(Some);
@@ -434,7 +440,9 @@ async fn ticket_key(args: &WebhookArgs, client: Option<&kube::Client>) -> Result
             Some(secret) => from(secret).map(Some),
             None => Err(WebhookError::TicketKey(format!("Secret {TICKET_SECRET} vanished while it was created"))),
         },
-        Err(e) => Err(WebhookError::TicketKey(format!("cannot create Secret {TICKET_SECRET}: {e}; {fix}"))),
+        Err(e) => {
+            Err(WebhookError::TicketKey(format!("cannot create Secret {TICKET_SECRET}: {}; {fix}", api_error(e))))
+        }
     }
 }
 

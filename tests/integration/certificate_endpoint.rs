@@ -144,6 +144,16 @@ async fn a_pod_the_webhook_injected_gets_a_certificate_for_its_own_key() {
     let stderr = String::from_utf8_lossy(&created.stderr);
     assert!(created.status.success() && !stderr.contains("Warning"), "{stderr}");
 
+    // `picotun explain` says how its sidecar authenticates.
+    let out = Command::new(env!("CARGO_BIN_EXE_picotun"))
+        .args(["explain", "pod/web", "-n", ns.name()])
+        .env("KUBECONFIG", ground.kubeconfig())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("auth: a short-lived SSH certificate for a key made in the pod"), "{text}");
+    assert!(text.contains("ticket: carries tunnels.pico.sh/injected"), "{text}");
+
     let bound = token(&client, ns.name(), Some(&pod), AUDIENCE).await;
     let key = pod_key();
     let asked = now();

@@ -460,7 +460,7 @@ async fn only_pods_the_webhook_injected_may_report_or_get_a_certificate() {
         Some(vec![serde_json::from_value(json!({"name": "picotun-report-token", "mountPath": "/stolen"})).unwrap()]);
     let mounting = pods.create(&pp, &mounting).await.unwrap();
     let answers = both(token(&client, ns.name(), Some(&mounting), AUDIENCE).await).await;
-    refused("the app mounts the sidecar's token", answers, "container app mounts picotun-report-token");
+    refused("the app mounts the sidecar's token", answers, "container app mounts picotun-report-token, a credential");
 
     // 6. Every container sees every process (and so the sidecar's files through /proc).
     let mut shared = pod_json("shared", json!({"tunnels.pico.sh/inject": "true"}), json!({}));

@@ -132,6 +132,8 @@ async fn deployments_in_a_labeled_namespace_get_running_injected_pods() {
     let injected = running_pods(&pods, "exposed").await;
     let text = explain(format!("pod/{}", injected[0].metadata.name.as_ref().unwrap()), labeled.name().into());
     assert!(text.contains("already injected") && text.contains("tunnel http-demo: http demo -> port 8080"), "{text}");
+    assert!(text.contains("auth: the account key from Secret picotun-ssh-key"), "{text}");
+    assert!(text.contains("ticket: carries tunnels.pico.sh/injected"), "{text}");
     let text = explain("deployment/exposed".into(), unlabeled.name().into());
     assert!(text.contains("NOT labeled tunnels.pico.sh/injection=enabled"), "{text}");
     webhook.unregister(&client).await;
