@@ -20,6 +20,13 @@ pub const STATUS: &str = "tunnels.pico.sh/status";
 /// webhook's `/report` endpoint (the agent has no Kubernetes access); the controller reads it
 /// from its pod cache into Ingress and Gateway status.
 pub const ADDRESSES: &str = "tunnels.pico.sh/addresses";
+/// Pod annotation: the webhook's injection ticket, `v1.<base64url HMAC-SHA256>` over the pod's
+/// namespace, service account and `picotun-agent` container (see `webhook::ticket`). Written only
+/// by the webhook at admission; `/report` and `/certificate` accept a pod only if it verifies.
+pub const INJECTED: &str = "tunnels.pico.sh/injected";
+/// Pod (template) annotation, opt-in: `"true"` holds the app until every tunnel is established
+/// (the sidecar gets a startupProbe on the agent's `/tunnels-up`; native sidecars only).
+pub const STARTUP_GATE: &str = "tunnels.pico.sh/startup-gate";
 /// Pod annotation naming the Secret with the SSH key (default [`DEFAULT_KEY_SECRET`]).
 pub const KEY_SECRET: &str = "tunnels.pico.sh/key-secret";
 pub const DEFAULT_KEY_SECRET: &str = "picotun-ssh-key";

@@ -3,6 +3,7 @@
 use clap::{Parser, Subcommand};
 
 use crate::agent::AgentArgs;
+use crate::ca_cli::CaArgs;
 use crate::certs::CertsArgs;
 use crate::controller::ControllerArgs;
 use crate::explain::ExplainArgs;
@@ -27,7 +28,7 @@ pub enum Command {
     /// The tunnel sidecar: opens the pod's forwards and relays connections to the app.
     Agent(AgentArgs),
     /// The mutating admission webhook that injects the sidecar into pods as they are created.
-    Webhook(WebhookArgs),
+    Webhook(Box<WebhookArgs>),
     /// Resolves Ingresses and Gateway API routes to the pods behind them, tells each pod's
     /// sidecar which tunnels to open, and writes the public addresses back into status.
     Controller(ControllerArgs),
@@ -39,4 +40,16 @@ pub enum Command {
     Certs(CertsArgs),
     /// Says whether a pod or workload in the cluster would be injected, why, and with which tunnels.
     Explain(ExplainArgs),
+    /// Makes (or imports) the SSH CA the webhook signs each sidecar's short-lived certificate with,
+    /// as a Secret manifest for `kubectl apply`, and says how to register it with pico.sh.
+    Ca(CaArgs),
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_command_line_is_consistent() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
 }

@@ -141,6 +141,13 @@ pub async fn explain(client: &Client, args: &ExplainArgs) -> Result<String, Expl
             let mut warnings = Vec::new();
             let tunnels = inject::tunnels_for(&pod, workload.as_ref(), &route_tunnels, &mut warnings);
             describe_tunnels(&mut out, &TunnelsFile { tunnels });
+            if api::switch(pod.metadata.annotations.as_ref().and_then(|a| a.get(api::STARTUP_GATE))) == Some(true) {
+                let _ = writeln!(
+                    out,
+                    "  startup gate: the app's containers start once every tunnel is up ({}=true)",
+                    api::STARTUP_GATE
+                );
+            }
             for w in warnings {
                 let _ = writeln!(out, "  warning: {w}");
             }
@@ -155,6 +162,7 @@ pub async fn explain(client: &Client, args: &ExplainArgs) -> Result<String, Expl
                     }
                 }
             }
+            describe_sidecar(&mut out, &pod);
         }
         Decision::Skip { because, .. } => {
             let _ = writeln!(out, "  decision: not injected: {because}");
@@ -180,6 +188,46 @@ async fn route_tunnels(
     };
     stop.cancel();
     tunnels
+}
+
+/// How an injected pod's sidecar authenticates, whether it can report, and its startup gate.
+fn describe_sidecar(out: &mut String, pod: &Pod) {
+    let Some(sidecar) = crate::webhook::ticket::agent_container(pod) else { return };
+    let env = |name: &str| sidecar.env.iter().flatten().find(|e| e.name == name).and_then(|e| e.value.clone());
+    match env("PICOTUN_CERTIFICATE_URL") {
+        Some(url) => {
+            let _ = writeln!(out, "  auth: a short-lived SSH certificate for a key made in the pod, from {url}");
+        }
+        None => {
+            let secret = pod.metadata.annotations.as_ref().and_then(|a| a.get(api::KEY_SECRET)).cloned();
+            let secret = secret.unwrap_or_else(|| api::DEFAULT_KEY_SECRET.to_string());
+            let _ = writeln!(out, "  auth: the account key from Secret {secret}, mounted into the sidecar");
+        }
+    }
+    if pod.metadata.annotations.as_ref().is_some_and(|a| a.contains_key(api::INJECTED)) {
+        let _ = writeln!(
+            out,
+            "  ticket: carries {} (the webhook checks it on every report and certificate)",
+            api::INJECTED
+        );
+    } else {
+        let _ = writeln!(
+            out,
+            "  warning: no {} ticket: /report and /certificate refuse this sidecar (the webhook did not inject it); \
+             recreate the pod with the webhook running",
+            api::INJECTED
+        );
+    }
+    for (container, volume) in inject::foreign_mounts(pod) {
+        let _ =
+            writeln!(out, "  warning: container {container} mounts {volume}: /report and /certificate refuse this pod");
+    }
+    if pod.spec.as_ref().and_then(|s| s.share_process_namespace) == Some(true) {
+        let _ = writeln!(out, "  warning: shareProcessNamespace is on: /report and /certificate refuse this pod");
+    }
+    if sidecar.startup_probe.is_some() {
+        let _ = writeln!(out, "  startup gate: on (the app's containers started once every tunnel was up)");
+    }
 }
 
 fn describe_tunnels(out: &mut String, file: &TunnelsFile) {

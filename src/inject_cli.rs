@@ -30,6 +30,8 @@ pub struct InjectArgs {
 pub enum InjectError {
     #[error("cannot read {path}: {source}")]
     Read { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Config(#[from] crate::webhook::SidecarConfigError),
     #[error("document {index}: not valid YAML: {reason}")]
     Yaml { index: usize, reason: String },
     #[error("document {index} ({what}): {reason}")]
@@ -55,13 +57,10 @@ pub fn run(args: &InjectArgs) -> Result<String, InjectError> {
     } else {
         std::fs::read_to_string(&args.file).map_err(|source| InjectError::Read { path: args.file.clone(), source })?
     };
-    // Offline there is no apiserver to ask: native sidecars unless told otherwise.
-    let mut config = args.sidecar.inject_config(args.sidecar.native_sidecar != NativeSidecar::False);
+    // Offline there is no apiserver to ask: native sidecars unless told otherwise. No ticket key
+    // either: the webhook replaces a sidecar it did not inject (and tickets its own).
+    let mut config = args.sidecar.inject_config(args.sidecar.native_sidecar != NativeSidecar::False)?;
     config.own_namespace = args.own_namespace.clone();
-    config.known_hosts = args.sidecar.known_hosts().map_err(|source| InjectError::Read {
-        path: args.sidecar.sidecar_known_hosts_file.clone().unwrap_or_default(),
-        source,
-    })?;
     inject_documents(&text, &args.namespace, &config)
 }
 

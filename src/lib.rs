@@ -7,6 +7,7 @@
 pub mod admin;
 pub mod agent;
 pub mod api;
+pub mod ca_cli;
 pub mod certs;
 pub mod cli;
 pub mod controller;

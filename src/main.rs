@@ -35,6 +35,20 @@ fn main() -> std::process::ExitCode {
                 }
             };
         }
+        Command::Ca(args) => {
+            return match picotun::ca_cli::run(args) {
+                Ok(printed) => {
+                    // The manifest (holding the private key) to stdout only, for a pipe to kubectl.
+                    print!("{}", printed.manifest);
+                    eprint!("{}", printed.instructions);
+                    std::process::ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("picotun ca: {e}");
+                    std::process::ExitCode::FAILURE
+                }
+            };
+        }
         Command::Webhook(_) | Command::Controller(_) => {
             tokio::runtime::Builder::new_multi_thread().enable_all().build()
         }
@@ -60,7 +74,7 @@ async fn run(cli: Cli) -> std::process::ExitCode {
     };
     let result = match cli.command {
         Command::Agent(args) => picotun::agent::run(args, shutdown).await.map_err(anyhow::Error::from),
-        Command::Webhook(args) => picotun::webhook::run(args, shutdown).await.map_err(anyhow::Error::from),
+        Command::Webhook(args) => picotun::webhook::run(*args, shutdown).await.map_err(anyhow::Error::from),
         Command::Controller(args) => picotun::controller::run(args, shutdown).await.map_err(anyhow::Error::from),
         Command::Explain(args) => match picotun::explain::run(&args).await {
             Ok(text) => {
@@ -69,7 +83,7 @@ async fn run(cli: Cli) -> std::process::ExitCode {
             }
             Err(e) => Err(anyhow::Error::from(e)),
         },
-        Command::Inject(_) | Command::Certs(_) => unreachable!("handled before the runtime starts"),
+        Command::Inject(_) | Command::Certs(_) | Command::Ca(_) => unreachable!("handled before the runtime starts"),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

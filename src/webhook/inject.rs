@@ -14,6 +14,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use crate::api;
 use crate::tunnel::{TunnelSpec, TunnelsFile};
+use crate::webhook::ticket::TicketKey;
 
 /// How the webhook injects: from its flags.
 #[derive(Clone, Debug)]
@@ -43,12 +44,53 @@ pub struct InjectConfig {
     /// PEM CA bundle the sidecars verify `report_url` with, passed inline (empty: the agent's
     /// platform roots).
     pub report_ca: String,
+    /// How sidecars authenticate to the tunnel server.
+    pub auth: SidecarAuth,
+    /// Signs the injection ticket (`tunnels.pico.sh/injected`). None (offline: `picotun inject`,
+    /// `explain`): no ticket is written, and a pod carrying the sidecar counts as injected.
+    pub ticket_key: Option<TicketKey>,
+}
+
+/// How an injected sidecar proves itself to the tunnel server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum SidecarAuth {
+    /// A short-lived SSH certificate per pod, from the webhook's `/certificate` (the sidecar's key
+    /// is made in memory and never leaves it). Needs `--agent-report-url`.
+    Certificate,
+    /// The account key from the Secret `picotun-ssh-key` in the pod's namespace, mounted into
+    /// the sidecar. Whoever can read that Secret, or create pods in that namespace, owns the
+    /// pico.sh account.
+    Key,
+}
+
+impl SidecarAuth {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            SidecarAuth::Certificate => "certificate",
+            SidecarAuth::Key => "key",
+        }
+    }
+}
+
+/// `https://host:port/report` -> `https://host:port/certificate`: the same server, beside /report.
+pub fn certificate_url(report_url: &str) -> Option<String> {
+    let rest = report_url.strip_prefix("https://")?;
+    let authority = rest.split(['/', '?', '#']).next().filter(|a| !a.is_empty())?;
+    Some(format!("https://{authority}/certificate"))
 }
 
 /// The audience of the projected token a sidecar proves its pod with; `/report` accepts no other.
 pub const REPORT_AUDIENCE: &str = "tunnels.pico.sh";
 /// Where that token is mounted in the sidecar.
 pub const REPORT_TOKEN_DIR: &str = "/var/run/secrets/tunnels.pico.sh/report";
+/// The volumes picotun adds; no other container may mount them.
+pub const TUNNELS_VOLUME: &str = "picotun-tunnels";
+pub const KEY_VOLUME: &str = "picotun-ssh-key";
+pub const REPORT_TOKEN_VOLUME: &str = "picotun-report-token";
+/// The startup gate: the agent's `/tunnels-up` polled every second, for up to five minutes
+/// before the kubelet restarts the sidecar (and tries again).
+pub const STARTUP_GATE_PERIOD_SECONDS: i32 = 1;
+pub const STARTUP_GATE_FAILURE_THRESHOLD: i32 = 300;
 /// The projected token's lifetime; the kubelet rotates it at 80%, the agent re-reads it per post.
 pub const REPORT_TOKEN_SECONDS: i64 = 3600;
 
@@ -72,6 +114,9 @@ impl Default for InjectConfig {
             known_hosts: String::new(),
             report_url: String::new(),
             report_ca: String::new(),
+            // Certificates need a report URL, which a default has not: the key is what works alone.
+            auth: SidecarAuth::Key,
+            ticket_key: None,
         }
     }
 }
@@ -161,7 +206,25 @@ pub fn decide(
         return skip(SkipReason::HostNetwork, "hostNetwork pods share the node's ports; not injected".into());
     }
     if is_injected(pod) {
-        return skip(SkipReason::AlreadyInjected, format!("already carries {}", api::SIDECAR_NAME));
+        match &config.ticket_key {
+            // Offline there is no key to check with: the sidecar is taken as it is.
+            None => return skip(SkipReason::AlreadyInjected, format!("already carries {}", api::SIDECAR_NAME)),
+            // Re-invocation: picotun's own sidecar, with the tunnels picotun gives this pod. (A
+            // ticketed spec copied into a new pod with tunnels of its own choosing is not.)
+            Some(key)
+                if key.verify_pod(pod, namespace).is_ok()
+                    && lookup(&pod.metadata.annotations, api::TUNNELS).is_some_and(|current| {
+                        let stripped = strip_sidecar(pod);
+                        let tunnels = tunnels_for(&stripped, workload, route_tunnels, &mut Vec::new());
+                        *current == TunnelsFile { tunnels }.to_json()
+                    }) =>
+            {
+                return skip(SkipReason::AlreadyInjected, format!("already injected by picotun ({})", api::INJECTED));
+            }
+            // A sidecar picotun did not put there (or changed since): decided like any pod, and
+            // if injected, replaced by picotun's own (see `mutate`).
+            Some(_) => {}
+        }
     }
     let meta = &pod.metadata;
     let from_pod = [("label", &meta.labels), ("annotation", &meta.annotations)].into_iter().find_map(|(what, map)| {
@@ -201,7 +264,8 @@ pub fn decide(
     )
 }
 
-/// True if the sidecar is already there (re-invocation, or a pod injected by `picotun inject`).
+/// True if a container named like the sidecar is there (re-invocation, a pod injected by `picotun
+/// inject`, or one its author wrote). Whether picotun put it there is the ticket's to say.
 pub fn is_injected(pod: &Pod) -> bool {
     let spec = pod.spec.as_ref();
     let named = |cs: Option<&Vec<Container>>| cs.is_some_and(|cs| cs.iter().any(|c| c.name == api::SIDECAR_NAME));
@@ -222,8 +286,39 @@ pub fn mutate(
         return Outcome { decision, pod: None, tunnels: Vec::new(), warnings: Vec::new() };
     }
     let mut warnings = Vec::new();
+    // A sidecar without a valid ticket (written by hand, or by `picotun inject` offline) is
+    // replaced by the one picotun injects: the ticket is only ever written over picotun's own.
+    let stripped;
+    let pod = if is_injected(pod) {
+        // The apiserver re-runs its own plugins after a webhook changed a pod (reinvocation), and
+        // its ServiceAccount plugin then mounts the token into picotun's sidecar too: re-injected
+        // quietly, without that token (the agent needs no Kubernetes API access).
+        let own_remounted = config
+            .ticket_key
+            .as_ref()
+            .is_some_and(|key| key.verify_pod(&without_service_account_token(pod), namespace).is_ok());
+        if !own_remounted {
+            warnings.push(format!(
+                "the pod carries a {} container without a valid {} ticket; replaced by the one picotun injects",
+                api::SIDECAR_NAME,
+                api::INJECTED
+            ));
+        }
+        stripped = strip_sidecar(pod);
+        &stripped
+    } else {
+        pod
+    };
     let tunnels = tunnels_for(pod, workload, route_tunnels, &mut warnings);
     let mut injected = inject(pod, &tunnels, config, &mut warnings);
+    if let Some(value) = config.ticket_key.as_ref().and_then(|key| key.ticket(&injected, namespace)) {
+        injected.metadata.annotations.get_or_insert_with(BTreeMap::new).insert(api::INJECTED.into(), value);
+    }
+    for (container, volume) in foreign_mounts(&injected) {
+        warnings.push(format!(
+            "container {container} mounts {volume}, a credential of the sidecar: /report and /certificate refuse this pod"
+        ));
+    }
     // The pod carries everything its tunnels are computed from (route tunnels + its own expose
     // annotation), so the controller can recompute them from the pod alone, without the
     // workload that was there at admission.
@@ -233,6 +328,81 @@ pub fn mutate(
         injected.metadata.annotations.get_or_insert_with(BTreeMap::new).insert(api::EXPOSE.into(), expose.clone());
     }
     Outcome { decision, pod: Some(injected), tunnels, warnings }
+}
+
+/// Where the apiserver's ServiceAccount plugin mounts a pod's API token into its containers.
+pub const SERVICE_ACCOUNT_TOKEN_PATH: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+
+/// `pod` with no API-token mount on the sidecar.
+fn without_service_account_token(pod: &Pod) -> Pod {
+    let mut pod = pod.clone();
+    let spec = pod.spec.as_mut();
+    for c in spec.into_iter().flat_map(|s| s.init_containers.iter_mut().flatten().chain(s.containers.iter_mut())) {
+        if c.name == api::SIDECAR_NAME
+            && let Some(mounts) = c.volume_mounts.as_mut()
+        {
+            mounts.retain(|m| m.mount_path != SERVICE_ACCOUNT_TOKEN_PATH);
+        }
+    }
+    pod
+}
+
+/// `pod` without what `inject` adds: the sidecar, picotun's volumes and annotations.
+pub fn strip_sidecar(pod: &Pod) -> Pod {
+    let mut pod = pod.clone();
+    if let Some(spec) = pod.spec.as_mut() {
+        spec.containers.retain(|c| c.name != api::SIDECAR_NAME);
+        if let Some(init) = spec.init_containers.as_mut() {
+            init.retain(|c| c.name != api::SIDECAR_NAME);
+        }
+        if spec.init_containers.as_ref().is_some_and(Vec::is_empty) {
+            spec.init_containers = None;
+        }
+        if let Some(volumes) = spec.volumes.as_mut() {
+            volumes.retain(|v| ![TUNNELS_VOLUME, KEY_VOLUME, REPORT_TOKEN_VOLUME].contains(&v.name.as_str()));
+        }
+    }
+    if let Some(a) = pod.metadata.annotations.as_mut() {
+        for key in [api::TUNNELS, api::STATUS, api::INJECTED] {
+            a.remove(key);
+        }
+    }
+    pod
+}
+
+/// Containers other than the sidecar (init, regular, ephemeral) that mount one of the sidecar's
+/// credentials -- its token volume, the key Secret volume, or any projected token volume for
+/// [`REPORT_AUDIENCE`]: (container, volume). (The tunnels file is the pod's own annotation.)
+pub fn foreign_mounts(pod: &Pod) -> Vec<(String, String)> {
+    let Some(spec) = pod.spec.as_ref() else { return Vec::new() };
+    let guarded: Vec<&str> = spec
+        .volumes
+        .iter()
+        .flatten()
+        .filter(|v| {
+            [KEY_VOLUME, REPORT_TOKEN_VOLUME].contains(&v.name.as_str())
+                || v.projected.as_ref().is_some_and(|p| {
+                    p.sources.iter().flatten().any(|s| {
+                        s.service_account_token.as_ref().is_some_and(|t| t.audience.as_deref() == Some(REPORT_AUDIENCE))
+                    })
+                })
+        })
+        .map(|v| v.name.as_str())
+        .collect();
+    let containers = spec.init_containers.iter().flatten().chain(spec.containers.iter());
+    let mut found: Vec<(String, String)> = containers
+        .filter(|c| c.name != api::SIDECAR_NAME)
+        .flat_map(|c| c.volume_mounts.iter().flatten().map(move |m| (c.name.clone(), m.name.clone())))
+        .chain(
+            spec.ephemeral_containers
+                .iter()
+                .flatten()
+                .flat_map(|c| c.volume_mounts.iter().flatten().map(move |m| (c.name.clone(), m.name.clone()))),
+        )
+        .filter(|(_, volume)| guarded.contains(&volume.as_str()))
+        .collect();
+    found.dedup();
+    found
 }
 
 /// The tunnels a pod gets: those routes give it, then its expose annotation's (pod template
@@ -319,6 +489,21 @@ pub fn inject(pod: &Pod, tunnels: &[TunnelSpec], config: &InjectConfig, warnings
     };
     let key_secret = annotations.get(api::KEY_SECRET).cloned().unwrap_or_else(|| api::DEFAULT_KEY_SECRET.to_string());
     let log_level = annotations.get(api::LOG_LEVEL).cloned().unwrap_or_else(|| config.log_level.clone());
+    let gate = match (api::switch(annotations.get(api::STARTUP_GATE)), annotations.get(api::STARTUP_GATE)) {
+        (Some(true), _) if config.native_sidecar => true,
+        (Some(true), _) => {
+            warnings.push(format!(
+                "{}: the startup gate needs native sidecars (Kubernetes 1.29+); the app is not held",
+                api::STARTUP_GATE
+            ));
+            false
+        }
+        (None, Some(v)) => {
+            warnings.push(format!("{}: {v:?} is neither \"true\" nor \"false\"; no startup gate", api::STARTUP_GATE));
+            false
+        }
+        _ => false,
+    };
     annotations.insert(api::TUNNELS.to_string(), TunnelsFile { tunnels: tunnels.to_vec() }.to_json());
     annotations.insert(
         api::STATUS.to_string(),
@@ -332,6 +517,19 @@ pub fn inject(pod: &Pod, tunnels: &[TunnelSpec], config: &InjectConfig, warnings
 
     let env = |name: &str, value: String| EnvVar { name: name.into(), value: Some(value), ..Default::default() };
     let report = !config.report_url.is_empty();
+    let certificate_url = match config.auth {
+        SidecarAuth::Key => None,
+        SidecarAuth::Certificate => {
+            let url = certificate_url(&config.report_url);
+            if url.is_none() {
+                // Refused at start by the webhook and `picotun inject`; said here all the same.
+                warnings.push(
+                    "certificate mode needs an https --agent-report-url; the sidecar has no way to authenticate".into(),
+                );
+            }
+            url
+        }
+    };
     let probe = |path: &str| Probe {
         http_get: Some(HTTPGetAction {
             path: Some(path.into()),
@@ -350,7 +548,10 @@ pub fn inject(pod: &Pod, tunnels: &[TunnelSpec], config: &InjectConfig, warnings
         env: Some(
             vec![
                 env("PICOTUN_TUNNELS_FILE", "/etc/picotun/tunnels/tunnels.json".into()),
-                env("PICOTUN_KEY_FILE", "/etc/picotun/ssh/id".into()),
+                match (config.auth, &certificate_url) {
+                    (SidecarAuth::Key, _) => env("PICOTUN_KEY_FILE", "/etc/picotun/ssh/id".into()),
+                    (SidecarAuth::Certificate, url) => env("PICOTUN_CERTIFICATE_URL", url.clone().unwrap_or_default()),
+                },
                 env("PICOTUN_SERVER", config.server.clone()),
                 env("PICOTUN_SERVER_PORT", config.server_port.to_string()),
                 env("PICOTUN_USER", config.user.clone()),
@@ -365,6 +566,7 @@ pub fn inject(pod: &Pod, tunnels: &[TunnelSpec], config: &InjectConfig, warnings
             .chain(report.then(|| env("PICOTUN_REPORT_URL", config.report_url.clone())))
             .chain((report && !config.report_ca.is_empty()).then(|| env("PICOTUN_REPORT_CA", config.report_ca.clone())))
             .chain(report.then(|| env("PICOTUN_REPORT_TOKEN_FILE", format!("{REPORT_TOKEN_DIR}/token"))))
+            .chain(gate.then(|| env("PICOTUN_OPEN_BEFORE_APP", "true".into())))
             .collect(),
         ),
         ports: Some(vec![ContainerPort {
@@ -373,8 +575,16 @@ pub fn inject(pod: &Pod, tunnels: &[TunnelSpec], config: &InjectConfig, warnings
             protocol: Some("TCP".into()),
             ..Default::default()
         }]),
+        // Ready when the agent is up, whatever the tunnel server does: a tuns.sh outage must not
+        // take the pod out of its Services. Tunnels are in /status, metrics and the route status.
         readiness_probe: Some(probe("/ready")),
         liveness_probe: Some(probe("/live")),
+        // Opt-in: a native sidecar's startupProbe holds the app's containers until it passes.
+        startup_probe: gate.then(|| Probe {
+            period_seconds: Some(STARTUP_GATE_PERIOD_SECONDS),
+            failure_threshold: Some(STARTUP_GATE_FAILURE_THRESHOLD),
+            ..probe("/tunnels-up")
+        }),
         resources: Some(resources),
         security_context: Some(SecurityContext {
             run_as_non_root: Some(true),
@@ -386,27 +596,27 @@ pub fn inject(pod: &Pod, tunnels: &[TunnelSpec], config: &InjectConfig, warnings
             seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), ..Default::default() }),
             ..Default::default()
         }),
-        volume_mounts: Some(vec![
-            VolumeMount {
-                name: "picotun-tunnels".into(),
-                mount_path: "/etc/picotun/tunnels".into(),
-                read_only: Some(true),
-                ..Default::default()
-            },
-            VolumeMount {
-                name: "picotun-ssh-key".into(),
-                mount_path: "/etc/picotun/ssh".into(),
-                read_only: Some(true),
-                ..Default::default()
-            },
-        ]),
+        volume_mounts: Some(vec![VolumeMount {
+            name: TUNNELS_VOLUME.into(),
+            mount_path: "/etc/picotun/tunnels".into(),
+            read_only: Some(true),
+            ..Default::default()
+        }]),
         // Native sidecar: started before the app, stopped after it, and not holding Jobs open.
         restart_policy: config.native_sidecar.then(|| "Always".to_string()),
         ..Default::default()
     };
+    if config.auth == SidecarAuth::Key {
+        sidecar.volume_mounts.get_or_insert_with(Vec::new).push(VolumeMount {
+            name: KEY_VOLUME.into(),
+            mount_path: "/etc/picotun/ssh".into(),
+            read_only: Some(true),
+            ..Default::default()
+        });
+    }
     if report {
         sidecar.volume_mounts.get_or_insert_with(Vec::new).push(VolumeMount {
-            name: "picotun-report-token".into(),
+            name: REPORT_TOKEN_VOLUME.into(),
             mount_path: REPORT_TOKEN_DIR.into(),
             read_only: Some(true),
             ..Default::default()
@@ -419,7 +629,7 @@ pub fn inject(pod: &Pod, tunnels: &[TunnelSpec], config: &InjectConfig, warnings
     }
     let volumes = spec.volumes.get_or_insert_with(Vec::new);
     volumes.push(Volume {
-        name: "picotun-tunnels".into(),
+        name: TUNNELS_VOLUME.into(),
         downward_api: Some(DownwardAPIVolumeSource {
             items: Some(vec![DownwardAPIVolumeFile {
                 path: "tunnels.json".into(),
@@ -433,24 +643,30 @@ pub fn inject(pod: &Pod, tunnels: &[TunnelSpec], config: &InjectConfig, warnings
         }),
         ..Default::default()
     });
-    volumes.push(Volume {
-        name: "picotun-ssh-key".into(),
-        secret: Some(SecretVolumeSource {
-            secret_name: Some(key_secret),
-            items: Some(vec![KeyToPath { key: api::KEY_SECRET_KEY.into(), path: "id".into(), ..Default::default() }]),
-            // Readable by the sidecar's non-root user without an fsGroup on the pod; only the
-            // sidecar mounts this volume.
-            default_mode: Some(0o444),
+    if config.auth == SidecarAuth::Key {
+        volumes.push(Volume {
+            name: KEY_VOLUME.into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(key_secret),
+                items: Some(vec![KeyToPath {
+                    key: api::KEY_SECRET_KEY.into(),
+                    path: "id".into(),
+                    ..Default::default()
+                }]),
+                // Readable by the sidecar's non-root user without an fsGroup on the pod; only the
+                // sidecar mounts this volume.
+                default_mode: Some(0o444),
+                ..Default::default()
+            }),
             ..Default::default()
-        }),
-        ..Default::default()
-    });
+        });
+    }
     if report {
         // A token bound to this pod (the kubelet requests it with the pod as boundObjectRef),
         // for this audience only: it proves to `/report` which pod speaks, and is useless
         // against the apiserver. Mounted only into the sidecar.
         volumes.push(Volume {
-            name: "picotun-report-token".into(),
+            name: REPORT_TOKEN_VOLUME.into(),
             projected: Some(ProjectedVolumeSource {
                 sources: Some(vec![VolumeProjection {
                     service_account_token: Some(ServiceAccountTokenProjection {
@@ -479,6 +695,7 @@ pub fn patch(before: &Pod, after: &Pod) -> json_patch::Patch {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::webhook::ticket;
     use serde_json::json;
 
     fn pod(v: serde_json::Value) -> Pod {
@@ -719,6 +936,209 @@ mod tests {
         assert_eq!(out.warnings.len(), 2, "{:?}", out.warnings);
         assert!(out.warnings.iter().any(|w| w.contains("is not KIND:NAME=PORT")));
         assert!(out.warnings.iter().any(|w| w.contains("not a Kubernetes quantity")));
+    }
+
+    fn env_of(sidecar: &Container) -> BTreeMap<&str, &str> {
+        sidecar.env.iter().flatten().map(|e| (e.name.as_str(), e.value.as_deref().unwrap_or(""))).collect()
+    }
+
+    fn certificate_cfg() -> InjectConfig {
+        InjectConfig {
+            report_url: "https://picotun-webhook.pico-sh-system.svc:443/report".into(),
+            auth: SidecarAuth::Certificate,
+            ticket_key: Some(TicketKey::from_bytes(&[7; 32]).unwrap()),
+            ..cfg()
+        }
+    }
+
+    #[test]
+    fn certificate_mode_mounts_no_key_and_names_the_certificate_url() {
+        let p = app(json!({"tunnels.pico.sh/inject": "true"}), json!({}));
+        let out = mutate(&p, "apps", None, &[], false, &certificate_cfg());
+        assert!(out.warnings.is_empty(), "{:?}", out.warnings);
+        let injected = out.pod.unwrap();
+        let spec = injected.spec.as_ref().unwrap();
+        let sidecar = &spec.init_containers.as_ref().unwrap()[0];
+        let env = env_of(sidecar);
+        assert_eq!(env["PICOTUN_CERTIFICATE_URL"], "https://picotun-webhook.pico-sh-system.svc:443/certificate");
+        assert!(!env.contains_key("PICOTUN_KEY_FILE"));
+        assert_eq!(env["PICOTUN_REPORT_TOKEN_FILE"], "/var/run/secrets/tunnels.pico.sh/report/token");
+        let volumes: Vec<&str> = spec.volumes.iter().flatten().map(|v| v.name.as_str()).collect();
+        assert_eq!(volumes, ["picotun-tunnels", "picotun-report-token"], "no key Secret volume");
+        let mounts: Vec<&str> = sidecar.volume_mounts.iter().flatten().map(|m| m.name.as_str()).collect();
+        assert_eq!(mounts, ["picotun-tunnels", "picotun-report-token"]);
+        let text = serde_json::to_string(&injected).unwrap();
+        assert!(!text.contains("picotun-ssh-key") && !text.contains("ssh-privatekey"), "{text}");
+
+        // Key mode, with reporting: as before, the key Secret and the token.
+        let key_mode = InjectConfig { auth: SidecarAuth::Key, ..certificate_cfg() };
+        let injected = mutate(&p, "apps", None, &[], false, &key_mode).pod.unwrap();
+        let spec = injected.spec.as_ref().unwrap();
+        let sidecar = &spec.init_containers.as_ref().unwrap()[0];
+        assert_eq!(env_of(sidecar)["PICOTUN_KEY_FILE"], "/etc/picotun/ssh/id");
+        assert!(!env_of(sidecar).contains_key("PICOTUN_CERTIFICATE_URL"));
+        let volumes: Vec<&str> = spec.volumes.iter().flatten().map(|v| v.name.as_str()).collect();
+        assert_eq!(volumes, ["picotun-tunnels", "picotun-ssh-key", "picotun-report-token"]);
+
+        // Certificate mode without a report URL cannot work: said, and no key is mounted instead.
+        let no_url = InjectConfig { report_url: String::new(), ..certificate_cfg() };
+        let out = mutate(&p, "apps", None, &[], false, &no_url);
+        assert!(out.warnings.iter().any(|w| w.contains("certificate mode needs")), "{:?}", out.warnings);
+        assert!(!serde_json::to_string(&out.pod).unwrap().contains("picotun-ssh-key"));
+    }
+
+    #[test]
+    fn certificate_urls_sit_beside_report() {
+        assert_eq!(
+            certificate_url("https://picotun-webhook.pico-sh-system.svc:443/report").as_deref(),
+            Some("https://picotun-webhook.pico-sh-system.svc:443/certificate")
+        );
+        assert_eq!(
+            certificate_url("https://10.0.0.1:8443/x/report?a=b").as_deref(),
+            Some("https://10.0.0.1:8443/certificate")
+        );
+        assert_eq!(certificate_url("https://host").as_deref(), Some("https://host/certificate"));
+        assert_eq!(certificate_url("http://host/report"), None);
+        assert_eq!(certificate_url("https:///report"), None);
+    }
+
+    #[test]
+    fn the_startup_gate_holds_the_app_until_the_tunnels_are_up() {
+        let p = app(json!({}), json!({"tunnels.pico.sh/inject": "true", "tunnels.pico.sh/startup-gate": "true"}));
+        let out = mutate(&p, "apps", None, &[], false, &certificate_cfg());
+        assert!(out.warnings.is_empty(), "{:?}", out.warnings);
+        let injected = out.pod.unwrap();
+        let sidecar = &injected.spec.as_ref().unwrap().init_containers.as_ref().unwrap()[0];
+        let startup = sidecar.startup_probe.as_ref().expect("a startupProbe");
+        let get = startup.http_get.as_ref().unwrap();
+        assert_eq!(get.path.as_deref(), Some("/tunnels-up"));
+        assert_eq!(get.port, IntOrString::String("picotun-admin".into()));
+        assert_eq!((startup.period_seconds, startup.failure_threshold), (Some(1), Some(300)));
+        assert_eq!(env_of(sidecar)["PICOTUN_OPEN_BEFORE_APP"], "true");
+        // Readiness stays the agent's own.
+        assert_eq!(
+            sidecar.readiness_probe.as_ref().unwrap().http_get.as_ref().unwrap().path.as_deref(),
+            Some("/ready")
+        );
+
+        // Without the annotation (or with "false"): neither.
+        for annotations in [
+            json!({"tunnels.pico.sh/inject": "true"}),
+            json!({"tunnels.pico.sh/inject": "true", "tunnels.pico.sh/startup-gate": "false"}),
+        ] {
+            let plain = mutate(&app(json!({}), annotations), "apps", None, &[], false, &certificate_cfg()).pod.unwrap();
+            let sidecar = &plain.spec.as_ref().unwrap().init_containers.as_ref().unwrap()[0];
+            assert!(sidecar.startup_probe.is_none());
+            assert!(!env_of(sidecar).contains_key("PICOTUN_OPEN_BEFORE_APP"));
+        }
+        // A regular-container sidecar cannot hold the app: said, and nothing added.
+        let regular = InjectConfig { native_sidecar: false, ..certificate_cfg() };
+        let out = mutate(&p, "apps", None, &[], false, &regular);
+        assert!(out.warnings.iter().any(|w| w.contains("needs native sidecars")), "{:?}", out.warnings);
+        assert!(out.pod.unwrap().spec.unwrap().containers[1].startup_probe.is_none());
+        let typo = app(json!({}), json!({"tunnels.pico.sh/inject": "true", "tunnels.pico.sh/startup-gate": "yes"}));
+        let out = mutate(&typo, "apps", None, &[], false, &certificate_cfg());
+        assert!(out.warnings.iter().any(|w| w.contains("neither \"true\" nor \"false\"")), "{:?}", out.warnings);
+    }
+
+    #[test]
+    fn the_webhook_tickets_what_it_injects_and_replaces_what_it_did_not() {
+        let config = certificate_cfg();
+        let key = config.ticket_key.clone().unwrap();
+        let p = app(json!({"tunnels.pico.sh/inject": "true"}), json!({}));
+        let injected = mutate(&p, "apps", None, &[], false, &config).pod.unwrap();
+        assert!(injected.metadata.annotations.as_ref().unwrap()["tunnels.pico.sh/injected"].starts_with("v1."));
+        assert_eq!(key.verify_pod(&injected, "apps"), Ok(()));
+        // Re-invocation: left alone.
+        assert!(matches!(
+            decide(&injected, "apps", None, &[], false, &config),
+            Decision::Skip { reason: SkipReason::AlreadyInjected, .. }
+        ));
+
+        // A pod that brings its own picotun-agent and a token volume, opted in: the webhook puts
+        // its own sidecar in their place, and tickets that.
+        let mut forged = injected.clone();
+        forged.metadata.annotations.as_mut().unwrap().remove("tunnels.pico.sh/injected");
+        let agent = forged.spec.as_mut().unwrap().init_containers.as_mut().unwrap().get_mut(0).unwrap();
+        agent.image = Some("evil/agent:1".into());
+        assert!(matches!(decide(&forged, "apps", None, &[], false, &config), Decision::Inject { .. }));
+        let out = mutate(&forged, "apps", None, &[], false, &config);
+        assert!(out.warnings.iter().any(|w| w.contains("replaced by the one picotun injects")), "{:?}", out.warnings);
+        let replaced = out.pod.unwrap();
+        assert_eq!(sidecar_count(&replaced), 1);
+        assert_eq!(
+            ticket::agent_container(&replaced).unwrap().image.as_deref(),
+            Some("ghcr.io/picotun/picotun:latest")
+        );
+        assert_eq!(key.verify_pod(&replaced, "apps"), Ok(()));
+        assert_eq!(replaced.spec.as_ref().unwrap().volumes.as_ref().unwrap().len(), 2, "no volume twice");
+        // Not opted in: left as it is, and without a ticket its sidecar is refused later.
+        let mut unasked = forged.clone();
+        unasked.metadata.labels.as_mut().unwrap().remove("tunnels.pico.sh/inject");
+        assert!(matches!(
+            decide(&unasked, "apps", None, &[], false, &config),
+            Decision::Skip { reason: SkipReason::NotOptedIn, .. }
+        ));
+        // Reinvoked after the apiserver mounted the API token into the sidecar too: re-injected
+        // without it, and without a warning.
+        let mut remounted = injected.clone();
+        let sidecar = remounted.spec.as_mut().unwrap().init_containers.as_mut().unwrap().get_mut(0).unwrap();
+        sidecar.volume_mounts.as_mut().unwrap().push(
+            serde_json::from_value(
+                json!({"name": "kube-api-access-x", "mountPath": SERVICE_ACCOUNT_TOKEN_PATH, "readOnly": true}),
+            )
+            .unwrap(),
+        );
+        assert!(matches!(decide(&remounted, "apps", None, &[], false, &config), Decision::Inject { .. }));
+        let out = mutate(&remounted, "apps", None, &[], false, &config);
+        assert!(out.warnings.is_empty(), "{:?}", out.warnings);
+        let again = out.pod.unwrap();
+        assert_eq!(ticket::agent_container(&again), ticket::agent_container(&injected), "no API token in the sidecar");
+        assert_eq!(key.verify_pod(&again, "apps"), Ok(()));
+        // A ticketed spec copied into a new pod with tunnels of its own choosing: picotun's
+        // tunnels are written over them.
+        let mut copied = injected.clone();
+        copied.metadata.annotations.as_mut().unwrap().insert(
+            "tunnels.pico.sh/tunnels".into(),
+            r#"{"tunnels":[{"name":"x","kind":"http","host":"someone-elses","targetPort":80}]}"#.into(),
+        );
+        assert!(matches!(decide(&copied, "apps", None, &[], false, &config), Decision::Inject { .. }));
+        let fixed = mutate(&copied, "apps", None, &[], false, &config).pod.unwrap();
+        assert_eq!(fixed.metadata.annotations.as_ref().unwrap()["tunnels.pico.sh/tunnels"], r#"{"tunnels":[]}"#);
+        assert_eq!(key.verify_pod(&fixed, "apps"), Ok(()));
+        // A ticket from another namespace is no ticket here.
+        assert!(matches!(decide(&injected, "other", None, &[], false, &config), Decision::Inject { .. }));
+        // Offline (no key): a pod with the sidecar counts as injected, as before.
+        assert!(matches!(
+            decide(&forged, "apps", None, &[], false, &cfg()),
+            Decision::Skip { reason: SkipReason::AlreadyInjected, .. }
+        ));
+    }
+
+    #[test]
+    fn an_app_container_mounting_picotuns_volumes_is_warned_about() {
+        let mut p = app(json!({"tunnels.pico.sh/inject": "true"}), json!({}));
+        p.spec.as_mut().unwrap().containers[0].volume_mounts =
+            Some(vec![serde_json::from_value(json!({"name": "picotun-report-token", "mountPath": "/t"})).unwrap()]);
+        let out = mutate(&p, "apps", None, &[], false, &certificate_cfg());
+        assert!(
+            out.warnings
+                .iter()
+                .any(|w| w.contains("container web mounts picotun-report-token, a credential of the sidecar")),
+            "{:?}",
+            out.warnings
+        );
+        assert_eq!(foreign_mounts(&out.pod.unwrap()), [("web".to_string(), "picotun-report-token".to_string())]);
+    }
+
+    fn sidecar_count(pod: &Pod) -> usize {
+        let spec = pod.spec.as_ref().unwrap();
+        spec.init_containers
+            .iter()
+            .flatten()
+            .chain(spec.containers.iter())
+            .filter(|c| c.name == api::SIDECAR_NAME)
+            .count()
     }
 
     #[test]

@@ -5,31 +5,41 @@
 //!                                      │                     │
 //!                                      ▼                     ▼
 //!                                 admission::answer ─► inject::mutate (pure) ─► JSON patch
+//!                                                        (+ ticket tunnels.pico.sh/injected)
 //!
-//! sidecar ─TLS─► POST /report ─► report: TokenReview ─► pod annotation tunnels.pico.sh/addresses
+//! sidecar ─TLS─► POST /report ──────► identity ─► checked addresses ─► pod annotation tunnels.pico.sh/addresses
+//! sidecar ─TLS─► POST /certificate ─► identity ─► SSH certificate for its in-memory key (CA: --ssh-ca-dir)
 //! ```
+//!
+//! The server (server.rs) caps connections, times out slow clients and drains on SIGTERM.
 
 pub mod admission;
+pub mod certificate;
+pub mod identity;
 pub mod inject;
 pub mod report;
+pub mod server;
+pub mod ticket;
 pub mod tls;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::body::{Body, Bytes};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use clap::ValueEnum;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet, StatefulSet};
 use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
-use kube::api::Api;
+use kube::api::{Api, PostParams};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -41,7 +51,8 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::admin;
 use crate::index::{Index, ResolveConfig};
-use crate::webhook::inject::{Decision, InjectConfig, Workload};
+use crate::webhook::inject::{Decision, InjectConfig, SidecarAuth, Workload};
+use crate::webhook::ticket::TicketKey;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum NativeSidecar {
@@ -50,6 +61,10 @@ pub enum NativeSidecar {
     True,
     False,
 }
+
+/// The Secret (in picotun's namespace, key `key`) holding the ticket HMAC key.
+pub const TICKET_SECRET: &str = "picotun-webhook-ticket";
+pub const TICKET_SECRET_KEY: &str = "key";
 
 /// `picotun webhook` flags.
 #[derive(Clone, Debug, clap::Args)]
@@ -63,12 +78,14 @@ pub struct WebhookArgs {
     pub cert_file: PathBuf,
     #[arg(long, env = "PICOTUN_WEBHOOK_KEY_FILE", default_value = "/etc/picotun/webhook-tls/tls.key")]
     pub key_file: PathBuf,
+    /// How often the serving certificate and the SSH CA are re-read.
     #[arg(long, env = "PICOTUN_WEBHOOK_CERT_RELOAD_INTERVAL", value_parser = humantime::parse_duration, default_value = "2s")]
     pub cert_reload_interval: Duration,
-    /// The admin port: /live, /ready (only while a valid certificate is loaded), /metrics.
+    /// The admin port: /live, /ready (only while a valid certificate is loaded, and not while
+    /// shutting down), /metrics.
     #[arg(long, env = "PICOTUN_ADMIN_ADDR", default_value = "0.0.0.0:9902")]
     pub admin_addr: SocketAddr,
-    /// picotun's own namespace (never injected).
+    /// picotun's own namespace (never injected; where the ticket key Secret lives).
     #[arg(long, env = "POD_NAMESPACE", default_value = "pico-sh-system")]
     pub namespace: String,
     #[command(flatten)]
@@ -83,15 +100,62 @@ pub struct WebhookArgs {
     pub ingress_class: String,
     #[arg(long, env = "PICOTUN_GATEWAY_CONTROLLER_NAME", default_value = crate::resolve::gateway::GATEWAY_CONTROLLER)]
     pub gateway_controller_name: String,
-    /// Where injected sidecars POST their status so their public addresses reach Kubernetes:
-    /// this webhook's /report as pods reach it, e.g.
-    /// https://picotun-webhook.pico-sh-system.svc:443/report. Unset: sidecars do not report.
-    #[arg(long, env = "PICOTUN_AGENT_REPORT_URL")]
-    pub agent_report_url: Option<String>,
-    /// PEM CA bundle the sidecars verify --agent-report-url with (the CA of this webhook's
-    /// certificate); passed to them inline. Unset: their platform's CA certificates.
-    #[arg(long, env = "PICOTUN_AGENT_REPORT_CA_FILE")]
-    pub agent_report_ca_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub certificates: CertificateArgs,
+    /// The ticket HMAC key (at least 32 bytes) as a file, instead of the Secret
+    /// picotun-webhook-ticket in --namespace (which the webhook reads, or creates, at start).
+    #[arg(long, env = "PICOTUN_TICKET_KEY_FILE")]
+    pub ticket_key_file: Option<PathBuf>,
+    /// The domains the tunnel server names public addresses under (repeatable, or comma-separated):
+    /// a reported address outside them (and not the custom domain its tunnel asked for) is dropped.
+    /// Default: --server itself when it is a DNS name (a regional tuns.sh host adds tuns.sh).
+    #[arg(long = "server-domain", env = "PICOTUN_SERVER_DOMAIN", value_delimiter = ',')]
+    pub server_domains: Vec<String>,
+    #[command(flatten)]
+    pub server: ListenerArgs,
+}
+
+/// `/certificate`: the CA and what certificates say.
+#[derive(Clone, Debug, clap::Args)]
+pub struct CertificateArgs {
+    /// The directory holding the SSH CA's private key as `ca` (the Secret picotun-ssh-ca,
+    /// mounted); re-read when it changes. Without it /certificate answers 503.
+    #[arg(long, env = "PICOTUN_SSH_CA_DIR", default_value = "/etc/picotun/ssh-ca")]
+    pub ssh_ca_dir: PathBuf,
+    /// How long a sidecar's certificate is valid (the agent renews at two thirds).
+    #[arg(long, env = "PICOTUN_CERTIFICATE_VALIDITY", value_parser = humantime::parse_duration, default_value = "4h")]
+    pub certificate_validity: Duration,
+    /// Principals certificates carry (repeatable); pico.sh's `tuns` grants tunnels and nothing
+    /// else of the account.
+    #[arg(long = "certificate-principal", env = "PICOTUN_CERTIFICATE_PRINCIPAL", value_delimiter = ',', default_value = crate::sshca::TUNS_PRINCIPAL)]
+    pub certificate_principals: Vec<String>,
+}
+
+/// The HTTPS server's bounds (every pod can reach it).
+#[derive(Clone, Debug, clap::Args)]
+pub struct ListenerArgs {
+    /// Connections served at once; more wait for a slot (as many again, each for up to the
+    /// handshake timeout) or are closed.
+    #[arg(long, env = "PICOTUN_WEBHOOK_MAX_CONNECTIONS", default_value_t = 512)]
+    pub max_connections: usize,
+    #[arg(long, env = "PICOTUN_WEBHOOK_TLS_HANDSHAKE_TIMEOUT", value_parser = humantime::parse_duration, default_value = "10s")]
+    pub tls_handshake_timeout: Duration,
+    /// A request's headers (the first on a connection: its first request) must arrive within this.
+    #[arg(long, env = "PICOTUN_WEBHOOK_HEADER_READ_TIMEOUT", value_parser = humantime::parse_duration, default_value = "10s")]
+    pub header_read_timeout: Duration,
+    /// A request's body must arrive within this (408 otherwise).
+    #[arg(long, env = "PICOTUN_WEBHOOK_BODY_READ_TIMEOUT", value_parser = humantime::parse_duration, default_value = "10s")]
+    pub body_read_timeout: Duration,
+    /// A connection with no request for this long is closed.
+    #[arg(long, env = "PICOTUN_WEBHOOK_IDLE_TIMEOUT", value_parser = humantime::parse_duration, default_value = "90s")]
+    pub idle_timeout: Duration,
+    /// On SIGTERM: /ready goes 503 at once and the server keeps serving this long, so endpoints
+    /// drop the pod before it stops accepting.
+    #[arg(long, env = "PICOTUN_WEBHOOK_DRAIN_DELAY", value_parser = humantime::parse_duration, default_value = "5s")]
+    pub drain_delay: Duration,
+    /// Then requests in flight get this long to finish.
+    #[arg(long, env = "PICOTUN_WEBHOOK_SHUTDOWN_TIMEOUT", value_parser = humantime::parse_duration, default_value = "20s")]
+    pub shutdown_timeout: Duration,
 }
 
 /// How injected sidecars are configured (shared by `webhook` and `inject`).
@@ -104,6 +168,11 @@ pub struct SidecarArgs {
     pub sidecar_image_pull_policy: String,
     #[arg(long, env = "PICOTUN_NATIVE_SIDECAR", value_enum, default_value = "auto")]
     pub native_sidecar: NativeSidecar,
+    /// How sidecars authenticate to the tunnel server: `certificate` (a short-lived SSH
+    /// certificate per pod from this webhook's /certificate; needs --agent-report-url) or `key`
+    /// (the account key Secret picotun-ssh-key mounted into every sidecar).
+    #[arg(long, env = "PICOTUN_SIDECAR_AUTH", value_enum, default_value = "certificate")]
+    pub sidecar_auth: SidecarAuth,
     /// Tunnel server settings given to every sidecar.
     #[command(flatten)]
     pub tunnel_server: crate::agent::ServerArgs,
@@ -122,11 +191,39 @@ pub struct SidecarArgs {
     pub sidecar_cpu_limit: String,
     #[arg(long, env = "PICOTUN_SIDECAR_MEMORY_LIMIT", default_value = "64Mi")]
     pub sidecar_memory_limit: String,
+    /// Where injected sidecars POST their status so their public addresses reach Kubernetes:
+    /// the webhook's /report as pods reach it, e.g.
+    /// https://picotun-webhook.pico-sh-system.svc:443/report. Certificate mode asks the same
+    /// server's /certificate. Unset: sidecars do not report (key mode only).
+    #[arg(long, env = "PICOTUN_AGENT_REPORT_URL")]
+    pub agent_report_url: Option<String>,
+    /// PEM CA bundle the sidecars verify --agent-report-url with (the CA of the webhook's
+    /// certificate); passed to them inline. Unset: their platform's CA certificates.
+    #[arg(long, env = "PICOTUN_AGENT_REPORT_CA_FILE")]
+    pub agent_report_ca_file: Option<PathBuf>,
+}
+
+/// Why the sidecar settings cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum SidecarConfigError {
+    #[error("cannot read --sidecar-known-hosts-file {path}: {source}")]
+    KnownHosts { path: PathBuf, source: std::io::Error },
+    #[error("cannot read --agent-report-ca-file {path}: {source}")]
+    ReportCa { path: PathBuf, source: std::io::Error },
+    #[error("--agent-report-url {0:?} must start with https:// (sidecars send a token to it)")]
+    ReportUrl(String),
+    #[error(
+        "--sidecar-auth certificate needs --agent-report-url (sidecars get their certificate from the same server's \
+         /certificate), e.g. --agent-report-url https://picotun-webhook.pico-sh-system.svc:443/report; or use \
+         --sidecar-auth key to mount the account key Secret into every sidecar instead"
+    )]
+    CertificateWithoutReportUrl,
 }
 
 impl SidecarArgs {
-    pub fn inject_config(&self, native: bool) -> InjectConfig {
-        InjectConfig {
+    /// The sidecar configuration, with the files it names read and its settings checked.
+    pub fn inject_config(&self, native: bool) -> Result<InjectConfig, SidecarConfigError> {
+        let mut config = InjectConfig {
             image: self.sidecar_image.clone(),
             pull_policy: self.sidecar_image_pull_policy.clone(),
             native_sidecar: native,
@@ -149,15 +246,27 @@ impl SidecarArgs {
             known_hosts: String::new(),
             report_url: String::new(),
             report_ca: String::new(),
+            auth: self.sidecar_auth,
+            ticket_key: None,
+        };
+        if let Some(path) = &self.sidecar_known_hosts_file {
+            config.known_hosts = std::fs::read_to_string(path)
+                .map_err(|source| SidecarConfigError::KnownHosts { path: path.clone(), source })?;
         }
-    }
-
-    /// The known_hosts text for sidecars, read from --sidecar-known-hosts-file.
-    pub fn known_hosts(&self) -> Result<String, std::io::Error> {
-        match &self.sidecar_known_hosts_file {
-            Some(p) => std::fs::read_to_string(p),
-            None => Ok(String::new()),
+        if let Some(url) = self.agent_report_url.as_deref().map(str::trim).filter(|u| !u.is_empty()) {
+            if !url.starts_with("https://") || inject::certificate_url(url).is_none() {
+                return Err(SidecarConfigError::ReportUrl(url.to_string()));
+            }
+            config.report_url = url.to_string();
         }
+        if let Some(path) = &self.agent_report_ca_file {
+            config.report_ca = std::fs::read_to_string(path)
+                .map_err(|source| SidecarConfigError::ReportCa { path: path.clone(), source })?;
+        }
+        if config.auth == SidecarAuth::Certificate && config.report_url.is_empty() {
+            return Err(SidecarConfigError::CertificateWithoutReportUrl);
+        }
+        Ok(config)
     }
 }
 
@@ -167,12 +276,10 @@ pub enum WebhookError {
     Listen { addr: SocketAddr, source: std::io::Error },
     #[error("the serving certificate cannot be loaded: {0}")]
     Cert(#[from] tls::CertError),
-    #[error("cannot read --sidecar-known-hosts-file: {0}")]
-    KnownHosts(std::io::Error),
-    #[error("cannot read --agent-report-ca-file: {0}")]
-    ReportCa(std::io::Error),
-    #[error("--agent-report-url {0:?} must start with https:// (sidecars send a token to it)")]
-    ReportUrl(String),
+    #[error(transparent)]
+    Sidecar(#[from] SidecarConfigError),
+    #[error("the ticket key: {0}")]
+    TicketKey(String),
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -191,7 +298,6 @@ struct Metrics {
     failures: Family<ReasonLabels, Counter>,
     duration: Histogram,
     cert_expiry: Gauge,
-    connections: Counter,
 }
 
 impl Metrics {
@@ -202,7 +308,6 @@ impl Metrics {
             failures: Family::default(),
             duration: Histogram::new([0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0]),
             cert_expiry: Gauge::default(),
-            connections: Counter::default(),
         };
         let r = registry.sub_registry_with_prefix("picotun_webhook");
         r.register(
@@ -217,11 +322,6 @@ impl Metrics {
             "certificate_expiry_timestamp_seconds",
             "When the serving certificate expires (Unix time)",
             m.cert_expiry.clone(),
-        );
-        r.register(
-            "connections",
-            "TLS connections accepted (the apiserver reuses them when it can)",
-            m.connections.clone(),
         );
         m
     }
@@ -263,11 +363,93 @@ struct AppState {
     index: Option<Index>,
     resolve: ResolveConfig,
     metrics: Metrics,
+    verifier: identity::Verifier,
     reports: report::Reports,
+    certificates: certificate::Certificates,
+    body_read_timeout: Duration,
 }
 
-/// Runs the webhook until `shutdown`.
+/// Reads a request body of at most `limit` bytes within `timeout`: Err is the answer to give.
+async fn read_body(body: Body, limit: usize, timeout: Duration) -> Result<Bytes, (StatusCode, String)> {
+    match tokio::time::timeout(timeout, axum::body::to_bytes(body, limit)).await {
+        Ok(Ok(bytes)) => Ok(bytes),
+        Ok(Err(_)) => {
+            Err((StatusCode::PAYLOAD_TOO_LARGE, format!("the body is over {limit} bytes (or could not be read)")))
+        }
+        Err(_) => Err((StatusCode::REQUEST_TIMEOUT, format!("the body did not arrive within {timeout:?}"))),
+    }
+}
+
+/// The ticket key: from `--ticket-key-file`, else the Secret in picotun's namespace, created
+/// (32 random bytes) when absent; two replicas starting at once agree (409 -> read it again).
+async fn ticket_key(args: &WebhookArgs, client: Option<&kube::Client>) -> Result<Option<TicketKey>, WebhookError> {
+    if let Some(path) = &args.ticket_key_file {
+        let bytes = std::fs::read(path)
+            .map_err(|e| WebhookError::TicketKey(format!("cannot read --ticket-key-file {}: {e}", path.display())))?;
+        let key = TicketKey::from_bytes(&bytes).map_err(|e| WebhookError::TicketKey(e.to_string()))?;
+        info!(path = %path.display(), "ticket key read from --ticket-key-file");
+        return Ok(Some(key));
+    }
+    let Some(client) = client else {
+        warn!("no Kubernetes API access and no --ticket-key-file: pods are injected without a ticket");
+        return Ok(None);
+    };
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &args.namespace);
+    let fix = format!(
+        "the webhook needs get and create on Secret {TICKET_SECRET} in namespace {} (deploy/ grants them), or \
+         --ticket-key-file",
+        args.namespace
+    );
+    let from = |secret: Secret| -> Result<TicketKey, WebhookError> {
+        let bytes = secret.data.and_then(|mut d| d.remove(TICKET_SECRET_KEY)).map(|b| b.0).unwrap_or_default();
+        TicketKey::from_bytes(&bytes).map_err(|e| {
+            WebhookError::TicketKey(format!(
+                "Secret {}/{TICKET_SECRET} key {TICKET_SECRET_KEY}: {e}; delete the Secret and the webhook makes a new one",
+                args.namespace
+            ))
+        })
+    };
+    let api_error = |e: kube::Error| match e {
+        kube::Error::Api(s) => s.message,
+        other => other.to_string(),
+    };
+    let get = || async {
+        tokio::time::timeout(Duration::from_secs(10), secrets.get_opt(TICKET_SECRET))
+            .await
+            .map_err(|_| WebhookError::TicketKey(format!("reading Secret {TICKET_SECRET} timed out")))?
+            .map_err(|e| {
+                WebhookError::TicketKey(format!("cannot read Secret {TICKET_SECRET}: {}; {fix}", api_error(e)))
+            })
+    };
+    if let Some(secret) = get().await? {
+        return from(secret).map(Some);
+    }
+    let secret: Secret = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": TICKET_SECRET, "namespace": args.namespace,
+                     "labels": {"app.kubernetes.io/name": "picotun", "app.kubernetes.io/component": "webhook"}},
+        "type": "Opaque",
+        "data": {TICKET_SECRET_KEY: base64::Engine::encode(&base64::engine::general_purpose::STANDARD, TicketKey::random_bytes())},
+    }))
+    .expect("a Secret");
+    match secrets.create(&PostParams::default(), &secret).await {
+        Ok(created) => {
+            info!(namespace = %args.namespace, secret = TICKET_SECRET, "ticket key created");
+            from(created).map(Some)
+        }
+        Err(kube::Error::Api(e)) if e.code == 409 => match get().await? {
+            Some(secret) => from(secret).map(Some),
+            None => Err(WebhookError::TicketKey(format!("Secret {TICKET_SECRET} vanished while it was created"))),
+        },
+        Err(e) => {
+            Err(WebhookError::TicketKey(format!("cannot create Secret {TICKET_SECRET}: {}; {fix}", api_error(e))))
+        }
+    }
+}
+
+/// Runs the webhook until `shutdown`, then drains (server.rs) and returns.
 pub async fn run(args: WebhookArgs, shutdown: CancellationToken) -> Result<(), WebhookError> {
+    // Checked before anything else: a configuration that cannot work fails at once, with the fix.
+    let mut config = args.sidecar.inject_config(true)?;
     let _ = rustls::crypto::ring::default_provider().install_default();
     let cert = Arc::new(tls::ReloadingCert::new(args.cert_file.clone(), args.key_file.clone()));
     cert.reload()?;
@@ -278,7 +460,7 @@ pub async fn run(args: WebhookArgs, shutdown: CancellationToken) -> Result<(), W
             None
         }
     };
-    let native = match args.sidecar.native_sidecar {
+    config.native_sidecar = match args.sidecar.native_sidecar {
         NativeSidecar::True => true,
         NativeSidecar::False => false,
         NativeSidecar::Auto => match &client {
@@ -292,26 +474,46 @@ pub async fn run(args: WebhookArgs, shutdown: CancellationToken) -> Result<(), W
             None => true,
         },
     };
-    info!(native_sidecar = native, listen = %args.listen, "picotun webhook starting");
+    config.own_namespace = args.namespace.clone();
+    let key = ticket_key(&args, client.as_ref()).await?;
+    config.ticket_key = key.clone();
+    let domains = if args.server_domains.is_empty() {
+        report::default_domains(&args.sidecar.tunnel_server.server)
+    } else {
+        args.server_domains.iter().map(|d| d.trim().trim_end_matches('.').to_ascii_lowercase()).collect()
+    };
+    if domains.is_empty() {
+        warn!(
+            server = %args.sidecar.tunnel_server.server,
+            "no server domain (--server is not a DNS name and no --server-domain): reported addresses other than \
+             custom domains are dropped"
+        );
+    }
+    info!(
+        native_sidecar = config.native_sidecar, sidecar_auth = config.auth.as_str(), listen = %args.listen,
+        server_domains = %domains.join(","), "picotun webhook starting"
+    );
 
+    // Internal tasks (admin port, watches, reloads) outlive the drain: they stop at the end.
+    let internal = CancellationToken::new();
+    let _stop_internal = internal.clone().drop_guard();
     let mut registry = Registry::default();
     let metrics = Metrics::new(&mut registry);
     metrics.cert_expiry.set(cert.not_after().unwrap_or(0));
-    let mut config = args.sidecar.inject_config(native);
-    config.own_namespace = args.namespace.clone();
-    config.known_hosts = args.sidecar.known_hosts().map_err(WebhookError::KnownHosts)?;
-    if let Some(url) = args.agent_report_url.as_deref().map(str::trim).filter(|u| !u.is_empty()) {
-        if !url.starts_with("https://") {
-            return Err(WebhookError::ReportUrl(url.to_string()));
-        }
-        config.report_url = url.to_string();
-    }
-    if let Some(path) = &args.agent_report_ca_file {
-        config.report_ca = std::fs::read_to_string(path).map_err(WebhookError::ReportCa)?;
-    }
-    let reports = report::Reports::new(&mut registry);
+    let server_metrics = server::ServerMetrics::register(&mut registry);
+    let reports = report::Reports::new(&mut registry, domains);
+    let ca_store = Arc::new(certificate::CaStore::new(args.certificates.ssh_ca_dir.clone()));
+    ca_store.reload();
+    let certificates = certificate::Certificates::new(
+        &mut registry,
+        ca_store.clone(),
+        certificate::Issuing {
+            principals: args.certificates.certificate_principals.clone(),
+            validity: args.certificates.certificate_validity,
+        },
+    );
     let index = match &client {
-        Some(c) => Some(Index::start(c.clone(), false, shutdown.clone()).await),
+        Some(c) => Some(Index::start(c.clone(), false, internal.clone()).await),
         None => None,
     };
     let resolve = ResolveConfig {
@@ -327,66 +529,64 @@ pub async fn run(args: WebhookArgs, shutdown: CancellationToken) -> Result<(), W
         index,
         resolve,
         metrics,
+        verifier: identity::Verifier::new(key),
         reports,
+        certificates,
+        body_read_timeout: args.server.body_read_timeout,
     });
 
     let expiry = state.clone();
-    tokio::spawn(cert.clone().watch(args.cert_reload_interval, move |c| {
+    let watch_cert = cert.clone().watch(args.cert_reload_interval, move |c| {
         expiry.metrics.cert_expiry.set(c.not_after().unwrap_or(0));
-    }));
+    });
+    let stop = internal.clone();
+    tokio::spawn(async move {
+        tokio::select! { _ = watch_cert => {}, _ = stop.cancelled() => {} }
+    });
+    let stop = internal.clone();
+    let watch_ca = ca_store.clone().watch(args.cert_reload_interval);
+    tokio::spawn(async move {
+        tokio::select! { _ = watch_ca => {}, _ = stop.cancelled() => {} }
+    });
 
     let admin_listener = tokio::net::TcpListener::bind(args.admin_addr)
         .await
         .map_err(|source| WebhookError::Listen { addr: args.admin_addr, source })?;
+    let draining = Arc::new(AtomicBool::new(false));
     let ready_cert = cert.clone();
     let ready_state = state.clone();
-    let admin_shutdown = shutdown.clone();
-    tokio::spawn(admin::serve(
+    let ready_draining = draining.clone();
+    let admin = tokio::spawn(admin::serve(
         admin_listener,
-        // Ready with a valid certificate and complete route caches: before they are, a pod
-        // would be injected without its route's tunnels.
-        Arc::new(move || ready_cert.is_valid() && ready_state.index.as_ref().is_none_or(Index::is_synced)),
+        // Ready with a valid certificate and complete route caches (before they are, a pod would
+        // be injected without its route's tunnels), and not once shutting down.
+        Arc::new(move || {
+            !ready_draining.load(Ordering::SeqCst)
+                && ready_cert.is_valid()
+                && ready_state.index.as_ref().is_none_or(Index::is_synced)
+        }),
         Arc::new(registry),
         Router::new(),
-        admin_shutdown,
+        internal.clone(),
     ));
 
-    let tls_config = rustls::ServerConfig::builder().with_no_client_auth().with_cert_resolver(cert.clone());
-    let mut tls_config = tls_config;
+    let mut tls_config = rustls::ServerConfig::builder().with_no_client_auth().with_cert_resolver(cert.clone());
     tls_config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls_config));
-    let app = router(state.clone());
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(|source| WebhookError::Listen { addr: args.listen, source })?;
-    loop {
-        let (tcp, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => { warn!(error = %e, "accept failed"); continue; }
-            },
-            _ = shutdown.cancelled() => break,
-        };
-        // Answers are small and latency is all that matters: no Nagle.
-        let _ = tcp.set_nodelay(true);
-        state.metrics.connections.inc();
-        let acceptor = acceptor.clone();
-        let app = app.clone();
-        tokio::spawn(async move {
-            let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(e)) => {
-                    debug!(%peer, error = %e, "TLS handshake failed");
-                    return;
-                }
-                Err(_) => return,
-            };
-            let service = hyper_util::service::TowerToHyperService::new(app);
-            let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
-                .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
-                .await;
-        });
-    }
+    let limits = server::Limits {
+        max_connections: args.server.max_connections,
+        tls_handshake_timeout: args.server.tls_handshake_timeout,
+        header_read_timeout: args.server.header_read_timeout,
+        idle_timeout: args.server.idle_timeout,
+        drain_delay: args.server.drain_delay,
+        shutdown_timeout: args.server.shutdown_timeout,
+    };
+    server::serve(listener, acceptor, router(state.clone()), limits, server_metrics, shutdown, draining).await;
+    internal.cancel();
+    let _ = admin.await;
     info!("picotun webhook stopped");
     Ok(())
 }
@@ -401,12 +601,21 @@ fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/mutate", post(mutate))
         .route("/report", post(report::handle))
-        .layer(DefaultBodyLimit::max(admission::MAX_BODY_BYTES))
+        .route("/certificate", post(certificate::handle))
         .with_state(state)
 }
 
-async fn mutate(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
+async fn mutate(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
     let started = Instant::now();
+    let body = match read_body(body, admission::MAX_BODY_BYTES, state.body_read_timeout).await {
+        Ok(b) => b,
+        Err((status, msg)) => {
+            state.metrics.requests.get_or_create(&ResultLabels { result: "bad_request".into() }).inc();
+            state.metrics.failures.get_or_create(&ReasonLabels { reason: "bad_request".into() }).inc();
+            warn!(reason = %msg, "unreadable admission request");
+            return (status, format!("{msg}\n")).into_response();
+        }
+    };
     let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
     let req = match admission::parse(content_type, &body) {
         Ok(r) => r,
@@ -452,7 +661,10 @@ async fn mutate(State(state): State<Arc<AppState>>, headers: HeaderMap, body: By
             &state.config,
             warnings,
         );
-        if let (Some(Decision::Inject { .. }), Some(client), Some(Ok(pod))) = (&answer.decision, &state.client, admission::pod_of(&req)) {
+        // Only key mode mounts the key Secret, so only key mode checks that it exists.
+        if let (SidecarAuth::Key, Some(Decision::Inject { .. }), Some(client), Some(Ok(pod))) =
+            (state.config.auth, &answer.decision, &state.client, admission::pod_of(&req))
+        {
             let namespace = req.namespace.clone().unwrap_or_default();
             if let Some(w) = missing_key_secret(client, &state.secrets, &namespace, &pod).await {
                 state.metrics.failures.get_or_create(&ReasonLabels { reason: "key_secret_missing".into() }).inc();

@@ -3,130 +3,54 @@
 //!
 //! ```text
 //! agent ─HTTPS, Bearer <projected token: audience tunnels.pico.sh, bound to its pod>─► /report
-//!   │ body (<= 64 KiB) -> annotation JSON (pure)                       400 malformed
+//!   │ body (<= 64 KiB, read within --body-read-timeout) -> tunnels (pure)      400 malformed
 //!   ▼
-//! TokenReview (successes cached 60 s by a keyed hash of the token)    401 not accepted
-//!   -> system:serviceaccount:<ns>:<sa> + extra pod-name / pod-uid     403 not bound to a pod
+//! identity: TokenReview, the pod as it is now, injected by picotun?          401 / 403 / 404
 //!   ▼
-//! pod GET: same uid? injected by picotun? value already there? ─► merge patch (uid precondition)
+//! each tunnel checked against the pod's tunnels annotation and the server domains (pure):
+//!   unknown names, unknown states, addresses that are not http/https/tcp with a valid DNS host
+//!   under a server domain (or the custom domain the tunnel asked for) are dropped, counted, logged
+//!   ▼
+//! value already there? ─► merge patch (uid precondition)
 //! ```
 //!
 //! The pod annotation is the record: `kubectl get pod -o yaml` shows it and the controller reads
-//! it from its pod cache. Needs RBAC: `create` tokenreviews, `get` and `patch` pods.
+//! it from its pod cache into Ingress and Gateway status -- so nothing reaches it unchecked: one
+//! host that fails the Gateway CRD's validation would make every status patch of that Gateway
+//! fail. Needs RBAC: `create` tokenreviews, `get` and `patch` pods.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use hmac::{Hmac, Mac};
-use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec, TokenReviewStatus};
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::{Api, Patch, PatchParams};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
-use rand::Rng;
 use serde::{Deserialize, Serialize};
-use sha1::Sha1;
 use tracing::{debug, info, warn};
 
-use super::{AppState, ResultLabels};
+use super::identity::{API_TIMEOUT, Expiring, Outcome, PodIdentity, Refusal, bearer, outcome};
+use super::{AppState, ReasonLabels, ResultLabels};
 use crate::api;
-use crate::webhook::inject::{self, REPORT_AUDIENCE};
+use crate::tunnel::{TunnelKind, TunnelSpec, TunnelsFile, is_dns_label, is_dns_name};
 
 /// A status document of a few dozen tunnels is a few KiB; the annotation must stay far below
 /// the apiserver's 256 KiB for all of a pod's annotations.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
-/// Extra keys the apiserver sets for a token bound to a pod.
-pub const POD_NAME_EXTRA: &str = "authentication.kubernetes.io/pod-name";
-pub const POD_UID_EXTRA: &str = "authentication.kubernetes.io/pod-uid";
-const SERVICE_ACCOUNT_PREFIX: &str = "system:serviceaccount:";
-/// How long an accepted token is trusted without asking again. A pod's deletion invalidates
-/// its tokens; a report within this window after it finds no pod.
-const REVIEW_TTL: Duration = Duration::from_secs(60);
 /// How long the value last written to a pod is trusted to still be there; after this the pod
 /// is read again, so an annotation someone removed is restored by the next heartbeat.
 const WRITTEN_TTL: Duration = Duration::from_secs(300);
-/// Entries per cache: beyond this, expired entries go, and if none had, all.
-const CACHE_ENTRIES: usize = 10_000;
-const API_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// The pod a verified token speaks for.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PodIdentity {
-    pub namespace: String,
-    pub service_account: String,
-    pub pod_name: String,
-    pub pod_uid: String,
-}
-
-/// Why a token is refused: `NotAuthenticated` and `WrongAudience` are 401, the rest 403.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum Refusal {
-    #[error(
-        "no bearer token: send Authorization: Bearer <the pod's projected service-account token with audience \
-         {REPORT_AUDIENCE}>"
-    )]
-    NoToken,
-    #[error("the token was not accepted: {0}")]
-    NotAuthenticated(String),
-    #[error("the token is not for audience {REPORT_AUDIENCE}")]
-    WrongAudience,
-    #[error("the token is not a service account's (user {0:?}); use the pod's projected token")]
-    NotServiceAccount(String),
-    #[error(
-        "the token is not bound to a pod (no {POD_NAME_EXTRA} / {POD_UID_EXTRA}); use a projected \
-         serviceAccountToken volume, as injected sidecars have"
-    )]
-    NotBoundToPod,
-}
-
-impl Refusal {
-    fn status(&self) -> StatusCode {
-        match self {
-            Refusal::NoToken | Refusal::NotAuthenticated(_) | Refusal::WrongAudience => StatusCode::UNAUTHORIZED,
-            Refusal::NotServiceAccount(_) | Refusal::NotBoundToPod => StatusCode::FORBIDDEN,
-        }
-    }
-}
-
-/// `system:serviceaccount:<namespace>:<name>` -> (namespace, name).
-pub fn service_account(username: &str) -> Option<(&str, &str)> {
-    let (namespace, name) = username.strip_prefix(SERVICE_ACCOUNT_PREFIX)?.split_once(':')?;
-    let valid = |s: &str| !s.is_empty() && !s.contains(':');
-    (valid(namespace) && valid(name)).then_some((namespace, name))
-}
-
-/// Who a TokenReview's answer says the caller is; only a service-account token for our audience,
-/// bound to a pod, will do.
-pub fn identity(status: &TokenReviewStatus) -> Result<PodIdentity, Refusal> {
-    if status.authenticated != Some(true) {
-        let why = status.error.clone().filter(|e| !e.is_empty()).unwrap_or_else(|| "not authenticated".into());
-        return Err(Refusal::NotAuthenticated(why));
-    }
-    if !status.audiences.iter().flatten().any(|a| a == REPORT_AUDIENCE) {
-        return Err(Refusal::WrongAudience);
-    }
-    let user = status.user.as_ref();
-    let username = user.and_then(|u| u.username.as_deref()).unwrap_or_default();
-    let (namespace, service_account) =
-        service_account(username).ok_or_else(|| Refusal::NotServiceAccount(username.to_string()))?;
-    let extra = |key: &str| {
-        user.and_then(|u| u.extra.as_ref())
-            .and_then(|e| e.get(key))
-            .and_then(|v| v.first())
-            .filter(|v| !v.is_empty())
-            .cloned()
-    };
-    let (Some(pod_name), Some(pod_uid)) = (extra(POD_NAME_EXTRA), extra(POD_UID_EXTRA)) else {
-        return Err(Refusal::NotBoundToPod);
-    };
-    Ok(PodIdentity { namespace: namespace.into(), service_account: service_account.into(), pod_name, pod_uid })
-}
+/// The states an agent reports (`ForwardState` as the agent's /status spells it).
+pub const KNOWN_STATES: [&str; 7] =
+    ["waitingForApp", "connecting", "requesting", "established", "standingBy", "failed", "draining"];
+/// Longest address kept: a 253-character host, a scheme and a port.
+const MAX_ADDRESS: usize = 253 + 16;
 
 /// Why a posted body is not an agent's status.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -144,230 +68,328 @@ struct PostedStatus {
     tunnels: Vec<PostedTunnel>,
 }
 
-#[derive(Deserialize)]
+/// One tunnel of a posted status, as posted.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
-struct PostedTunnel {
-    name: String,
-    state: String,
+pub struct PostedTunnel {
+    pub name: String,
+    pub state: String,
     #[serde(default)]
-    public_address: Option<String>,
+    pub public_address: Option<String>,
 }
 
 #[derive(Serialize)]
-struct Addresses {
-    tunnels: BTreeMap<String, TunnelAddress>,
+struct Addresses<'a> {
+    tunnels: BTreeMap<&'a str, TunnelAddress<'a>>,
 }
 
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
-struct TunnelAddress {
-    state: String,
+struct TunnelAddress<'a> {
+    state: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
-    public_address: Option<String>,
+    public_address: Option<&'a str>,
 }
 
-/// The annotation value for a posted `/status`: compact JSON, tunnels by name (sorted, so the
-/// same status gives the same text), with only their state and public address.
-pub fn addresses_annotation(body: &[u8]) -> Result<String, BadStatus> {
+/// The tunnels of a posted `/status`, by name (sorted; names unique).
+pub fn parse_status(body: &[u8]) -> Result<Vec<PostedTunnel>, BadStatus> {
     let posted: PostedStatus = serde_json::from_slice(body).map_err(|e| BadStatus::Malformed(e.to_string()))?;
-    let mut tunnels = BTreeMap::new();
-    for t in posted.tunnels {
+    let mut tunnels: BTreeMap<String, PostedTunnel> = BTreeMap::new();
+    for mut t in posted.tunnels {
         if t.name.is_empty() || t.name.len() > 253 {
             return Err(BadStatus::Name(t.name));
         }
-        let address = TunnelAddress { state: t.state, public_address: t.public_address.filter(|a| !a.is_empty()) };
-        if let Some(_twice) = tunnels.insert(t.name.clone(), address) {
+        t.public_address = t.public_address.filter(|a| !a.is_empty());
+        if tunnels.insert(t.name.clone(), t.clone()).is_some() {
             return Err(BadStatus::Duplicate(t.name));
         }
     }
-    Ok(serde_json::to_string(&Addresses { tunnels }).expect("strings serialize"))
+    Ok(tunnels.into_values().collect())
 }
 
-/// The token after `Bearer `, if any.
-fn bearer(headers: &HeaderMap) -> Option<&str> {
-    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, token) = value.split_once(' ')?;
-    let token = token.trim();
-    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+/// The annotation value for `tunnels`: compact JSON, by name, state and public address only.
+pub fn annotation(tunnels: &[PostedTunnel]) -> String {
+    let tunnels = tunnels
+        .iter()
+        .map(|t| (t.name.as_str(), TunnelAddress { state: &t.state, public_address: t.public_address.as_deref() }))
+        .collect();
+    serde_json::to_string(&Addresses { tunnels }).expect("strings serialize")
 }
 
-/// Entries that expire, bounded in number.
-struct Expiring<K, V> {
-    entries: HashMap<K, (Instant, V)>,
-    ttl: Duration,
+/// Why one reported tunnel was left out of the annotation.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Dropped {
+    #[error("not one of the pod's tunnels ({} annotation)", api::TUNNELS)]
+    UnknownTunnel,
+    #[error("state {0:?} is not one an agent reports")]
+    UnknownState(String),
+    #[error("public address {address:?}: {why}")]
+    Address { reason: &'static str, address: String, why: String },
 }
 
-impl<K: std::hash::Hash + Eq, V: Clone> Expiring<K, V> {
-    fn new(ttl: Duration) -> Self {
-        Expiring { entries: HashMap::new(), ttl }
-    }
-
-    fn get(&self, key: &K) -> Option<V> {
-        self.entries.get(key).filter(|(at, _)| at.elapsed() < self.ttl).map(|(_, v)| v.clone())
-    }
-
-    fn put(&mut self, key: K, value: V) {
-        if self.entries.len() >= CACHE_ENTRIES {
-            let ttl = self.ttl;
-            self.entries.retain(|_, (at, _)| at.elapsed() < ttl);
-            if self.entries.len() >= CACHE_ENTRIES {
-                self.entries.clear();
-            }
+impl Dropped {
+    /// The metric label.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Dropped::UnknownTunnel => "unknown_tunnel",
+            Dropped::UnknownState(_) => "unknown_state",
+            Dropped::Address { reason, .. } => reason,
         }
-        self.entries.insert(key, (Instant::now(), value));
-    }
-
-    fn remove(&mut self, key: &K) {
-        self.entries.remove(key);
     }
 }
 
-/// The `/report` endpoint's state: caches and the metric.
+/// What is kept of a report, and what was dropped (tunnel name, why).
+#[derive(Debug, PartialEq, Eq)]
+pub struct Checked {
+    pub kept: Vec<PostedTunnel>,
+    pub dropped: Vec<(String, Dropped)>,
+}
+
+/// Keeps the reported tunnels the pod was asked to open, in a state an agent reports, at an
+/// address the tunnel can have: see [`check_address`].
+pub fn check(posted: &[PostedTunnel], asked: &[TunnelSpec], domains: &[String]) -> Checked {
+    let mut out = Checked { kept: Vec::new(), dropped: Vec::new() };
+    for t in posted {
+        let verdict = match asked.iter().find(|s| s.name == t.name) {
+            None => Err(Dropped::UnknownTunnel),
+            Some(_) if !KNOWN_STATES.contains(&t.state.as_str()) => Err(Dropped::UnknownState(t.state.clone())),
+            Some(spec) => match &t.public_address {
+                Some(a) => check_address(a, spec, domains).map_err(|(reason, why)| Dropped::Address {
+                    reason,
+                    address: shorten(a),
+                    why,
+                }),
+                None => Ok(()),
+            },
+        };
+        match verdict {
+            Ok(()) => out.kept.push(t.clone()),
+            Err(d) => out.dropped.push((shorten(&t.name), d)),
+        }
+    }
+    out
+}
+
+/// For logs and answers: at most 80 characters of what a caller sent.
+fn shorten(s: &str) -> String {
+    if s.chars().count() <= 80 { s.to_string() } else { format!("{}...", s.chars().take(80).collect::<String>()) }
+}
+
+/// Whether `address` is one `spec` can have been given: `http://` or `https://` for an http
+/// tunnel, `host:port` or `tcp://host:port` for tcp (the requested port if one was), `host[:port]`
+/// (or `https://`, `tls://`) for tls; the host a valid DNS name as Kubernetes and the Gateway API
+/// validate hostnames (RFC 1123, lower case, not an IP address), equal to the custom domain the
+/// tunnel asked for or under one of `domains`, and for a tuns name, carrying that name in its
+/// first label (`demo`, `alice-demo`, `demo-alice`). Err: (metric reason, what is wrong).
+pub fn check_address(address: &str, spec: &TunnelSpec, domains: &[String]) -> Result<(), (&'static str, String)> {
+    if address.len() > MAX_ADDRESS {
+        return Err(("bad_address", format!("longer than {MAX_ADDRESS} characters")));
+    }
+    let (scheme, rest) = match address.split_once("://") {
+        Some((s, r)) => (Some(s), r),
+        None => (None, address),
+    };
+    let scheme_ok = match spec.kind {
+        TunnelKind::Http => matches!(scheme, Some("http" | "https")),
+        TunnelKind::Tls => matches!(scheme, None | Some("https" | "tls")),
+        TunnelKind::Tcp => matches!(scheme, None | Some("tcp")),
+    };
+    if !scheme_ok {
+        let want = match spec.kind {
+            TunnelKind::Http => "http:// or https://",
+            TunnelKind::Tls => "host:port, https:// or tls://",
+            TunnelKind::Tcp => "host:port or tcp://host:port",
+        };
+        return Err(("bad_scheme", format!("a {} tunnel's address is {want}", spec.kind)));
+    }
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    if rest.contains(|c: char| {
+        matches!(c, '/' | '?' | '#' | '@' | '[' | ']' | '\\') || c.is_whitespace() || c.is_control()
+    }) {
+        return Err(("bad_address", "only scheme, host and port are allowed".into()));
+    }
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((host, port)) => match port.parse::<u16>() {
+            Ok(p) if p != 0 => (host, Some(p)),
+            _ => return Err(("bad_address", format!("port {port:?} is not 1-65535"))),
+        },
+        None => (rest, None),
+    };
+    if !is_hostname(host) {
+        return Err((
+            "bad_host",
+            "the host is not a valid DNS name (RFC 1123: lower-case labels of a-z, 0-9 and '-', not an IP address)"
+                .into(),
+        ));
+    }
+    if spec.kind == TunnelKind::Tcp {
+        match (port, spec.remote_port.filter(|p| *p != 0)) {
+            (None, _) => return Err(("bad_address", "a tcp address needs its port".into())),
+            (Some(p), Some(want)) if p != want => {
+                return Err(("not_requested", format!("the tunnel asked for port {want}, not {p}")));
+            }
+            _ => {}
+        }
+    }
+    let requested = spec.host.as_deref().unwrap_or_default().to_ascii_lowercase();
+    if spec.kind != TunnelKind::Tcp && requested.contains('.') {
+        // A custom domain comes back as it was asked for, or not at all.
+        return if host == requested {
+            Ok(())
+        } else {
+            Err(("not_requested", format!("the tunnel asked for the custom domain {requested}")))
+        };
+    }
+    if !domains.iter().any(|d| host == d || host.strip_suffix(d.as_str()).is_some_and(|h| h.ends_with('.'))) {
+        return Err((
+            "outside_domain",
+            format!("the host is not under the tunnel server's domain ({}; --server-domain)", domains.join(", ")),
+        ));
+    }
+    if spec.kind != TunnelKind::Tcp && !carries_name(host.split('.').next().unwrap_or_default(), &requested) {
+        return Err(("not_requested", format!("the host does not carry the requested name {requested:?}")));
+    }
+    Ok(())
+}
+
+/// A hostname Ingress and Gateway status accept: a DNS-1123 subdomain that is not an IP address
+/// (an all-digit last label is taken for one).
+fn is_hostname(host: &str) -> bool {
+    !host.is_empty()
+        && is_dns_name(host)
+        && host.split('.').all(is_dns_label)
+        && !host.rsplit('.').next().is_some_and(|tld| tld.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// A host's first label carries `name`: the name alone, or joined to a user name with '-'
+/// (tuns.sh `alice-demo`, stock sish `demo-alice`).
+fn carries_name(label: &str, name: &str) -> bool {
+    let joined = |rest: Option<&str>, strip: fn(&str) -> Option<&str>| {
+        rest.and_then(strip).is_some_and(|user| !user.is_empty() && !user.starts_with('-') && !user.ends_with('-'))
+    };
+    label == name
+        || joined(label.strip_suffix(name), |r| r.strip_suffix('-'))
+        || joined(label.strip_prefix(name), |r| r.strip_prefix('-'))
+}
+
+/// The domains the tunnel server names public addresses under, when `--server-domain` is not
+/// given: the server itself if it is a DNS name, and for a regional tuns.sh host (`nue.tuns.sh`)
+/// tuns.sh, where its HTTP names live. An IP address gives none.
+pub fn default_domains(server: &str) -> Vec<String> {
+    let server = server.trim().trim_end_matches('.').to_ascii_lowercase();
+    if !is_hostname(&server) {
+        return Vec::new();
+    }
+    let mut domains = vec![server.clone()];
+    if server.ends_with(".tuns.sh") {
+        domains.push("tuns.sh".into());
+    }
+    domains
+}
+
+/// The `/report` endpoint's state: its cache and metrics.
 pub(super) struct Reports {
-    /// Keys the token hashes, so the cache holds nothing that could be replayed.
-    hash_key: [u8; 32],
-    reviews: Mutex<Expiring<Vec<u8>, PodIdentity>>,
-    /// Per pod uid: the annotation value last written (or found).
-    written: Mutex<Expiring<String, String>>,
+    /// Per pod uid: (what was posted, the annotation value last written or found for it).
+    written: Mutex<Expiring<String, (String, String)>>,
     reports: Family<ResultLabels, Counter>,
-}
-
-/// How one report ended: HTTP status, metric result, and a reason for the caller.
-struct Outcome {
-    status: StatusCode,
-    result: &'static str,
-    message: String,
-}
-
-fn outcome(status: StatusCode, result: &'static str, message: impl Into<String>) -> Outcome {
-    Outcome { status, result, message: message.into() }
+    dropped: Family<ReasonLabels, Counter>,
+    domains: Vec<String>,
 }
 
 impl Reports {
-    pub(super) fn new(registry: &mut Registry) -> Self {
+    pub(super) fn new(registry: &mut Registry, domains: Vec<String>) -> Self {
         let reports = Family::<ResultLabels, Counter>::default();
-        registry.sub_registry_with_prefix("picotun_webhook").register(
+        let dropped = Family::<ReasonLabels, Counter>::default();
+        let r = registry.sub_registry_with_prefix("picotun_webhook");
+        r.register(
             "reports",
             "Sidecar status reports by result (written, unchanged, bad_request, unauthenticated, forbidden, pod_gone, \
              unavailable)",
             reports.clone(),
         );
-        Reports {
-            hash_key: rand::rng().random(),
-            reviews: Mutex::new(Expiring::new(REVIEW_TTL)),
-            written: Mutex::new(Expiring::new(WRITTEN_TTL)),
-            reports,
-        }
+        r.register(
+            "report_entries_dropped",
+            "Reported tunnels left out of the addresses annotation, by reason (unknown_tunnel, unknown_state, \
+             bad_scheme, bad_address, bad_host, outside_domain, not_requested)",
+            dropped.clone(),
+        );
+        Reports { written: Mutex::new(Expiring::new(WRITTEN_TTL)), reports, dropped, domains }
     }
 
-    fn token_hash(&self, token: &str) -> Vec<u8> {
-        let mac = Hmac::<Sha1>::new_from_slice(&self.hash_key).expect("HMAC takes any key length");
-        mac.chain_update(token.as_bytes()).finalize().into_bytes().to_vec()
-    }
-
-    /// Checks the token with a TokenReview (or the cache of recent successes).
-    async fn review(&self, client: &kube::Client, token: &str) -> Result<Result<PodIdentity, Refusal>, String> {
-        let key = self.token_hash(token);
-        if let Some(id) = self.reviews.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
-            return Ok(Ok(id));
-        }
-        let review = TokenReview {
-            spec: TokenReviewSpec { audiences: Some(vec![REPORT_AUDIENCE.into()]), token: token.into() },
-            ..Default::default()
-        };
-        let reviews: Api<TokenReview> = Api::all(client.clone());
-        let answer = match tokio::time::timeout(API_TIMEOUT, reviews.create(&PostParams::default(), &review)).await {
-            Ok(Ok(a)) => a,
-            Ok(Err(e)) => return Err(format!("TokenReview failed: {e}")),
-            Err(_) => return Err(format!("TokenReview timed out after {API_TIMEOUT:?}")),
-        };
-        let id = identity(&answer.status.unwrap_or_default());
-        if let Ok(id) = &id {
-            self.reviews.lock().unwrap_or_else(|p| p.into_inner()).put(key, id.clone());
-        }
-        Ok(id)
-    }
-
-    async fn serve(
-        &self,
-        client: Option<&kube::Client>,
-        headers: &HeaderMap,
-        body: Body,
-    ) -> (Outcome, Option<PodIdentity>) {
+    async fn serve(&self, state: &AppState, headers: &HeaderMap, body: Body) -> (Outcome, Option<PodIdentity>) {
         let Some(token) = bearer(headers) else {
             return (outcome(StatusCode::UNAUTHORIZED, "unauthenticated", Refusal::NoToken.to_string()), None);
         };
-        let body = match axum::body::to_bytes(body, MAX_BODY_BYTES).await {
+        let body = match super::read_body(body, MAX_BODY_BYTES, state.body_read_timeout).await {
             Ok(b) => b,
-            Err(_) => {
-                let msg = format!("the body is over {MAX_BODY_BYTES} bytes (or could not be read)");
-                return (outcome(StatusCode::PAYLOAD_TOO_LARGE, "bad_request", msg), None);
-            }
+            Err((status, msg)) => return (outcome(status, "bad_request", msg), None),
         };
-        let value = match addresses_annotation(&body) {
+        let posted = match parse_status(&body) {
             Ok(v) => v,
             Err(e) => return (outcome(StatusCode::BAD_REQUEST, "bad_request", e.to_string()), None),
         };
-        let Some(client) = client else {
+        let Some(client) = state.client.as_ref() else {
             let msg = "the webhook has no Kubernetes API access and cannot record reports";
             return (outcome(StatusCode::SERVICE_UNAVAILABLE, "unavailable", msg), None);
         };
-        let id = match self.review(client, token).await {
-            Ok(Ok(id)) => id,
-            Ok(Err(refusal)) => {
-                let result = if refusal.status() == StatusCode::FORBIDDEN { "forbidden" } else { "unauthenticated" };
-                return (outcome(refusal.status(), result, refusal.to_string()), None);
-            }
-            Err(e) => return (outcome(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e), None),
+        let id = match state.verifier.identify(client, token).await {
+            Ok(id) => id,
+            Err(o) => return (o, None),
         };
-        let done = self.record(client, &id, value).await;
+        let done = self.record(state, client, &id, &posted).await;
         (done, Some(id))
     }
 
-    /// Writes `value` onto the pod, unless it is already there.
-    async fn record(&self, client: &kube::Client, id: &PodIdentity, value: String) -> Outcome {
+    /// Checks the report against the pod and writes what is kept, unless it is already there.
+    async fn record(
+        &self,
+        state: &AppState,
+        client: &kube::Client,
+        id: &PodIdentity,
+        posted: &[PostedTunnel],
+    ) -> Outcome {
+        let as_posted = annotation(posted);
         let cached = self.written.lock().unwrap_or_else(|p| p.into_inner()).get(&id.pod_uid);
-        if cached.as_deref() == Some(value.as_str()) {
+        if cached.as_ref().is_some_and(|(p, _)| *p == as_posted) {
             return outcome(StatusCode::OK, "unchanged", "unchanged");
         }
-        let pods: Api<Pod> = Api::namespaced(client.clone(), &id.namespace);
-        let pod = match tokio::time::timeout(API_TIMEOUT, pods.get_opt(&id.pod_name)).await {
-            Ok(Ok(Some(p))) => p,
-            Ok(Ok(None)) => return outcome(StatusCode::NOT_FOUND, "pod_gone", "the token's pod no longer exists"),
-            Ok(Err(e)) => {
-                return outcome(StatusCode::SERVICE_UNAVAILABLE, "unavailable", format!("reading the pod: {e}"));
-            }
-            Err(_) => return outcome(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "reading the pod timed out"),
+        let pod = match state.verifier.injected_pod(client, id).await {
+            Ok(p) => p,
+            Err(o) => return o,
         };
-        if pod.metadata.uid.as_deref() != Some(id.pod_uid.as_str()) {
-            return outcome(
-                StatusCode::NOT_FOUND,
-                "pod_gone",
-                "the token's pod was replaced by another of the same name",
+        let asked = asked_tunnels(&pod);
+        let checked = check(posted, &asked, &self.domains);
+        for (tunnel, why) in &checked.dropped {
+            self.dropped.get_or_create(&ReasonLabels { reason: why.reason().into() }).inc();
+            warn!(
+                namespace = %id.namespace, pod = %id.pod_name, tunnel = %tunnel, reason = why.reason(), detail = %why,
+                "reported tunnel dropped"
             );
         }
-        // Only pods picotun injected: the endpoint is for its sidecars, not a way for any pod
-        // with a token of this audience to decorate itself.
-        if !inject::is_injected(&pod) {
-            return outcome(
-                StatusCode::FORBIDDEN,
-                "forbidden",
-                format!("the pod carries no {} sidecar; only injected pods report", api::SIDECAR_NAME),
-            );
-        }
+        let value = annotation(&checked.kept);
+        let note = if checked.dropped.is_empty() {
+            String::new()
+        } else {
+            let reasons: Vec<String> = checked.dropped.iter().map(|(t, d)| format!("tunnel {t:?}: {d}")).collect();
+            format!(" (dropped: {})", reasons.join("; "))
+        };
+        let remember = |value: String| {
+            self.written.lock().unwrap_or_else(|p| p.into_inner()).put(id.pod_uid.clone(), (as_posted.clone(), value))
+        };
         let current = pod.metadata.annotations.as_ref().and_then(|a| a.get(api::ADDRESSES));
         if current == Some(&value) {
-            self.written.lock().unwrap_or_else(|p| p.into_inner()).put(id.pod_uid.clone(), value);
-            return outcome(StatusCode::OK, "unchanged", "unchanged");
+            remember(value);
+            return outcome(StatusCode::OK, "unchanged", format!("unchanged{note}"));
         }
         // The uid in the patch is a precondition: a pod recreated under the same name in the
         // meantime is not written.
         let patch = serde_json::json!({"metadata": {"uid": id.pod_uid, "annotations": {api::ADDRESSES: value}}});
+        let pods: Api<Pod> = Api::namespaced(client.clone(), &id.namespace);
         let params = PatchParams::default();
         match tokio::time::timeout(API_TIMEOUT, pods.patch(&id.pod_name, &params, &Patch::Merge(&patch))).await {
             Ok(Ok(_)) => {
-                self.written.lock().unwrap_or_else(|p| p.into_inner()).put(id.pod_uid.clone(), value);
-                outcome(StatusCode::OK, "written", "written")
+                remember(value);
+                outcome(StatusCode::OK, "written", format!("written{note}"))
             }
             Ok(Err(kube::Error::Api(s))) if s.is_conflict() || s.is_not_found() => {
                 self.written.lock().unwrap_or_else(|p| p.into_inner()).remove(&id.pod_uid);
@@ -379,15 +401,27 @@ impl Reports {
     }
 }
 
+/// The tunnels the pod was asked to open: its tunnels annotation (none if it does not parse).
+fn asked_tunnels(pod: &Pod) -> Vec<TunnelSpec> {
+    pod.metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(api::TUNNELS))
+        .and_then(|t| TunnelsFile::parse(t).ok())
+        .map(|f| f.tunnels)
+        .unwrap_or_default()
+}
+
 /// `POST /report`.
 pub(super) async fn handle(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
-    let (done, id) = state.reports.serve(state.client.as_ref(), &headers, body).await;
+    let (done, id) = state.reports.serve(&state, &headers, body).await;
     state.reports.reports.get_or_create(&ResultLabels { result: done.result.into() }).inc();
     let (namespace, pod) = id.as_ref().map(|i| (i.namespace.as_str(), i.pod_name.as_str())).unwrap_or_default();
     match done.result {
         "written" => info!(namespace, pod, "public addresses recorded on the pod"),
         "unchanged" => debug!(namespace, pod, "report unchanged"),
         "unavailable" => warn!(namespace, pod, reason = %done.message, "report not recorded"),
+        "forbidden" => info!(namespace, pod, reason = %done.message, "report refused"),
         // The caller's own problem: said in the answer, not worth more than debug here.
         _ => debug!(namespace, pod, status = done.status.as_u16(), reason = %done.message, "report refused"),
     }
@@ -397,74 +431,26 @@ pub(super) async fn handle(State(state): State<Arc<AppState>>, headers: HeaderMa
 #[cfg(test)]
 mod tests {
     use super::*;
-    use k8s_openapi::api::authentication::v1::UserInfo;
     use serde_json::json;
 
-    fn reviewed(username: &str, audiences: &[&str], extra: &[(&str, &str)]) -> TokenReviewStatus {
-        TokenReviewStatus {
-            authenticated: Some(true),
-            audiences: Some(audiences.iter().map(|a| a.to_string()).collect()),
-            user: Some(UserInfo {
-                username: Some(username.into()),
-                extra: Some(extra.iter().map(|(k, v)| (k.to_string(), vec![v.to_string()])).collect()),
-                ..Default::default()
-            }),
-            error: None,
-        }
+    fn spec(json: serde_json::Value) -> TunnelSpec {
+        serde_json::from_value(json).unwrap()
     }
 
-    #[test]
-    fn service_account_usernames() {
-        assert_eq!(service_account("system:serviceaccount:apps:default"), Some(("apps", "default")));
-        for bad in [
-            "system:serviceaccount:apps",
-            "system:serviceaccount::default",
-            "system:serviceaccount:apps:",
-            "system:serviceaccount:a:b:c",
-            "system:serviceaccounts:apps",
-            "alice",
-            "",
-        ] {
-            assert_eq!(service_account(bad), None, "{bad}");
-        }
+    fn http(name: &str, host: &str) -> TunnelSpec {
+        spec(json!({"name": name, "kind": "http", "host": host, "targetPort": 8080}))
     }
 
-    #[test]
-    fn only_a_pod_bound_service_account_token_for_our_audience() {
-        let bound = [(POD_NAME_EXTRA, "web-1"), (POD_UID_EXTRA, "1234")];
-        assert_eq!(
-            identity(&reviewed("system:serviceaccount:apps:web", &["tunnels.pico.sh"], &bound)),
-            Ok(PodIdentity {
-                namespace: "apps".into(),
-                service_account: "web".into(),
-                pod_name: "web-1".into(),
-                pod_uid: "1234".into()
-            })
-        );
-        let refused = |s: TokenReviewStatus| identity(&s).unwrap_err();
-        assert_eq!(refused(reviewed("system:serviceaccount:apps:web", &["other"], &bound)), Refusal::WrongAudience);
-        assert_eq!(
-            refused(reviewed("system:serviceaccount:apps:web", &["tunnels.pico.sh"], &[])),
-            Refusal::NotBoundToPod
-        );
-        assert_eq!(
-            refused(reviewed("system:serviceaccount:apps:web", &["tunnels.pico.sh"], &bound[..1])),
-            Refusal::NotBoundToPod,
-            "the uid is needed too"
-        );
-        assert_eq!(
-            refused(reviewed("alice", &["tunnels.pico.sh"], &bound)),
-            Refusal::NotServiceAccount("alice".into())
-        );
-        let rejected = TokenReviewStatus {
-            authenticated: Some(false),
-            error: Some("token audiences [\"other\"] is invalid".into()),
-            ..Default::default()
-        };
-        assert!(matches!(refused(rejected), Refusal::NotAuthenticated(e) if e.contains("is invalid")));
-        assert!(matches!(refused(TokenReviewStatus::default()), Refusal::NotAuthenticated(_)));
-        assert_eq!(Refusal::WrongAudience.status(), StatusCode::UNAUTHORIZED);
-        assert_eq!(Refusal::NotBoundToPod.status(), StatusCode::FORBIDDEN);
+    fn tcp(name: &str, port: Option<u16>) -> TunnelSpec {
+        spec(json!({"name": name, "kind": "tcp", "remotePort": port, "targetPort": 5432}))
+    }
+
+    fn posted(name: &str, state: &str, address: Option<&str>) -> PostedTunnel {
+        PostedTunnel { name: name.into(), state: state.into(), public_address: address.map(str::to_string) }
+    }
+
+    fn domains() -> Vec<String> {
+        vec!["tuns.sh".into()]
     }
 
     #[test]
@@ -478,12 +464,12 @@ mod tests {
                  "since": 1, "activeConnections": 0, "message": "connecting to tuns.sh"},
             ],
         });
-        let value = addresses_annotation(status.to_string().as_bytes()).unwrap();
+        let tunnels = parse_status(status.to_string().as_bytes()).unwrap();
         assert_eq!(
-            value,
+            annotation(&tunnels),
             r#"{"tunnels":{"db":{"state":"connecting"},"web":{"state":"established","publicAddress":"https://u-demo.tuns.sh"}}}"#
         );
-        assert_eq!(addresses_annotation(br#"{"tunnels":[]}"#).unwrap(), r#"{"tunnels":{}}"#);
+        assert_eq!(annotation(&parse_status(br#"{"tunnels":[]}"#).unwrap()), r#"{"tunnels":{}}"#);
     }
 
     #[test]
@@ -496,45 +482,122 @@ mod tests {
             (br#"{"tunnels":[{"name":"","state":"x"}]}"#, "1 to 253 characters"),
             (br#"{"tunnels":[{"name":"a","state":"x"},{"name":"a","state":"y"}]}"#, "appears twice"),
         ] {
-            let err = addresses_annotation(body).unwrap_err().to_string();
+            let err = parse_status(body).unwrap_err().to_string();
             assert!(err.contains(want), "{}: {err}", String::from_utf8_lossy(body));
         }
     }
 
     #[test]
-    fn bearer_tokens() {
-        let headers = |v: &str| {
-            let mut h = HeaderMap::new();
-            h.insert(header::AUTHORIZATION, v.parse().unwrap());
-            h
-        };
-        assert_eq!(bearer(&headers("Bearer abc.def")), Some("abc.def"));
-        assert_eq!(bearer(&headers("bearer abc")), Some("abc"));
-        assert_eq!(bearer(&headers("Basic abc")), None);
-        assert_eq!(bearer(&headers("Bearer ")), None);
-        assert_eq!(bearer(&HeaderMap::new()), None);
-    }
-
-    #[test]
-    fn caches_expire_and_stay_bounded() {
-        let mut c: Expiring<u32, u32> = Expiring::new(Duration::from_secs(60));
-        for i in 0..(CACHE_ENTRIES as u32 + 5) {
-            c.put(i, i);
+    fn only_the_pods_own_tunnels_in_known_states_are_kept() {
+        let asked = [http("web", "demo"), tcp("db", Some(5432))];
+        let report = [
+            posted("web", "established", Some("https://alice-demo.tuns.sh")),
+            posted("db", "connecting", None),
+            posted("stolen", "established", Some("https://alice-bank.tuns.sh")),
+            posted("web2", "nonsense", None),
+        ];
+        let checked = check(&report, &asked, &domains());
+        assert_eq!(checked.kept, report[..2].to_vec());
+        assert_eq!(
+            checked.dropped.iter().map(|(t, d)| (t.as_str(), d.reason())).collect::<Vec<_>>(),
+            [("stolen", "unknown_tunnel"), ("web2", "unknown_tunnel")]
+        );
+        let weird = [posted("web", "hacked", None)];
+        assert_eq!(check(&weird, &asked, &domains()).dropped[0].1, Dropped::UnknownState("hacked".into()));
+        // Every state the agent has is one of the known ones.
+        use crate::agent::state::ForwardState as S;
+        for s in [S::WaitingForApp, S::Connecting, S::Requesting, S::Established, S::StandingBy, S::Failed, S::Draining]
+        {
+            let name = serde_json::to_value(s).unwrap();
+            assert!(KNOWN_STATES.contains(&name.as_str().unwrap()), "{name}");
         }
-        assert!(c.entries.len() <= CACHE_ENTRIES);
-        assert_eq!(c.get(&(CACHE_ENTRIES as u32 + 4)), Some(CACHE_ENTRIES as u32 + 4));
-        let mut short: Expiring<u32, u32> = Expiring::new(Duration::ZERO);
-        short.put(1, 1);
-        assert_eq!(short.get(&1), None);
     }
 
     #[test]
-    fn token_hashes_are_keyed_and_distinct() {
-        let mut registry = Registry::default();
-        let a = Reports::new(&mut registry);
-        let b = Reports::new(&mut Registry::default());
-        assert_eq!(a.token_hash("t1"), a.token_hash("t1"));
-        assert_ne!(a.token_hash("t1"), a.token_hash("t2"));
-        assert_ne!(a.token_hash("t1"), b.token_hash("t1"), "a per-process key");
+    fn addresses_the_tunnel_can_have_are_kept() {
+        let ok = |address: &str, spec: &TunnelSpec, domains: &[&str]| {
+            let domains: Vec<String> = domains.iter().map(|d| d.to_string()).collect();
+            check_address(address, spec, &domains)
+        };
+        let demo = http("web", "demo");
+        for good in [
+            "https://alice-demo.tuns.sh",
+            "http://alice-demo.tuns.sh",
+            "https://demo.tuns.sh/",
+            "http://demo-alice.tuns.test:41511",
+        ] {
+            assert_eq!(ok(good, &demo, &["tuns.sh", "tuns.test"]), Ok(()), "{good}");
+        }
+        let custom = http("shop", "shop.example.com");
+        assert_eq!(ok("https://shop.example.com", &custom, &["tuns.sh"]), Ok(()));
+        assert_eq!(ok("nue.tuns.sh:5432", &tcp("db", Some(5432)), &["nue.tuns.sh", "tuns.sh"]), Ok(()));
+        assert_eq!(ok("tcp://tuns.test:38663", &tcp("db", None), &["tuns.test"]), Ok(()));
+        let tls = spec(json!({"name": "t", "kind": "tls", "host": "demo", "targetPort": 8443}));
+        assert_eq!(ok("demo-alice.tuns.test:443", &tls, &["tuns.test"]), Ok(()));
+
+        for (bad, spec, reason) in [
+            // Another tenant's name, or a name nobody asked for, under the right domain.
+            ("https://alice-bank.tuns.sh", &demo, "not_requested"),
+            ("https://x7k.tuns.sh", &demo, "not_requested"),
+            ("https://demox.tuns.sh", &demo, "not_requested"),
+            // Outside the server's domain: anything a Gateway's status would then show.
+            ("https://demo.evil.example", &demo, "outside_domain"),
+            ("https://demo.tuns.sh.evil.example", &demo, "outside_domain"),
+            ("https://eviltuns.sh", &demo, "outside_domain"),
+            ("https://www.example.com", &custom, "not_requested"),
+            // Not a hostname the Gateway API accepts.
+            ("https://Demo.tuns.sh", &demo, "bad_host"),
+            ("https://demo_x.tuns.sh", &demo, "bad_host"),
+            ("https://-demo.tuns.sh", &demo, "bad_host"),
+            ("https://demo..tuns.sh", &demo, "bad_host"),
+            ("https://127.0.0.1", &demo, "bad_host"),
+            ("https://", &demo, "bad_host"),
+            // Not http/https for an http tunnel; not host:port for tcp.
+            ("javascript://demo.tuns.sh", &demo, "bad_scheme"),
+            ("alice-demo.tuns.sh", &demo, "bad_scheme"),
+            ("https://tuns.sh:5432", &tcp("db", None), "bad_scheme"),
+            ("https://demo.tuns.sh/path", &demo, "bad_address"),
+            ("https://user@demo.tuns.sh", &demo, "bad_address"),
+            ("https://demo.tuns.sh:0", &demo, "bad_address"),
+            ("https://demo.tuns.sh:99999", &demo, "bad_address"),
+            ("https://demo.tuns.sh\n", &demo, "bad_address"),
+            ("tuns.sh", &tcp("db", None), "bad_address"),
+            ("[::1]:5432", &tcp("db", None), "bad_address"),
+            ("tuns.sh:5433", &tcp("db", Some(5432)), "not_requested"),
+        ] {
+            let got = ok(bad, spec, &["tuns.sh"]);
+            assert_eq!(got.as_ref().map_err(|(r, _)| *r), Err(reason), "{bad}: {got:?}");
+        }
+        let long = format!("https://{}.tuns.sh", "a".repeat(300));
+        assert!(ok(&long, &demo, &["tuns.sh"]).is_err());
+        // No domain configured (an IP server without --server-domain): only custom domains.
+        assert_eq!(ok("https://demo.tuns.sh", &demo, &[]).map_err(|(r, _)| r), Err("outside_domain"));
+        assert_eq!(ok("https://shop.example.com", &custom, &[]), Ok(()));
+    }
+
+    #[test]
+    fn a_bad_address_drops_its_tunnel_only_and_says_why() {
+        let asked = [http("web", "demo"), http("api", "api")];
+        let report = [
+            posted("web", "established", Some("https://x.evil.example")),
+            posted("api", "established", Some("https://alice-api.tuns.sh")),
+        ];
+        let checked = check(&report, &asked, &domains());
+        assert_eq!(checked.kept, report[1..].to_vec());
+        let (tunnel, why) = &checked.dropped[0];
+        assert_eq!((tunnel.as_str(), why.reason()), ("web", "outside_domain"));
+        assert!(why.to_string().contains("x.evil.example") && why.to_string().contains("--server-domain"), "{why}");
+        let long = "x".repeat(500);
+        let dropped = check(&[posted(&long, "established", None)], &asked, &domains()).dropped;
+        assert!(dropped[0].0.len() < 100, "what a caller sent is shortened in logs");
+    }
+
+    #[test]
+    fn server_domains_by_default() {
+        assert_eq!(default_domains("tuns.sh"), ["tuns.sh"]);
+        assert_eq!(default_domains("nue.tuns.sh"), ["nue.tuns.sh", "tuns.sh"]);
+        assert_eq!(default_domains("Tunnels.Example.com."), ["tunnels.example.com"]);
+        assert!(default_domains("127.0.0.1").is_empty());
+        assert!(default_domains("::1").is_empty());
     }
 }

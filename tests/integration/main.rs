@@ -3,6 +3,7 @@
 //! `scripts/test` runs everything with `--include-ignored` after building the ground.
 
 mod cert_manager;
+mod certificate_endpoint;
 
 mod agent;
 mod certificates;

@@ -1,7 +1,9 @@
 //! The public address a sidecar learns reaches its pod: the real `picotun agent` tunnels through
 //! sish (as tuns.sh runs it) and POSTs its status, with a token the real apiserver bound to the pod, to the real
 //! `picotun webhook`'s `/report`, which checks it with a TokenReview and writes the pod's
-//! `tunnels.pico.sh/addresses` annotation. And what must be refused is refused.
+//! `tunnels.pico.sh/addresses` annotation. And what must be refused is refused: pods the webhook
+//! did not inject (whatever containers and tokens they bring), and reported tunnels the pod was
+//! not asked to open or addresses the tunnel cannot have.
 
 use std::path::Path;
 use std::process::Command;
@@ -19,7 +21,7 @@ use serde_json::{Value, json};
 const ADDRESSES: &str = "tunnels.pico.sh/addresses";
 pub(crate) const AUDIENCE: &str = "tunnels.pico.sh";
 
-use crate::support::Webhook;
+use crate::support::{Webhook, WebhookOptions, label_for_injection, pod_json, wait_active};
 
 impl Webhook {
     fn report_url(&self) -> String {
@@ -34,24 +36,37 @@ impl Webhook {
     }
 }
 
-/// A pod as the webhook injects it with reporting on (the apiserver validates the projected token
-/// volume; the sidecar is what `/report` requires), or a plain one.
-async fn injected_pod(client: &kube::Client, namespace: &str, name: &str, inject: bool) -> Pod {
-    let pod: Pod = serde_json::from_value(json!({
-        "metadata": {"name": name, "labels": {"app": name}, "annotations": {"tunnels.pico.sh/expose": "http:app=8080"}},
-        "spec": {"containers": [{"name": "app", "image": "registry.example/app:1"}]},
-    }))
-    .unwrap();
+/// The pod's tunnel: `http-app`, asking for the name `app` (its expose annotation).
+const EXPOSE: &str = "http:app=8080";
+
+/// A namespace labeled for injection with `webhook` registered for it, ready.
+async fn served_namespace(
+    ground: &'static ControlPlane,
+    webhook: &mut Webhook,
+    prefix: &str,
+) -> (picotun_testground::kube_ground::TestNamespace, Api<Pod>) {
+    let client = ground.client().await.unwrap();
+    let ns = ground.namespace(prefix).await.unwrap();
+    label_for_injection(&client, ns.name()).await;
+    webhook.register(&client, &[ns.name()], true).await;
+    let pods: Api<Pod> = Api::namespaced(client, ns.name());
+    wait_active(&pods).await;
+    (ns, pods)
+}
+
+/// A pod the webhook injects (reporting on: the sidecar has its projected token and a ticket), or
+/// with `inject` false, a plain one it leaves alone.
+async fn created_pod(pods: &Api<Pod>, name: &str, inject: bool) -> Pod {
     let pod = if inject {
-        let config = picotun::webhook::inject::InjectConfig {
-            report_url: "https://picotun-webhook.pico-sh-system.svc:443/report".into(),
-            ..Default::default()
-        };
-        picotun::webhook::inject::mutate(&pod, namespace, None, &[], false, &config).pod.unwrap()
+        pod_json(
+            name,
+            json!({"app": name, "tunnels.pico.sh/inject": "true"}),
+            json!({"tunnels.pico.sh/expose": EXPOSE}),
+        )
     } else {
-        pod
+        pod_json(name, json!({"app": name}), json!({}))
     };
-    let stored = Api::<Pod>::namespaced(client.clone(), namespace).create(&PostParams::default(), &pod).await.unwrap();
+    let stored = pods.create(&PostParams::default(), &pod).await.unwrap();
     let volumes = stored.spec.as_ref().and_then(|s| s.volumes.as_ref());
     assert_eq!(inject, volumes.is_some_and(|v| v.iter().any(|v| v.name == "picotun-report-token")));
     stored
@@ -97,7 +112,7 @@ fn start_agent(
     let tunnels = dir.join("tunnels.json");
     std::fs::write(
         &tunnels,
-        format!(r#"{{"tunnels":[{{"name":"web","kind":"http","host":"app","targetPort":{backend_port}}}]}}"#),
+        format!(r#"{{"tunnels":[{{"name":"http-app","kind":"http","host":"app","targetPort":{backend_port}}}]}}"#),
     )
     .unwrap();
     let admin = format!("127.0.0.1:{}", free_port());
@@ -122,10 +137,9 @@ fn start_agent(
 async fn a_sidecar_reports_the_address_sish_assigned_onto_its_pod() {
     let ground = ControlPlane::shared(Existing::Allowed).await.unwrap();
     let client = ground.client().await.unwrap();
-    let ns = ground.namespace("report").await.unwrap();
-    let pods: Api<Pod> = Api::namespaced(client.clone(), ns.name());
-    let pod = injected_pod(&client, ns.name(), "web", true).await;
-    let webhook = Webhook::start(ground, true).await;
+    let mut webhook = Webhook::start(ground, true).await;
+    let (ns, pods) = served_namespace(ground, &mut webhook, "report").await;
+    let pod = created_pod(&pods, "web", true).await;
 
     let dir = tempfile::tempdir().unwrap();
     let token_file = dir.path().join("token");
@@ -160,7 +174,7 @@ async fn a_sidecar_reports_the_address_sish_assigned_onto_its_pod() {
     assert!(public.contains(&server.http_host("alice", "app")), "{public}");
 
     // ...is on the pod, through the apiserver.
-    let want = json!({"tunnels": {"web": {"state": "established", "publicAddress": public}}});
+    let want = json!({"tunnels": {"http-app": {"state": "established", "publicAddress": public}}});
     let started = Instant::now();
     let seen = wait_for("the addresses annotation", Duration::from_secs(20), Duration::from_millis(100), || {
         let pods = pods.clone();
@@ -209,13 +223,13 @@ async fn a_sidecar_reports_the_address_sish_assigned_onto_its_pod() {
 async fn reports_without_a_pod_bound_token_or_with_a_broken_body_are_refused() {
     let ground = ControlPlane::shared(Existing::Allowed).await.unwrap();
     let client = ground.client().await.unwrap();
-    let ns = ground.namespace("report-refused").await.unwrap();
-    let pods: Api<Pod> = Api::namespaced(client.clone(), ns.name());
-    let pod = injected_pod(&client, ns.name(), "web", true).await;
-    let plain = injected_pod(&client, ns.name(), "plain", false).await;
-    let webhook = Webhook::start(ground, true).await;
-    let status = json!({"tunnels": [{"name": "web", "state": "established", "publicAddress": "https://web.example"}]})
-        .to_string();
+    let mut webhook = Webhook::start(ground, true).await;
+    let (ns, pods) = served_namespace(ground, &mut webhook, "report-refused").await;
+    let pod = created_pod(&pods, "web", true).await;
+    let plain = created_pod(&pods, "plain", false).await;
+    let status = json!({"tunnels": [
+        {"name": "http-app", "state": "established", "publicAddress": "https://app-alice.tuns.test"}]})
+    .to_string();
 
     let wrong_audience = token(&client, ns.name(), Some(&pod), "some-other-service").await;
     let unbound = token(&client, ns.name(), None, AUDIENCE).await;
@@ -228,7 +242,13 @@ async fn reports_without_a_pod_bound_token_or_with_a_broken_body_are_refused() {
         ("not bound to a pod", Some(unbound.as_str()), status.as_str(), 403, "not bound to a pod"),
         ("malformed body", Some(good.as_str()), "{not json", 400, "not an agent /status document"),
         ("wrong shape", Some(good.as_str()), r#"{"tunnels":{"web":1}}"#, 400, "not an agent /status document"),
-        ("a pod picotun did not inject", Some(plain_token.as_str()), status.as_str(), 403, "no picotun-agent sidecar"),
+        (
+            "a pod picotun did not inject",
+            Some(plain_token.as_str()),
+            status.as_str(),
+            403,
+            "no picotun-agent container",
+        ),
     ] {
         let (code, text) = webhook.report(token, body).await;
         assert_eq!(code, want_status, "{what}: {text}");
@@ -247,7 +267,7 @@ async fn reports_without_a_pod_bound_token_or_with_a_broken_body_are_refused() {
     assert_eq!(webhook.report(Some(&good), &status).await, (200, "unchanged\n".into()));
     assert_eq!(
         addresses(&pods, "web").await.as_deref(),
-        Some(r#"{"tunnels":{"web":{"state":"established","publicAddress":"https://web.example"}}}"#)
+        Some(r#"{"tunnels":{"http-app":{"state":"established","publicAddress":"https://app-alice.tuns.test"}}}"#)
     );
     let metrics = webhook.metrics().await;
     for (result, n) in [("unauthenticated", 3), ("forbidden", 2), ("bad_request", 3), ("written", 1), ("unchanged", 1)]
@@ -259,4 +279,203 @@ async fn reports_without_a_pod_bound_token_or_with_a_broken_body_are_refused() {
         );
     }
     assert!(!webhook.proc.log_tail(200).contains(&good), "the token is never logged");
+}
+
+/// POST /report with `token` and the tunnels given as (name, state, address).
+async fn report_tunnels(webhook: &Webhook, token: &str, tunnels: &[(&str, &str, Option<&str>)]) -> (u16, String) {
+    let tunnels: Vec<Value> =
+        tunnels.iter().map(|(n, s, a)| json!({"name": n, "state": s, "publicAddress": a})).collect();
+    webhook.report(Some(token), &json!({ "tunnels": tunnels }).to_string()).await
+}
+
+#[tokio::test]
+#[ignore = "needs the test ground (scripts/build-testground)"]
+async fn what_a_report_says_is_checked_before_it_reaches_the_pod() {
+    let ground = ControlPlane::shared(Existing::Allowed).await.unwrap();
+    let client = ground.client().await.unwrap();
+    let mut webhook = Webhook::start(ground, true).await;
+    let (ns, pods) = served_namespace(ground, &mut webhook, "report-checked").await;
+    // Four tunnels: two tuns names, a TCP port and a custom domain.
+    let pod = pod_json(
+        "web",
+        json!({"tunnels.pico.sh/inject": "true"}),
+        json!({"tunnels.pico.sh/expose": "http:app=8080, http:demo=8080, tcp:5432=8080, http:shop.example.com=8080"}),
+    );
+    let pod = pods.create(&PostParams::default(), &pod).await.unwrap();
+    let bound = token(&client, ns.name(), Some(&pod), AUDIENCE).await;
+    let dropped = |reason: &str| format!("picotun_webhook_report_entries_dropped_total{{reason=\"{reason}\"}}");
+
+    // What the pod's tunnels can have is kept; a tunnel it was not asked to open is not.
+    let (status, text) = report_tunnels(
+        &webhook,
+        &bound,
+        &[
+            ("http-app", "established", Some("https://app-alice.tuns.test")),
+            ("http-demo", "standingBy", None),
+            ("tcp-5432", "established", Some("tuns.test:5432")),
+            ("http-shop-example-com", "established", Some("https://shop.example.com")),
+            ("stolen", "established", Some("https://bank-alice.tuns.test")),
+        ],
+    )
+    .await;
+    assert_eq!(status, 200, "{text}");
+    assert!(text.starts_with("written (dropped: tunnel \"stolen\": not one of the pod's tunnels"), "{text}");
+    assert_eq!(
+        addresses(&pods, "web").await.as_deref(),
+        Some(concat!(
+            r#"{"tunnels":{"http-app":{"state":"established","publicAddress":"https://app-alice.tuns.test"},"#,
+            r#""http-demo":{"state":"standingBy"},"#,
+            r#""http-shop-example-com":{"state":"established","publicAddress":"https://shop.example.com"},"#,
+            r#""tcp-5432":{"state":"established","publicAddress":"tuns.test:5432"}}}"#
+        ))
+    );
+    assert_eq!(webhook.metric(&dropped("unknown_tunnel")).await, 1);
+
+    // Each bad entry goes alone, with its reason; the good one stays.
+    let (status, text) = report_tunnels(
+        &webhook,
+        &bound,
+        &[
+            // Outside the server's domain: what would end up in a Gateway's addresses.
+            ("http-app", "established", Some("https://app-alice.evil.example")),
+            // Not a hostname the Gateway CRD accepts (one such value fails every status patch).
+            ("http-shop-example-com", "established", Some("https://Shop.example.com")),
+            ("http-demo", "established", Some("https://demo-alice.tuns.test/<script>")),
+            ("tcp-5432", "pwned", Some("tuns.test:5432")),
+        ],
+    )
+    .await;
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(addresses(&pods, "web").await.as_deref(), Some(r#"{"tunnels":{}}"#));
+    for reason in ["outside_domain", "bad_host", "bad_address", "unknown_state"] {
+        assert_eq!(webhook.metric(&dropped(reason)).await, 1, "{reason}: {text}");
+    }
+    let (status, _) = report_tunnels(&webhook, &bound, &[("tcp-5432", "established", Some("tuns.test:5433"))]).await;
+    assert_eq!(status, 200);
+    assert_eq!(webhook.metric(&dropped("not_requested")).await, 1, "another port than the one asked for");
+    let log = std::fs::read_to_string(webhook.proc.log_path()).unwrap();
+    let logged = log.lines().filter(|l| l.contains("reported tunnel dropped")).count();
+    assert_eq!(logged, 6, "every dropped entry is logged:\n{log}");
+    webhook.unregister(&client).await;
+}
+
+#[tokio::test]
+#[ignore = "needs the test ground (scripts/build-testground)"]
+async fn only_pods_the_webhook_injected_may_report_or_get_a_certificate() {
+    let ground = ControlPlane::shared(Existing::Allowed).await.unwrap();
+    let client = ground.client().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ca_dir = dir.path().join("ssh-ca");
+    std::fs::create_dir(&ca_dir).unwrap();
+    std::fs::write(ca_dir.join("ca"), picotun::sshca::SshCa::generate("test-ca").to_openssh()).unwrap();
+    let options = WebhookOptions { certificate_ca_dir: Some(ca_dir), ..Default::default() };
+    let mut webhook = Webhook::start_with(Some(ground), options).await;
+    let (ns, pods) = served_namespace(ground, &mut webhook, "ticket").await;
+    let genuine = created_pod(&pods, "genuine", true).await;
+    let ticket = genuine.metadata.annotations.as_ref().and_then(|a| a.get("tunnels.pico.sh/injected"));
+    eprintln!("the webhook's ticket on the genuine pod: {ticket:?}");
+    // Another namespace the webhook is not called for.
+    let elsewhere = ground.namespace("ticket-elsewhere").await.unwrap();
+    let other_pods: Api<Pod> = Api::namespaced(client.clone(), elsewhere.name());
+
+    // The pieces of the genuine pod a pod author can copy: the sidecar container exactly as
+    // stored, its volumes (the projected token among them), its annotations.
+    let genuine_spec = genuine.spec.clone().unwrap();
+    let mut sidecar = genuine_spec.init_containers.clone().unwrap();
+    // (Without the API token mount an older webhook left on it: that volume is not copied.)
+    for c in &mut sidecar {
+        c.volume_mounts.as_mut().unwrap().retain(|m| m.mount_path != "/var/run/secrets/kubernetes.io/serviceaccount");
+    }
+    let volumes: Vec<_> =
+        genuine_spec.volumes.clone().unwrap().into_iter().filter(|v| v.name.starts_with("picotun-")).collect();
+    let genuine_annotations = genuine.metadata.annotations.clone().unwrap();
+    let made_by_hand = |name: &str, labels: Value, with_ticket: bool| {
+        let mut pod = pod_json(name, labels, json!({}));
+        let spec = pod.spec.as_mut().unwrap();
+        spec.init_containers = Some(sidecar.clone());
+        spec.volumes = Some(volumes.clone());
+        // Else the apiserver mounts the service-account token into every container it is given,
+        // the copied sidecar too, and the copy no longer matches for that reason alone.
+        spec.automount_service_account_token = Some(false);
+        let annotations = pod.metadata.annotations.get_or_insert_with(Default::default);
+        annotations.insert(
+            "tunnels.pico.sh/tunnels".into(),
+            r#"{"tunnels":[{"name":"http-app","kind":"http","host":"app","targetPort":8080}]}"#.into(),
+        );
+        if with_ticket {
+            let ticket = genuine_annotations.get("tunnels.pico.sh/injected").cloned().unwrap_or_default();
+            annotations.insert("tunnels.pico.sh/injected".into(), ticket);
+        }
+        pod
+    };
+    let pp = PostParams::default();
+    let status = json!({"tunnels": [{"name": "http-app", "state": "established", "publicAddress": "https://app-alice.tuns.test"}]})
+        .to_string();
+    let key = json!({"publicKey": picotun::sshca::SshCa::generate("k").public_line()}).to_string();
+    let both = |token: String| {
+        let (webhook, status, key) = (&webhook, status.clone(), key.clone());
+        async move {
+            let report = webhook.report(Some(&token), &status).await;
+            let certificate = webhook.certificate(Some(&token), "application/json", &key).await;
+            (report, certificate)
+        }
+    };
+    let refused = |what: &str, ((rs, rt), (cs, ct)): ((u16, String), (u16, String)), want: &str| {
+        assert_eq!((rs, cs), (403, 403), "{what}: report {rt:?}, certificate {ct:?}");
+        assert!(rt.contains(want) && ct.contains(want), "{what}: report {rt:?}, certificate {ct:?}; want {want:?}");
+        eprintln!("{what}: 403 {}", rt.trim());
+    };
+
+    // 1. The author writes the sidecar and the token volume into a pod of his own (where the
+    //    webhook is not called): no ticket.
+    let forged = other_pods.create(&pp, &made_by_hand("forged", json!({"app": "forged"}), false)).await.unwrap();
+    let answers = both(token(&client, elsewhere.name(), Some(&forged), AUDIENCE).await).await;
+    refused("a sidecar added by the pod's author", answers, "carries no tunnels.pico.sh/injected ticket");
+
+    // 2. ... with the genuine pod's ticket, copied to another namespace.
+    let copied = other_pods.create(&pp, &made_by_hand("copied", json!({"app": "copied"}), true)).await.unwrap();
+    let answers = both(token(&client, elsewhere.name(), Some(&copied), AUDIENCE).await).await;
+    refused("a ticket copied to another namespace", answers, "does not match this pod");
+
+    // 3. ... in the same namespace, opted out so the webhook leaves it alone.
+    let opted_out = made_by_hand("opted-out", json!({"app": "x", "tunnels.pico.sh/inject": "false"}), true);
+    let opted_out = pods.create(&pp, &opted_out).await.unwrap();
+    assert!(opted_out.metadata.annotations.as_ref().unwrap().contains_key("tunnels.pico.sh/injected"));
+    let answers = both(token(&client, ns.name(), Some(&opted_out), AUDIENCE).await).await;
+    refused("a ticket copied into an opted-out pod", answers, "opts out of injection");
+
+    // 4. ... in the same namespace, opted in, with tunnels of its own choosing: the webhook puts
+    //    its own tunnels (and sidecar) in their place.
+    let mut chosen = made_by_hand("chosen", json!({"app": "x", "tunnels.pico.sh/inject": "true"}), true);
+    chosen.metadata.annotations.as_mut().unwrap().insert(
+        "tunnels.pico.sh/tunnels".into(),
+        r#"{"tunnels":[{"name":"x","kind":"http","host":"someone-elses","targetPort":8080}]}"#.into(),
+    );
+    let chosen = pods.create(&pp, &chosen).await.unwrap();
+    assert_eq!(chosen.metadata.annotations.as_ref().unwrap()["tunnels.pico.sh/tunnels"], r#"{"tunnels":[]}"#);
+
+    // 5. The app mounts the token volume the webhook adds.
+    let mut mounting = pod_json("mounting", json!({"tunnels.pico.sh/inject": "true"}), json!({}));
+    mounting.spec.as_mut().unwrap().containers[0].volume_mounts =
+        Some(vec![serde_json::from_value(json!({"name": "picotun-report-token", "mountPath": "/stolen"})).unwrap()]);
+    let mounting = pods.create(&pp, &mounting).await.unwrap();
+    let answers = both(token(&client, ns.name(), Some(&mounting), AUDIENCE).await).await;
+    refused("the app mounts the sidecar's token", answers, "container app mounts picotun-report-token, a credential");
+
+    // 6. Every container sees every process (and so the sidecar's files through /proc).
+    let mut shared = pod_json("shared", json!({"tunnels.pico.sh/inject": "true"}), json!({}));
+    shared.spec.as_mut().unwrap().share_process_namespace = Some(true);
+    let shared = pods.create(&pp, &shared).await.unwrap();
+    let answers = both(token(&client, ns.name(), Some(&shared), AUDIENCE).await).await;
+    refused("shareProcessNamespace", answers, "shareProcessNamespace");
+
+    // The genuine pod, for contrast: both answered.
+    let ((rs, rt), (cs, ct)) = both(token(&client, ns.name(), Some(&genuine), AUDIENCE).await).await;
+    assert_eq!((rs, cs), (200, 200), "{rt} {ct}");
+    assert_eq!(webhook.metric("picotun_webhook_reports_total{result=\"forbidden\"}").await, 5);
+    assert_eq!(webhook.metric("picotun_webhook_certificates_total{result=\"forbidden\"}").await, 5);
+    for name in ["forged", "copied"] {
+        assert_eq!(addresses(&other_pods, name).await, None, "nothing was written on {name}");
+    }
+    webhook.unregister(&client).await;
 }

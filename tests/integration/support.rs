@@ -5,8 +5,10 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, ListParams};
+use base64::Engine;
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::core::v1::{Container, Namespace, Pod};
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use picotun_testground::pki::Ca;
 use picotun_testground::{ControlPlane, Proc, free_port, http, wait_for};
 
@@ -24,19 +26,69 @@ pub struct Webhook {
     _dir: tempfile::TempDir,
 }
 
+/// How to start the webhook beyond the defaults every test gets.
+#[derive(Clone, Debug, Default)]
+pub struct WebhookOptions {
+    /// Injected sidecars are told to report to this webhook's /report.
+    pub reporting: bool,
+    /// Certificate mode (`--sidecar-auth certificate`, reporting on) with the SSH CA in this
+    /// directory (`ca`, as the Secret picotun-ssh-ca is mounted); None: key mode.
+    pub certificate_ca_dir: Option<PathBuf>,
+    /// More flags, last.
+    pub args: Vec<String>,
+}
+
+/// The `picotun` binary under test: this build, or `PICOTUN_TEST_BINARY` (to see a test fail on
+/// an older build; flags that build does not know are left out, see [`known_flags`]).
+pub fn picotun_binary() -> PathBuf {
+    std::env::var_os("PICOTUN_TEST_BINARY").map(PathBuf::from).unwrap_or_else(|| env!("CARGO_BIN_EXE_picotun").into())
+}
+
+/// `args` without the `--flags` (and their values) that `picotun <subcommand>` of the binary under
+/// test does not list in its --help: the same test runs against an older build.
+pub fn known_flags(subcommand: &str, args: Vec<String>) -> Vec<String> {
+    if std::env::var_os("PICOTUN_TEST_BINARY").is_none() {
+        return args;
+    }
+    let help = Command::new(picotun_binary()).args([subcommand, "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&help.stdout).to_string();
+    let mut out = Vec::new();
+    let mut args = args.into_iter().peekable();
+    while let Some(arg) = args.next() {
+        let unknown =
+            arg.starts_with("--") && !help.contains(&format!("{arg} ")) && !help.contains(&format!("{arg}\n"));
+        if unknown {
+            eprintln!("known_flags: {} has no {arg}; left out", picotun_binary().display());
+            if args.peek().is_some_and(|v| !v.starts_with("--")) {
+                args.next();
+            }
+        } else {
+            out.push(arg);
+        }
+    }
+    out
+}
+
 impl Webhook {
-    /// With `reporting`, injected sidecars are told to report to this webhook's /report.
+    /// Key mode (the account key Secret mounted into sidecars); with `reporting`, injected
+    /// sidecars are told to report to this webhook's /report.
     pub async fn start(ground: &ControlPlane, reporting: bool) -> Webhook {
+        Self::start_with(Some(ground), WebhookOptions { reporting, ..Default::default() }).await
+    }
+
+    /// Against `ground`'s apiserver, or (None) with no Kubernetes API at all: the HTTPS server
+    /// alone, for tests of the server itself.
+    pub async fn start_with(ground: Option<&ControlPlane>, options: WebhookOptions) -> Webhook {
         let dir = tempfile::tempdir().unwrap();
         let ca = Ca::new("webhook-test-ca").unwrap();
         let (cert_file, key_file) = ca.issue_loopback_server(&[]).unwrap().write(dir.path(), "tls").unwrap();
         let port = free_port();
         let addr = format!("127.0.0.1:{port}");
         let admin = format!("127.0.0.1:{}", free_port());
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_picotun"));
-        cmd.args(["webhook", "--listen", &addr, "--admin-addr", &admin])
-            .args(["--cert-file", cert_file.to_str().unwrap(), "--key-file", key_file.to_str().unwrap()])
-            .args([
+        let mut args: Vec<String> = ["webhook", "--listen", &addr, "--admin-addr", &admin]
+            .into_iter()
+            .chain(["--cert-file", cert_file.to_str().unwrap(), "--key-file", key_file.to_str().unwrap()])
+            .chain([
                 "--cert-reload-interval",
                 "200ms",
                 "--sidecar-image",
@@ -44,14 +96,35 @@ impl Webhook {
                 "--namespace",
                 "pico-sh-system",
             ])
-            .env("KUBECONFIG", ground.kubeconfig())
-            .env("PICOTUN_LOG", "picotun=debug,info");
-        if reporting {
+            // The test ground's tunnel servers name public addresses under these.
+            .chain(["--server-domain", "tuns.test,sandhole.test"])
+            .map(str::to_string)
+            .collect();
+        let mut cmd = Command::new(picotun_binary());
+        match ground {
+            Some(ground) => {
+                // The ticket key Secret lives in picotun's namespace (made by the webhook).
+                own_namespace(&ground.client().await.unwrap()).await;
+                cmd.env("KUBECONFIG", ground.kubeconfig());
+            }
+            None => {
+                cmd.env("KUBECONFIG", dir.path().join("no-such-kubeconfig")).env_remove("KUBERNETES_SERVICE_HOST");
+            }
+        }
+        if options.reporting || options.certificate_ca_dir.is_some() {
             let ca_file = dir.path().join("ca.crt");
             std::fs::write(&ca_file, ca.cert_pem()).unwrap();
-            cmd.args(["--agent-report-url", &format!("https://{addr}/report")])
-                .args(["--agent-report-ca-file", ca_file.to_str().unwrap()]);
+            args.extend(["--agent-report-url".into(), format!("https://{addr}/report")]);
+            args.extend(["--agent-report-ca-file".into(), ca_file.to_str().unwrap().into()]);
         }
+        match &options.certificate_ca_dir {
+            Some(ca_dir) => args.extend(
+                ["--sidecar-auth", "certificate", "--ssh-ca-dir", ca_dir.to_str().unwrap()].map(str::to_string),
+            ),
+            None => args.extend(["--sidecar-auth", "key"].map(str::to_string)),
+        }
+        args.extend(options.args.iter().cloned());
+        cmd.args(known_flags("webhook", args)).env("PICOTUN_LOG", "picotun=debug,info");
         let mut proc = Proc::spawn("picotun-webhook", cmd, &dir.path().join("webhook.log")).unwrap();
         let deadline = Instant::now() + Duration::from_secs(20);
         while !http::get(&admin, "w", "/ready").await.is_ok_and(|r| r.status == 200) {
@@ -59,6 +132,51 @@ impl Webhook {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         Webhook { proc, port, addr, admin, ca, cert_file, key_file, config_name: String::new(), _dir: dir }
+    }
+
+    /// A metric's value (0 when absent): the line starting with `line_prefix`.
+    pub async fn metric(&self, line_prefix: &str) -> u64 {
+        let text = self.metrics().await;
+        text.lines().find_map(|l| l.strip_prefix(line_prefix).and_then(|v| v.trim().parse().ok())).unwrap_or(0)
+    }
+
+    /// Registers the webhook for pods in `namespaces`; with `require_label`, only where the
+    /// namespace carries the injection label (as deploy/ registers it).
+    pub async fn register(&mut self, client: &kube::Client, namespaces: &[&str], require_label: bool) {
+        self.config_name = format!("picotun-test-{}", picotun_testground::random_suffix());
+        let mut selector = serde_json::json!({"matchExpressions": [{"key": "kubernetes.io/metadata.name", "operator": "In", "values": namespaces}]});
+        if require_label {
+            selector["matchLabels"] = serde_json::json!({"tunnels.pico.sh/injection": "enabled"});
+        }
+        let config: MutatingWebhookConfiguration = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": self.config_name},
+            "webhooks": [{
+                "name": "inject.tunnels.pico.sh",
+                "clientConfig": {
+                    "url": format!("https://127.0.0.1:{}/mutate", self.port),
+                    "caBundle": base64::engine::general_purpose::STANDARD.encode(self.ca.cert_pem()),
+                },
+                "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"], "scope": "Namespaced"}],
+                "namespaceSelector": selector,
+                "sideEffects": "None",
+                "admissionReviewVersions": ["v1"],
+                // Fail, so a webhook error shows up in the test instead of a silently plain pod.
+                "failurePolicy": "Fail",
+                "reinvocationPolicy": "IfNeeded",
+                "timeoutSeconds": 5,
+            }],
+        }))
+        .unwrap();
+        Api::<MutatingWebhookConfiguration>::all(client.clone())
+            .create(&kube::api::PostParams::default(), &config)
+            .await
+            .unwrap();
+    }
+
+    pub async fn unregister(&self, client: &kube::Client) {
+        let _ = Api::<MutatingWebhookConfiguration>::all(client.clone())
+            .delete(&self.config_name, &kube::api::DeleteParams::default())
+            .await;
     }
 
     pub async fn metrics(&self) -> String {
@@ -133,4 +251,50 @@ pub async fn running_pods(pods: &Api<Pod>, labels: &str, count: usize) -> Vec<Po
     )
     .await
     .unwrap()
+}
+
+/// picotun's namespace, pico-sh-system, created if it is not there yet.
+pub async fn own_namespace(client: &kube::Client) {
+    let ns: Namespace = serde_json::from_value(serde_json::json!({"metadata": {"name": "pico-sh-system"}})).unwrap();
+    let _ = Api::all(client.clone()).create(&PostParams::default(), &ns).await;
+}
+
+pub async fn label_for_injection(client: &kube::Client, ns: &str) {
+    let patch = serde_json::json!({"metadata": {"labels": {"tunnels.pico.sh/injection": "enabled"}}});
+    Api::<Namespace>::all(client.clone()).patch(ns, &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+}
+
+pub fn pod_json(name: &str, labels: serde_json::Value, annotations: serde_json::Value) -> Pod {
+    serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name, "labels": labels, "annotations": annotations},
+        "spec": {"containers": [{"name": "app", "image": "registry.example/app:1", "ports": [{"name": "http", "containerPort": 8080}]}]},
+    }))
+    .unwrap()
+}
+
+pub fn sidecar_of(pod: &Pod) -> Option<&Container> {
+    let spec = pod.spec.as_ref()?;
+    spec.init_containers.iter().flatten().chain(spec.containers.iter()).find(|c| c.name == "picotun-agent")
+}
+
+pub fn sidecar_count(pod: &Pod) -> usize {
+    let spec = pod.spec.as_ref().unwrap();
+    spec.init_containers.iter().flatten().chain(spec.containers.iter()).filter(|c| c.name == "picotun-agent").count()
+}
+
+/// Creates opted-in probe pods until the apiserver has picked the configuration up.
+pub async fn wait_active(pods: &Api<Pod>) {
+    let mut n = 0;
+    wait_for("the webhook configuration to take effect", Duration::from_secs(30), Duration::from_millis(200), || {
+        n += 1;
+        let pods = pods.clone();
+        let name = format!("probe-{n}");
+        async move {
+            let p = pod_json(&name, serde_json::json!({"tunnels.pico.sh/inject": "true"}), serde_json::json!({}));
+            let created = pods.create(&PostParams::default(), &p).await.map_err(|e| e.to_string())?;
+            Ok(sidecar_of(&created).is_some().then_some(()))
+        }
+    })
+    .await
+    .unwrap();
 }

@@ -5,93 +5,16 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Namespace, Pod};
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, DeleteParams, PostParams};
 use picotun_testground::pki::{Ca, CertAndKey};
 use picotun_testground::{ControlPlane, Existing, wait_for};
 use serde_json::{Value, json};
 
-use crate::support::{Webhook, tls_client};
-
-impl Webhook {
-    /// Registers the webhook for pods in `namespaces`; with `require_label`, only where the
-    /// namespace carries the injection label (as deploy/ registers it).
-    async fn register(&mut self, client: &kube::Client, namespaces: &[&str], require_label: bool) {
-        self.config_name = format!("picotun-test-{}", picotun_testground::random_suffix());
-        let mut selector = json!({"matchExpressions": [{"key": "kubernetes.io/metadata.name", "operator": "In", "values": namespaces}]});
-        if require_label {
-            selector["matchLabels"] = json!({"tunnels.pico.sh/injection": "enabled"});
-        }
-        let config: MutatingWebhookConfiguration = serde_json::from_value(json!({
-            "metadata": {"name": self.config_name},
-            "webhooks": [{
-                "name": "inject.tunnels.pico.sh",
-                "clientConfig": {
-                    "url": format!("https://127.0.0.1:{}/mutate", self.port),
-                    "caBundle": base64::engine::general_purpose::STANDARD.encode(self.ca.cert_pem()),
-                },
-                "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"], "scope": "Namespaced"}],
-                "namespaceSelector": selector,
-                "sideEffects": "None",
-                "admissionReviewVersions": ["v1"],
-                // Fail, so a webhook error shows up in the test instead of a silently plain pod.
-                "failurePolicy": "Fail",
-                "reinvocationPolicy": "IfNeeded",
-                "timeoutSeconds": 5,
-            }],
-        }))
-        .unwrap();
-        Api::<MutatingWebhookConfiguration>::all(client.clone()).create(&PostParams::default(), &config).await.unwrap();
-    }
-
-    async fn unregister(&self, client: &kube::Client) {
-        let _ = Api::<MutatingWebhookConfiguration>::all(client.clone())
-            .delete(&self.config_name, &DeleteParams::default())
-            .await;
-    }
-}
-
-async fn label_for_injection(client: &kube::Client, ns: &str) {
-    let patch = json!({"metadata": {"labels": {"tunnels.pico.sh/injection": "enabled"}}});
-    Api::<Namespace>::all(client.clone()).patch(ns, &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
-}
-
-fn pod_json(name: &str, labels: Value, annotations: Value) -> Pod {
-    serde_json::from_value(json!({
-        "metadata": {"name": name, "labels": labels, "annotations": annotations},
-        "spec": {"containers": [{"name": "app", "image": "registry.example/app:1", "ports": [{"name": "http", "containerPort": 8080}]}]},
-    }))
-    .unwrap()
-}
-
-fn sidecar_of(pod: &Pod) -> Option<&k8s_openapi::api::core::v1::Container> {
-    let spec = pod.spec.as_ref()?;
-    spec.init_containers.iter().flatten().chain(spec.containers.iter()).find(|c| c.name == "picotun-agent")
-}
-
-fn sidecar_count(pod: &Pod) -> usize {
-    let spec = pod.spec.as_ref().unwrap();
-    spec.init_containers.iter().flatten().chain(spec.containers.iter()).filter(|c| c.name == "picotun-agent").count()
-}
-
-/// Creates opted-in probe pods until the apiserver has picked the configuration up.
-async fn wait_active(pods: &Api<Pod>) {
-    let mut n = 0;
-    wait_for("the webhook configuration to take effect", Duration::from_secs(30), Duration::from_millis(200), || {
-        n += 1;
-        let pods = pods.clone();
-        let name = format!("probe-{n}");
-        async move {
-            let p = pod_json(&name, json!({"tunnels.pico.sh/inject": "true"}), json!({}));
-            let created = pods.create(&PostParams::default(), &p).await.map_err(|e| e.to_string())?;
-            Ok(sidecar_of(&created).is_some().then_some(()))
-        }
-    })
-    .await
-    .unwrap();
-}
+use crate::support::{
+    Webhook, WebhookOptions, label_for_injection, pod_json, sidecar_count, sidecar_of, tls_client, wait_active,
+};
 
 fn deployment(
     name: &str,
@@ -209,6 +132,8 @@ async fn deployments_in_a_labeled_namespace_get_running_injected_pods() {
     let injected = running_pods(&pods, "exposed").await;
     let text = explain(format!("pod/{}", injected[0].metadata.name.as_ref().unwrap()), labeled.name().into());
     assert!(text.contains("already injected") && text.contains("tunnel http-demo: http demo -> port 8080"), "{text}");
+    assert!(text.contains("auth: the account key from Secret picotun-ssh-key"), "{text}");
+    assert!(text.contains("ticket: carries tunnels.pico.sh/injected"), "{text}");
     let text = explain("deployment/exposed".into(), unlabeled.name().into());
     assert!(text.contains("NOT labeled tunnels.pico.sh/injection=enabled"), "{text}");
     webhook.unregister(&client).await;
@@ -340,7 +265,7 @@ async fn served_cert(ca: &Ca, addr: &str) -> Vec<u8> {
 fn inject_and_certs_commands() {
     use std::io::Write;
     let mut child = Command::new(env!("CARGO_BIN_EXE_picotun"))
-        .args(["inject", "-f", "-", "--native-sidecar", "false"])
+        .args(["inject", "-f", "-", "--native-sidecar", "false", "--sidecar-auth", "key"])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -432,4 +357,297 @@ async fn a_pod_created_after_its_route_starts_with_the_routes_tunnels() {
     assert!(text.contains("backs a route picotun serves") && text.contains("tunnel ing-web-early: http"), "{text}");
     webhook.unregister(&client).await;
     drop(webhook.proc);
+}
+
+#[tokio::test]
+#[ignore = "needs the test ground (scripts/build-testground)"]
+async fn certificate_mode_mounts_no_key_and_only_key_mode_looks_for_the_key_secret() {
+    let ground = ControlPlane::shared(Existing::Allowed).await.unwrap();
+    let client = ground.client().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let warnings_of = |ns: &str, name: &str| {
+        // kubectl prints the admission warnings a user sees.
+        let pod = json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": ns, "labels": {"tunnels.pico.sh/inject": "true"},
+                         "annotations": {"tunnels.pico.sh/startup-gate": "true"}},
+            "spec": {"containers": [{"name": "app", "image": "registry.example/app:1"}]}});
+        let mut child = Command::new("kubectl")
+            .args(["create", "-f", "-"])
+            .env("KUBECONFIG", ground.kubeconfig())
+            .stdin(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::io::Write::write_all(&mut child.stdin.take().unwrap(), pod.to_string().as_bytes()).unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stderr).unwrap()
+    };
+    let missing = "picotun_webhook_failures_total{reason=\"key_secret_missing\"}";
+
+    // Certificate mode: no Secret looked for, none mounted, no warning about one.
+    let options = WebhookOptions { certificate_ca_dir: Some(dir.path().to_path_buf()), ..Default::default() };
+    let mut certificates = Webhook::start_with(Some(ground), options).await;
+    let ns = ground.namespace("auth-certificate").await.unwrap();
+    label_for_injection(&client, ns.name()).await;
+    certificates.register(&client, &[ns.name()], true).await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns.name());
+    wait_active(&pods).await;
+    let warnings = warnings_of(ns.name(), "web");
+    assert!(!warnings.contains("Secret picotun-ssh-key"), "{warnings}");
+    assert_eq!(certificates.metric(missing).await, 0);
+    let pod = pods.get("web").await.unwrap();
+    let text = serde_json::to_string(&pod).unwrap();
+    assert!(!text.contains("picotun-ssh-key") && !text.contains("PICOTUN_KEY_FILE"), "{text}");
+    assert!(!certificates.proc.log_tail(200).contains("cannot check the key Secret"));
+
+    // The startup gate: the sidecar holds the app's containers until /tunnels-up answers (the
+    // kubelet starts them after a native sidecar's startupProbe passes); readiness stays the
+    // agent's own /ready.
+    let sidecar = sidecar_of(&pod).unwrap();
+    let startup = sidecar.startup_probe.as_ref().expect("a startupProbe");
+    assert_eq!(startup.http_get.as_ref().unwrap().path.as_deref(), Some("/tunnels-up"));
+    assert_eq!((startup.period_seconds, startup.failure_threshold), (Some(1), Some(300)));
+    assert_eq!(sidecar.readiness_probe.as_ref().unwrap().http_get.as_ref().unwrap().path.as_deref(), Some("/ready"));
+    let env = sidecar.env.as_ref().unwrap();
+    assert!(env.iter().any(|e| e.name == "PICOTUN_OPEN_BEFORE_APP" && e.value.as_deref() == Some("true")));
+    certificates.unregister(&client).await;
+
+    // Key mode: the Secret's absence is said, once looked up.
+    let mut keys = Webhook::start(ground, false).await;
+    let ns = ground.namespace("auth-key").await.unwrap();
+    label_for_injection(&client, ns.name()).await;
+    keys.register(&client, &[ns.name()], true).await;
+    wait_active(&Api::namespaced(client.clone(), ns.name())).await;
+    let warnings = warnings_of(ns.name(), "web");
+    assert!(warnings.contains("Secret picotun-ssh-key (the tunnel SSH key) does not exist"), "{warnings}");
+    assert!(keys.metric(missing).await >= 1);
+    keys.unregister(&client).await;
+}
+
+/// An AdmissionReview for an opted-in pod, as the apiserver sends it.
+fn review() -> Vec<u8> {
+    serde_json::to_vec(&json!({
+        "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+        "request": {
+            "uid": "u-1",
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "namespace": "apps", "operation": "CREATE", "userInfo": {"username": "u"}, "dryRun": false,
+            "object": {"apiVersion": "v1", "kind": "Pod",
+                       "metadata": {"name": "p", "labels": {"tunnels.pico.sh/inject": "true"}},
+                       "spec": {"containers": [{"name": "app", "image": "x"}]}},
+        }
+    }))
+    .unwrap()
+}
+
+/// A TLS connection to the webhook, handshake done (`alpn`: protocols to offer).
+async fn connect(webhook: &Webhook, alpn: &[&[u8]]) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let tcp = tokio::net::TcpStream::connect(&webhook.addr).await.unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(rustls::pki_types::pem::PemObject::from_pem_slice(webhook.ca.cert_pem().as_bytes()).unwrap()).unwrap();
+    let mut config = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)).connect(name, tcp).await.unwrap()
+}
+
+/// Reads until the server closes the connection; the bytes, or None if it is still open after
+/// `bound` (the test fails then: the server never cut it off).
+async fn read_until_closed<S: tokio::io::AsyncRead + Unpin>(stream: &mut S, bound: Duration) -> Option<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let mut raw = Vec::new();
+    let read = tokio::time::timeout(bound, async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => raw.extend_from_slice(&buf[..n]),
+            }
+        }
+    });
+    read.await.ok().map(|_| raw)
+}
+
+/// What a slow client can hold: the server cuts it off instead of waiting for ever.
+#[tokio::test]
+async fn clients_that_never_finish_their_headers_or_body_are_cut_off() {
+    use tokio::io::AsyncWriteExt;
+    let args = ["--header-read-timeout", "1s", "--body-read-timeout", "1s"];
+    let options = WebhookOptions { args: args.map(str::to_string).to_vec(), ..Default::default() };
+    let mut webhook = Webhook::start_with(None, options).await;
+    let bound = Duration::from_secs(30);
+
+    // HTTP/1.1 headers that never end.
+    let started = Instant::now();
+    let mut slow = connect(&webhook, &[b"http/1.1"]).await;
+    slow.write_all(b"POST /mutate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n").await.unwrap();
+    assert!(read_until_closed(&mut slow, bound).await.is_some(), "headers never finished: still open after {bound:?}");
+    eprintln!("HTTP/1.1 headers never finished: closed after {:?}", started.elapsed());
+
+    // HTTP/2: the connection preface, then nothing.
+    let started = Instant::now();
+    let mut h2 = connect(&webhook, &[b"h2"]).await;
+    assert_eq!(h2.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    h2.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.unwrap();
+    assert!(
+        read_until_closed(&mut h2, bound).await.is_some(),
+        "an h2 client with no request: still open after {bound:?}"
+    );
+    eprintln!("h2 without a request: closed after {:?}", started.elapsed());
+
+    // A body that never finishes: 408, and the connection closed.
+    let started = Instant::now();
+    let mut body = connect(&webhook, &[b"http/1.1"]).await;
+    body.write_all(
+        b"POST /mutate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"api",
+    )
+    .await
+    .unwrap();
+    let answer = read_until_closed(&mut body, bound).await.expect("a body that never finished: still open");
+    let answer = String::from_utf8_lossy(&answer).to_string();
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("the body did not arrive within 1s"), "{answer}");
+    eprintln!("body never finished: 408 after {:?}", started.elapsed());
+
+    // The server is fine, and says what it closed.
+    let (status, text) = webhook.post("/mutate", "application/json", "", &review()).await;
+    assert_eq!(status, 200, "{text}");
+    let cut = webhook.metric("picotun_webhook_connections_closed_total{reason=\"header_timeout\"}").await;
+    assert_eq!(cut, 2, "the HTTP/1.1 and the h2 client");
+    assert!(webhook.proc.is_running());
+}
+
+/// With the cap reached, another connection waits for a slot and is answered once one closes;
+/// with as many again waiting, one more is closed at once. Nothing crashes.
+#[tokio::test]
+async fn over_the_connection_cap_a_connection_waits_for_a_slot() {
+    use tokio::io::AsyncWriteExt;
+    // Idle connections are not cut off during the test.
+    let args = ["--max-connections", "2", "--header-read-timeout", "60s", "--tls-handshake-timeout", "60s"];
+    let options = WebhookOptions { args: args.map(str::to_string).to_vec(), ..Default::default() };
+    let mut webhook = Webhook::start_with(None, options).await;
+    let metric = |name: &'static str| {
+        let webhook = &webhook;
+        async move { webhook.metric(&format!("picotun_webhook_{name}")).await }
+    };
+    let first = connect(&webhook, &[b"http/1.1"]).await;
+    let second = connect(&webhook, &[b"http/1.1"]).await;
+    wait_for("two open connections", Duration::from_secs(10), Duration::from_millis(20), || async {
+        Ok((metric("open_connections").await == 2).then_some(()))
+    })
+    .await
+    .unwrap();
+
+    // A third: accepted, held before its handshake.
+    let addr = webhook.addr.clone();
+    let ca = webhook.ca.cert_pem();
+    let third = tokio::spawn(async move {
+        let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(rustls::pki_types::pem::PemObject::from_pem_slice(ca.as_bytes()).unwrap()).unwrap();
+        let config = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+        let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)).connect(name, tcp).await.unwrap();
+        let body = review();
+        let head = format!(
+            "POST /mutate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        );
+        tls.write_all(head.as_bytes()).await.unwrap();
+        tls.write_all(&body).await.unwrap();
+        read_until_closed(&mut tls, Duration::from_secs(60)).await.unwrap()
+    });
+    wait_for("a connection waiting for a slot", Duration::from_secs(10), Duration::from_millis(20), || async {
+        Ok((metric("waiting_connections").await == 1).then_some(()))
+    })
+    .await
+    .unwrap();
+    assert!(!third.is_finished(), "not answered while both slots are held");
+    assert_eq!(metric("open_connections").await, 2);
+
+    // Two more: the first waits too, the second finds the queue full and is closed at once.
+    let fourth = tokio::net::TcpStream::connect(&webhook.addr).await.unwrap();
+    wait_for("two waiting", Duration::from_secs(10), Duration::from_millis(20), || async {
+        Ok((metric("waiting_connections").await == 2).then_some(()))
+    })
+    .await
+    .unwrap();
+    let mut fifth = tokio::net::TcpStream::connect(&webhook.addr).await.unwrap();
+    assert!(read_until_closed(&mut fifth, Duration::from_secs(10)).await.is_some(), "the fifth is closed");
+    assert_eq!(metric("connections_closed_total{reason=\"over_capacity\"}").await, 1);
+    drop(fourth);
+
+    // One slot comes free: the third is served, its admission answered.
+    drop(first);
+    let answer = String::from_utf8(third.await.unwrap()).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let (_, body) = answer.split_once("\r\n\r\n").unwrap();
+    let review: Value = serde_json::from_str(body).unwrap();
+    assert_eq!(review["response"]["allowed"], true);
+    assert!(!review["response"]["patch"].is_null(), "the pod was injected");
+    drop(second);
+    assert!(webhook.proc.is_running());
+}
+
+/// SIGTERM: /ready goes 503 at once, the server serves on for the drain delay, then stops
+/// accepting, answers the admission in flight, and exits 0.
+#[tokio::test]
+async fn on_sigterm_the_admission_in_flight_is_answered_and_ready_goes_503_first() {
+    use tokio::io::AsyncWriteExt;
+    let args = ["--drain-delay", "3s", "--body-read-timeout", "60s"];
+    let options = WebhookOptions { args: args.map(str::to_string).to_vec(), ..Default::default() };
+    let mut webhook = Webhook::start_with(None, options).await;
+    let body = review();
+    let (half, rest) = body.split_at(body.len() / 2);
+    let mut in_flight = connect(&webhook, &[b"http/1.1"]).await;
+    let head = format!(
+        "POST /mutate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    in_flight.write_all(head.as_bytes()).await.unwrap();
+    in_flight.write_all(half).await.unwrap();
+    wait_for("the admission in flight", Duration::from_secs(10), Duration::from_millis(20), || async {
+        Ok((webhook.metric("picotun_webhook_requests_in_flight").await == 1).then_some(()))
+    })
+    .await
+    .unwrap();
+
+    webhook.proc.signal(nix::sys::signal::Signal::SIGTERM);
+    let admin = webhook.admin.clone();
+    wait_for("/ready to answer 503", Duration::from_secs(10), Duration::from_millis(20), || {
+        let admin = admin.clone();
+        async move {
+            let status = picotun_testground::http::get(&admin, "w", "/ready").await.map(|r| r.status);
+            Ok((status.as_ref().ok() == Some(&503)).then_some(()))
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", webhook.proc.log_tail(20)));
+    // During the drain delay a new admission is still answered.
+    let (status, text) = webhook.post("/mutate", "application/json", "", &body).await;
+    assert_eq!(status, 200, "served during the drain delay: {text}");
+    // Then it stops accepting...
+    let addr = webhook.addr.clone();
+    wait_for("the listener to close", Duration::from_secs(20), Duration::from_millis(50), || {
+        let addr = addr.clone();
+        async move { Ok(tokio::net::TcpStream::connect(&addr).await.is_err().then_some(())) }
+    })
+    .await
+    .unwrap();
+    assert!(webhook.proc.is_running(), "still running with a request in flight");
+    // ...and the request in flight is answered.
+    in_flight.write_all(rest).await.unwrap();
+    let answer = read_until_closed(&mut in_flight, Duration::from_secs(20)).await.expect("an answer");
+    let answer = String::from_utf8(answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let review: Value = serde_json::from_str(answer.split_once("\r\n\r\n").unwrap().1).unwrap();
+    assert_eq!(
+        (review["response"]["uid"].as_str(), review["response"]["allowed"].as_bool()),
+        (Some("u-1"), Some(true))
+    );
+    let status = webhook.proc.wait_exit(Duration::from_secs(20)).expect("exited");
+    assert!(status.success(), "{status:?}\n{}", webhook.proc.log_tail(20));
 }
