@@ -587,6 +587,55 @@ async fn the_key_secret_is_copied_into_labeled_namespaces_and_kept_in_sync() {
     assert_eq!(theirs.data.unwrap()["ssh-privatekey"].0, b"THE USER'S OWN");
 }
 
+/// Issue 11: "Copies stay when a namespace is unlabeled" (src/controller/sync_key.rs) -- the
+/// account key stayed readable in a namespace that no longer uses picotun. The copy picotun made
+/// goes with the label; a Secret of that name the user made stays.
+#[tokio::test]
+#[ignore = "needs the test ground (scripts/build-testground)"]
+async fn key_secret_copies_are_deleted_when_a_namespace_is_unlabeled() {
+    let ground = ControlPlane::shared(Existing::Allowed).await.unwrap();
+    let client = ground.client().await.unwrap();
+    let scope = random_suffix();
+    let own = ground.namespace("ctl-own").await.unwrap().name().to_string();
+    let labeled = scoped_namespace(ground, &client, "ctl-unlabel", &scope).await;
+    let users = scoped_namespace(ground, &client, "ctl-unlabel-own", &scope).await;
+    let secrets = |ns: &str| Api::<k8s_openapi::api::core::v1::Secret>::namespaced(client.clone(), ns);
+    let secret = |ns: &str, value: &str, labels: Value| -> k8s_openapi::api::core::v1::Secret {
+        serde_json::from_value(json!({"metadata": {"name": "picotun-ssh-key", "namespace": ns, "labels": labels},
+            "type": "kubernetes.io/ssh-auth", "stringData": {"ssh-privatekey": value}}))
+        .unwrap()
+    };
+    let pp = PostParams::default();
+    secrets(&own).create(&pp, &secret(&own, "KEY-1", json!({}))).await.unwrap();
+    secrets(&users).create(&pp, &secret(&users, "THE USER'S OWN", json!({"owner": "user"}))).await.unwrap();
+    let _controller = Controller::start_with(ground, &scope, "c1", &own, &["--sync-key-secret", "true"]).await;
+    let present = |ns: String| {
+        let api = secrets(&ns);
+        async move { api.get_opt("picotun-ssh-key").await.unwrap().is_some() }
+    };
+    wait_for("the copy", Duration::from_secs(40), Duration::from_millis(250), || async {
+        Ok(present(labeled.clone()).await.then_some(()))
+    })
+    .await
+    .unwrap();
+
+    // Both namespaces leave picotun (still in this controller's scope, no longer labeled).
+    let unlabel = json!({"metadata": {"labels": {"tunnels.pico.sh/injection": null}}});
+    for ns in [&labeled, &users] {
+        Api::<Namespace>::all(client.clone()).patch(ns, &PatchParams::default(), &Patch::Merge(&unlabel)).await.unwrap();
+    }
+    let started = Instant::now();
+    wait_for("the copy to be deleted", Duration::from_secs(40), Duration::from_millis(250), || async {
+        Ok((!present(labeled.clone()).await).then_some(()))
+    })
+    .await
+    .unwrap();
+    println!("copy deleted {} ms after the label went", started.elapsed().as_millis());
+    let theirs = secrets(&users).get("picotun-ssh-key").await.unwrap();
+    assert_eq!(theirs.data.unwrap()["ssh-privatekey"].0, b"THE USER'S OWN", "the user's own Secret stays");
+    assert!(present(own.clone()).await, "the source stays");
+}
+
 #[tokio::test]
 #[ignore = "needs the test ground (scripts/build-testground)"]
 async fn uninjected_workloads_are_restarted_one_rollout_at_a_time_when_asked() {
