@@ -214,20 +214,33 @@ impl DomainPolicy {
     }
 }
 
+/// Comma-separated rules (one `--custom-domain-allow` value); empty: none.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DomainRules(pub Vec<DomainRule>);
+
+/// Parses `NS=DOMAIN[,NS=DOMAIN...]`; an empty value is no rule (an unset setting in a ConfigMap).
+pub fn parse_domain_rules(s: &str) -> Result<DomainRules, String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|r| !r.is_empty())
+        .map(parse_domain_rule)
+        .collect::<Result<_, _>>()
+        .map(DomainRules)
+}
+
 /// `picotun controller` flag (the webhook can flatten the same, so both ask one policy).
 #[derive(Clone, Debug, Default, clap::Args)]
 pub struct DomainArgs {
     /// Which namespaces may use which custom domains: NAMESPACE=DOMAIN or NAMESPACE=*.DOMAIN
-    /// (any depth), NAMESPACE `*` for every namespace; repeatable, or comma-separated in the
-    /// environment. None given: every namespace may use any custom domain. Tuns names are not
-    /// affected.
-    #[arg(long = "custom-domain-allow", env = "PICOTUN_CUSTOM_DOMAIN_ALLOW", value_parser = parse_domain_rule, value_delimiter = ',')]
-    pub custom_domain_allow: Vec<DomainRule>,
+    /// (any depth), NAMESPACE `*` for every namespace; repeatable and/or comma-separated. None
+    /// given (or empty): every namespace may use any custom domain. Tuns names are not affected.
+    #[arg(long = "custom-domain-allow", env = "PICOTUN_CUSTOM_DOMAIN_ALLOW", value_parser = parse_domain_rules, action = clap::ArgAction::Append)]
+    pub custom_domain_allow: Vec<DomainRules>,
 }
 
 impl DomainArgs {
     pub fn policy(&self) -> DomainPolicy {
-        DomainPolicy::new(self.custom_domain_allow.clone())
+        DomainPolicy::new(self.custom_domain_allow.iter().flat_map(|r| r.0.iter().cloned()).collect())
     }
 }
 
@@ -422,6 +435,9 @@ mod tests {
         for bad in ["team-a", "=x.example.com", "team-a=demo", "team-a=*.", "team-a=Bad_Name.com"] {
             assert!(parse_domain_rule(bad).is_err(), "{bad}");
         }
+        assert_eq!(parse_domain_rules("").unwrap(), DomainRules::default(), "an empty setting is no rule");
+        assert_eq!(parse_domain_rules(" a=x.example.com , b=*.y.example.com ").unwrap().0.len(), 2);
+        assert!(parse_domain_rules("a=x.example.com,bad").is_err());
     }
 
     #[test]

@@ -386,10 +386,19 @@ pub(crate) fn command_of(docs: &[Value], deployment: &str, pod: &str) -> Command
         }
     }
     for e in container["env"].as_array().into_iter().flatten() {
+        let from_config = &e["valueFrom"]["configMapKeyRef"];
         let value = match e["valueFrom"]["fieldRef"]["fieldPath"].as_str() {
             Some("metadata.namespace") => namespace,
             Some("metadata.name") => pod,
             Some(other) => panic!("{deployment}: a downward-API field this test does not know: {other}"),
+            None if from_config.is_object() => {
+                let config = doc(docs, "ConfigMap", from_config["name"].as_str().unwrap());
+                match config["data"][from_config["key"].as_str().unwrap()].as_str() {
+                    Some(v) => v,
+                    None if from_config["optional"] == true => continue,
+                    None => panic!("{deployment}: {from_config} is not in the ConfigMap"),
+                }
+            }
             None => e["value"].as_str().unwrap(),
         };
         cmd.env(e["name"].as_str().unwrap(), value);
