@@ -18,7 +18,7 @@ use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use k8s_openapi::api::networking::v1::Ingress;
 use kube::api::{Api, DynamicObject};
 use kube::core::{ApiResource, PartialObjectMeta, Resource};
-use kube::runtime::reflector::{self, Store};
+use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use serde_json::Value;
 use tokio::sync::Notify;
@@ -103,12 +103,33 @@ pub struct Index {
     watches: usize,
 }
 
+/// Whether a change in a namespace can matter to resolution: with a namespace selector (a
+/// controller sharing the cluster), changes to namespaced objects outside the selected namespaces
+/// do not wake the loop -- they are filtered out of every pass anyway.
+#[derive(Clone)]
+struct Relevance {
+    selector: BTreeMap<String, String>,
+    namespaces: Store<Namespace>,
+}
+
+impl Relevance {
+    fn matters(&self, namespace: Option<&str>) -> bool {
+        let Some(ns) = namespace.filter(|_| !self.selector.is_empty()) else { return true };
+        // A namespace not cached yet might be in scope: wake.
+        self.namespaces.get(&ObjectRef::new(ns)).is_none_or(|n| {
+            let labels = n.metadata.labels.as_ref();
+            self.selector.iter().all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v))
+        })
+    }
+}
+
 fn watch<K>(
     api: Api<K>,
     writer: reflector::store::Writer<K>,
     changed: Arc<Notify>,
     shutdown: CancellationToken,
     what: String,
+    relevance: Option<Relevance>,
 ) where
     K: Resource + Clone + serde::de::DeserializeOwned + Debug + Send + Sync + 'static,
     K::DynamicType: Eq + std::hash::Hash + Clone,
@@ -123,7 +144,18 @@ fn watch<K>(
         loop {
             tokio::select! {
                 item = stream.next() => match item {
-                    Some(Ok(_)) => changed.notify_one(),
+                    Some(Ok(event)) => {
+                        let wake = match (&relevance, &event) {
+                            (
+                                Some(r),
+                                watcher::Event::Apply(o) | watcher::Event::Delete(o) | watcher::Event::InitApply(o),
+                            ) => r.matters(o.meta().namespace.as_deref()),
+                            _ => true,
+                        };
+                        if wake {
+                            changed.notify_one();
+                        }
+                    }
                     Some(Err(e)) => warn!(watch = %what, error = %e, "watch failed; retrying"),
                     None => break,
                 },
@@ -138,11 +170,12 @@ fn watch_dynamic(
     resource: ApiResource,
     changed: Arc<Notify>,
     shutdown: CancellationToken,
+    relevance: Option<Relevance>,
 ) -> Store<DynamicObject> {
     let what = resource.kind.clone();
     let writer = reflector::store::Writer::new(resource);
     let reader = writer.as_reader();
-    watch(api, writer, changed, shutdown, what);
+    watch(api, writer, changed, shutdown, what, relevance);
     reader
 }
 
@@ -190,18 +223,34 @@ impl Index {
     /// warning (Ingress still works); `with_pods` adds a Pod cache (the controller's), otherwise
     /// a cache of the pods' metadata is kept for name ownership (the webhook's).
     pub async fn start(client: kube::Client, with_pods: bool, shutdown: CancellationToken) -> Index {
+        Self::start_scoped(client, with_pods, BTreeMap::new(), shutdown).await
+    }
+
+    /// As [`Index::start`], for a controller serving only the namespaces labeled with all of
+    /// `selector`: changes elsewhere to Ingresses, Services, Pods and routes (which resolution
+    /// filters out) do not wake [`Index::changed`]. Namespaces, classes, Gateways and
+    /// ReferenceGrants always do (in-scope routes may use those of other namespaces).
+    pub async fn start_scoped(
+        client: kube::Client,
+        with_pods: bool,
+        selector: BTreeMap<String, String>,
+        shutdown: CancellationToken,
+    ) -> Index {
         let changed = Arc::new(Notify::new());
         let mut watches = 3;
-        let (ingresses, w) = reflector::store();
-        watch(Api::<Ingress>::all(client.clone()), w, changed.clone(), shutdown.clone(), "Ingress".into());
-        let (services, w) = reflector::store();
-        watch(Api::<Service>::all(client.clone()), w, changed.clone(), shutdown.clone(), "Service".into());
         let (namespaces, w) = reflector::store();
-        watch(Api::<Namespace>::all(client.clone()), w, changed.clone(), shutdown.clone(), "Namespace".into());
+        watch(Api::<Namespace>::all(client.clone()), w, changed.clone(), shutdown.clone(), "Namespace".into(), None);
+        let scoped = Some(Relevance { selector, namespaces: namespaces.clone() });
+        let (ingresses, w) = reflector::store();
+        let (c, s) = (changed.clone(), shutdown.clone());
+        watch(Api::<Ingress>::all(client.clone()), w, c, s, "Ingress".into(), scoped.clone());
+        let (services, w) = reflector::store();
+        let (c, s) = (changed.clone(), shutdown.clone());
+        watch(Api::<Service>::all(client.clone()), w, c, s, "Service".into(), scoped.clone());
         let pods = if with_pods {
             watches += 1;
             let (pods, w) = reflector::store();
-            watch(Api::<Pod>::all(client.clone()), w, changed.clone(), shutdown.clone(), "Pod".into());
+            watch(Api::<Pod>::all(client.clone()), w, changed.clone(), shutdown.clone(), "Pod".into(), scoped.clone());
             Some(pods)
         } else {
             None
@@ -226,7 +275,9 @@ impl Index {
             }
             watches += 1;
             let api = Api::<DynamicObject>::all_with(client.clone(), &resource);
-            gateway.insert(kind, watch_dynamic(api, resource, changed.clone(), shutdown.clone()));
+            let relevance =
+                matches!(kind, GatewayKind::HTTPRoute | GatewayKind::TCPRoute).then(|| scoped.clone()).flatten();
+            gateway.insert(kind, watch_dynamic(api, resource, changed.clone(), shutdown.clone(), relevance));
         }
         let index = Index {
             ingresses,
@@ -556,5 +607,22 @@ mod tests {
         let fresh = crate::resolve::ownership::Claim::Name("fresh".into());
         assert!(owners.check_claim(&me, &fresh).is_ok());
         assert!(owners.check_claim(&me, &crate::resolve::ownership::Claim::Name("demo".into())).is_err());
+    }
+
+    #[test]
+    fn a_scoped_controller_is_woken_only_by_its_namespaces() {
+        let (namespaces, mut writer) = reflector::store::<Namespace>();
+        for (name, labels) in [("mine", json!({"team": "a"})), ("theirs", json!({"team": "b"}))] {
+            let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": name, "labels": labels}})).unwrap();
+            writer.apply_watcher_event(&watcher::Event::Apply(ns));
+        }
+        let scoped =
+            Relevance { selector: BTreeMap::from([("team".into(), "a".into())]), namespaces: namespaces.clone() };
+        assert!(scoped.matters(Some("mine")));
+        assert!(!scoped.matters(Some("theirs")));
+        assert!(scoped.matters(Some("not-cached-yet")), "it might be in scope");
+        assert!(scoped.matters(None), "cluster-scoped objects");
+        let everything = Relevance { selector: BTreeMap::new(), namespaces };
+        assert!(everything.matters(Some("theirs")));
     }
 }

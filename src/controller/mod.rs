@@ -219,7 +219,7 @@ pub async fn run(args: ControllerArgs, shutdown: CancellationToken) -> Result<()
         namespace_selector: args.namespace_selector.clone(),
         custom_domains: args.domains.policy(),
     };
-    let index = Index::start(client.clone(), true, shutdown.clone()).await;
+    let index = Index::start_scoped(client.clone(), true, args.namespace_selector.clone(), shutdown.clone()).await;
 
     let mut registry = Registry::default();
     let metrics = Metrics::new(&mut registry);
