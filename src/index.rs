@@ -17,16 +17,17 @@ use gateway_api::apis::experimental::{
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use k8s_openapi::api::networking::v1::Ingress;
 use kube::api::{Api, DynamicObject};
-use kube::core::{ApiResource, Resource};
-use kube::runtime::reflector::{self, Store};
+use kube::core::{ApiResource, PartialObjectMeta, Resource};
+use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use serde_json::Value;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::resolve::cluster::{ClusterResolution, Inputs, resolve_all};
+use crate::resolve::cluster::{ClusterResolution, Inputs, resolve_all, resolve_with};
 use crate::resolve::gateway::{self, GatewayModel, RouteModel};
+use crate::resolve::ownership::{DomainPolicy, Ownership};
 use crate::resolve::{PodKey, Snapshot};
 use crate::tunnel::TunnelSpec;
 
@@ -38,6 +39,8 @@ pub struct ResolveConfig {
     /// Only namespaces whose labels include all of these are served (empty: every namespace).
     /// Lets several controllers share a cluster, each with its own namespaces.
     pub namespace_selector: BTreeMap<String, String>,
+    /// Which namespaces may use which custom domains (`--custom-domain-allow`; empty: all).
+    pub custom_domains: DomainPolicy,
 }
 
 impl Default for ResolveConfig {
@@ -46,6 +49,7 @@ impl Default for ResolveConfig {
             ingress_class: crate::resolve::ingress::INGRESS_CLASS.into(),
             gateway_controller: gateway::GATEWAY_CONTROLLER.into(),
             namespace_selector: BTreeMap::new(),
+            custom_domains: DomainPolicy::default(),
         }
     }
 }
@@ -89,11 +93,34 @@ pub struct Index {
     pub namespaces: Store<Namespace>,
     /// Only the controller caches Pods; the webhook resolves the pod it is given.
     pub pods: Option<Store<Pod>>,
+    /// Without the Pod cache, the pods' metadata (name, creation time, expose annotation): who
+    /// owns which name depends on the expose annotations of every namespace.
+    pub pod_metadata: Option<Store<PartialObjectMeta<Pod>>>,
     /// Only the kinds whose CRDs are installed.
     pub gateway: BTreeMap<GatewayKind, Store<DynamicObject>>,
     changed: Arc<Notify>,
     synced: Arc<AtomicUsize>,
     watches: usize,
+}
+
+/// Whether a change in a namespace can matter to resolution: with a namespace selector (a
+/// controller sharing the cluster), changes to namespaced objects outside the selected namespaces
+/// do not wake the loop -- they are filtered out of every pass anyway.
+#[derive(Clone)]
+struct Relevance {
+    selector: BTreeMap<String, String>,
+    namespaces: Store<Namespace>,
+}
+
+impl Relevance {
+    fn matters(&self, namespace: Option<&str>) -> bool {
+        let Some(ns) = namespace.filter(|_| !self.selector.is_empty()) else { return true };
+        // A namespace not cached yet might be in scope: wake.
+        self.namespaces.get(&ObjectRef::new(ns)).is_none_or(|n| {
+            let labels = n.metadata.labels.as_ref();
+            self.selector.iter().all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v))
+        })
+    }
 }
 
 fn watch<K>(
@@ -102,6 +129,7 @@ fn watch<K>(
     changed: Arc<Notify>,
     shutdown: CancellationToken,
     what: String,
+    relevance: Option<Relevance>,
 ) where
     K: Resource + Clone + serde::de::DeserializeOwned + Debug + Send + Sync + 'static,
     K::DynamicType: Eq + std::hash::Hash + Clone,
@@ -116,7 +144,18 @@ fn watch<K>(
         loop {
             tokio::select! {
                 item = stream.next() => match item {
-                    Some(Ok(_)) => changed.notify_one(),
+                    Some(Ok(event)) => {
+                        let wake = match (&relevance, &event) {
+                            (
+                                Some(r),
+                                watcher::Event::Apply(o) | watcher::Event::Delete(o) | watcher::Event::InitApply(o),
+                            ) => r.matters(o.meta().namespace.as_deref()),
+                            _ => true,
+                        };
+                        if wake {
+                            changed.notify_one();
+                        }
+                    }
                     Some(Err(e)) => warn!(watch = %what, error = %e, "watch failed; retrying"),
                     None => break,
                 },
@@ -131,33 +170,96 @@ fn watch_dynamic(
     resource: ApiResource,
     changed: Arc<Notify>,
     shutdown: CancellationToken,
+    relevance: Option<Relevance>,
 ) -> Store<DynamicObject> {
     let what = resource.kind.clone();
     let writer = reflector::store::Writer::new(resource);
     let reader = writer.as_reader();
-    watch(api, writer, changed, shutdown, what);
+    watch(api, writer, changed, shutdown, what, relevance);
+    reader
+}
+
+/// The metadata of every pod, trimmed to what name ownership reads: namespace, name, creation
+/// and deletion times, the expose annotation.
+fn watch_pod_metadata(
+    client: kube::Client,
+    changed: Arc<Notify>,
+    shutdown: CancellationToken,
+) -> Store<PartialObjectMeta<Pod>> {
+    let (reader, writer) = reflector::store();
+    let stream = watcher(Api::<PartialObjectMeta<Pod>>::all(client), watcher::Config::default().any_semantic())
+        .default_backoff()
+        .modify(|o| {
+            let m = &mut o.metadata;
+            m.managed_fields = None;
+            m.labels = None;
+            m.owner_references = None;
+            m.finalizers = None;
+            m.annotations = m
+                .annotations
+                .take()
+                .map(|a| a.into_iter().filter(|(k, _)| k == crate::api::EXPOSE).collect::<BTreeMap<_, _>>())
+                .filter(|a| !a.is_empty());
+        })
+        .reflect(writer);
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        loop {
+            tokio::select! {
+                item = stream.next() => match item {
+                    Some(Ok(_)) => changed.notify_one(),
+                    Some(Err(e)) => warn!(watch = "Pod metadata", error = %e, "watch failed; retrying"),
+                    None => break,
+                },
+                _ = shutdown.cancelled() => break,
+            }
+        }
+    });
     reader
 }
 
 impl Index {
     /// Starts the watches. Gateway API kinds whose CRDs are not installed are skipped with a
-    /// warning (Ingress still works); `with_pods` adds a Pod cache (the controller's).
+    /// warning (Ingress still works); `with_pods` adds a Pod cache (the controller's), otherwise
+    /// a cache of the pods' metadata is kept for name ownership (the webhook's).
     pub async fn start(client: kube::Client, with_pods: bool, shutdown: CancellationToken) -> Index {
+        Self::start_scoped(client, with_pods, BTreeMap::new(), shutdown).await
+    }
+
+    /// As [`Index::start`], for a controller serving only the namespaces labeled with all of
+    /// `selector`: changes elsewhere to Ingresses, Services, Pods and routes (which resolution
+    /// filters out) do not wake [`Index::changed`]. Namespaces, classes, Gateways and
+    /// ReferenceGrants always do (in-scope routes may use those of other namespaces).
+    pub async fn start_scoped(
+        client: kube::Client,
+        with_pods: bool,
+        selector: BTreeMap<String, String>,
+        shutdown: CancellationToken,
+    ) -> Index {
         let changed = Arc::new(Notify::new());
         let mut watches = 3;
-        let (ingresses, w) = reflector::store();
-        watch(Api::<Ingress>::all(client.clone()), w, changed.clone(), shutdown.clone(), "Ingress".into());
-        let (services, w) = reflector::store();
-        watch(Api::<Service>::all(client.clone()), w, changed.clone(), shutdown.clone(), "Service".into());
         let (namespaces, w) = reflector::store();
-        watch(Api::<Namespace>::all(client.clone()), w, changed.clone(), shutdown.clone(), "Namespace".into());
+        watch(Api::<Namespace>::all(client.clone()), w, changed.clone(), shutdown.clone(), "Namespace".into(), None);
+        let scoped = Some(Relevance { selector, namespaces: namespaces.clone() });
+        let (ingresses, w) = reflector::store();
+        let (c, s) = (changed.clone(), shutdown.clone());
+        watch(Api::<Ingress>::all(client.clone()), w, c, s, "Ingress".into(), scoped.clone());
+        let (services, w) = reflector::store();
+        let (c, s) = (changed.clone(), shutdown.clone());
+        watch(Api::<Service>::all(client.clone()), w, c, s, "Service".into(), scoped.clone());
         let pods = if with_pods {
             watches += 1;
             let (pods, w) = reflector::store();
-            watch(Api::<Pod>::all(client.clone()), w, changed.clone(), shutdown.clone(), "Pod".into());
+            watch(Api::<Pod>::all(client.clone()), w, changed.clone(), shutdown.clone(), "Pod".into(), scoped.clone());
             Some(pods)
         } else {
             None
+        };
+        let pod_metadata = if with_pods {
+            None
+        } else {
+            watches += 1;
+            Some(watch_pod_metadata(client.clone(), changed.clone(), shutdown.clone()))
         };
         let installed = installed_gateway_kinds(&client).await;
         let mut gateway = BTreeMap::new();
@@ -173,9 +275,21 @@ impl Index {
             }
             watches += 1;
             let api = Api::<DynamicObject>::all_with(client.clone(), &resource);
-            gateway.insert(kind, watch_dynamic(api, resource, changed.clone(), shutdown.clone()));
+            let relevance =
+                matches!(kind, GatewayKind::HTTPRoute | GatewayKind::TCPRoute).then(|| scoped.clone()).flatten();
+            gateway.insert(kind, watch_dynamic(api, resource, changed.clone(), shutdown.clone(), relevance));
         }
-        let index = Index { ingresses, services, namespaces, pods, gateway, changed, synced: Arc::default(), watches };
+        let index = Index {
+            ingresses,
+            services,
+            namespaces,
+            pods,
+            pod_metadata,
+            gateway,
+            changed,
+            synced: Arc::default(),
+            watches,
+        };
         index.count_synced();
         index
     }
@@ -187,6 +301,9 @@ impl Index {
             wait_ready(self.namespaces.clone()),
         ];
         if let Some(p) = &self.pods {
+            waits.push(wait_ready(p.clone()));
+        }
+        if let Some(p) = &self.pod_metadata {
             waits.push(wait_ready(p.clone()));
         }
         for s in self.gateway.values() {
@@ -228,6 +345,7 @@ impl Index {
             services: self.services.state(),
             namespaces: self.namespaces.state(),
             pods: self.pods.as_ref().map(|p| p.state()).unwrap_or_default(),
+            pod_metadata: self.pod_metadata.as_ref().map(|p| p.state()).unwrap_or_default(),
             gateway_classes: dynamic(GatewayKind::GatewayClass),
             gateways: dynamic(GatewayKind::Gateway),
             http_routes: dynamic(GatewayKind::HTTPRoute),
@@ -269,6 +387,8 @@ pub struct View {
     pub services: Vec<Arc<Service>>,
     pub namespaces: Vec<Arc<Namespace>>,
     pub pods: Vec<Arc<Pod>>,
+    /// The webhook's stand-in for `pods`: their metadata, for name ownership.
+    pub pod_metadata: Vec<Arc<PartialObjectMeta<Pod>>>,
     pub gateway_classes: Vec<Arc<DynamicObject>>,
     pub gateways: Vec<Arc<DynamicObject>>,
     pub http_routes: Vec<Arc<DynamicObject>>,
@@ -313,6 +433,7 @@ impl View {
         config: &'a ResolveConfig,
         pods: Vec<&'a Pod>,
         namespace_filter: Option<&str>,
+        expose_pods: Vec<&'a k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta>,
     ) -> Inputs<'a> {
         let scope = self.scope(config);
         let in_scope = |ns: Option<&str>| {
@@ -356,24 +477,152 @@ impl View {
                 self.services.iter().map(|s| s.as_ref()).filter(|s| in_scope(s.metadata.namespace.as_deref())),
                 pods.into_iter().filter(|p| in_scope(p.metadata.namespace.as_deref())),
             ),
+            expose_pods: expose_pods
+                .into_iter()
+                .filter(|m| scope.as_ref().is_none_or(|s| m.namespace.as_ref().is_some_and(|ns| s.contains(ns))))
+                .collect(),
+            domains: &config.custom_domains,
         }
+    }
+
+    /// The metadata of every pod known (the controller's Pod cache, or the webhook's metadata
+    /// cache): whose expose annotations ask for which names.
+    fn pod_metas(&self) -> impl Iterator<Item = &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta> {
+        self.pods.iter().map(|p| &p.metadata).chain(self.pod_metadata.iter().map(|m| &m.metadata))
     }
 
     /// Resolves the whole cluster (the controller).
     pub fn resolve(&self, config: &ResolveConfig) -> ClusterResolution {
-        resolve_all(&self.inputs(config, self.pods.iter().map(|p| p.as_ref()).collect(), None))
+        resolve_all(&self.inputs(
+            config,
+            self.pods.iter().map(|p| p.as_ref()).collect(),
+            None,
+            self.pod_metas().collect(),
+        ))
+    }
+
+    /// A pod being created may have only a generateName: give it a name resolution can key on.
+    fn pending(pod: &Pod, namespace: &str) -> Pod {
+        let mut pod = pod.clone();
+        pod.metadata.namespace = Some(namespace.to_string());
+        if pod.metadata.name.is_none() {
+            pod.metadata.name = Some("picotun-pod-being-created".into());
+        }
+        pod
+    }
+
+    /// Who owns every name across the cluster, with `pod` (being created in `namespace`) asking
+    /// too: the same table the controller resolves with. The webhook keeps the expose tunnels
+    /// it injects to those its namespace owns (`Ownership::keep` with `Claimant::expose`).
+    pub fn ownership_for(&self, config: &ResolveConfig, pod: &Pod, namespace: &str) -> Ownership {
+        let pending = Self::pending(pod, namespace);
+        let metas = self.pod_metas().chain(std::iter::once(&pending.metadata)).collect();
+        resolve_all(&self.inputs(config, Vec::new(), None, metas)).ownership
     }
 
     /// The tunnels routes give a pod that is being created (the webhook): the pod is resolved
-    /// alone, against the routes and Services that can reach its namespace.
+    /// alone, against the routes and Services that can reach its namespace, and keeps only the
+    /// names its routes own across the whole cluster.
     pub fn route_tunnels_for(&self, config: &ResolveConfig, pod: &Pod, namespace: &str) -> Vec<TunnelSpec> {
-        // A pod being created may have only a generateName; give it a name resolution can key on.
-        let mut pod = pod.clone();
-        pod.metadata.namespace = Some(namespace.to_string());
-        let name = pod.metadata.name.clone().unwrap_or_else(|| "picotun-pod-being-created".into());
-        pod.metadata.name = Some(name.clone());
-        let resolution = resolve_all(&self.inputs(config, vec![&pod], Some(namespace)));
-        let key: PodKey = (namespace.to_string(), name);
+        let owners = self.ownership_for(config, pod, namespace);
+        let pending = Self::pending(pod, namespace);
+        let resolution = resolve_with(&self.inputs(config, vec![&pending], Some(namespace), Vec::new()), Some(owners));
+        let key: PodKey = (namespace.to_string(), pending.metadata.name.clone().unwrap_or_default());
         resolution.route_tunnels.get(&key).cloned().unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn ingress(ns: &str, created: &str, host: &str) -> Arc<Ingress> {
+        Arc::new(
+            serde_json::from_value(json!({"metadata": {"name": "web", "namespace": ns, "creationTimestamp": created},
+                "spec": {"ingressClassName": "pico-tunnel", "rules": [{"host": host, "http": {"paths": [
+                    {"path": "/", "pathType": "Prefix", "backend": {"service": {"name": "web", "port": {"number": 80}}}}]}}]}}))
+            .unwrap(),
+        )
+    }
+
+    fn service(ns: &str) -> Arc<Service> {
+        Arc::new(
+            serde_json::from_value(json!({"metadata": {"name": "web", "namespace": ns},
+                "spec": {"selector": {"app": "web"}, "ports": [{"port": 80, "targetPort": 8080}]}}))
+            .unwrap(),
+        )
+    }
+
+    fn new_pod(expose: Option<&str>) -> Pod {
+        let annotations = expose.map(|e| json!({"tunnels.pico.sh/expose": e})).unwrap_or(json!({}));
+        serde_json::from_value(
+            json!({"metadata": {"generateName": "web-", "labels": {"app": "web"}, "annotations": annotations},
+            "spec": {"containers": [{"name": "c", "image": "x"}]}}),
+        )
+        .unwrap()
+    }
+
+    fn pod_metadata(ns: &str, name: &str, created: &str, expose: &str) -> Arc<PartialObjectMeta<Pod>> {
+        Arc::new(PartialObjectMeta::<Pod> {
+            metadata: serde_json::from_value(json!({"name": name, "namespace": ns, "creationTimestamp": created,
+                "annotations": {"tunnels.pico.sh/expose": expose}}))
+            .unwrap(),
+            ..Default::default()
+        })
+    }
+
+    fn hosts(tunnels: &[TunnelSpec]) -> Vec<&str> {
+        tunnels.iter().filter_map(|t| t.host.as_deref()).collect()
+    }
+
+    /// The webhook at admission asks the same owners as the controller: a new pod is never
+    /// given a name another namespace owns -- whether an Ingress or an expose annotation owns it.
+    #[test]
+    fn a_pod_being_created_gets_only_the_names_its_routes_own() {
+        let config = ResolveConfig::default();
+        let mut view = View {
+            ingresses: vec![
+                ingress("old", "2024-01-01T00:00:00Z", "demo"),
+                ingress("new", "2025-01-01T00:00:00Z", "demo"),
+            ],
+            services: vec![service("old"), service("new")],
+            ..Default::default()
+        };
+        assert_eq!(hosts(&view.route_tunnels_for(&config, &new_pod(None), "old")), ["demo"]);
+        assert!(view.route_tunnels_for(&config, &new_pod(None), "new").is_empty(), "old/web owns demo");
+
+        // An expose annotation older than both, in a third namespace (the webhook caches only
+        // pod metadata): it owns demo, so neither Ingress's new pods get it.
+        view.pod_metadata = vec![pod_metadata("third", "t-1", "2020-01-01T00:00:00Z", "http:demo=80")];
+        assert!(view.route_tunnels_for(&config, &new_pod(None), "old").is_empty());
+        let owners = view.ownership_for(&config, &new_pod(Some("http:demo=80")), "third");
+        let owner = owners.owner(&crate::resolve::ownership::Claim::Name("demo".into())).unwrap();
+        assert_eq!(owner.via.as_deref(), Some("t-1"));
+
+        // A new pod's own expose annotation asks too, as the newest: it owns a name nobody has,
+        // and not one someone has.
+        let owners = view.ownership_for(&config, &new_pod(Some("http:fresh=80, http:demo=80")), "new");
+        let me = crate::resolve::ownership::Claimant::expose("new");
+        let fresh = crate::resolve::ownership::Claim::Name("fresh".into());
+        assert!(owners.check_claim(&me, &fresh).is_ok());
+        assert!(owners.check_claim(&me, &crate::resolve::ownership::Claim::Name("demo".into())).is_err());
+    }
+
+    #[test]
+    fn a_scoped_controller_is_woken_only_by_its_namespaces() {
+        let (namespaces, mut writer) = reflector::store::<Namespace>();
+        for (name, labels) in [("mine", json!({"team": "a"})), ("theirs", json!({"team": "b"}))] {
+            let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": name, "labels": labels}})).unwrap();
+            writer.apply_watcher_event(&watcher::Event::Apply(ns));
+        }
+        let scoped =
+            Relevance { selector: BTreeMap::from([("team".into(), "a".into())]), namespaces: namespaces.clone() };
+        assert!(scoped.matters(Some("mine")));
+        assert!(!scoped.matters(Some("theirs")));
+        assert!(scoped.matters(Some("not-cached-yet")), "it might be in scope");
+        assert!(scoped.matters(None), "cluster-scoped objects");
+        let everything = Relevance { selector: BTreeMap::new(), namespaces };
+        assert!(everything.matters(Some("theirs")));
     }
 }

@@ -86,6 +86,8 @@ pub struct ControllerArgs {
     /// Writes in flight at once.
     #[arg(long, env = "PICOTUN_WRITE_CONCURRENCY", default_value_t = 32)]
     pub write_concurrency: usize,
+    #[command(flatten)]
+    pub domains: crate::resolve::ownership::DomainArgs,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -215,8 +217,9 @@ pub async fn run(args: ControllerArgs, shutdown: CancellationToken) -> Result<()
         ingress_class: args.ingress_class.clone(),
         gateway_controller: args.gateway_controller_name.clone(),
         namespace_selector: args.namespace_selector.clone(),
+        custom_domains: args.domains.policy(),
     };
-    let index = Index::start(client.clone(), true, shutdown.clone()).await;
+    let index = Index::start_scoped(client.clone(), true, args.namespace_selector.clone(), shutdown.clone()).await;
 
     let mut registry = Registry::default();
     let metrics = Metrics::new(&mut registry);

@@ -145,16 +145,9 @@ pub fn plan(view: &View, resolution: &ClusterResolution, config: &ResolveConfig,
         if !live(pod) {
             continue;
         }
-        let (file, warnings) = pod_tunnels_file(pod, routes);
+        let (file, problems) = pod_tunnels_file(pod, routes, &resolution.ownership);
         let pod_ref = ObjectReferenceKey::of(pod.object_ref(&()));
-        for w in warnings {
-            out.problems.push(Note {
-                regarding: pod_ref.clone(),
-                warning: true,
-                reason: "TunnelConflict".into(),
-                message: w,
-            });
-        }
+        out.problems.extend(problems.iter().map(|p| problem_note(&pod_ref, p)));
         let reported = reports.get(key);
         for t in &file.tunnels {
             let up = reported.and_then(|r| r.get(&t.name)).is_some_and(|r| r.state == "established");
@@ -243,6 +236,8 @@ pub fn plan(view: &View, resolution: &ClusterResolution, config: &ResolveConfig,
         for l in &model.listeners {
             let problems = g.listener_problems.get(&key).and_then(|m| m.get(&l.name)).unwrap_or(&no_problems);
             out.problems.extend(problems.iter().map(|p| problem_note(&regarding, p)));
+            let conflict = g.listener_conflicts.get(&key).and_then(|m| m.get(&l.name));
+            out.problems.extend(conflict.map(|p| problem_note(&regarding, p)));
             let names = g.listener_tunnels.get(&key).and_then(|m| m.get(&l.name)).cloned().unwrap_or_default();
             let pods: BTreeSet<&PodKey> = names.iter().filter_map(|n| tunnel_pods.get(n)).flatten().collect();
             let missing: Vec<&PodKey> =
@@ -255,6 +250,7 @@ pub fn plan(view: &View, resolution: &ClusterResolution, config: &ResolveConfig,
                 problems,
                 addresses: status::published(&reports, pods.iter().copied(), &names),
                 missing_sidecars: missing.len(),
+                conflict,
             });
         }
         if !all_missing.is_empty() {

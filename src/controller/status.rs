@@ -14,6 +14,7 @@ use serde_json::{Value, json};
 
 use crate::api;
 use crate::resolve::gateway::ParentStatus;
+use crate::resolve::ownership::{DOMAIN_NOT_ALLOWED, TUNNEL_CONFLICT};
 use crate::resolve::{PodKey, Problem};
 
 /// Route condition types and reasons (the gateway-api crate has constants for Gateways and
@@ -173,6 +174,8 @@ pub struct ListenerFacts<'a> {
     pub addresses: BTreeSet<String>,
     /// Pods that should carry this listener's tunnels but have no sidecar.
     pub missing_sidecars: usize,
+    /// The listener's own hostname or TCP port belongs to someone else (reason TunnelConflict).
+    pub conflict: Option<&'a Problem>,
 }
 
 /// A Gateway's status: Accepted, Programmed, addresses (the hosts sidecars reported) and one
@@ -182,6 +185,7 @@ pub fn gateway_status(listeners: &[ListenerFacts<'_>], generation: i64, existing
     let mut all_addresses = BTreeSet::new();
     let mut listener_status = Vec::new();
     let mut valid = 0;
+    let mut conflicted: Vec<&str> = Vec::new();
     for l in listeners {
         let old = old_listeners.iter().find(|o| o["name"] == l.name).cloned().unwrap_or(Value::Null);
         let kind = if l.protocol == "TCP" { "TCPRoute" } else { "HTTPRoute" };
@@ -192,6 +196,9 @@ pub fn gateway_status(listeners: &[ListenerFacts<'_>], generation: i64, existing
             }
             Some(p) => Cond::new(ListenerConditionType::Accepted, false, p.reason, messages(l.problems)),
         };
+        if accepted.ok && l.conflict.is_some() {
+            conflicted.push(l.name);
+        }
         let programmed = if !accepted.ok {
             Cond::new(
                 ListenerConditionType::Programmed,
@@ -199,6 +206,8 @@ pub fn gateway_status(listeners: &[ListenerFacts<'_>], generation: i64, existing
                 ListenerConditionReason::Invalid,
                 accepted.message.clone(),
             )
+        } else if let Some(c) = l.conflict {
+            Cond::new(ListenerConditionType::Programmed, false, ListenerConditionReason::Invalid, c.message.clone())
         } else if l.attached == 0 {
             Cond::new(
                 ListenerConditionType::Programmed,
@@ -235,7 +244,15 @@ pub fn gateway_status(listeners: &[ListenerFacts<'_>], generation: i64, existing
                 "no references to resolve",
             ),
             programmed,
-            Cond::new(ListenerConditionType::Conflicted, false, ListenerConditionReason::NoConflicts, "no conflicts"),
+            match l.conflict {
+                None => Cond::new(
+                    ListenerConditionType::Conflicted,
+                    false,
+                    ListenerConditionReason::NoConflicts,
+                    "no conflicts",
+                ),
+                Some(c) => Cond::new(ListenerConditionType::Conflicted, true, c.reason, c.message.clone()),
+            },
         ];
         listener_status.push(json!({
             "name": l.name,
@@ -244,7 +261,19 @@ pub fn gateway_status(listeners: &[ListenerFacts<'_>], generation: i64, existing
             "conditions": conditions(&conds, generation, &old["conditions"], now),
         }));
     }
-    let accepted = if valid > 0 || listeners.is_empty() {
+    let accepted = if !conflicted.is_empty() {
+        // The Gateway API: ListenersNotValid on the Gateway while any listener is Conflicted,
+        // Accepted as long as one is served.
+        Cond::new(
+            GatewayConditionType::Accepted,
+            valid > conflicted.len(),
+            GatewayConditionReason::ListenersNotValid,
+            format!(
+                "listener(s) {} are Conflicted: their hostname or port belongs to another claimant (see their conditions)",
+                conflicted.join(", ")
+            ),
+        )
+    } else if valid > 0 || listeners.is_empty() {
         Cond::new(GatewayConditionType::Accepted, true, GatewayConditionReason::Accepted, "accepted by picotun")
     } else {
         Cond::new(
@@ -308,8 +337,17 @@ pub fn route_parents(
                 Err(e) => Cond::new(route::RESOLVED_REFS, false, e.reason, e.message.clone()),
             },
         ];
-        if !route_problems.is_empty() {
-            conds.push(Cond::new(route::PARTIALLY_INVALID, true, route::UNSUPPORTED_VALUE, messages(route_problems)));
+        if let Some(first) = route_problems.first() {
+            // Names this route lost to their owners (or the allow-list refused) say so; anything
+            // else is a value the tunnel server cannot honour.
+            let ownership = [TUNNEL_CONFLICT, DOMAIN_NOT_ALLOWED];
+            let reason = if route_problems.iter().all(|p| p.reason == first.reason) && ownership.contains(&first.reason)
+            {
+                first.reason
+            } else {
+                route::UNSUPPORTED_VALUE
+            };
+            conds.push(Cond::new(route::PARTIALLY_INVALID, true, reason, messages(route_problems)));
         }
         out.push(json!({
             "parentRef": parent_ref,
@@ -401,6 +439,7 @@ mod tests {
                 problems: &[],
                 addresses: BTreeSet::from(["https://alice-web-test.tuns.sh".to_string()]),
                 missing_sidecars: 0,
+                conflict: None,
             },
             ListenerFacts {
                 name: "tcp",
@@ -409,6 +448,7 @@ mod tests {
                 problems: &[],
                 addresses: BTreeSet::new(),
                 missing_sidecars: 2,
+                conflict: None,
             },
             ListenerFacts {
                 name: "x",
@@ -417,6 +457,7 @@ mod tests {
                 problems: &bad,
                 addresses: BTreeSet::new(),
                 missing_sidecars: 0,
+                conflict: None,
             },
         ];
         let s = gateway_status(&listeners, 3, &Value::Null, "T");

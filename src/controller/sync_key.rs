@@ -1,12 +1,14 @@
 //! Opt-in (`--sync-key-secret`): copy the tunnel key Secret from picotun's namespace into every
-//! namespace labeled for injection, and keep the copies equal to it. Copies carry a managed-by
-//! label; a Secret of that name the user made is never overwritten (a warning says so).
+//! namespace labeled for injection, keep the copies equal to it, and delete a copy once its
+//! namespace is no longer labeled (the account key must not stay readable where picotun is not
+//! used). Copies carry a managed-by label; a Secret of that name the user made is never
+//! overwritten or deleted.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::{Api, ListParams, ObjectMeta, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, PostParams, Preconditions};
 use std::sync::Mutex;
 use tracing::{info, warn};
 
@@ -16,6 +18,8 @@ use crate::index::{ResolveConfig, View};
 
 pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
 pub const MANAGER: &str = "picotun";
+/// Annotation on a copy naming its source (`namespace/name`).
+pub const COPIED_FROM: &str = "tunnels.pico.sh/copied-from";
 /// How often the copies are compared with the source at most (each pass would be too chatty).
 pub const EVERY: Duration = Duration::from_secs(10);
 
@@ -34,7 +38,7 @@ pub fn copy_of(source: &Secret, namespace: &str) -> Secret {
             namespace: Some(namespace.to_string()),
             labels: Some(BTreeMap::from([(MANAGED_BY.to_string(), MANAGER.to_string())])),
             annotations: Some(BTreeMap::from([(
-                "tunnels.pico.sh/copied-from".to_string(),
+                COPIED_FROM.to_string(),
                 format!(
                     "{}/{}",
                     source.metadata.namespace.as_deref().unwrap_or(""),
@@ -47,6 +51,30 @@ pub fn copy_of(source: &Secret, namespace: &str) -> Secret {
         data: source.data.clone(),
         ..Default::default()
     }
+}
+
+/// True for a Secret picotun copied (its managed-by label), not one the user made.
+pub fn is_copy(secret: &Secret) -> bool {
+    secret.metadata.labels.as_ref().and_then(|l| l.get(MANAGED_BY)).map(String::as_str) == Some(MANAGER)
+}
+
+/// The namespaces whose copy should go: those holding a copy picotun made that are in scope but
+/// no longer labeled for injection (or are gone from the cache). The source's own namespace is
+/// never one of them.
+pub fn stale_copies<'a>(
+    copies: &'a [Secret],
+    labeled: &std::collections::BTreeSet<&str>,
+    in_scope: impl Fn(&str) -> bool,
+    own_namespace: &str,
+) -> Vec<&'a Secret> {
+    copies
+        .iter()
+        .filter(|s| is_copy(s))
+        .filter(|s| {
+            let ns = s.metadata.namespace.as_deref().unwrap_or_default();
+            ns != own_namespace && in_scope(ns) && !labeled.contains(ns)
+        })
+        .collect()
 }
 
 impl KeySync {
@@ -74,8 +102,13 @@ impl KeySync {
                 return;
             }
         };
+        // Only the copies are read (by name and label): a Secret of that name the user made is
+        // never fetched -- creating a copy over it fails with 409, and it is left alone.
         let all: Api<Secret> = Api::all(self.client.clone());
-        let existing = match all.list(&ListParams::default().fields(&format!("metadata.name={}", self.name))).await {
+        let copies = ListParams::default()
+            .fields(&format!("metadata.name={}", self.name))
+            .labels(&format!("{MANAGED_BY}={MANAGER}"));
+        let existing = match all.list(&copies).await {
             Ok(l) => l.items,
             Err(e) => {
                 metrics.error("key_sync");
@@ -84,28 +117,59 @@ impl KeySync {
             }
         };
         let scope = view.scope(config);
+        let in_scope = |ns: &str| scope.as_ref().is_none_or(|s| s.contains(ns));
+        let labeled: std::collections::BTreeSet<&str> = view
+            .namespaces
+            .iter()
+            .filter(|ns| {
+                ns.metadata.labels.as_ref().and_then(|l| l.get(api::NAMESPACE_INJECTION_LABEL)).map(String::as_str)
+                    == Some("enabled")
+            })
+            .filter_map(|ns| ns.metadata.name.as_deref())
+            .collect();
+        // Copies in namespaces that left picotun go first: the account key must not stay there.
+        for stale in stale_copies(&existing, &labeled, in_scope, &self.namespace) {
+            let ns = stale.metadata.namespace.as_deref().unwrap_or_default();
+            let api: Api<Secret> = Api::namespaced(self.client.clone(), ns);
+            // Only the copy as listed: a Secret the user put there meanwhile is not touched.
+            let params = DeleteParams {
+                preconditions: Some(Preconditions {
+                    uid: stale.metadata.uid.clone(),
+                    resource_version: stale.metadata.resource_version.clone(),
+                }),
+                ..Default::default()
+            };
+            match api.delete(&self.name, &params).await {
+                Ok(_) => info!(namespace = ns, "deleted the key Secret copy: the namespace is no longer labeled"),
+                Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => {}
+                Err(e) => {
+                    metrics.error("key_sync");
+                    warn!(namespace = ns, error = %e, "cannot delete the key Secret copy");
+                }
+            }
+        }
         for ns in &view.namespaces {
             let Some(name) = ns.metadata.name.as_deref() else { continue };
-            if scope.as_ref().is_some_and(|s| !s.contains(name)) {
+            if !in_scope(name) || !labeled.contains(name) {
                 continue;
             }
-            let labeled =
-                ns.metadata.labels.as_ref().and_then(|l| l.get(api::NAMESPACE_INJECTION_LABEL)).map(String::as_str)
-                    == Some("enabled");
-            if !labeled || name == self.namespace || ns.metadata.deletion_timestamp.is_some() {
+            if name == self.namespace || ns.metadata.deletion_timestamp.is_some() {
                 continue;
             }
             let want = copy_of(&source, name);
             let api: Api<Secret> = Api::namespaced(self.client.clone(), name);
             let result = match existing.iter().find(|s| s.metadata.namespace.as_deref() == Some(name)) {
-                None => api
-                    .create(&PostParams::default(), &want)
-                    .await
-                    .map(|_| info!(namespace = name, "copied the key Secret")),
+                None => match api.create(&PostParams::default(), &want).await {
+                    Ok(_) => {
+                        info!(namespace = name, "copied the key Secret");
+                        Ok(())
+                    }
+                    // A Secret of that name the user made: theirs to keep.
+                    Err(kube::Error::Api(s)) if s.code == 409 => continue,
+                    Err(e) => Err(e),
+                },
                 Some(have) => {
-                    let ours = have.metadata.labels.as_ref().and_then(|l| l.get(MANAGED_BY)).map(String::as_str)
-                        == Some(MANAGER);
-                    if !ours {
+                    if !is_copy(have) {
                         continue; // the user's own Secret: theirs to keep
                     }
                     if have.data == want.data && have.type_ == want.type_ {
@@ -123,5 +187,32 @@ impl KeySync {
                 warn!(namespace = name, error = %e, "cannot copy the key Secret");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn secret(ns: &str, managed: bool) -> Secret {
+        let labels = if managed { json!({MANAGED_BY: MANAGER}) } else { json!({"owner": "user"}) };
+        serde_json::from_value(json!({"metadata": {"name": "picotun-ssh-key", "namespace": ns, "labels": labels}}))
+            .unwrap()
+    }
+
+    #[test]
+    fn only_copies_in_unlabeled_namespaces_of_our_scope_are_stale() {
+        let all = [
+            secret("still-labeled", true),
+            secret("unlabeled", true),
+            secret("users-own", false),
+            secret("other-controller", true),
+            secret("pico-sh-system", true),
+        ];
+        let labeled = std::collections::BTreeSet::from(["still-labeled"]);
+        let stale = stale_copies(&all, &labeled, |ns| ns != "other-controller", "pico-sh-system");
+        let names: Vec<&str> = stale.iter().filter_map(|s| s.metadata.namespace.as_deref()).collect();
+        assert_eq!(names, ["unlabeled"]);
     }
 }

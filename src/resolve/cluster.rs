@@ -1,13 +1,19 @@
 //! The whole cluster at once: every Ingress and Gateway API route picotun serves, resolved
 //! together into the tunnels file each pod should carry. The controller runs this over its caches
 //! on every change; the webhook runs it over the same index for a pod being created.
+//!
+//! Names belong to someone (`ownership`): every claim of every Ingress, route and namespace's
+//! expose annotations is collected first, the oldest claimant of each name owns it, and the
+//! tunnels of the others are taken out of their pods before they are merged per pod.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::networking::v1::Ingress;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use super::gateway::{self, GatewayModel, GatewayResolution, Grant, RouteModel};
+use super::ownership::{self, Ask, Claim, Claimant, DomainPolicy, Ownership, TUNNEL_CONFLICT};
 use super::{PodKey, Problem, Resolution, Snapshot, ingress};
 use crate::tunnel::{TunnelSpec, TunnelsFile};
 use crate::webhook::inject;
@@ -23,6 +29,10 @@ pub struct Inputs<'a> {
     pub grants: Vec<Grant>,
     pub namespace_labels: BTreeMap<String, BTreeMap<String, String>>,
     pub snapshot: Snapshot<'a>,
+    /// Pods whose expose annotations ask for names (their metadata is all that is read).
+    pub expose_pods: Vec<&'a ObjectMeta>,
+    /// Which namespaces may use which custom domains.
+    pub domains: &'a DomainPolicy,
 }
 
 /// What the cluster should look like.
@@ -30,23 +40,60 @@ pub struct Inputs<'a> {
 pub struct ClusterResolution {
     /// The tunnels routes give each pod, sorted by name, conflicts removed.
     pub route_tunnels: BTreeMap<PodKey, Vec<TunnelSpec>>,
-    /// Per Ingress of our class: its tunnels per pod and its problems.
+    /// Per Ingress of our class: its tunnels per pod (only names it owns) and its problems
+    /// (`TunnelConflict` / `DomainNotAllowed` for the others).
     pub ingresses: BTreeMap<(String, String), Resolution>,
     pub gateway: GatewayResolution,
     /// Tunnels dropped from a pod because another route already asked it for the same name or
     /// port (the agent would refuse the whole file otherwise).
     pub pod_problems: BTreeMap<PodKey, Vec<Problem>>,
+    /// Who owns every name, port and domain asked for.
+    pub ownership: Ownership,
 }
 
+/// Per Ingress: its creation time and the hosts it asks for.
+type IngressAsks = BTreeMap<(String, String), (Option<k8s_openapi::jiff::Timestamp>, Vec<String>)>;
+
+/// Every claim the inputs make: Ingress hosts, what routes ask for through their listeners,
+/// the expose annotations of pods.
+fn asks(inputs: &Inputs<'_>, ingresses: &IngressAsks, gateway: &GatewayResolution) -> Vec<Ask> {
+    let mut out = Vec::new();
+    for ((ns, name), (since, hosts)) in ingresses {
+        for h in hosts {
+            out.push(Ask {
+                claimant: Claimant::ingress(ns, name),
+                claim: Claim::Name(h.to_ascii_lowercase()),
+                since: *since,
+                via: None,
+            });
+        }
+    }
+    let created: BTreeMap<(&str, &str, &str), Option<k8s_openapi::jiff::Timestamp>> =
+        inputs.routes.iter().map(|r| ((r.kind.as_str(), r.namespace.as_str(), r.name.as_str()), r.created)).collect();
+    for ((kind, ns, name), records) in &gateway.route_claims {
+        let since = created.get(&(kind.as_str(), ns.as_str(), name.as_str())).copied().flatten();
+        for r in records {
+            out.push(Ask { claimant: Claimant::route(kind, ns, name), claim: r.claim.clone(), since, via: None });
+        }
+    }
+    out.extend(ownership::expose_asks(inputs.expose_pods.iter().copied()));
+    out
+}
+
+/// Resolves everything, owners included.
 pub fn resolve_all(inputs: &Inputs<'_>) -> ClusterResolution {
+    resolve_with(inputs, None)
+}
+
+/// Resolves with the owners from `owners` when given (the webhook: the table comes from the
+/// whole cluster, the resolution from the routes that reach one pod), else from the inputs.
+pub fn resolve_with(inputs: &Inputs<'_>, owners: Option<Ownership>) -> ClusterResolution {
     let mut out = ClusterResolution::default();
-    let mut merged: BTreeMap<PodKey, Vec<TunnelSpec>> = BTreeMap::new();
+    let mut asked = IngressAsks::new();
     for ing in inputs.ingresses.iter().filter(|i| ingress::is_ours(i, inputs.ingress_class)) {
         let resolution = ingress::resolve(ing, &inputs.snapshot);
-        for (pod, specs) in &resolution.tunnels {
-            merged.entry(pod.clone()).or_default().extend(specs.iter().cloned());
-        }
         let key = (ing.metadata.namespace.clone().unwrap_or_default(), ing.metadata.name.clone().unwrap_or_default());
+        asked.insert(key.clone(), (ing.metadata.creation_timestamp.as_ref().map(|t| t.0), resolution.hosts.clone()));
         out.ingresses.insert(key, resolution);
     }
     out.gateway = gateway::resolve(
@@ -57,6 +104,33 @@ pub fn resolve_all(inputs: &Inputs<'_>) -> ClusterResolution {
         &inputs.namespace_labels,
         &inputs.snapshot,
     );
+    let owners = owners.unwrap_or_else(|| ownership::ownership(asks(inputs, &asked, &out.gateway), inputs.domains));
+
+    let mut merged: BTreeMap<PodKey, Vec<TunnelSpec>> = BTreeMap::new();
+    for ((ns, name), resolution) in &mut out.ingresses {
+        let claimant = Claimant::ingress(ns, name);
+        for specs in resolution.tunnels.values_mut() {
+            let (kept, problems) = owners.keep(&claimant, std::mem::take(specs));
+            *specs = kept;
+            for p in problems {
+                if !resolution.problems.contains(&p) {
+                    resolution.problems.push(p);
+                }
+            }
+        }
+        // Names asked for with no pod behind them yet are said too.
+        for host in &resolution.hosts {
+            if let Err(p) = owners.check_claim(&claimant, &Claim::Name(host.to_ascii_lowercase()))
+                && !resolution.problems.contains(&p)
+            {
+                resolution.problems.push(p);
+            }
+        }
+        for (pod, specs) in &resolution.tunnels {
+            merged.entry(pod.clone()).or_default().extend(specs.iter().cloned());
+        }
+    }
+    out.gateway.apply_ownership(&owners);
     for (pod, specs) in &out.gateway.tunnels {
         merged.entry(pod.clone()).or_default().extend(specs.iter().cloned());
     }
@@ -69,6 +143,7 @@ pub fn resolve_all(inputs: &Inputs<'_>) -> ClusterResolution {
         }
         out.route_tunnels.insert(pod, kept);
     }
+    out.ownership = owners;
     out
 }
 
@@ -82,7 +157,7 @@ pub fn without_conflicts(specs: Vec<TunnelSpec>) -> (Vec<TunnelSpec>, Vec<Proble
     for spec in specs {
         if !names.insert(spec.name.clone()) {
             problems.push(Problem {
-                reason: "TunnelConflict",
+                reason: TUNNEL_CONFLICT,
                 message: format!("two routes give this pod a tunnel named {}; the first is kept", spec.name),
             });
             continue;
@@ -90,7 +165,7 @@ pub fn without_conflicts(specs: Vec<TunnelSpec>) -> (Vec<TunnelSpec>, Vec<Proble
         if let Some(claim) = spec.public_claim() {
             if let Some(first) = claims.get(&claim) {
                 problems.push(Problem {
-                    reason: "TunnelConflict",
+                    reason: TUNNEL_CONFLICT,
                     message: format!("tunnels {first} and {} both ask for {claim}; only {first} is opened", spec.name),
                 });
                 continue;
@@ -103,14 +178,23 @@ pub fn without_conflicts(specs: Vec<TunnelSpec>) -> (Vec<TunnelSpec>, Vec<Proble
 }
 
 /// The tunnels file a pod should carry: what routes give it, then its own expose annotation (the
-/// webhook copies a workload's annotation onto the pod, so the pod alone says it all). Problems
-/// with the annotation come back as warnings; the rest is still served.
-pub fn pod_tunnels_file(pod: &Pod, route_tunnels: &[TunnelSpec]) -> (TunnelsFile, Vec<String>) {
+/// webhook copies a workload's annotation onto the pod, so the pod alone says it all) less the
+/// names its namespace does not own. Problems with the annotation come back too; the rest is
+/// still served.
+pub fn pod_tunnels_file(pod: &Pod, route_tunnels: &[TunnelSpec], owners: &Ownership) -> (TunnelsFile, Vec<Problem>) {
     let mut warnings = Vec::new();
-    let all = inject::tunnels_for(pod, None, route_tunnels, &mut warnings);
-    let (tunnels, problems) = without_conflicts(all);
-    warnings.extend(problems.into_iter().map(|p| p.message));
-    (TunnelsFile { tunnels }, warnings)
+    let mut all = inject::tunnels_for(pod, None, route_tunnels, &mut warnings);
+    let mut problems: Vec<Problem> =
+        warnings.into_iter().map(|message| Problem { reason: TUNNEL_CONFLICT, message }).collect();
+    // tunnels_for appends the annotation's tunnels after the routes'.
+    let exposed = all.split_off(route_tunnels.len().min(all.len()));
+    let namespace = pod.metadata.namespace.as_deref().unwrap_or_default();
+    let (exposed, refused) = owners.keep(&Claimant::expose(namespace), exposed);
+    problems.extend(refused);
+    all.extend(exposed);
+    let (tunnels, conflicts) = without_conflicts(all);
+    problems.extend(conflicts);
+    (TunnelsFile { tunnels }, problems)
 }
 
 #[cfg(test)]
@@ -147,7 +231,7 @@ mod tests {
             "spec": {"containers": [{"name": "app", "image": "x"}]}
         }))
         .unwrap();
-        let (file, warnings) = pod_tunnels_file(&pod, &[http("ing-web-demo", "demo", 8080)]);
+        let (file, warnings) = pod_tunnels_file(&pod, &[http("ing-web-demo", "demo", 8080)], &Ownership::default());
         let names: Vec<&str> = file.tunnels.iter().map(|t| t.name.as_str()).collect();
         assert_eq!(names.len(), 2, "the annotation's http:demo conflicts with the route's: {names:?}");
         assert_eq!(names[0], "ing-web-demo");
@@ -187,10 +271,192 @@ mod tests {
             grants: vec![],
             namespace_labels: BTreeMap::new(),
             snapshot: Snapshot::new(&services, &pods),
+            expose_pods: pods.iter().map(|p| &p.metadata).collect(),
+            domains: &DomainPolicy::default(),
         };
         let r = resolve_all(&inputs);
         assert_eq!(r.ingresses.len(), 1, "only our class");
         let tunnels = &r.route_tunnels[&("default".to_string(), "p1".to_string())];
         assert_eq!(tunnels, &vec![http("ing-example-app-demo", "demo", 5678)]);
+    }
+
+    // Fixtures for ownership across the cluster.
+    fn ingress_at(ns: &str, name: &str, created: &str, hosts: &[&str]) -> Ingress {
+        let rules: Vec<serde_json::Value> = hosts
+            .iter()
+            .map(|h| {
+                json!({"host": h, "http": {"paths": [{"path": "/", "pathType": "Prefix",
+                "backend": {"service": {"name": "web", "port": {"number": 80}}}}]}})
+            })
+            .collect();
+        serde_json::from_value(json!({"metadata": {"name": name, "namespace": ns, "creationTimestamp": created},
+            "spec": {"ingressClassName": "pico-tunnel", "rules": rules}}))
+        .unwrap()
+    }
+
+    fn web_service(ns: &str) -> k8s_openapi::api::core::v1::Service {
+        serde_json::from_value(json!({"metadata": {"name": "web", "namespace": ns},
+            "spec": {"selector": {"app": "web"}, "ports": [{"port": 80, "targetPort": 8080}]}}))
+        .unwrap()
+    }
+
+    fn pod_at(ns: &str, name: &str, created: &str, expose: Option<&str>) -> Pod {
+        let mut annotations = json!({});
+        if let Some(e) = expose {
+            annotations["tunnels.pico.sh/expose"] = json!(e);
+        }
+        serde_json::from_value(json!({"metadata": {"name": name, "namespace": ns, "creationTimestamp": created,
+            "labels": {"app": "web"}, "annotations": annotations},
+            "spec": {"containers": [{"name": "c", "image": "x"}]}}))
+        .unwrap()
+    }
+
+    fn inputs<'a>(
+        ingresses: &'a [Ingress],
+        services: &'a [k8s_openapi::api::core::v1::Service],
+        pods: &'a [Pod],
+        gateways: Vec<GatewayModel>,
+        routes: Vec<RouteModel>,
+        domains: &'a DomainPolicy,
+    ) -> Inputs<'a> {
+        Inputs {
+            ingress_class: "pico-tunnel",
+            ingresses: ingresses.iter().collect(),
+            our_gateway_classes: BTreeSet::from(["pico".to_string()]),
+            gateways,
+            routes,
+            grants: vec![],
+            namespace_labels: BTreeMap::new(),
+            snapshot: Snapshot::new(services, pods),
+            expose_pods: pods.iter().map(|p| &p.metadata).collect(),
+            domains,
+        }
+    }
+
+    fn key(ns: &str, name: &str) -> PodKey {
+        (ns.to_string(), name.to_string())
+    }
+
+    fn hosts_of(r: &ClusterResolution, pod: &PodKey) -> Vec<String> {
+        r.route_tunnels.get(pod).into_iter().flatten().filter_map(|t| t.host.clone()).collect()
+    }
+
+    #[test]
+    fn a_name_belongs_to_its_oldest_claimant_across_namespaces() {
+        let ingresses = [
+            ingress_at("b", "web", "2025-01-01T00:00:00Z", &["demo", "b-only"]),
+            ingress_at("a", "web", "2024-01-01T00:00:00Z", &["demo"]),
+        ];
+        let services = [web_service("a"), web_service("b"), web_service("c")];
+        let pods = [
+            pod_at("a", "a-1", "2024-02-01T00:00:00Z", None),
+            pod_at("b", "b-1", "2025-02-01T00:00:00Z", None),
+            // Namespace c exposes demo too, later than both Ingresses, and a TCP port nobody else wants.
+            pod_at("c", "c-1", "2026-01-01T00:00:00Z", Some("http:demo=8080, tcp:5432=8080")),
+        ];
+        let domains = DomainPolicy::default();
+        let r = resolve_all(&inputs(&ingresses, &services, &pods, vec![], vec![], &domains));
+        assert_eq!(hosts_of(&r, &key("a", "a-1")), ["demo"], "the older Ingress keeps its pods' tunnel");
+        assert_eq!(hosts_of(&r, &key("b", "b-1")), ["b-only"], "the newer one loses demo, keeps its other name");
+        let b = &r.ingresses[&key("b", "web")];
+        let conflict = b.problems.iter().find(|p| p.reason == TUNNEL_CONFLICT).expect("said on the newer Ingress");
+        assert!(conflict.message.contains("belongs to Ingress a/web"), "{}", conflict.message);
+        assert!(r.ingresses[&key("a", "web")].problems.is_empty(), "{:?}", r.ingresses[&key("a", "web")].problems);
+        // The expose annotation in c: demo is not c's, the port is.
+        let (file, problems) = pod_tunnels_file(&pods[2], &[], &r.ownership);
+        let names: Vec<&str> = file.tunnels.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(names, ["tcp-5432"]);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(problems[0].message.contains("Ingress a/web"), "{}", problems[0].message);
+
+        // The older Ingress goes: the newer takes over.
+        let r = resolve_all(&inputs(&ingresses[..1], &services, &pods, vec![], vec![], &domains));
+        assert_eq!(hosts_of(&r, &key("b", "b-1")), ["b-only", "demo"]);
+        assert!(r.ingresses[&key("b", "web")].problems.is_empty());
+    }
+
+    #[test]
+    fn a_name_with_no_pod_behind_it_still_belongs_to_its_route() {
+        // a's Ingress is older; its Service selects nothing yet. b still may not have demo.
+        let ingresses = [
+            ingress_at("a", "web", "2024-01-01T00:00:00Z", &["demo"]),
+            ingress_at("b", "web", "2025-01-01T00:00:00Z", &["demo"]),
+        ];
+        let services = [web_service("a"), web_service("b")];
+        let pods = [pod_at("b", "b-1", "2025-02-01T00:00:00Z", None)];
+        let domains = DomainPolicy::default();
+        let r = resolve_all(&inputs(&ingresses, &services, &pods, vec![], vec![], &domains));
+        assert!(hosts_of(&r, &key("b", "b-1")).is_empty());
+        assert_eq!(r.ingresses[&key("b", "web")].problems[0].reason, TUNNEL_CONFLICT);
+    }
+
+    fn tcp_gateway(ns: &str, port: u16) -> GatewayModel {
+        gateway::gateway_from_json(&json!({"metadata": {"name": "gw", "namespace": ns}, "spec": {
+            "gatewayClassName": "pico", "listeners": [
+                {"name": "tcp", "protocol": "TCP", "port": port},
+                {"name": "web", "protocol": "HTTP", "port": 80, "hostname": "web"}]}}))
+    }
+
+    fn route_at(kind: &str, ns: &str, name: &str, created: &str, section: &str) -> RouteModel {
+        gateway::route_from_json(
+            kind,
+            &json!({"metadata": {"name": name, "namespace": ns, "creationTimestamp": created}, "spec": {
+            "parentRefs": [{"name": "gw", "sectionName": section}],
+            "rules": [{"backendRefs": [{"name": "web", "port": 80}]}]}}),
+        )
+    }
+
+    #[test]
+    fn routes_through_a_listener_whose_port_another_namespace_owns_are_not_accepted() {
+        let services = [web_service("g")];
+        let pods = [
+            pod_at("g", "g-1", "2024-02-01T00:00:00Z", None),
+            // Older than the route: namespace x's expose annotation owns the port.
+            pod_at("x", "x-1", "2020-01-01T00:00:00Z", Some("tcp:5432=5432")),
+        ];
+        let domains = DomainPolicy::default();
+        let routes = vec![
+            route_at("TCPRoute", "g", "db", "2024-01-01T00:00:00Z", "tcp"),
+            route_at("HTTPRoute", "g", "first", "2024-01-01T00:00:00Z", "web"),
+            route_at("HTTPRoute", "g", "second", "2024-06-01T00:00:00Z", "web"),
+        ];
+        let r = resolve_all(&inputs(&[], &services, &pods, vec![tcp_gateway("g", 5432)], routes, &domains));
+        let tunnels = &r.route_tunnels[&key("g", "g-1")];
+        assert!(tunnels.iter().all(|t| t.kind != TunnelKind::Tcp), "{tunnels:?}");
+        assert_eq!(hosts_of(&r, &key("g", "g-1")), ["web"], "the older HTTPRoute's name");
+        let gw = &r.gateway;
+        let status =
+            |kind: &str, name: &str| gw.routes[&(kind.to_string(), "g".to_string(), name.to_string())][0].clone();
+        let db = status("TCPRoute", "db").accepted.unwrap_err();
+        assert_eq!(db.reason, TUNNEL_CONFLICT);
+        assert!(db.message.contains("namespace x, pod x-1"), "{}", db.message);
+        assert!(status("HTTPRoute", "first").accepted.is_ok());
+        let second = status("HTTPRoute", "second").accepted.unwrap_err();
+        assert!(second.message.contains("HTTPRoute g/first"), "{}", second.message);
+        let attached = &gw.attached[&key("g", "gw")];
+        assert_eq!((attached["tcp"], attached["web"]), (0, 1), "routes that lost everything are not attached");
+        let conflicts = &gw.listener_conflicts[&key("g", "gw")];
+        assert!(conflicts["tcp"].message.contains("public TCP port 5432"), "{:?}", conflicts["tcp"]);
+        assert!(!conflicts.contains_key("web"), "two routes of one listener: not the listener's conflict");
+        // x keeps its port.
+        let (file, problems) = pod_tunnels_file(&pods[1], &[], &r.ownership);
+        assert_eq!((file.tunnels.len(), problems.len()), (1, 0));
+    }
+
+    #[test]
+    fn the_allow_list_refuses_a_domain_to_other_namespaces() {
+        let domains = DomainPolicy::new(vec![ownership::parse_domain_rule("team-a=*.a.example.com").unwrap()]);
+        let ingresses = [ingress_at("team-b", "web", "2020-01-01T00:00:00Z", &["app.a.example.com", "demo"])];
+        let services = [web_service("team-b")];
+        let pods = [pod_at("team-b", "b-1", "2020-02-01T00:00:00Z", Some("http:x.a.example.com=8080"))];
+        let r = resolve_all(&inputs(&ingresses, &services, &pods, vec![], vec![], &domains));
+        assert_eq!(hosts_of(&r, &key("team-b", "b-1")), ["demo"], "tuns names are not affected");
+        let p = &r.ingresses[&key("team-b", "web")].problems;
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(p[0].reason, ownership::DOMAIN_NOT_ALLOWED);
+        let (file, problems) = pod_tunnels_file(&pods[0], &r.route_tunnels[&key("team-b", "b-1")], &r.ownership);
+        assert_eq!(file.tunnels.len(), 1);
+        assert_eq!(problems[0].reason, ownership::DOMAIN_NOT_ALLOWED);
+        assert!(r.ownership.owner(&Claim::Name("app.a.example.com".into())).is_none(), "a refused ask claims nothing");
     }
 }

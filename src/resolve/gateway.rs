@@ -10,6 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde_json::Value;
 
+use super::ownership::{Claim, Claimant, Ownership, TUNNEL_CONFLICT};
 use super::{PodKey, Problem, Snapshot, service_port, target_port, tunnel_name};
 use crate::tunnel::{TunnelKind, TunnelSpec, is_dns_name};
 
@@ -66,6 +67,8 @@ pub struct RouteModel {
     pub kind: String,
     pub namespace: String,
     pub name: String,
+    /// metadata.creationTimestamp: how old its claims are (resolve::ownership).
+    pub created: Option<k8s_openapi::jiff::Timestamp>,
     pub hostnames: Vec<String>,
     pub parents: Vec<ParentRef>,
     /// backendRefs of each rule.
@@ -172,6 +175,7 @@ pub fn route_from_json(kind: &str, v: &Value) -> RouteModel {
         kind: kind.to_string(),
         namespace,
         name: s(&v["metadata"]["name"]).unwrap_or_default(),
+        created: v["metadata"]["creationTimestamp"].as_str().and_then(|t| t.parse().ok()),
         hostnames: v["spec"]["hostnames"].as_array().map(|hs| hs.iter().filter_map(s).collect()).unwrap_or_default(),
         parents,
         rules,
@@ -236,6 +240,27 @@ pub struct GatewayResolution {
     pub listener_tunnels: BTreeMap<(String, String), BTreeMap<String, BTreeSet<String>>>,
     /// (route kind, namespace, name) -> the tunnels the route opens.
     pub route_tunnels: BTreeMap<(String, String, String), BTreeSet<String>>,
+    /// (route kind, namespace, name) -> what it asks for through each parent and listener,
+    /// backed by pods yet or not (resolve::ownership).
+    pub route_claims: BTreeMap<(String, String, String), Vec<ClaimRecord>>,
+    /// (route kind, namespace, name) -> its tunnels per backing pod (`tunnels` is their union).
+    pub route_pod_tunnels: BTreeMap<(String, String, String), BTreeMap<PodKey, Vec<TunnelSpec>>>,
+    /// (gateway namespace, name) -> listener name -> the listener's own claim (its hostname or
+    /// TCP port) belongs to a claimant not attached through it: the listener is Conflicted.
+    pub listener_conflicts: BTreeMap<(String, String), BTreeMap<String, Problem>>,
+}
+
+/// One claim of a route through one listener of one parent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClaimRecord {
+    /// Index into the route's parent statuses (`GatewayResolution::routes`).
+    pub parent: usize,
+    pub gateway: (String, String),
+    pub listener: String,
+    /// The listener fixes this claim itself (a TCP listener's port, an HTTP listener's
+    /// hostname), rather than the route's hostnames.
+    pub fixed: bool,
+    pub claim: Claim,
 }
 
 fn problem(reason: &'static str, message: String) -> Problem {
@@ -470,6 +495,17 @@ pub fn resolve(
                         },
                     )),
                 }
+                let fixed = kind == TunnelKind::Tcp || l.hostname.as_deref().is_some_and(|h| !h.starts_with("*."));
+                let records = out.route_claims.entry(route_key.clone()).or_default();
+                for claim in specs.iter().filter_map(|(_, spec)| Claim::of(spec)) {
+                    records.push(ClaimRecord {
+                        parent: statuses.len(),
+                        gateway: gkey.clone(),
+                        listener: l.name.clone(),
+                        fixed,
+                        claim,
+                    });
+                }
                 let names = specs.iter().map(|(_, spec)| spec.name.clone());
                 out.listener_tunnels.entry(gkey.clone()).or_default().entry(l.name.clone()).or_default().extend(names);
                 out.route_tunnels
@@ -515,10 +551,16 @@ pub fn resolve(
                             pod.metadata.namespace.clone().unwrap_or_default(),
                             pod.metadata.name.clone().unwrap_or_default(),
                         );
-                        let tunnels = out.tunnels.entry(key).or_default();
+                        let tunnels = out.tunnels.entry(key.clone()).or_default();
                         for (_, spec) in &specs {
                             if !tunnels.iter().any(|t| t.name == spec.name) {
                                 tunnels.push(TunnelSpec { target_port: target, ..spec.clone() });
+                            }
+                        }
+                        let mine = out.route_pod_tunnels.entry(route_key.clone()).or_default().entry(key).or_default();
+                        for (_, spec) in &specs {
+                            if !mine.iter().any(|t| t.name == spec.name) {
+                                mine.push(TunnelSpec { target_port: target, ..spec.clone() });
                             }
                         }
                     }
@@ -534,6 +576,128 @@ pub fn resolve(
         }
     }
     out
+}
+
+impl GatewayResolution {
+    /// Takes away what routes ask for but do not own: their tunnels leave every pod; a parent
+    /// through which nothing is left is not Accepted (reason `TunnelConflict` or
+    /// `DomainNotAllowed`) and does not count as attached; a parent that keeps some of its names
+    /// says the rest as a route problem (PartiallyInvalid); a listener whose own hostname or port
+    /// belongs to a claimant not attached through it is Conflicted.
+    pub fn apply_ownership(&mut self, ownership: &Ownership) {
+        type Key = (String, String, String);
+        type GatewayKey = (String, String);
+        /// (claim, gateway, listener) -> the routes asking for it there.
+        type Through<'a> = BTreeMap<(&'a Claim, &'a GatewayKey, &'a str), BTreeSet<Claimant>>;
+        /// (parent, gateway, listener) -> (claims kept, problems).
+        type PerListener<'a> = BTreeMap<(usize, &'a GatewayKey, &'a str), (usize, Vec<Problem>)>;
+        // Which routes ask for each claim through each listener: a listener's own claim won by
+        // one of them is a conflict between its routes, not of the listener.
+        let mut through = Through::new();
+        for (rk, records) in &self.route_claims {
+            for r in records {
+                through
+                    .entry((&r.claim, &r.gateway, r.listener.as_str()))
+                    .or_default()
+                    .insert(Claimant::route(&rk.0, &rk.1, &rk.2));
+            }
+        }
+        let mut lost: BTreeMap<Key, BTreeSet<Claim>> = BTreeMap::new();
+        let mut listener_conflicts: BTreeMap<(String, String), BTreeMap<String, Problem>> = BTreeMap::new();
+        let mut detached: Vec<((String, String), String)> = Vec::new();
+        let mut not_accepted: Vec<(Key, usize, Problem)> = Vec::new();
+        let mut partial: Vec<(Key, Problem)> = Vec::new();
+        for (rk, records) in &self.route_claims {
+            let claimant = Claimant::route(&rk.0, &rk.1, &rk.2);
+            let mut per_listener = PerListener::new();
+            for r in records {
+                let entry = per_listener.entry((r.parent, &r.gateway, r.listener.as_str())).or_default();
+                match ownership.check_claim(&claimant, &r.claim) {
+                    Ok(()) => entry.0 += 1,
+                    Err(p) => {
+                        lost.entry(rk.clone()).or_default().insert(r.claim.clone());
+                        let owner = ownership.owner(&r.claim);
+                        let owner_attached = owner.is_some_and(|o| {
+                            through
+                                .get(&(&r.claim, &r.gateway, r.listener.as_str()))
+                                .is_some_and(|routes| routes.contains(&o.claimant))
+                        });
+                        if r.fixed && p.reason == TUNNEL_CONFLICT && !owner_attached {
+                            let owner = owner.map(|o| o.describe()).unwrap_or_default();
+                            listener_conflicts.entry(r.gateway.clone()).or_default().entry(r.listener.clone()).or_insert(
+                                Problem {
+                                    reason: TUNNEL_CONFLICT,
+                                    message: format!(
+                                        "listener {}: its {} belongs to {owner} (the oldest claim wins): no route attached here gets a tunnel for it",
+                                        r.listener, r.claim
+                                    ),
+                                },
+                            );
+                        }
+                        if !entry.1.contains(&p) {
+                            entry.1.push(p);
+                        }
+                    }
+                }
+            }
+            let mut per_parent: BTreeMap<usize, (usize, Vec<Problem>)> = BTreeMap::new();
+            for ((parent, gateway, listener), (kept, problems)) in per_listener {
+                if kept == 0 && !problems.is_empty() {
+                    detached.push((gateway.clone(), listener.to_string()));
+                }
+                let entry = per_parent.entry(parent).or_default();
+                if kept > 0 {
+                    entry.0 += 1;
+                }
+                for p in problems {
+                    if !entry.1.contains(&p) {
+                        entry.1.push(p);
+                    }
+                }
+            }
+            for (parent, (kept_listeners, problems)) in per_parent {
+                let Some(first) = problems.first() else { continue };
+                if kept_listeners == 0 {
+                    let message = problems.iter().map(|p| p.message.as_str()).collect::<Vec<_>>().join("; ");
+                    not_accepted.push((rk.clone(), parent, Problem { reason: first.reason, message }));
+                } else {
+                    partial.extend(problems.into_iter().map(|p| (rk.clone(), p)));
+                }
+            }
+        }
+        for (gateway, listener) in detached {
+            if let Some(n) = self.attached.get_mut(&gateway).and_then(|m| m.get_mut(&listener)) {
+                *n = (*n - 1).max(0);
+            }
+        }
+        for (rk, parent, problem) in not_accepted {
+            if let Some(status) = self.routes.get_mut(&rk).and_then(|s| s.get_mut(parent)) {
+                status.accepted = Err(problem);
+            }
+        }
+        for (rk, problem) in partial {
+            let problems = self.route_problems.entry(rk).or_default();
+            if !problems.contains(&problem) {
+                problems.push(problem);
+            }
+        }
+        self.listener_conflicts = listener_conflicts;
+        // The pods' tunnels again, without what their routes lost.
+        let mut tunnels: BTreeMap<PodKey, Vec<TunnelSpec>> = BTreeMap::new();
+        for (rk, pods) in &mut self.route_pod_tunnels {
+            let lost = lost.get(rk);
+            for (pod, specs) in pods.iter_mut() {
+                specs.retain(|s| Claim::of(s).is_none_or(|c| lost.is_none_or(|l| !l.contains(&c))));
+                let all = tunnels.entry(pod.clone()).or_default();
+                for spec in specs.iter() {
+                    if !all.iter().any(|t| t.name == spec.name) {
+                        all.push(spec.clone());
+                    }
+                }
+            }
+        }
+        self.tunnels = tunnels;
+    }
 }
 
 #[cfg(test)]

@@ -112,6 +112,9 @@ pub fn resolve(ingress: &Ingress, snapshot: &Snapshot<'_>) -> Resolution {
         }
     }
 
+    // Every host with a Service backend is asked for, whether or not pods back it yet: the name
+    // belongs to this Ingress while it asks (resolve::ownership).
+    out.hosts = hosts.keys().cloned().collect();
     for (host, backend) in hosts {
         let Some(service) = snapshot.service(&namespace, &backend.name) else {
             problem("BackendNotFound", format!("host {host}: Service {namespace}/{} does not exist", backend.name));

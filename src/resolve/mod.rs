@@ -6,6 +6,7 @@
 pub mod cluster;
 pub mod gateway;
 pub mod ingress;
+pub mod ownership;
 
 use std::collections::BTreeMap;
 
@@ -31,6 +32,8 @@ pub type PodKey = (String, String);
 pub struct Resolution {
     pub tunnels: BTreeMap<PodKey, Vec<TunnelSpec>>,
     pub problems: Vec<Problem>,
+    /// The names the object asks for, served by pods yet or not (its claims).
+    pub hosts: Vec<String>,
 }
 
 /// The objects resolution looks at: Services and Pods, indexed by namespace so that resolving a

@@ -140,16 +140,50 @@ async fn every_manifest_is_accepted_by_server_side_apply() {
         assert_eq!(namespace["metadata"]["labels"]["tunnels.pico.sh/injection"], "enabled", "{name}");
         docs
     };
+    // Each opt-in mode as users would install it: deploy/ plus its components.
+    for mode in [Mode::KeySecret, Mode::SyncKey, Mode::Restart] {
+        let docs = render_mode("deploy", mode);
+        let env = |deployment: &str, container: &str, name: &str| {
+            let d = doc(&docs, "Deployment", deployment);
+            let c = &d["spec"]["template"]["spec"]["containers"][0];
+            assert_eq!(c["name"], container);
+            env_value(c, name).clone()
+        };
+        let (auth, sync, restart) = match mode {
+            Mode::KeySecret => ("key", "false", "false"),
+            Mode::SyncKey => ("key", "true", "false"),
+            _ => ("certificate", "false", "true"),
+        };
+        assert_eq!(env("picotun-webhook", "webhook", "PICOTUN_SIDECAR_AUTH"), auth, "{mode:?}");
+        assert_eq!(env("picotun-controller", "controller", "PICOTUN_SYNC_KEY_SECRET"), sync, "{mode:?}");
+        assert_eq!(env("picotun-controller", "controller", "PICOTUN_RESTART_UNINJECTED"), restart, "{mode:?}");
+    }
+    // The default install: certificate mode, the CA mounted (optional), no Secret rule outside
+    // picotun's namespace, the NetworkPolicy and the admission policies.
+    let webhook_pod = &doc(&with_cert_manager, "Deployment", "picotun-webhook")["spec"]["template"]["spec"];
+    assert_eq!(env_value(&webhook_pod["containers"][0], "PICOTUN_SIDECAR_AUTH"), "certificate");
+    let ca = webhook_pod["volumes"].as_array().unwrap().iter().find(|v| v["name"] == "ssh-ca").unwrap();
+    assert_eq!((&ca["secret"]["secretName"], &ca["secret"]["optional"]), (&json!("picotun-ssh-ca"), &json!(true)));
+    for d in with_cert_manager.iter().filter(|d| d["kind"] == "ClusterRole") {
+        let secrets = d["rules"].as_array().unwrap().iter().any(|r| r["resources"].to_string().contains("secrets"));
+        assert!(!secrets, "ClusterRole {} grants something on Secrets in the default install", d["metadata"]["name"]);
+    }
+    doc(&with_cert_manager, "NetworkPolicy", "picotun-webhook");
+    doc(&with_cert_manager, "ValidatingAdmissionPolicy", "picotun-pod-writes");
     let sets = [
         ("deploy/", with_cert_manager),
         ("deploy/without-cert-manager/", without_cert_manager),
+        ("deploy/ + components/key-secret", render_mode("deploy", Mode::KeySecret)),
+        ("deploy/ + components/key-secret + sync-key-secret", render_mode("deploy", Mode::SyncKey)),
+        ("deploy/ + components/restart-uninjected", render_mode("deploy", Mode::Restart)),
         ("examples/ingress/", example("ingress")),
         ("examples/gateway-api/", example("gateway-api")),
         ("examples/annotations-only/", example("annotations-only")),
     ];
     // Dry runs, with the namespaced objects in this test's namespace: applied for real, the
-    // cluster-wide ones (the webhook configuration, the classes) would meet other tests'
-    // webhooks and controllers in the shared ground.
+    // cluster-wide ones (the webhook configuration, the classes, the admission policies) would
+    // meet other tests' webhooks and controllers in the shared ground. The NetworkPolicy is
+    // proven this way only: the ground's bridge CNI does not enforce NetworkPolicy.
     for (what, docs) in sets {
         let docs = into_namespace(docs, ns.name());
         let out = apply(ground.kubeconfig(), &docs, true);
@@ -158,11 +192,57 @@ async fn every_manifest_is_accepted_by_server_side_apply() {
     }
 }
 
+/// The install modes: the default (certificate mode) and the opt-in components.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Mode {
+    Default,
+    KeySecret,
+    /// sync-key needs key mode: both components.
+    SyncKey,
+    Restart,
+    /// Every component at once: the union of what any mode grants.
+    Every,
+}
+
+impl Mode {
+    fn components(self) -> &'static [&'static str] {
+        match self {
+            Mode::Default => &[],
+            Mode::KeySecret => &["key-secret"],
+            Mode::SyncKey => &["key-secret", "sync-key-secret"],
+            Mode::Restart => &["restart-uninjected"],
+            Mode::Every => &["key-secret", "sync-key-secret", "restart-uninjected"],
+        }
+    }
+}
+
+/// `deploy/<under>` with `mode`'s components, rendered as a user's kustomization of its own
+/// would (kustomize wants relative paths: the overlay sits beside a copy of deploy/).
+pub(crate) fn render_mode(under: &str, mode: Mode) -> Vec<Value> {
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("deploy");
+    assert!(Command::new("cp").arg("-r").arg(repo_root().join("deploy")).arg(&copy).status().unwrap().success());
+    let overlay = dir.path().join("overlay");
+    std::fs::create_dir(&overlay).unwrap();
+    let base = format!("../{under}");
+    let components: Vec<String> = mode.components().iter().map(|c| format!("../deploy/components/{c}")).collect();
+    let kustomization = json!({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+        "resources": [base], "components": components,
+    });
+    std::fs::write(overlay.join("kustomization.yaml"), kustomization.to_string()).unwrap();
+    render(&overlay)
+}
+
 /// A control plane of the RBAC tests' own. They install deploy/'s objects under their real
-/// names -- ClusterRoles, the classes, a controller that watches every namespace and writes the
-/// tunnels of every pod it serves -- which must not meet the webhooks and controllers other tests
-/// run in the shared ground.
+/// names -- ClusterRoles, admission policies, the classes, a controller that watches every
+/// namespace and writes the tunnels of every pod it serves -- which must not meet the webhooks
+/// and controllers other tests run in the shared ground.
 static INSTALL_GROUND: OnceCell<Result<ControlPlane, String>> = OnceCell::const_new();
+
+/// One mode at a time in that ground: the identities are the real service accounts, so a test
+/// of the default install must not see the grants another test's mode installed meanwhile.
+static INSTALL_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 async fn install_ground() -> &'static ControlPlane {
     INSTALL_GROUND
@@ -173,8 +253,8 @@ async fn install_ground() -> &'static ControlPlane {
 }
 
 /// The objects that make up `account`'s permissions in the rendered manifests: the
-/// ServiceAccount, the bindings naming it and the roles they bind, except those in `leave_out`.
-fn permissions_of(docs: &[Value], account: &str, leave_out: &[&str]) -> Vec<Value> {
+/// ServiceAccount, the bindings naming it and the roles they bind.
+fn permissions_of(docs: &[Value], account: &str) -> Vec<Value> {
     let is = |d: &Value, kinds: &[&str]| kinds.iter().any(|k| d["kind"] == *k);
     let bindings: Vec<&Value> = docs
         .iter()
@@ -190,33 +270,64 @@ fn permissions_of(docs: &[Value], account: &str, leave_out: &[&str]) -> Vec<Valu
     std::iter::once(doc(docs, "ServiceAccount", account))
         .chain(roles)
         .chain(bindings.iter().copied())
-        .filter(|d| !leave_out.iter().any(|n| d["metadata"]["name"] == *n))
         .cloned()
         .collect()
 }
 
-/// picotun's `account` installed in the RBAC tests' ground as deploy/base has it -- Namespace,
-/// ServiceAccount, roles and bindings, less those named in `leave_out` -- together with the other
-/// objects `also` names (kind, name), and a kubeconfig for that account.
+/// The admission policies and their bindings in the rendered manifests.
+fn policies_of(docs: &[Value]) -> Vec<Value> {
+    docs.iter()
+        .filter(|d| d["kind"] == "ValidatingAdmissionPolicy" || d["kind"] == "ValidatingAdmissionPolicyBinding")
+        .cloned()
+        .collect()
+}
+
+fn same_object(a: &Value, b: &Value) -> bool {
+    a["kind"] == b["kind"] && a["metadata"]["name"] == b["metadata"]["name"]
+}
+
+/// picotun installed in the RBAC tests' ground in `mode` -- Namespace, both service accounts with
+/// their roles and bindings, the admission policies -- together with the objects `also` names
+/// (kind, name), and a kubeconfig for `account`. What other modes grant is removed first.
 struct Installed {
     ground: &'static ControlPlane,
     client: kube::Client,
-    base: Vec<Value>,
+    docs: Vec<Value>,
     identity: PathBuf,
     dir: tempfile::TempDir,
+    _one_mode: tokio::sync::MutexGuard<'static, ()>,
 }
 
-async fn install(account: &str, also: &[(&str, &str)], leave_out: &[&str]) -> Installed {
+async fn install(account: &str, also: &[(&str, &str)], mode: Mode) -> Installed {
+    let one_mode = INSTALL_LOCK.lock().await;
     let ground = install_ground().await;
     let client = ground.client().await.unwrap();
-    let base = render(&repo_root().join("deploy/base"));
-    let mut objects = vec![doc(&base, "Namespace", SYSTEM_NAMESPACE).clone()];
-    objects.extend(also.iter().map(|(kind, name)| doc(&base, kind, name).clone()));
-    objects.extend(permissions_of(&base, account, leave_out));
+    let docs = render_mode("deploy/base", mode);
+    let mut objects = vec![doc(&docs, "Namespace", SYSTEM_NAMESPACE).clone()];
+    objects.extend(also.iter().map(|(kind, name)| doc(&docs, kind, name).clone()));
+    for a in ["picotun-controller", "picotun-webhook"] {
+        objects.extend(permissions_of(&docs, a));
+    }
+    objects.extend(policies_of(&docs));
+    let every = render_mode("deploy/base", Mode::Every);
+    let mut others: Vec<Value> = permissions_of(&every, "picotun-controller");
+    others.extend(permissions_of(&every, "picotun-webhook"));
+    others.extend(policies_of(&every));
+    for extra in others.iter().filter(|o| !objects.iter().any(|d| same_object(d, o))) {
+        let name = extra["metadata"]["name"].as_str().unwrap();
+        let kind = extra["kind"].as_str().unwrap();
+        let mut cmd = kubectl(ground.kubeconfig());
+        cmd.args(["delete", "--ignore-not-found", "--wait", kind, name]);
+        if let Some(ns) = extra["metadata"]["namespace"].as_str() {
+            cmd.args(["-n", ns]);
+        }
+        let (ok, _, err) = run(&mut cmd, "");
+        assert!(ok, "deleting {kind}/{name}: {err}");
+    }
     apply(ground.kubeconfig(), &objects, false);
     let dir = tempfile::tempdir().unwrap();
     let identity = kubeconfig_for(ground.kubeconfig(), account, dir.path());
-    Installed { ground, client, base, identity, dir }
+    Installed { ground, client, docs, identity, dir, _one_mode: one_mode }
 }
 
 /// A kubeconfig that authenticates as service account `account` of picotun's namespace, with a
@@ -244,6 +355,22 @@ fn can_i(kubeconfig: &Path, args: &[&str]) -> bool {
     }
 }
 
+/// `kubectl auth can-i ARGS` answers `want`, once the apiserver's RBAC cache has the roles the
+/// test just applied or removed (it follows them by watch). A grant that should be absent but is
+/// there is never "no": the wait then fails.
+async fn assert_can_i(kubeconfig: &Path, args: &[&str], want: bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while can_i(kubeconfig, args) != want {
+        assert!(
+            Instant::now() < deadline,
+            "kubectl auth can-i {}: wanted {}",
+            args.join(" "),
+            if want { "yes" } else { "no" }
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// The command line and environment deploy/ gives `deployment`'s container in a pod named
 /// `pod`: its args, its env (values and downward-API fields) and its envFrom ConfigMaps.
 pub(crate) fn command_of(docs: &[Value], deployment: &str, pod: &str) -> Command {
@@ -259,10 +386,19 @@ pub(crate) fn command_of(docs: &[Value], deployment: &str, pod: &str) -> Command
         }
     }
     for e in container["env"].as_array().into_iter().flatten() {
+        let from_config = &e["valueFrom"]["configMapKeyRef"];
         let value = match e["valueFrom"]["fieldRef"]["fieldPath"].as_str() {
             Some("metadata.namespace") => namespace,
             Some("metadata.name") => pod,
             Some(other) => panic!("{deployment}: a downward-API field this test does not know: {other}"),
+            None if from_config.is_object() => {
+                let config = doc(docs, "ConfigMap", from_config["name"].as_str().unwrap());
+                match config["data"][from_config["key"].as_str().unwrap()].as_str() {
+                    Some(v) => v,
+                    None if from_config["optional"] == true => continue,
+                    None => panic!("{deployment}: {from_config} is not in the ConfigMap"),
+                }
+            }
             None => e["value"].as_str().unwrap(),
         };
         cmd.env(e["name"].as_str().unwrap(), value);
@@ -311,43 +447,62 @@ fn sidecar_env<'a>(pod: &'a Pod, name: &str) -> Option<&'a str> {
     sidecar(pod)?.env.iter().flatten().find(|e| e.name == name)?.value.as_deref()
 }
 
-#[tokio::test]
-#[ignore = "needs the test ground (scripts/build-testground)"]
-async fn the_webhook_works_with_the_rbac_deploy_grants_it() {
-    let Installed { ground, client, base, identity, dir } = install("picotun-webhook", &[], &[]).await;
-    let admin = ground.kubeconfig();
-    let apps = labeled_namespace(ground, &client, "deploy-webhook").await;
-    let apps_ns = apps.name();
+/// `kubectl ARGS` as the holder of `kubeconfig`: (success, stdout and stderr).
+fn kubectl_as(kubeconfig: &Path, args: &[&str]) -> (bool, String) {
+    let (ok, out, err) = run(kubectl(kubeconfig).args(args), "");
+    (ok, format!("{out}{err}"))
+}
 
-    // What it may not do.
-    let account = format!("--as=system:serviceaccount:{SYSTEM_NAMESPACE}:picotun-webhook");
-    assert!(!can_i(admin, &["delete", "pods", "-A", &account]));
-    assert!(!can_i(&identity, &["delete", "pods", "-A"]));
-    assert!(!can_i(&identity, &["list", "secrets", "-A"]));
-    assert!(!can_i(&identity, &["get", "secrets/another", "-n", apps_ns]));
-    assert!(can_i(&identity, &["get", "secrets/picotun-ssh-key", "-n", apps_ns]), "the key Secret's existence");
-    let (ok, _, err) = run(kubectl(&identity).args(["get", "secrets", "-n", apps_ns]), "");
-    assert!(!ok && err.contains("forbidden"), "{err}");
+/// `kubectl ARGS` as `kubeconfig` is refused by an admission policy with `message`.
+fn assert_policy_denies(kubeconfig: &Path, args: &[&str], policy: &str, message: &str) {
+    let (ok, out) = kubectl_as(kubeconfig, args);
+    assert!(!ok, "kubectl {}: allowed, should be denied by {policy}", args.join(" "));
+    assert!(
+        out.contains(&format!("ValidatingAdmissionPolicy '{policy}'")) && out.contains(message),
+        "kubectl {}: {out}",
+        args.join(" ")
+    );
+}
 
-    // The webhook as deploy/ runs it -- its args, its environment, picotun-config -- with what a
-    // pod gets from its volumes and ports given as files and loopback addresses here.
+/// Waits until admission policy `policy` refuses the dry run `args` as `kubeconfig`: policies
+/// take effect once the apiserver's admission plugin has loaded them (it follows them by watch).
+async fn wait_policy_active(kubeconfig: &Path, args: &[&str], policy: &str) {
+    let mut args = args.to_vec();
+    args.push("--dry-run=server");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (ok, out) = kubectl_as(kubeconfig, &args);
+        if !ok && out.contains(&format!("ValidatingAdmissionPolicy '{policy}'")) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{policy} never refused kubectl {}: {out}", args.join(" "));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The webhook as the rendered install runs it -- its args, its environment, picotun-config --
+/// with what a pod gets from its volumes and ports given as files and loopback addresses here,
+/// under `inst`'s identity, registered for `apps_ns` only. Returns it, the webhook
+/// configuration's name, and a pod it injected.
+async fn run_webhook(inst: &Installed, apps_ns: &str) -> (Proc, String, Pod) {
+    let Installed { ground, client, docs, identity, dir, .. } = inst;
     let ca = Ca::new("deploy-test-webhook-ca").unwrap();
     let (cert_file, key_file) = ca.issue_loopback_server(&[]).unwrap().write(dir.path(), "tls").unwrap();
     let ca_file = dir.path().join("ca.crt");
     std::fs::write(&ca_file, ca.cert_pem()).unwrap();
     let port = free_port();
     let admin_addr = format!("127.0.0.1:{}", free_port());
-    let mut cmd = command_of(&base, "picotun-webhook", "picotun-webhook-test");
+    let mut cmd = command_of(docs, "picotun-webhook", "picotun-webhook-test");
     cmd.env("PICOTUN_WEBHOOK_LISTEN", format!("127.0.0.1:{port}"))
         .env("PICOTUN_ADMIN_ADDR", &admin_addr)
         .env("PICOTUN_WEBHOOK_CERT_FILE", &cert_file)
         .env("PICOTUN_WEBHOOK_KEY_FILE", &key_file)
         .env("PICOTUN_AGENT_REPORT_CA_FILE", &ca_file)
-        .env("KUBECONFIG", &identity);
+        .env("KUBECONFIG", identity);
     let webhook = start_until_ready("picotun-webhook", cmd, &admin_addr, dir.path()).await;
 
-    // deploy/'s webhook configuration, pointed at it and narrowed to this test's namespace.
-    let mut config = doc(&base, "MutatingWebhookConfiguration", "picotun-webhook").clone();
+    // The install's webhook configuration, pointed at it and narrowed to this test's namespace.
+    let mut config = doc(docs, "MutatingWebhookConfiguration", "picotun-webhook").clone();
     let config_name = format!("picotun-webhook-deploy-test-{}", random_suffix());
     config["metadata"] = json!({"name": config_name});
     let hook = &mut config["webhooks"][0];
@@ -358,7 +513,7 @@ async fn the_webhook_works_with_the_rbac_deploy_grants_it() {
     hook["namespaceSelector"]["matchExpressions"].as_array_mut().unwrap().push(json!(
         {"key": "kubernetes.io/metadata.name", "operator": "In", "values": [apps_ns]}
     ));
-    apply(admin, &[config], false);
+    apply(ground.kubeconfig(), &[config], false);
 
     // Opted-in pods until the apiserver has picked the configuration up (failurePolicy Ignore:
     // until then they are created plain).
@@ -379,10 +534,10 @@ async fn the_webhook_works_with_the_rbac_deploy_grants_it() {
     })
     .await
     .unwrap();
-    // The sidecar is configured from deploy/: the webhook's image, picotun-config, the report URL.
-    let container = &doc(&base, "Deployment", "picotun-webhook")["spec"]["template"]["spec"]["containers"][0];
+    // The sidecar is configured from the install: the webhook's image, picotun-config, the report URL.
+    let container = &doc(docs, "Deployment", "picotun-webhook")["spec"]["template"]["spec"]["containers"][0];
     assert_eq!(sidecar(&injected).unwrap().image.as_deref(), container["image"].as_str());
-    let config_map = &doc(&base, "ConfigMap", "picotun-config")["data"];
+    let config_map = &doc(docs, "ConfigMap", "picotun-config")["data"];
     for key in ["PICOTUN_SERVER", "PICOTUN_SERVER_PORT", "PICOTUN_USER", "PICOTUN_DIALECT"] {
         assert_eq!(sidecar_env(&injected, key), config_map[key].as_str(), "{key}");
     }
@@ -404,16 +559,40 @@ async fn the_webhook_works_with_the_rbac_deploy_grants_it() {
     Api::<Deployment>::namespaced(client.clone(), apps_ns).create(&PostParams::default(), &deployment).await.unwrap();
     let owned = crate::support::running_pods(&pods, "app=owned", 1).await;
     assert!(sidecar(&owned[0]).is_some(), "the opt-in on the Deployment was read");
+    (webhook, config_name, injected)
+}
 
-    // The key-Secret check: the warning needs the Secret's existence, which the webhook may read.
-    let pod = json!({
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": "warned", "namespace": apps_ns, "labels": {"tunnels.pico.sh/inject": "true"}},
-        "spec": {"containers": [{"name": "app", "image": "registry.example/app:1"}]},
-    });
-    let (ok, _, err) = run(kubectl(admin).args(["create", "-f", "-"]), &pod.to_string());
-    assert!(ok && err.contains("Secret picotun-ssh-key (the tunnel SSH key) does not exist"), "{err}");
+#[tokio::test]
+#[ignore = "needs the test ground (scripts/build-testground)"]
+async fn the_webhook_works_with_the_rbac_deploy_grants_it() {
+    let inst = install("picotun-webhook", &[], Mode::Default).await;
+    let (ground, client, identity) = (inst.ground, &inst.client, &inst.identity);
+    let admin = ground.kubeconfig();
+    let apps = labeled_namespace(ground, client, "deploy-webhook").await;
+    let apps_ns = apps.name();
 
+    // What it may not do. No Secret of a tenant, the key Secret least of all: certificate mode.
+    let account = format!("--as=system:serviceaccount:{SYSTEM_NAMESPACE}:picotun-webhook");
+    assert!(!can_i(admin, &["delete", "pods", "-A", &account]));
+    assert_can_i(identity, &["delete", "pods", "-A"], false).await;
+    assert_can_i(identity, &["list", "secrets", "-A"], false).await;
+    assert_can_i(identity, &["get", "secrets", "-n", apps_ns], false).await;
+    assert_can_i(identity, &["list", "secrets", "-n", apps_ns], false).await;
+    assert_can_i(identity, &["get", "secrets/picotun-ssh-key", "-n", apps_ns], false).await;
+    assert_can_i(identity, &["get", "secrets/picotun-ssh-key", "-A"], false).await;
+    assert_can_i(identity, &["get", "secrets/picotun-ssh-key", "-n", SYSTEM_NAMESPACE], false).await;
+    assert_can_i(identity, &["create", "secrets", "-n", apps_ns], false).await;
+    // The CA reaches it as a volume the kubelet mounts, never through the API.
+    assert_can_i(identity, &["get", "secrets/picotun-ssh-ca", "-n", SYSTEM_NAMESPACE], false).await;
+    // Its ticket key, by name, in its own namespace (create cannot be narrowed by name: the
+    // admission policy does that, see the policy test).
+    assert_can_i(identity, &["get", "secrets/picotun-webhook-ticket", "-n", SYSTEM_NAMESPACE], true).await;
+    assert_can_i(identity, &["create", "secrets", "-n", SYSTEM_NAMESPACE], true).await;
+    assert_can_i(identity, &["list", "pods", "-A"], true).await;
+    let (ok, err) = kubectl_as(identity, &["get", "secrets", "-n", apps_ns]);
+    assert!(!ok && err.contains("forbidden"), "{err}");
+
+    let (webhook, config_name, _) = run_webhook(&inst, apps_ns).await;
     assert_never_forbidden(&webhook);
     let _ =
         Api::<MutatingWebhookConfiguration>::all(client.clone()).delete(&config_name, &DeleteParams::default()).await;
@@ -421,39 +600,92 @@ async fn the_webhook_works_with_the_rbac_deploy_grants_it() {
 
 #[tokio::test]
 #[ignore = "needs the test ground (scripts/build-testground)"]
-async fn the_controller_works_with_the_rbac_deploy_grants_it() {
-    // Without the Secrets role: only --sync-key-secret needs it, and users may delete it.
-    let classes = [("IngressClass", "pico-tunnel"), ("GatewayClass", "pico-tunnel")];
-    let Installed { ground, client, base, identity, dir } =
-        install("picotun-controller", &classes, &["picotun-controller-sync-key-secret"]).await;
-    let admin = ground.kubeconfig();
+async fn the_webhook_in_key_mode_works_with_what_its_component_grants() {
+    let inst = install("picotun-webhook", &[], Mode::KeySecret).await;
+    let (ground, client, identity) = (inst.ground, &inst.client, &inst.identity);
+    let apps = labeled_namespace(ground, client, "deploy-webhook-key").await;
+    let apps_ns = apps.name();
+    let container = &doc(&inst.docs, "Deployment", "picotun-webhook")["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(env_value(container, "PICOTUN_SIDECAR_AUTH"), "key");
 
-    // What it may not do.
-    assert!(!can_i(&identity, &["get", "secrets", "-A"]));
-    assert!(!can_i(&identity, &["delete", "pods", "-A"]));
-    assert!(!can_i(&identity, &["update", "ingresses", "-A"]), "status only");
-    assert!(can_i(&identity, &["patch", "ingresses", "--subresource=status", "-A"]));
-    assert!(can_i(&identity, &["update", "leases", "-n", SYSTEM_NAMESPACE]));
-    assert!(!can_i(&identity, &["update", "leases", "-n", "default"]), "Leases in its own namespace only");
+    // The key Secret's existence, by name; nothing else.
+    assert_can_i(identity, &["get", "secrets/picotun-ssh-key", "-n", apps_ns], true).await;
+    assert_can_i(identity, &["get", "secrets/another", "-n", apps_ns], false).await;
+    assert_can_i(identity, &["list", "secrets", "-A"], false).await;
+    assert_can_i(identity, &["get", "secrets", "-n", apps_ns], false).await;
+
+    let (webhook, config_name, _) = run_webhook(&inst, apps_ns).await;
+    // The key-Secret check: the warning needs the Secret's existence, which the webhook may read.
+    let pod = json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "warned", "namespace": apps_ns, "labels": {"tunnels.pico.sh/inject": "true"}},
+        "spec": {"containers": [{"name": "app", "image": "registry.example/app:1"}]},
+    });
+    let (ok, _, err) = run(kubectl(ground.kubeconfig()).args(["create", "-f", "-"]), &pod.to_string());
+    assert!(ok && err.contains("Secret picotun-ssh-key (the tunnel SSH key) does not exist"), "{err}");
+    assert_never_forbidden(&webhook);
+    let _ =
+        Api::<MutatingWebhookConfiguration>::all(client.clone()).delete(&config_name, &DeleteParams::default()).await;
+}
+
+/// The controller as the rendered install runs it, under `inst`'s identity, ready.
+async fn run_controller(inst: &Installed, pod_name: &str) -> Proc {
+    let admin_addr = format!("127.0.0.1:{}", free_port());
+    let mut cmd = command_of(&inst.docs, "picotun-controller", pod_name);
+    cmd.env("PICOTUN_ADMIN_ADDR", &admin_addr).env("KUBECONFIG", &inst.identity);
+    start_until_ready("picotun-controller", cmd, &admin_addr, inst.dir.path()).await
+}
+
+/// An Ingress of class pico-tunnel for `host` in front of the pods labeled app=web.
+fn web_ingress(namespace: &str, host: &str) -> Vec<Value> {
+    vec![
+        json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": namespace},
+               "spec": {"selector": {"app": "web"}, "ports": [{"name": "http", "port": 80, "targetPort": "http"}]}}),
+        json!({"apiVersion": "networking.k8s.io/v1", "kind": "Ingress", "metadata": {"name": "web", "namespace": namespace},
+               "spec": {"ingressClassName": "pico-tunnel", "rules": [{"host": host, "http": {"paths": [{"path": "/", "pathType": "Prefix",
+                   "backend": {"service": {"name": "web", "port": {"number": 80}}}}]}}]}}),
+    ]
+}
+
+/// What every install denies the controller: Secrets (except sync-key's copies, by name) and
+/// workloads (except in restart mode), deleting pods, writing Ingresses other than their status.
+async fn assert_controller_denials(identity: &Path, apps_ns: &str, mode: Mode) {
+    assert_can_i(identity, &["list", "secrets", "-A"], false).await;
+    assert_can_i(identity, &["get", "secrets", "-n", apps_ns], false).await;
+    assert_can_i(identity, &["list", "secrets", "-n", apps_ns], false).await;
+    assert_can_i(identity, &["get", "secrets/another", "-n", apps_ns], false).await;
+    assert_can_i(identity, &["get", "secrets/picotun-ssh-key", "-n", apps_ns], mode == Mode::SyncKey).await;
+    assert_can_i(identity, &["delete", "pods", "-A"], false).await;
+    assert_can_i(identity, &["update", "ingresses", "-A"], false).await;
+    assert_can_i(identity, &["patch", "ingresses", "--subresource=status", "-A"], true).await;
+    let restart = mode == Mode::Restart;
+    for kind in ["deployments", "statefulsets", "daemonsets"] {
+        assert_can_i(identity, &["patch", kind, "-A"], restart).await;
+        assert_can_i(identity, &["get", kind, "-A"], restart).await;
+    }
+    assert_can_i(identity, &["get", "replicasets", "-A"], restart).await;
+    assert_can_i(identity, &["update", "leases/picotun-controller", "-n", SYSTEM_NAMESPACE], true).await;
+    assert_can_i(identity, &["update", "leases/another", "-n", SYSTEM_NAMESPACE], false).await;
+    assert_can_i(identity, &["update", "leases", "-n", "default"], false).await;
+}
+
+#[tokio::test]
+#[ignore = "needs the test ground (scripts/build-testground)"]
+async fn the_controller_works_with_the_rbac_deploy_grants_it() {
+    let classes = [("IngressClass", "pico-tunnel"), ("GatewayClass", "pico-tunnel")];
+    let inst = install("picotun-controller", &classes, Mode::Default).await;
+    let (ground, client) = (inst.ground, &inst.client);
+    let admin = ground.kubeconfig();
+    let apps = labeled_namespace(ground, client, "deploy-controller").await;
+    let apps_ns = apps.name();
+    assert_controller_denials(&inst.identity, apps_ns, Mode::Default).await;
 
     let pod_name = "picotun-controller-test";
-    let admin_addr = format!("127.0.0.1:{}", free_port());
-    let mut cmd = command_of(&base, "picotun-controller", pod_name);
-    cmd.env("PICOTUN_ADMIN_ADDR", &admin_addr).env("KUBECONFIG", &identity);
-    let controller = start_until_ready("picotun-controller", cmd, &admin_addr, dir.path()).await;
+    let controller = run_controller(&inst, pod_name).await;
 
     // The Ingress walkthrough on one pod that already carries the sidecar (as the webhook
     // would have injected it).
-    let apps = labeled_namespace(ground, &client, "deploy-controller").await;
-    let apps_ns = apps.name();
-    let objects: Vec<Value> = vec![
-        json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": apps_ns},
-               "spec": {"selector": {"app": "web"}, "ports": [{"name": "http", "port": 80, "targetPort": "http"}]}}),
-        json!({"apiVersion": "networking.k8s.io/v1", "kind": "Ingress", "metadata": {"name": "web", "namespace": apps_ns},
-               "spec": {"ingressClassName": "pico-tunnel", "rules": [{"host": "demo", "http": {"paths": [{"path": "/", "pathType": "Prefix",
-                   "backend": {"service": {"name": "web", "port": {"number": 80}}}}]}}]}}),
-    ];
-    apply(admin, &objects, false);
+    apply(admin, &web_ingress(apps_ns, "demo"), false);
     let plain: Pod = serde_json::from_value(json!({
         "metadata": {"name": "web-0", "labels": {"app": "web", "tunnels.pico.sh/inject": "true"}},
         "spec": {"containers": [{"name": "app", "image": "registry.example/app:1", "ports": [{"name": "http", "containerPort": 8080}]}]},
@@ -477,7 +709,7 @@ async fn the_controller_works_with_the_rbac_deploy_grants_it() {
     let report = json!({"tunnels": {tunnel: {"state": "established", "publicAddress": "https://alice-demo.tuns.sh"}}});
     let patch = json!({"metadata": {"annotations": {"tunnels.pico.sh/addresses": report.to_string()}}});
     pods.patch("web-0", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
-    // ...and the controller writes it into the Ingress status (it may update ingresses/status).
+    // ...and the controller writes it into the Ingress status (it may patch ingresses/status).
     let ingresses: Api<Ingress> = Api::namespaced(client.clone(), apps_ns);
     wait_for("the Ingress status", Duration::from_secs(60), Duration::from_millis(250), || async {
         let ingress = ingresses.get("web").await.map_err(|e| e.to_string())?;
@@ -504,4 +736,223 @@ async fn the_controller_works_with_the_rbac_deploy_grants_it() {
     .unwrap();
 
     assert_never_forbidden(&controller);
+}
+
+#[tokio::test]
+#[ignore = "needs the test ground (scripts/build-testground)"]
+async fn the_controller_in_restart_mode_works_with_what_its_component_grants() {
+    let inst = install("picotun-controller", &[("IngressClass", "pico-tunnel")], Mode::Restart).await;
+    let (ground, client, identity) = (inst.ground, &inst.client, &inst.identity);
+    let apps = labeled_namespace(ground, client, "deploy-restart").await;
+    let apps_ns = apps.name();
+    assert_controller_denials(identity, apps_ns, Mode::Restart).await;
+
+    // A workload behind an Ingress whose pod lacks the sidecar (no webhook runs here).
+    apply(ground.kubeconfig(), &web_ingress(apps_ns, "restart-me"), false);
+    let deployment: Deployment = serde_json::from_value(json!({
+        "metadata": {"name": "web"},
+        "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "web"}}, "template": {
+            "metadata": {"labels": {"app": "web"}},
+            "spec": {"containers": [{"name": "app", "image": "registry.example/app:1", "ports": [{"name": "http", "containerPort": 8080}]}]}}},
+    }))
+    .unwrap();
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), apps_ns);
+    deployments.create(&PostParams::default(), &deployment).await.unwrap();
+    let controller = run_controller(&inst, "picotun-controller-restart-test").await;
+    let started = Instant::now();
+    wait_for("the restart", Duration::from_secs(60), Duration::from_millis(250), || async {
+        let d = deployments.get("web").await.map_err(|e| e.to_string())?;
+        let at = d.spec.and_then(|s| s.template.metadata).and_then(|m| m.annotations);
+        Ok(at.is_some_and(|a| a.contains_key("tunnels.pico.sh/restartedAt")).then_some(()))
+    })
+    .await
+    .unwrap();
+    println!("restarted {} ms after the controller was ready", started.elapsed().as_millis());
+    assert_never_forbidden(&controller);
+
+    // Its patches may change the restart annotation and nothing else of a workload.
+    let policy = "picotun-controller-restarts";
+    let only = "may change only spec.template.metadata.annotations[\"tunnels.pico.sh/restartedAt\"] of a Deployment";
+    let replicas = ["patch", "deployment", "web", "-n", apps_ns, "--type=merge", "-p", r#"{"spec":{"replicas":3}}"#];
+    wait_policy_active(identity, &replicas, policy).await;
+    assert_policy_denies(identity, &replicas, policy, only);
+    let image = r#"{"spec":{"template":{"spec":{"containers":[{"name":"app","image":"evil.example/app:1"}]}}}}"#;
+    assert_policy_denies(identity, &["patch", "deployment", "web", "-n", apps_ns, "-p", image], policy, only);
+    let other = r#"{"spec":{"template":{"metadata":{"annotations":{"other":"x"}}}}}"#;
+    assert_policy_denies(
+        identity,
+        &["patch", "deployment", "web", "-n", apps_ns, "--type=merge", "-p", other],
+        policy,
+        only,
+    );
+    let restart =
+        r#"{"spec":{"template":{"metadata":{"annotations":{"tunnels.pico.sh/restartedAt":"2030-01-01T00:00:00Z"}}}}}"#;
+    let (ok, out) = kubectl_as(identity, &["patch", "deployment", "web", "-n", apps_ns, "--type=merge", "-p", restart]);
+    assert!(ok, "a restart is allowed: {out}");
+    // The same for the other kinds it restarts.
+    let template = json!({"metadata": {"labels": {"app": "other"}},
+        "spec": {"containers": [{"name": "app", "image": "registry.example/app:1"}]}});
+    let workloads = [
+        json!({"apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": {"name": "db", "namespace": apps_ns},
+            "spec": {"replicas": 1, "serviceName": "db", "selector": {"matchLabels": {"app": "other"}}, "template": template}}),
+        json!({"apiVersion": "apps/v1", "kind": "DaemonSet", "metadata": {"name": "agent", "namespace": apps_ns},
+            "spec": {"selector": {"matchLabels": {"app": "other"}}, "template": template}}),
+    ];
+    apply(ground.kubeconfig(), &workloads, false);
+    for (kind, name, what) in [("statefulset", "db", "StatefulSet"), ("daemonset", "agent", "DaemonSet")] {
+        let only =
+            format!("may change only spec.template.metadata.annotations[\"tunnels.pico.sh/restartedAt\"] of a {what}");
+        let slower = ["patch", kind, name, "-n", apps_ns, "--type=merge", "-p", r#"{"spec":{"minReadySeconds":30}}"#];
+        assert_policy_denies(identity, &slower, policy, &only);
+        let (ok, out) = kubectl_as(identity, &["patch", kind, name, "-n", apps_ns, "--type=merge", "-p", restart]);
+        assert!(ok, "a restart of a {what} is allowed: {out}");
+    }
+}
+
+#[tokio::test]
+#[ignore = "needs the test ground (scripts/build-testground)"]
+async fn the_controller_in_sync_key_mode_works_with_what_its_component_grants() {
+    let inst = install("picotun-controller", &[], Mode::SyncKey).await;
+    let (ground, client, identity) = (inst.ground, &inst.client, &inst.identity);
+    let apps = labeled_namespace(ground, client, "deploy-sync").await;
+    let apps_ns = apps.name();
+    assert_controller_denials(identity, apps_ns, Mode::SyncKey).await;
+    assert_can_i(identity, &["list", "secrets/picotun-ssh-key", "-A"], true).await;
+
+    let secrets = |ns: &str| Api::<k8s_openapi::api::core::v1::Secret>::namespaced(client.clone(), ns);
+    let source: k8s_openapi::api::core::v1::Secret = serde_json::from_value(json!({
+        "metadata": {"name": "picotun-ssh-key"}, "type": "kubernetes.io/ssh-auth",
+        "stringData": {"ssh-privatekey": "KEY"}}))
+    .unwrap();
+    let _ = secrets(SYSTEM_NAMESPACE).delete("picotun-ssh-key", &DeleteParams::default()).await;
+    secrets(SYSTEM_NAMESPACE).create(&PostParams::default(), &source).await.unwrap();
+    let controller = run_controller(&inst, "picotun-controller-sync-test").await;
+    let copy = |present: bool| {
+        let api = secrets(apps_ns);
+        async move {
+            wait_for(
+                &format!("the copy present: {present}"),
+                Duration::from_secs(40),
+                Duration::from_millis(250),
+                || async {
+                    let s = api.get_opt("picotun-ssh-key").await.map_err(|e| e.to_string())?;
+                    Ok((s.is_some() == present).then_some(()))
+                },
+            )
+            .await
+            .unwrap()
+        }
+    };
+    copy(true).await;
+    let unlabel = json!({"metadata": {"labels": {"tunnels.pico.sh/injection": null}}});
+    Api::<Namespace>::all(client.clone())
+        .patch(apps_ns, &PatchParams::default(), &Patch::Merge(&unlabel))
+        .await
+        .unwrap();
+    copy(false).await;
+    assert_never_forbidden(&controller);
+
+    // Its Secret writes are narrowed to its copies.
+    let policy = "picotun-controller-key-copies";
+    let other = ["create", "secret", "generic", "other", "-n", apps_ns, "--from-literal=k=v"];
+    wait_policy_active(identity, &other, policy).await;
+    assert_policy_denies(identity, &other, policy, "may write only Secrets named picotun-ssh-key");
+    let unlabeled = ["create", "secret", "generic", "picotun-ssh-key", "-n", apps_ns, "--from-literal=k=v"];
+    assert_policy_denies(identity, &unlabeled, policy, "never a Secret the user made");
+    drop(controller);
+    let _ = secrets(SYSTEM_NAMESPACE).delete("picotun-ssh-key", &DeleteParams::default()).await;
+}
+
+/// RBAC's `patch pods` is the whole pod; the admission policies narrow each identity to its
+/// own annotation, on pods that carry the sidecar only, and the webhook's Secret create to its
+/// ticket key.
+#[tokio::test]
+#[ignore = "needs the test ground (scripts/build-testground)"]
+async fn the_admission_policies_let_each_identity_change_only_its_own_annotation() {
+    let inst = install("picotun-webhook", &[], Mode::Default).await;
+    let (ground, client) = (inst.ground, &inst.client);
+    let webhook = &inst.identity;
+    let controller = kubeconfig_for(ground.kubeconfig(), "picotun-controller", inst.dir.path());
+    let apps = labeled_namespace(ground, client, "deploy-policy").await;
+    let ns = apps.name();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let plain: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "plain", "labels": {"tunnels.pico.sh/inject": "true"}},
+        "spec": {"containers": [{"name": "app", "image": "registry.example/app:1"}]},
+    }))
+    .unwrap();
+    pods.create(&PostParams::default(), &plain).await.unwrap();
+    let mut injected =
+        picotun::webhook::inject::mutate(&plain, ns, None, &[], false, &Default::default()).pod.expect("opted in");
+    injected.metadata.name = Some("injected".into());
+    pods.create(&PostParams::default(), &injected).await.unwrap();
+
+    // Merge patches, as picotun sends them, by a client of each identity (kubectl annotate,
+    // label and patch would GET the pod first, which the controller may not).
+    let as_client = |kubeconfig: &Path| {
+        let kubeconfig = kube::config::Kubeconfig::read_from(kubeconfig).unwrap();
+        async move {
+            let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await.unwrap();
+            Api::<Pod>::namespaced(kube::Client::try_from(config).unwrap(), ns)
+        }
+    };
+    let (as_webhook, as_controller) = (as_client(webhook).await, as_client(&controller).await);
+    let patch = |api: &Api<Pod>, pod: &str, body: Value| {
+        let (api, pod) = (api.clone(), pod.to_string());
+        async move {
+            match api.patch(&pod, &PatchParams::default(), &Patch::Merge(&body)).await {
+                Ok(_) => Ok(()),
+                Err(kube::Error::Api(e)) => Err(e.message),
+                Err(e) => panic!("{e}"),
+            }
+        }
+    };
+    let annotation = |key: &str| json!({"metadata": {"annotations": {key: random_suffix()}}});
+    let label = json!({"metadata": {"labels": {"stolen": "yes"}}});
+    let policy = "picotun-pod-writes";
+    let denied = |result: Result<(), String>, message: &str| {
+        let Err(err) = result else { panic!("allowed, should be denied by {policy}: {message}") };
+        assert!(err.contains(&format!("ValidatingAdmissionPolicy '{policy}'")) && err.contains(message), "{err}");
+    };
+    // The policy acts once the apiserver has loaded it.
+    wait_for("the pod policy", Duration::from_secs(20), Duration::from_millis(200), || async {
+        let dry = PatchParams { dry_run: true, ..Default::default() };
+        let refused = as_webhook.patch("injected", &dry, &Patch::Merge(&label)).await.err();
+        Ok(refused.filter(|e| e.to_string().contains(policy)).map(drop))
+    })
+    .await
+    .unwrap();
+
+    // The webhook: the addresses annotation of injected pods, nothing else.
+    let only_addresses = "may change only the annotation tunnels.pico.sh/addresses of a pod";
+    denied(patch(&as_webhook, "injected", label.clone()).await, only_addresses);
+    denied(patch(&as_webhook, "injected", annotation("tunnels.pico.sh/tunnels")).await, only_addresses);
+    denied(patch(&as_webhook, "injected", annotation("other")).await, only_addresses);
+    patch(&as_webhook, "injected", annotation("tunnels.pico.sh/addresses"))
+        .await
+        .expect("the webhook records addresses");
+    denied(
+        patch(&as_webhook, "plain", annotation("tunnels.pico.sh/addresses")).await,
+        "may write only pods that carry the picotun-agent sidecar",
+    );
+    // The controller: the tunnels annotation, nothing else.
+    let only_tunnels = "may change only the annotation tunnels.pico.sh/tunnels of a pod";
+    denied(patch(&as_controller, "injected", label.clone()).await, only_tunnels);
+    denied(patch(&as_controller, "injected", annotation("tunnels.pico.sh/addresses")).await, only_tunnels);
+    patch(&as_controller, "injected", annotation("tunnels.pico.sh/tunnels"))
+        .await
+        .expect("the controller writes tunnels");
+    let pod = pods.get("injected").await.unwrap();
+    assert!(!pod.metadata.labels.unwrap().contains_key("stolen"));
+    assert!(!pod.metadata.annotations.unwrap().contains_key("other"));
+
+    // The webhook's Secret create: its ticket key only.
+    let secrets = Api::<k8s_openapi::api::core::v1::Secret>::namespaced(client.clone(), SYSTEM_NAMESPACE);
+    let create =
+        |name: &'static str| ["create", "secret", "generic", name, "-n", SYSTEM_NAMESPACE, "--from-literal=key=x"];
+    assert_policy_denies(webhook, &create("picotun-ssh-key"), "picotun-webhook-secrets", "may create only the Secret");
+    let _ = secrets.delete("picotun-webhook-ticket", &DeleteParams::default()).await;
+    let (ok, out) = kubectl_as(webhook, &create("picotun-webhook-ticket"));
+    assert!(ok, "its ticket key: {out}");
+    let _ = secrets.delete("picotun-webhook-ticket", &DeleteParams::default()).await;
 }
