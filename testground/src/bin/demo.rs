@@ -133,7 +133,7 @@ async fn run(check: bool) -> Result<(), Box<dyn std::error::Error>> {
         .args(["--sidecar-auth", "key", "--server-domain", picotun_testground::tunnels::SISH_DOMAIN])
         .env("KUBECONFIG", &kubeconfig);
     // picotun's namespace, where the webhook keeps the key its injection tickets are signed with.
-    let _ = kubectl(&kubeconfig, &["create", "namespace", "pico-sh-system"]);
+    kubectl(&kubeconfig, &["create", "namespace", "pico-sh-system"])?;
     let mut webhook = Proc::spawn("picotun-webhook", cmd, &dir.join("webhook.log"))?;
     wait_ready(&mut webhook, &webhook_admin, "the webhook").await?;
     let ca = std::fs::read(certs.join("ca.crt"))?;
@@ -155,7 +155,6 @@ async fn run(check: bool) -> Result<(), Box<dyn std::error::Error>> {
     info(format!("listening on 127.0.0.1:{webhook_port}; sidecars report to {report_url}"));
 
     step(4, "picotun controller");
-    kubectl(&kubeconfig, &["create", "namespace", "pico-sh-system"])?;
     let controller_admin = format!("127.0.0.1:{}", free_port());
     let mut cmd = Command::new(picotun());
     cmd.args(["controller", "--admin-addr", &controller_admin, "--namespace", "pico-sh-system", "--identity", "demo"])
