@@ -703,3 +703,61 @@ async fn under_podsecurity_restricted_the_injected_pod_runs_confined() {
 
     clean_up(ground, stack, &ns).await;
 }
+
+#[tokio::test]
+#[ignore = "needs the test ground with a real node (scripts/build-testground, scripts/build-node-images)"]
+async fn with_sish_down_pods_stay_ready_and_a_gated_pod_holds_its_app_until_its_tunnel_is_up() {
+    let ground = support::ground().await;
+    let client = ground.client().await.unwrap();
+    let (mut stack, ns) = stack_and_namespace(ground, "readiness").await;
+    let pods: Api<Pod> = Api::namespaced(client, &ns);
+
+    // tuns.sh is down (or the key unregistered): the sidecars cannot open anything.
+    stack.sish.kill();
+    let plain = exposed_pod("plain");
+    let mut gated = echo_pod(
+        "gated",
+        json!({"app": "gated"}),
+        json!({"tunnels.pico.sh/expose": "http:gated=5678", "tunnels.pico.sh/startup-gate": "true"}),
+        "Always",
+    );
+    gated["metadata"]["labels"]["app"] = "gated".into();
+    let created = Instant::now();
+    pods.create(&PostParams::default(), &plain).await.unwrap();
+    pods.create(&PostParams::default(), &serde_json::from_value(gated).unwrap()).await.unwrap();
+
+    // Readiness is the sidecar's own health: the pod joins its Services without its tunnel.
+    let plain = support::ready_pods(&pods, "app=plain", 1, Duration::from_secs(60)).await.remove(0);
+    println!("with sish down, the plain pod is Ready {:.2}s after create", created.elapsed().as_secs_f32());
+    let ip: std::net::IpAddr = plain.status.as_ref().unwrap().pod_ip.as_deref().unwrap().parse().unwrap();
+    let (code, body) = support::get_in_node(ground, std::net::SocketAddr::new(ip, 9901), "/tunnels-up").unwrap();
+    println!("plain pod /tunnels-up: {code} {body}");
+    assert_eq!(code, 503, "its tunnel is not up: {body}");
+
+    // The gated pod holds its app: the sidecar's startupProbe waits for the tunnel.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let held = pods.get("gated").await.unwrap();
+    let sidecar = container_status(&held, AGENT);
+    assert_eq!(sidecar.started, Some(false), "the sidecar has not passed its startup gate: {sidecar:?}");
+    let app = support::find_container_status(&held, APP);
+    assert!(app.is_none_or(|c| !running(c)), "the app is held while the tunnel is down: {app:?}");
+    assert!(!support::is_ready(&held));
+    println!("{:.1}s after create, the gated pod's app has not started", created.elapsed().as_secs_f32());
+
+    // tuns.sh is back: the tunnel opens, then the app starts, then the pod is Ready.
+    stack.sish.restart().await.unwrap();
+    // Container start times have whole seconds.
+    let back = Timestamp::from_second(Timestamp::now().as_second()).unwrap();
+    let restarted = Instant::now();
+    let gated = support::ready_pods(&pods, "app=gated", 1, Duration::from_secs(60)).await.remove(0);
+    let app_started = started_at(&gated, APP).expect("the app runs");
+    println!(
+        "gated pod Ready {:.2}s after sish came back; its app started {:.0} ms after",
+        restarted.elapsed().as_secs_f32(),
+        ms_between(back, app_started)
+    );
+    assert!(app_started >= back, "the app started only once the tunnel could be up: {app_started} vs {back}");
+    let host = stack.sish.http_host(&stack.user, "gated");
+    assert_eq!(stack.get_through_sish(&host, Duration::from_secs(30)).await, BODY);
+    clean_up(ground, stack, &ns).await;
+}
