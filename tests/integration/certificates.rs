@@ -474,21 +474,42 @@ async fn transfer_until(conn: TcpStream, mut done: impl FnMut() -> bool) -> u64 
     got
 }
 
+/// Certificates valid for 6 s, sshd trusting their CA, an echo app behind a TCP tunnel on
+/// public port `remote`, and the agent holding it with the first certificate issued.
+struct ShortLived {
+    issuer: Issuer,
+    server: TunnelServer,
+    echo: tokio::task::JoinHandle<()>,
+    remote: u16,
+    scratch: Scratch,
+    agent: Agent,
+    first: Signed,
+}
+
+impl ShortLived {
+    async fn start() -> ShortLived {
+        let ca = Arc::new(SshCa::generate("picotun-test-ca"));
+        let issuer = Issuer::start(Policy::new(&ca, 6)).await;
+        let server = sshd_trusting(&ca).await;
+        let (echo_port, echo) = echo_app().await;
+        let remote = free_port();
+        let scratch = Scratch::new();
+        let mut agent =
+            certified_agent(&server, &issuer, &file(&[tcp_tunnel("raw", Some(remote), echo_port)]), &scratch);
+        agent.wait_tunnel("raw", "established", Duration::from_secs(20)).await;
+        let first = issuer.signed()[0].clone();
+        ShortLived { issuer, server, echo, remote, scratch, agent, first }
+    }
+}
+
 /// Certificates valid for 6 s: the agent renews each at 2/3 of its validity; a transfer runs
 /// across several renewals and past the first certificate's expiry on the session that
 /// certificate opened; then a forced reconnect (sshd restarted) logs in with a renewed one.
 #[tokio::test]
 #[ignore = "needs the test ground (scripts/build-testground)"]
 async fn renewal_across_expiry_keeps_a_long_transfer_alive() {
-    let ca = Arc::new(SshCa::generate("picotun-test-ca"));
-    let issuer = Issuer::start(Policy::new(&ca, 6)).await;
-    let mut server = sshd_trusting(&ca).await;
-    let (echo_port, _echo) = echo_app().await;
-    let remote = free_port();
-    let scratch = Scratch::new();
-    let mut agent = certified_agent(&server, &issuer, &file(&[tcp_tunnel("raw", Some(remote), echo_port)]), &scratch);
-    agent.wait_tunnel("raw", "established", Duration::from_secs(20)).await;
-    let first = issuer.signed()[0].clone();
+    let ShortLived { issuer, mut server, echo: _echo, remote, scratch: _scratch, mut agent, first } =
+        ShortLived::start().await;
     // The kubelet rotates the projected token: renewals must read it afresh (the issuer checks
     // the file's content at each request).
     std::fs::write(&issuer.token_file, "rotated-pod-token\n").unwrap();
@@ -551,15 +572,8 @@ async fn renewal_across_expiry_keeps_a_long_transfer_alive() {
 #[tokio::test]
 #[ignore = "needs the test ground (scripts/build-testground)"]
 async fn past_expiry_sessions_stay_up_and_reconnects_wait_for_a_fresh_certificate() {
-    let ca = Arc::new(SshCa::generate("picotun-test-ca"));
-    let issuer = Issuer::start(Policy::new(&ca, 6)).await;
-    let mut server = sshd_trusting(&ca).await;
-    let (echo_port, _echo) = echo_app().await;
-    let remote = free_port();
-    let scratch = Scratch::new();
-    let mut agent = certified_agent(&server, &issuer, &file(&[tcp_tunnel("raw", Some(remote), echo_port)]), &scratch);
-    agent.wait_tunnel("raw", "established", Duration::from_secs(20)).await;
-    let first = issuer.signed()[0].clone();
+    let ShortLived { issuer, mut server, echo: _echo, remote, scratch: _scratch, mut agent, first } =
+        ShortLived::start().await;
     issuer.set(|p| {
         p.refuse = Some((
             StatusCode::SERVICE_UNAVAILABLE,
