@@ -4,8 +4,9 @@
 //! apiserver ─TLS─► POST /mutate ─► admission::parse ─► owner lookup (workload metadata)
 //!                                      │                     │
 //!                                      ▼                     ▼
-//!                                 admission::answer ─► inject::mutate (pure) ─► JSON patch
-//!                                                        (+ ticket tunnels.pico.sh/injected)
+//!                                 admission::answer ─► inject::mutate_owned (pure) ─► JSON patch
+//!                                   (routes' tunnels and      (+ ticket tunnels.pico.sh/injected)
+//!                                    name owners: the index)
 //!
 //! sidecar ─TLS─► POST /report ──────► identity ─► checked addresses ─► pod annotation tunnels.pico.sh/addresses
 //! sidecar ─TLS─► POST /certificate ─► identity ─► SSH certificate for its in-memory key (CA: --ssh-ca-dir)
@@ -111,6 +112,10 @@ pub struct WebhookArgs {
     /// Default: --server itself when it is a DNS name (a regional tuns.sh host adds tuns.sh).
     #[arg(long = "server-domain", env = "PICOTUN_SERVER_DOMAIN", value_delimiter = ',')]
     pub server_domains: Vec<String>,
+    // --custom-domain-allow: the controller's allow-list, asked at admission too (a pod's expose
+    // tunnel for a domain its namespace may not use is not injected).
+    #[command(flatten)]
+    pub domains: crate::resolve::ownership::DomainArgs,
     #[command(flatten)]
     pub server: ListenerArgs,
 }
@@ -519,6 +524,7 @@ pub async fn run(args: WebhookArgs, shutdown: CancellationToken) -> Result<(), W
     let resolve = ResolveConfig {
         ingress_class: args.ingress_class.clone(),
         gateway_controller: args.gateway_controller_name.clone(),
+        custom_domains: args.domains.policy(),
         ..Default::default()
     };
     let state = Arc::new(AppState {
@@ -646,17 +652,20 @@ async fn mutate(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bo
         };
         // The same resolution the controller runs, for this one pod: created after its route, it
         // starts with the right tunnels.
-        let route_tunnels = match (admission::pod_of(&req), &state.index) {
+        // Its own expose tunnels are kept by the same owners: never a name someone else owns.
+        let (route_tunnels, owners) = match (admission::pod_of(&req), &state.index) {
             (Some(Ok(pod)), Some(index)) => {
                 let namespace = req.namespace.clone().or_else(|| pod.metadata.namespace.clone()).unwrap_or_default();
-                index.view().route_tunnels_for(&state.resolve, &pod, &namespace)
+                let (tunnels, owners) = index.view().admission_for(&state.resolve, &pod, &namespace);
+                (tunnels, Some(owners))
             }
-            _ => Vec::new(),
+            _ => (Vec::new(), None),
         };
         let mut answer = admission::answer(
             &req,
             workload.as_ref(),
             &route_tunnels,
+            owners.as_ref(),
             state.inject_route_backends,
             &state.config,
             warnings,

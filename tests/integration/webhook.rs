@@ -57,11 +57,11 @@ async fn deployments_in_a_labeled_namespace_get_running_injected_pods() {
 
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), labeled.name());
     let pp = PostParams::default();
-    // Exposed by an annotation on the pod template.
-    deployments
-        .create(&pp, &deployment("exposed", json!({}), json!({}), json!({"tunnels.pico.sh/expose": "http:demo=http"})))
-        .await
-        .unwrap();
+    // Exposed by an annotation on the pod template, under a name of this test's own (names are
+    // cluster-wide: the first to ask in the shared ground owns one).
+    let demo = format!("demo-{}", picotun_testground::random_suffix());
+    let expose = json!({"tunnels.pico.sh/expose": format!("http:{demo}=http")});
+    deployments.create(&pp, &deployment("exposed", json!({}), json!({}), expose)).await.unwrap();
     // Opted in on the Deployment object itself, not its template.
     deployments
         .create(&pp, &deployment("on-workload", json!({"tunnels.pico.sh/inject": "true"}), json!({}), json!({})))
@@ -87,7 +87,7 @@ async fn deployments_in_a_labeled_namespace_get_running_injected_pods() {
         assert_eq!(sidecar.image.as_deref(), Some("picotun:test"));
         let annotations = pod.metadata.annotations.as_ref().unwrap();
         let tunnels = picotun::tunnel::TunnelsFile::parse(&annotations["tunnels.pico.sh/tunnels"]).unwrap();
-        assert_eq!(tunnels.tunnels[0].host.as_deref(), Some("demo"));
+        assert_eq!(tunnels.tunnels[0].host.as_deref(), Some(demo.as_str()));
         assert_eq!(tunnels.tunnels[0].target_port, 8080, "the named port resolved");
         assert_eq!(annotations["kubectl.kubernetes.io/default-container"], "app");
     }
@@ -101,7 +101,15 @@ async fn deployments_in_a_labeled_namespace_get_running_injected_pods() {
     // The unlabeled namespace: the apiserver does not even ask.
     let plain: Api<Deployment> = Api::namespaced(client.clone(), unlabeled.name());
     plain
-        .create(&pp, &deployment("exposed", json!({}), json!({}), json!({"tunnels.pico.sh/expose": "http:demo=8080"})))
+        .create(
+            &pp,
+            &deployment(
+                "exposed",
+                json!({}),
+                json!({}),
+                json!({"tunnels.pico.sh/expose": format!("http:{demo}=8080")}),
+            ),
+        )
         .await
         .unwrap();
     for pod in running_pods(&Api::namespaced(client.clone(), unlabeled.name()), "exposed").await {
@@ -131,7 +139,8 @@ async fn deployments_in_a_labeled_namespace_get_running_injected_pods() {
     assert!(text.contains("not injected: pod label tunnels.pico.sh/inject=false"), "{text}");
     let injected = running_pods(&pods, "exposed").await;
     let text = explain(format!("pod/{}", injected[0].metadata.name.as_ref().unwrap()), labeled.name().into());
-    assert!(text.contains("already injected") && text.contains("tunnel http-demo: http demo -> port 8080"), "{text}");
+    let tunnel = format!("tunnel http-{demo}: http {demo} -> port 8080");
+    assert!(text.contains("already injected") && text.contains(&tunnel), "{text}");
     assert!(text.contains("auth: the account key from Secret picotun-ssh-key"), "{text}");
     assert!(text.contains("ticket: carries tunnels.pico.sh/injected"), "{text}");
     let text = explain("deployment/exposed".into(), unlabeled.name().into());
@@ -357,6 +366,92 @@ async fn a_pod_created_after_its_route_starts_with_the_routes_tunnels() {
     assert!(text.contains("backs a route picotun serves") && text.contains("tunnel ing-web-early: http"), "{text}");
     webhook.unregister(&client).await;
     drop(webhook.proc);
+}
+
+/// `kubectl create` of `pod` (JSON): the pod the apiserver answered with, and what kubectl
+/// printed on stderr -- the admission warnings a user sees.
+fn kubectl_create(ground: &ControlPlane, pod: &Value) -> (Pod, String) {
+    let mut child = Command::new("kubectl")
+        .args(["create", "-o", "json", "-f", "-"])
+        .env("KUBECONFIG", ground.kubeconfig())
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), pod.to_string().as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(out.status.success(), "{stderr}");
+    (serde_json::from_slice(&out.stdout).unwrap(), stderr)
+}
+
+/// A name belongs to its oldest claimant across the cluster, and the webhook asks the same owners
+/// as the controller: a new pod's own expose annotation does not get it a name another
+/// namespace's Ingress owns, nor a custom domain the allow-list does not give its namespace.
+/// Each dropped tunnel is said, with its owner, in the admission warnings.
+#[tokio::test]
+#[ignore = "needs the test ground (scripts/build-testground)"]
+async fn a_new_pods_expose_annotation_gets_no_name_another_namespace_owns() {
+    let ground = ControlPlane::shared(Existing::Allowed).await.unwrap();
+    let client = ground.client().await.unwrap();
+    // Names of this test's own: the ground is shared, and names are cluster-wide.
+    let name = format!("owned-{}", picotun_testground::random_suffix());
+    let domain = format!("app.{name}.test");
+    let owner = ground.namespace("names-owner").await.unwrap();
+    let asker = ground.namespace("names-asker").await.unwrap();
+    for ns in [&owner, &asker] {
+        label_for_injection(&client, ns.name()).await;
+    }
+    let ingress: k8s_openapi::api::networking::v1::Ingress = serde_json::from_value(json!({
+        "metadata": {"name": "web"},
+        "spec": {"ingressClassName": "pico-tunnel", "rules": [{"host": name, "http": {"paths": [
+            {"path": "/", "pathType": "Prefix", "backend": {"service": {"name": "web", "port": {"number": 80}}}}]}}]},
+    }))
+    .unwrap();
+    Api::namespaced(client.clone(), owner.name()).create(&PostParams::default(), &ingress).await.unwrap();
+    // The custom domain is the owner namespace's to use (picotun-config's
+    // PICOTUN_CUSTOM_DOMAIN_ALLOW reaches the webhook as this flag).
+    let allow = format!("{}=*.{name}.test", owner.name());
+    let options = WebhookOptions { args: vec!["--custom-domain-allow".into(), allow], ..Default::default() };
+    let mut webhook = Webhook::start_with(Some(ground), options).await;
+    webhook.register(&client, &[owner.name(), asker.name()], true).await;
+    for ns in [&owner, &asker] {
+        wait_active(&Api::<Pod>::namespaced(client.clone(), ns.name())).await;
+    }
+
+    // Each pod a free name of its own too (the first to ask would own a shared one).
+    let expose = |free: &str| format!("http:{name}=8080, http:{name}-{free}=8080, http:{domain}=8080");
+    let pod = |ns: &str, free: &str| {
+        let expose = expose(free);
+        json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "web", "namespace": ns, "annotations": {"tunnels.pico.sh/expose": expose}},
+            "spec": {"containers": [{"name": "app", "image": "registry.example/app:1"}]}})
+    };
+    let hosts = |pod: &Pod| -> Vec<String> {
+        let file = &pod.metadata.annotations.as_ref().unwrap()["tunnels.pico.sh/tunnels"];
+        let tunnels = picotun::tunnel::TunnelsFile::parse(file).unwrap().tunnels;
+        tunnels.into_iter().filter_map(|t| t.host).collect()
+    };
+
+    // Another namespace: neither the Ingress's name nor the fenced domain; the free name it gets.
+    let (created, warnings) = kubectl_create(ground, &pod(asker.name(), "b"));
+    assert!(sidecar_of(&created).is_some(), "injected");
+    assert_eq!(hosts(&created), [format!("{name}-b")], "{warnings}");
+    let owned =
+        format!("tunnel http-{name} is not opened: tuns name \"{name}\" belongs to Ingress {}/web", owner.name());
+    assert!(warnings.contains(&owned), "the owner is named: {warnings}");
+    let fenced = format!("custom domain {domain} is not allowed for namespace {}", asker.name());
+    assert!(warnings.contains(&fenced), "{warnings}");
+    // The pod keeps its annotation as written: the controller recomputes from it, by the same rule.
+    assert_eq!(created.metadata.annotations.as_ref().unwrap()["tunnels.pico.sh/expose"], expose("b"));
+
+    // The owner's namespace may use the domain. The name is its Ingress's, not its expose
+    // annotations': a different claimant, refused too.
+    let (created, warnings) = kubectl_create(ground, &pod(owner.name(), "a"));
+    assert_eq!(hosts(&created), [format!("{name}-a"), domain.clone()], "{warnings}");
+    assert!(warnings.contains(&format!("tunnel http-{name} is not opened")), "{warnings}");
+    webhook.unregister(&client).await;
 }
 
 #[tokio::test]
