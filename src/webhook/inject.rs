@@ -910,7 +910,7 @@ mod tests {
     fn reporting_adds_a_bound_token_for_the_sidecar_only() {
         let p = app(json!({"tunnels.pico.sh/inject": "true"}), json!({}));
         let config = InjectConfig {
-            report_url: "https://picotun-webhook.pico-sh-system.svc:443/report".into(),
+            report_url: "https://picotun-webhook.pico-sh-system.svc:8444/report".into(),
             report_ca: "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n".into(),
             ..cfg()
         };
@@ -919,7 +919,7 @@ mod tests {
         let sidecar = &spec.init_containers.as_ref().unwrap()[0];
         let env: BTreeMap<&str, &str> =
             sidecar.env.iter().flatten().map(|e| (e.name.as_str(), e.value.as_deref().unwrap_or(""))).collect();
-        assert_eq!(env["PICOTUN_REPORT_URL"], "https://picotun-webhook.pico-sh-system.svc:443/report");
+        assert_eq!(env["PICOTUN_REPORT_URL"], "https://picotun-webhook.pico-sh-system.svc:8444/report");
         assert_eq!(env["PICOTUN_REPORT_CA"], config.report_ca);
         assert_eq!(env["PICOTUN_REPORT_TOKEN_FILE"], "/var/run/secrets/tunnels.pico.sh/report/token");
         let mount = sidecar.volume_mounts.iter().flatten().find(|m| m.name == "picotun-report-token").unwrap();
@@ -1003,7 +1003,7 @@ mod tests {
 
     fn certificate_cfg() -> InjectConfig {
         InjectConfig {
-            report_url: "https://picotun-webhook.pico-sh-system.svc:443/report".into(),
+            report_url: "https://picotun-webhook.pico-sh-system.svc:8444/report".into(),
             auth: SidecarAuth::Certificate,
             ticket_key: Some(TicketKey::from_bytes(&[7; 32]).unwrap()),
             ..cfg()
@@ -1019,7 +1019,7 @@ mod tests {
         let spec = injected.spec.as_ref().unwrap();
         let sidecar = &spec.init_containers.as_ref().unwrap()[0];
         let env = env_of(sidecar);
-        assert_eq!(env["PICOTUN_CERTIFICATE_URL"], "https://picotun-webhook.pico-sh-system.svc:443/certificate");
+        assert_eq!(env["PICOTUN_CERTIFICATE_URL"], "https://picotun-webhook.pico-sh-system.svc:8444/certificate");
         assert!(!env.contains_key("PICOTUN_KEY_FILE"));
         assert_eq!(env["PICOTUN_REPORT_TOKEN_FILE"], "/var/run/secrets/tunnels.pico.sh/report/token");
         let volumes: Vec<&str> = spec.volumes.iter().flatten().map(|v| v.name.as_str()).collect();
@@ -1049,8 +1049,8 @@ mod tests {
     #[test]
     fn certificate_urls_sit_beside_report() {
         assert_eq!(
-            certificate_url("https://picotun-webhook.pico-sh-system.svc:443/report").as_deref(),
-            Some("https://picotun-webhook.pico-sh-system.svc:443/certificate")
+            certificate_url("https://picotun-webhook.pico-sh-system.svc:8444/report").as_deref(),
+            Some("https://picotun-webhook.pico-sh-system.svc:8444/certificate")
         );
         assert_eq!(
             certificate_url("https://10.0.0.1:8443/x/report?a=b").as_deref(),

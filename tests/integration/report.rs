@@ -25,13 +25,13 @@ use crate::support::{Webhook, WebhookOptions, label_for_injection, pod_json, wai
 
 impl Webhook {
     fn report_url(&self) -> String {
-        format!("https://{}/report", self.addr)
+        format!("https://{}/report", self.agent_addr)
     }
 
-    /// POST /report with `token` (if any) and `body`; (status, body of the answer).
+    /// POST /report (the sidecars' port) with `token` (if any) and `body`; (status, body of the answer).
     async fn report(&self, token: Option<&str>, body: &str) -> (u16, String) {
         let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
-        let (status, text) = self.post("/report", "application/json", &auth, body.as_bytes()).await;
+        let (status, text) = self.agent_post("/report", "application/json", &auth, body.as_bytes()).await;
         (status, text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
     }
 }

@@ -538,9 +538,18 @@ fn review() -> Vec<u8> {
     .unwrap()
 }
 
-/// A TLS connection to the webhook, handshake done (`alpn`: protocols to offer).
+/// A TLS connection to the webhook's admission port, handshake done (`alpn`: protocols to offer).
 async fn connect(webhook: &Webhook, alpn: &[&[u8]]) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
-    let tcp = tokio::net::TcpStream::connect(&webhook.addr).await.unwrap();
+    connect_to(webhook, &webhook.addr, alpn).await
+}
+
+/// The same to `addr` (the sidecars' port: `webhook.agent_addr`).
+async fn connect_to(
+    webhook: &Webhook,
+    addr: &str,
+    alpn: &[&[u8]],
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let mut roots = rustls::RootCertStore::empty();
     roots.add(rustls::pki_types::pem::PemObject::from_pem_slice(webhook.ca.cert_pem().as_bytes()).unwrap()).unwrap();
     let mut config = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
@@ -581,6 +590,10 @@ async fn clients_that_never_finish_their_headers_or_body_are_cut_off() {
     slow.write_all(b"POST /mutate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n").await.unwrap();
     assert!(read_until_closed(&mut slow, bound).await.is_some(), "headers never finished: still open after {bound:?}");
     eprintln!("HTTP/1.1 headers never finished: closed after {:?}", started.elapsed());
+    // The sidecars' port has the same bounds.
+    let mut slow = connect_to(&webhook, &webhook.agent_addr, &[b"http/1.1"]).await;
+    slow.write_all(b"POST /report HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n").await.unwrap();
+    assert!(read_until_closed(&mut slow, bound).await.is_some(), "agent port: headers never finished, still open");
 
     // HTTP/2: the connection preface, then nothing.
     let started = Instant::now();
@@ -611,7 +624,7 @@ async fn clients_that_never_finish_their_headers_or_body_are_cut_off() {
     let (status, text) = webhook.post("/mutate", "application/json", "", &review()).await;
     assert_eq!(status, 200, "{text}");
     let cut = webhook.metric("picotun_webhook_connections_closed_total{reason=\"header_timeout\"}").await;
-    assert_eq!(cut, 2, "the HTTP/1.1 and the h2 client");
+    assert_eq!(cut, 3, "the HTTP/1.1 clients on both ports and the h2 client");
     assert!(webhook.proc.is_running());
 }
 
@@ -662,6 +675,10 @@ async fn over_the_connection_cap_a_connection_waits_for_a_slot() {
     .unwrap();
     assert!(!third.is_finished(), "not answered while both slots are held");
     assert_eq!(metric("open_connections").await, 2);
+    // The sidecars' port has slots of its own: a full admission port does not hold them up (nor
+    // could pods crowd the apiserver out). No token: 401, answered at once.
+    let (status, text) = webhook.agent_post("/report", "application/json", "", b"{}").await;
+    assert_eq!(status, 401, "the agent port answers while the admission port is full: {text}");
 
     // Two more: the first waits too, the second finds the queue full and is closed at once.
     let fourth = tokio::net::TcpStream::connect(&webhook.addr).await.unwrap();
@@ -721,17 +738,25 @@ async fn on_sigterm_the_admission_in_flight_is_answered_and_ready_goes_503_first
     })
     .await
     .unwrap_or_else(|e| panic!("{e}\n{}", webhook.proc.log_tail(20)));
-    // During the drain delay a new admission is still answered.
+    // During the drain delay a new admission is still answered, and so is a sidecar.
     let (status, text) = webhook.post("/mutate", "application/json", "", &body).await;
     assert_eq!(status, 200, "served during the drain delay: {text}");
-    // Then it stops accepting...
-    let addr = webhook.addr.clone();
-    wait_for("the listener to close", Duration::from_secs(20), Duration::from_millis(50), || {
-        let addr = addr.clone();
-        async move { Ok(tokio::net::TcpStream::connect(&addr).await.is_err().then_some(())) }
-    })
-    .await
-    .unwrap();
+    let (status, text) = webhook.agent_post("/report", "application/json", "", b"{}").await;
+    assert_eq!(status, 401, "the sidecars' port is served during the drain delay: {text}");
+    // Then both stop accepting...
+    for addr in [webhook.addr.clone(), webhook.agent_addr.clone()] {
+        wait_for(
+            &format!("the listener on {addr} to close"),
+            Duration::from_secs(20),
+            Duration::from_millis(50),
+            || {
+                let addr = addr.clone();
+                async move { Ok(tokio::net::TcpStream::connect(&addr).await.is_err().then_some(())) }
+            },
+        )
+        .await
+        .unwrap();
+    }
     assert!(webhook.proc.is_running(), "still running with a request in flight");
     // ...and the request in flight is answered.
     in_flight.write_all(rest).await.unwrap();
@@ -745,4 +770,34 @@ async fn on_sigterm_the_admission_in_flight_is_answered_and_ready_goes_503_first
     );
     let status = webhook.proc.wait_exit(Duration::from_secs(20)).expect("exited");
     assert!(status.success(), "{status:?}\n{}", webhook.proc.log_tail(20));
+}
+
+/// The apiserver's /mutate and the sidecars' /report and /certificate are served on ports of
+/// their own (one certificate), so a NetworkPolicy can admit every source to the one and only
+/// injected namespaces to the other: each path answers 404 on the other port, saying where it is.
+#[tokio::test]
+async fn mutate_and_the_sidecar_endpoints_are_each_served_only_on_their_own_port() {
+    let mut webhook = Webhook::start_with(None, WebhookOptions::default()).await;
+    assert_ne!(webhook.port, webhook.agent_port);
+    let body = |text: &str| text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+
+    // The admission port: /mutate, and nothing of the sidecars'.
+    let (status, text) = webhook.post("/mutate", "application/json", "", &review()).await;
+    assert_eq!(status, 200, "{text}");
+    for path in ["/report", "/certificate"] {
+        let (status, text) = webhook.post(path, "application/json", "Authorization: Bearer x\r\n", b"{}").await;
+        assert_eq!(status, 404, "{path} on the admission port: {text}");
+        assert!(body(&text).contains("/report and /certificate are on --agent-listen"), "{text}");
+    }
+    // The sidecars' port (the same certificate: the client trusts only the test CA): /report and
+    // /certificate are there (no token: 401), /mutate is not.
+    for path in ["/report", "/certificate"] {
+        let (status, text) = webhook.agent_post(path, "application/json", "", b"{}").await;
+        assert_eq!(status, 401, "{path} on the agent port: {text}");
+    }
+    let (status, text) = webhook.agent_post("/mutate", "application/json", "", &review()).await;
+    assert_eq!(status, 404, "/mutate on the agent port: {text}");
+    assert!(body(&text).contains("/mutate is on --listen"), "{text}");
+    assert_eq!(webhook.metric("picotun_webhook_requests_total{result=\"injected\"}").await, 1, "one admission only");
+    assert!(webhook.proc.is_running());
 }
