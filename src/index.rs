@@ -524,11 +524,18 @@ impl View {
     /// alone, against the routes and Services that can reach its namespace, and keeps only the
     /// names its routes own across the whole cluster.
     pub fn route_tunnels_for(&self, config: &ResolveConfig, pod: &Pod, namespace: &str) -> Vec<TunnelSpec> {
+        self.admission_for(config, pod, namespace).0
+    }
+
+    /// [`View::route_tunnels_for`] and the owners it kept them by (`ownership_for`), resolved
+    /// once: the webhook keeps the pod's own expose tunnels by the same table.
+    pub fn admission_for(&self, config: &ResolveConfig, pod: &Pod, namespace: &str) -> (Vec<TunnelSpec>, Ownership) {
         let owners = self.ownership_for(config, pod, namespace);
         let pending = Self::pending(pod, namespace);
-        let resolution = resolve_with(&self.inputs(config, vec![&pending], Some(namespace), Vec::new()), Some(owners));
+        let mut resolution =
+            resolve_with(&self.inputs(config, vec![&pending], Some(namespace), Vec::new()), Some(owners));
         let key: PodKey = (namespace.to_string(), pending.metadata.name.clone().unwrap_or_default());
-        resolution.route_tunnels.get(&key).cloned().unwrap_or_default()
+        (resolution.route_tunnels.remove(&key).unwrap_or_default(), resolution.ownership)
     }
 }
 

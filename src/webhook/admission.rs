@@ -6,6 +6,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
 
+use crate::resolve::ownership::Ownership;
 use crate::tunnel::TunnelSpec;
 use crate::webhook::inject::{self, Decision, InjectConfig, Workload};
 
@@ -51,10 +52,13 @@ pub fn pod_of(req: &AdmissionRequest<DynamicObject>) -> Option<Result<Pod, Strin
     Some(serde_json::to_value(object).and_then(serde_json::from_value::<Pod>).map_err(|e| e.to_string()))
 }
 
+/// `owners`: who owns every name across the cluster (the webhook's index; None without one): the
+/// pod's own expose tunnels are kept to those its namespace owns.
 pub fn answer(
     req: &AdmissionRequest<DynamicObject>,
     workload: Option<&Workload>,
     route_tunnels: &[TunnelSpec],
+    owners: Option<&Ownership>,
     inject_route_backends: bool,
     config: &InjectConfig,
     mut warnings: Vec<String>,
@@ -71,7 +75,8 @@ pub fn answer(
         Some(Ok(pod)) => pod,
     };
     let namespace = req.namespace.clone().or_else(|| pod.metadata.namespace.clone()).unwrap_or_default();
-    let outcome = inject::mutate(&pod, &namespace, workload, route_tunnels, inject_route_backends, config);
+    let outcome =
+        inject::mutate_owned(&pod, &namespace, workload, route_tunnels, owners, inject_route_backends, config);
     warnings.extend(outcome.warnings);
     let Some(injected) = outcome.pod else {
         return Answer { response: allow, result: "skipped", decision: Some(outcome.decision) };
@@ -126,7 +131,7 @@ mod tests {
 
     fn run(body: &[u8]) -> Answer {
         let req = parse(Some("application/json"), body).unwrap();
-        answer(&req, None, &[], false, &InjectConfig::default(), Vec::new())
+        answer(&req, None, &[], None, false, &InjectConfig::default(), Vec::new())
     }
 
     #[test]
@@ -207,7 +212,7 @@ mod tests {
                 }
             }
             if let Ok(req) = parse(Some("application/json"), &body) {
-                let a = answer(&req, None, &[], false, &InjectConfig::default(), Vec::new());
+                let a = answer(&req, None, &[], None, false, &InjectConfig::default(), Vec::new());
                 assert!(a.response.allowed);
             }
         }

@@ -415,7 +415,7 @@ mod tests {
         }))
         .unwrap();
         let config = inject::InjectConfig {
-            report_url: "https://picotun-webhook.pico-sh-system.svc:443/report".into(),
+            report_url: "https://picotun-webhook.pico-sh-system.svc:8444/report".into(),
             auth: inject::SidecarAuth::Certificate,
             ticket_key: Some(key.clone()),
             ..Default::default()

@@ -13,6 +13,7 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use crate::api;
+use crate::resolve::ownership::{Claimant, Ownership};
 use crate::tunnel::{TunnelSpec, TunnelsFile};
 use crate::webhook::ticket::TicketKey;
 
@@ -195,6 +196,20 @@ pub fn decide(
     inject_route_backends: bool,
     config: &InjectConfig,
 ) -> Decision {
+    decide_owned(pod, namespace, workload, route_tunnels, None, inject_route_backends, config)
+}
+
+/// [`decide`], knowing who owns every name across the cluster (the webhook): a re-invoked pod
+/// is picotun's own when it carries the tunnels [`owned_tunnels`] gives it.
+pub fn decide_owned(
+    pod: &Pod,
+    namespace: &str,
+    workload: Option<&Workload>,
+    route_tunnels: &[TunnelSpec],
+    owners: Option<&Ownership>,
+    inject_route_backends: bool,
+    config: &InjectConfig,
+) -> Decision {
     let skip = |reason, because: String| Decision::Skip { reason, because };
     if SYSTEM_NAMESPACES.contains(&namespace) {
         return skip(SkipReason::SystemNamespace, format!("namespace {namespace} is never injected"));
@@ -215,7 +230,8 @@ pub fn decide(
                 if key.verify_pod(pod, namespace).is_ok()
                     && lookup(&pod.metadata.annotations, api::TUNNELS).is_some_and(|current| {
                         let stripped = strip_sidecar(pod);
-                        let tunnels = tunnels_for(&stripped, workload, route_tunnels, &mut Vec::new());
+                        let tunnels =
+                            owned_tunnels(&stripped, namespace, workload, route_tunnels, owners, &mut Vec::new());
                         *current == TunnelsFile { tunnels }.to_json()
                     }) =>
             {
@@ -281,7 +297,22 @@ pub fn mutate(
     inject_route_backends: bool,
     config: &InjectConfig,
 ) -> Outcome {
-    let decision = decide(pod, namespace, workload, route_tunnels, inject_route_backends, config);
+    mutate_owned(pod, namespace, workload, route_tunnels, None, inject_route_backends, config)
+}
+
+/// [`mutate`], knowing who owns every name across the cluster (the webhook, from its index):
+/// the pod's own expose tunnels are kept to those its namespace owns ([`owned_tunnels`]), as the
+/// controller keeps them, so a new pod never starts with a name someone else owns.
+pub fn mutate_owned(
+    pod: &Pod,
+    namespace: &str,
+    workload: Option<&Workload>,
+    route_tunnels: &[TunnelSpec],
+    owners: Option<&Ownership>,
+    inject_route_backends: bool,
+    config: &InjectConfig,
+) -> Outcome {
+    let decision = decide_owned(pod, namespace, workload, route_tunnels, owners, inject_route_backends, config);
     if !matches!(decision, Decision::Inject { .. }) {
         return Outcome { decision, pod: None, tunnels: Vec::new(), warnings: Vec::new() };
     }
@@ -309,7 +340,7 @@ pub fn mutate(
     } else {
         pod
     };
-    let tunnels = tunnels_for(pod, workload, route_tunnels, &mut warnings);
+    let tunnels = owned_tunnels(pod, namespace, workload, route_tunnels, owners, &mut warnings);
     let mut injected = inject(pod, &tunnels, config, &mut warnings);
     if let Some(value) = config.ticket_key.as_ref().and_then(|key| key.ticket(&injected, namespace)) {
         injected.metadata.annotations.get_or_insert_with(BTreeMap::new).insert(api::INJECTED.into(), value);
@@ -432,6 +463,34 @@ pub fn tunnels_for(
                 }
             }
             Err(e) => warnings.push(format!("{e}; the sidecar is injected without these tunnels")),
+        }
+    }
+    tunnels
+}
+
+/// [`tunnels_for`] less the expose tunnels whose tuns name, custom domain or public TCP port the
+/// namespace's expose annotations do not own across the cluster (or may not use: the custom-domain
+/// allow-list), with a warning naming the owner for each. Route tunnels come already kept by the
+/// same table (`View::admission_for`). `owners` None (offline): nothing is dropped.
+pub fn owned_tunnels(
+    pod: &Pod,
+    namespace: &str,
+    workload: Option<&Workload>,
+    route_tunnels: &[TunnelSpec],
+    owners: Option<&Ownership>,
+    warnings: &mut Vec<String>,
+) -> Vec<TunnelSpec> {
+    let mut tunnels = tunnels_for(pod, workload, route_tunnels, warnings);
+    let Some(owners) = owners else { return tunnels };
+    // tunnels_for appends the annotation's tunnels after the routes'.
+    let exposed = tunnels.split_off(route_tunnels.len().min(tunnels.len()));
+    let claimant = Claimant::expose(namespace);
+    for spec in exposed {
+        match owners.check(&claimant, &spec) {
+            Ok(()) => tunnels.push(spec),
+            Err(problem) => {
+                warnings.push(format!("{}: tunnel {} is not opened: {}", api::EXPOSE, spec.name, problem.message))
+            }
         }
     }
     tunnels
@@ -851,7 +910,7 @@ mod tests {
     fn reporting_adds_a_bound_token_for_the_sidecar_only() {
         let p = app(json!({"tunnels.pico.sh/inject": "true"}), json!({}));
         let config = InjectConfig {
-            report_url: "https://picotun-webhook.pico-sh-system.svc:443/report".into(),
+            report_url: "https://picotun-webhook.pico-sh-system.svc:8444/report".into(),
             report_ca: "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n".into(),
             ..cfg()
         };
@@ -860,7 +919,7 @@ mod tests {
         let sidecar = &spec.init_containers.as_ref().unwrap()[0];
         let env: BTreeMap<&str, &str> =
             sidecar.env.iter().flatten().map(|e| (e.name.as_str(), e.value.as_deref().unwrap_or(""))).collect();
-        assert_eq!(env["PICOTUN_REPORT_URL"], "https://picotun-webhook.pico-sh-system.svc:443/report");
+        assert_eq!(env["PICOTUN_REPORT_URL"], "https://picotun-webhook.pico-sh-system.svc:8444/report");
         assert_eq!(env["PICOTUN_REPORT_CA"], config.report_ca);
         assert_eq!(env["PICOTUN_REPORT_TOKEN_FILE"], "/var/run/secrets/tunnels.pico.sh/report/token");
         let mount = sidecar.volume_mounts.iter().flatten().find(|m| m.name == "picotun-report-token").unwrap();
@@ -944,7 +1003,7 @@ mod tests {
 
     fn certificate_cfg() -> InjectConfig {
         InjectConfig {
-            report_url: "https://picotun-webhook.pico-sh-system.svc:443/report".into(),
+            report_url: "https://picotun-webhook.pico-sh-system.svc:8444/report".into(),
             auth: SidecarAuth::Certificate,
             ticket_key: Some(TicketKey::from_bytes(&[7; 32]).unwrap()),
             ..cfg()
@@ -960,7 +1019,7 @@ mod tests {
         let spec = injected.spec.as_ref().unwrap();
         let sidecar = &spec.init_containers.as_ref().unwrap()[0];
         let env = env_of(sidecar);
-        assert_eq!(env["PICOTUN_CERTIFICATE_URL"], "https://picotun-webhook.pico-sh-system.svc:443/certificate");
+        assert_eq!(env["PICOTUN_CERTIFICATE_URL"], "https://picotun-webhook.pico-sh-system.svc:8444/certificate");
         assert!(!env.contains_key("PICOTUN_KEY_FILE"));
         assert_eq!(env["PICOTUN_REPORT_TOKEN_FILE"], "/var/run/secrets/tunnels.pico.sh/report/token");
         let volumes: Vec<&str> = spec.volumes.iter().flatten().map(|v| v.name.as_str()).collect();
@@ -990,8 +1049,8 @@ mod tests {
     #[test]
     fn certificate_urls_sit_beside_report() {
         assert_eq!(
-            certificate_url("https://picotun-webhook.pico-sh-system.svc:443/report").as_deref(),
-            Some("https://picotun-webhook.pico-sh-system.svc:443/certificate")
+            certificate_url("https://picotun-webhook.pico-sh-system.svc:8444/report").as_deref(),
+            Some("https://picotun-webhook.pico-sh-system.svc:8444/certificate")
         );
         assert_eq!(
             certificate_url("https://10.0.0.1:8443/x/report?a=b").as_deref(),
@@ -1113,6 +1172,56 @@ mod tests {
             decide(&forged, "apps", None, &[], false, &cfg()),
             Decision::Skip { reason: SkipReason::AlreadyInjected, .. }
         ));
+    }
+
+    /// At admission a pod's own expose tunnels are kept to the names its namespace owns across
+    /// the cluster (the controller's table): an older claimant's name, or a custom domain the
+    /// allow-list does not give the namespace, is not injected, and a warning names the owner.
+    #[test]
+    fn expose_tunnels_for_names_someone_else_owns_are_not_injected() {
+        use crate::resolve::ownership::{self, Ask, Claim, DomainPolicy};
+        let since = Some("2024-01-01T00:00:00Z".parse().unwrap());
+        let policy = DomainPolicy::new(vec![ownership::parse_domain_rule("team-a=*.a.example.com").unwrap()]);
+        let owners = ownership::ownership(
+            [Ask { claimant: Claimant::ingress("team-a", "web"), claim: Claim::Name("demo".into()), since, via: None }],
+            &policy,
+        );
+        let p = app(
+            json!({}),
+            json!({"tunnels.pico.sh/expose": "http:demo=8080, http:mine=8080, http:b.a.example.com=8080"}),
+        );
+        let route = TunnelSpec {
+            name: "ing-web-early".into(),
+            kind: crate::tunnel::TunnelKind::Http,
+            host: Some("early".into()),
+            remote_port: None,
+            target_port: 8080,
+            options: Default::default(),
+        };
+        let config = certificate_cfg();
+        let out = mutate_owned(&p, "team-b", None, std::slice::from_ref(&route), Some(&owners), false, &config);
+        let names: Vec<&str> = out.tunnels.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(names, ["ing-web-early", "http-mine"], "{:?}", out.warnings);
+        let file = &out.pod.as_ref().unwrap().metadata.annotations.as_ref().unwrap()["tunnels.pico.sh/tunnels"];
+        assert_eq!(*file, TunnelsFile { tunnels: out.tunnels.clone() }.to_json());
+        let said = out.warnings.join("\n");
+        assert!(
+            said.contains("tunnel http-demo is not opened: tuns name \"demo\" belongs to Ingress team-a/web"),
+            "{said}"
+        );
+        assert!(said.contains("custom domain b.a.example.com is not allowed for namespace team-b"), "{said}");
+        // Re-invoked, the pod carries the tunnels it was given: picotun's own, left alone.
+        let injected = out.pod.unwrap();
+        assert!(matches!(
+            decide_owned(&injected, "team-b", None, std::slice::from_ref(&route), Some(&owners), false, &config),
+            Decision::Skip { reason: SkipReason::AlreadyInjected, .. }
+        ));
+        // The domain is team-a's to use; demo is its Ingress's, not its expose annotations'.
+        // Offline: nothing is dropped.
+        let out = mutate_owned(&p, "team-a", None, &[], Some(&owners), false, &config);
+        let hosts: Vec<_> = out.tunnels.iter().filter_map(|t| t.host.as_deref()).collect();
+        assert_eq!(hosts, ["mine", "b.a.example.com"], "{:?}", out.warnings);
+        assert_eq!(mutate(&p, "team-b", None, &[], false, &config).tunnels.len(), 3);
     }
 
     #[test]

@@ -1,17 +1,23 @@
 //! `picotun webhook`: the mutating admission webhook that injects the tunnel sidecar.
 //!
 //! ```text
+//! --listen (8443), the apiserver:
 //! apiserver ─TLS─► POST /mutate ─► admission::parse ─► owner lookup (workload metadata)
 //!                                      │                     │
 //!                                      ▼                     ▼
-//!                                 admission::answer ─► inject::mutate (pure) ─► JSON patch
-//!                                                        (+ ticket tunnels.pico.sh/injected)
+//!                                 admission::answer ─► inject::mutate_owned (pure) ─► JSON patch
+//!                                   (routes' tunnels and      (+ ticket tunnels.pico.sh/injected)
+//!                                    name owners: the index)
 //!
+//! --agent-listen (8444), the sidecars:
 //! sidecar ─TLS─► POST /report ──────► identity ─► checked addresses ─► pod annotation tunnels.pico.sh/addresses
 //! sidecar ─TLS─► POST /certificate ─► identity ─► SSH certificate for its in-memory key (CA: --ssh-ca-dir)
 //! ```
 //!
-//! The server (server.rs) caps connections, times out slow clients and drains on SIGTERM.
+//! Two listeners, one certificate: each port serves only its own paths (the rest are 404), so a
+//! NetworkPolicy can let every source reach /mutate -- the apiserver is not a pod and its
+//! address is not knowable -- and only injected namespaces' pods reach the sidecar endpoints.
+//! Each is served by server.rs: capped connections, timeouts for slow clients, a drain on SIGTERM.
 
 pub mod admission;
 pub mod certificate;
@@ -69,9 +75,13 @@ pub const TICKET_SECRET_KEY: &str = "key";
 /// `picotun webhook` flags.
 #[derive(Clone, Debug, clap::Args)]
 pub struct WebhookArgs {
-    /// Where the apiserver reaches the webhook (HTTPS).
+    /// Where the apiserver reaches the webhook (HTTPS): /mutate only.
     #[arg(long, env = "PICOTUN_WEBHOOK_LISTEN", default_value = "0.0.0.0:8443")]
     pub listen: SocketAddr,
+    /// Where injected sidecars reach the webhook (HTTPS, the same certificate): /report and
+    /// /certificate only. --agent-report-url names this port as the pods reach it.
+    #[arg(long, env = "PICOTUN_WEBHOOK_AGENT_LISTEN", default_value = "0.0.0.0:8444")]
+    pub agent_listen: SocketAddr,
     /// Serving certificate and key (PEM), e.g. a cert-manager Secret mounted into the pod; reloaded
     /// when they change.
     #[arg(long, env = "PICOTUN_WEBHOOK_CERT_FILE", default_value = "/etc/picotun/webhook-tls/tls.crt")]
@@ -111,6 +121,10 @@ pub struct WebhookArgs {
     /// Default: --server itself when it is a DNS name (a regional tuns.sh host adds tuns.sh).
     #[arg(long = "server-domain", env = "PICOTUN_SERVER_DOMAIN", value_delimiter = ',')]
     pub server_domains: Vec<String>,
+    // --custom-domain-allow: the controller's allow-list, asked at admission too (a pod's expose
+    // tunnel for a domain its namespace may not use is not injected).
+    #[command(flatten)]
+    pub domains: crate::resolve::ownership::DomainArgs,
     #[command(flatten)]
     pub server: ListenerArgs,
 }
@@ -131,11 +145,11 @@ pub struct CertificateArgs {
     pub certificate_principals: Vec<String>,
 }
 
-/// The HTTPS server's bounds (every pod can reach it).
+/// The HTTPS listeners' bounds (--listen and --agent-listen each).
 #[derive(Clone, Debug, clap::Args)]
 pub struct ListenerArgs {
-    /// Connections served at once; more wait for a slot (as many again, each for up to the
-    /// handshake timeout) or are closed.
+    /// Connections served at once, per listener (sidecars cannot crowd out the apiserver); more
+    /// wait for a slot (as many again, each for up to the handshake timeout) or are closed.
     #[arg(long, env = "PICOTUN_WEBHOOK_MAX_CONNECTIONS", default_value_t = 512)]
     pub max_connections: usize,
     #[arg(long, env = "PICOTUN_WEBHOOK_TLS_HANDSHAKE_TIMEOUT", value_parser = humantime::parse_duration, default_value = "10s")]
@@ -192,8 +206,8 @@ pub struct SidecarArgs {
     #[arg(long, env = "PICOTUN_SIDECAR_MEMORY_LIMIT", default_value = "64Mi")]
     pub sidecar_memory_limit: String,
     /// Where injected sidecars POST their status so their public addresses reach Kubernetes:
-    /// the webhook's /report as pods reach it, e.g.
-    /// https://picotun-webhook.pico-sh-system.svc:443/report. Certificate mode asks the same
+    /// the webhook's /report on its --agent-listen port as pods reach it, e.g.
+    /// https://picotun-webhook.pico-sh-system.svc:8444/report. Certificate mode asks the same
     /// server's /certificate. Unset: sidecars do not report (key mode only).
     #[arg(long, env = "PICOTUN_AGENT_REPORT_URL")]
     pub agent_report_url: Option<String>,
@@ -214,7 +228,7 @@ pub enum SidecarConfigError {
     ReportUrl(String),
     #[error(
         "--sidecar-auth certificate needs --agent-report-url (sidecars get their certificate from the same server's \
-         /certificate), e.g. --agent-report-url https://picotun-webhook.pico-sh-system.svc:443/report; or use \
+         /certificate on --agent-listen), e.g. --agent-report-url https://picotun-webhook.pico-sh-system.svc:8444/report; or use \
          --sidecar-auth key to mount the account key Secret into every sidecar instead"
     )]
     CertificateWithoutReportUrl,
@@ -491,7 +505,7 @@ pub async fn run(args: WebhookArgs, shutdown: CancellationToken) -> Result<(), W
     }
     info!(
         native_sidecar = config.native_sidecar, sidecar_auth = config.auth.as_str(), listen = %args.listen,
-        server_domains = %domains.join(","), "picotun webhook starting"
+        agent_listen = %args.agent_listen, server_domains = %domains.join(","), "picotun webhook starting"
     );
 
     // Internal tasks (admin port, watches, reloads) outlive the drain: they stop at the end.
@@ -519,6 +533,7 @@ pub async fn run(args: WebhookArgs, shutdown: CancellationToken) -> Result<(), W
     let resolve = ResolveConfig {
         ingress_class: args.ingress_class.clone(),
         gateway_controller: args.gateway_controller_name.clone(),
+        custom_domains: args.domains.policy(),
         ..Default::default()
     };
     let state = Arc::new(AppState {
@@ -573,9 +588,10 @@ pub async fn run(args: WebhookArgs, shutdown: CancellationToken) -> Result<(), W
     let mut tls_config = rustls::ServerConfig::builder().with_no_client_auth().with_cert_resolver(cert.clone());
     tls_config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls_config));
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .map_err(|source| WebhookError::Listen { addr: args.listen, source })?;
+    let bind = |addr: SocketAddr| async move {
+        tokio::net::TcpListener::bind(addr).await.map_err(|source| WebhookError::Listen { addr, source })
+    };
+    let (listener, agent_listener) = (bind(args.listen).await?, bind(args.agent_listen).await?);
     let limits = server::Limits {
         max_connections: args.server.max_connections,
         tls_handshake_timeout: args.server.tls_handshake_timeout,
@@ -584,7 +600,27 @@ pub async fn run(args: WebhookArgs, shutdown: CancellationToken) -> Result<(), W
         drain_delay: args.server.drain_delay,
         shutdown_timeout: args.server.shutdown_timeout,
     };
-    server::serve(listener, acceptor, router(state.clone()), limits, server_metrics, shutdown, draining).await;
+    // One drain for both: /ready goes 503 once, each stops accepting after the delay.
+    tokio::join!(
+        server::serve(
+            listener,
+            acceptor.clone(),
+            admission_router(state.clone()),
+            limits.clone(),
+            server_metrics.clone(),
+            shutdown.clone(),
+            draining.clone(),
+        ),
+        server::serve(
+            agent_listener,
+            acceptor,
+            agent_router(state.clone()),
+            limits,
+            server_metrics,
+            shutdown,
+            draining
+        ),
+    );
     internal.cancel();
     let _ = admin.await;
     info!("picotun webhook stopped");
@@ -597,12 +633,30 @@ pub fn supports_native_sidecars(major: &str, minor: &str) -> bool {
     major == "1" && minor >= 29 || major.parse::<u32>().is_ok_and(|m| m > 1)
 }
 
-fn router(state: Arc<AppState>) -> Router {
+/// --listen: the apiserver's port.
+fn admission_router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/mutate", post(mutate))
+        .fallback(|| async {
+            not_found("this is the admission port (--listen): it serves /mutate; sidecars' /report and /certificate are on --agent-listen")
+        })
+        .with_state(state)
+}
+
+/// --agent-listen: the sidecars' port.
+fn agent_router(state: Arc<AppState>) -> Router {
+    Router::new()
         .route("/report", post(report::handle))
         .route("/certificate", post(certificate::handle))
+        .fallback(|| async {
+            not_found("this is the sidecars' port (--agent-listen): it serves /report and /certificate; /mutate is on --listen")
+        })
         .with_state(state)
+}
+
+fn not_found(what: &'static str) -> Response {
+    (StatusCode::NOT_FOUND, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], format!("not found: {what}\n"))
+        .into_response()
 }
 
 async fn mutate(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
@@ -646,17 +700,20 @@ async fn mutate(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bo
         };
         // The same resolution the controller runs, for this one pod: created after its route, it
         // starts with the right tunnels.
-        let route_tunnels = match (admission::pod_of(&req), &state.index) {
+        // Its own expose tunnels are kept by the same owners: never a name someone else owns.
+        let (route_tunnels, owners) = match (admission::pod_of(&req), &state.index) {
             (Some(Ok(pod)), Some(index)) => {
                 let namespace = req.namespace.clone().or_else(|| pod.metadata.namespace.clone()).unwrap_or_default();
-                index.view().route_tunnels_for(&state.resolve, &pod, &namespace)
+                let (tunnels, owners) = index.view().admission_for(&state.resolve, &pod, &namespace);
+                (tunnels, Some(owners))
             }
-            _ => Vec::new(),
+            _ => (Vec::new(), None),
         };
         let mut answer = admission::answer(
             &req,
             workload.as_ref(),
             &route_tunnels,
+            owners.as_ref(),
             state.inject_route_backends,
             &state.config,
             warnings,

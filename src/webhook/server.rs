@@ -1,5 +1,7 @@
-//! The webhook's HTTPS server: every pod can reach it (for /report and /certificate) and the
-//! apiserver must, so it bounds what a client can hold and drains on SIGTERM.
+//! The webhook's HTTPS server, run once per listener (--listen for the apiserver's /mutate,
+//! --agent-listen for the sidecars' /report and /certificate, each with its own connection
+//! cap): every injected pod can reach the one and the apiserver must reach the other, so it
+//! bounds what a client can hold and drains on SIGTERM.
 //!
 //! ```text
 //! accept ─► open < --max-connections? ─yes─► TLS handshake (--tls-handshake-timeout)
@@ -96,6 +98,7 @@ pub async fn serve(
     shutdown: CancellationToken,
     draining: Arc<AtomicBool>,
 ) {
+    let listen = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
     let max = limits.max_connections.max(1);
     let slots = Arc::new(Semaphore::new(max));
     let queue = Arc::new(Semaphore::new(max));
@@ -114,7 +117,7 @@ pub async fn serve(
             },
             _ = shutdown.cancelled(), if drain_until.is_none() => {
                 draining.store(true, Ordering::SeqCst);
-                info!(drain_delay = ?limits.drain_delay, "shutting down: /ready is 503; serving on while endpoints drop this pod");
+                info!(%listen, drain_delay = ?limits.drain_delay, "shutting down: /ready is 503; serving on while endpoints drop this pod");
                 drain_until = Some(Instant::now() + limits.drain_delay);
                 continue;
             }
@@ -164,11 +167,12 @@ pub async fn serve(
     }
     drop(listener);
     let open = max - slots.available_permits();
-    info!(open, timeout = ?limits.shutdown_timeout, "stopped accepting; finishing requests in flight");
+    info!(%listen, open, timeout = ?limits.shutdown_timeout, "stopped accepting; finishing requests in flight");
     stop.cancel();
     match tokio::time::timeout(limits.shutdown_timeout, slots.acquire_many(max as u32)).await {
-        Ok(_) => info!("every connection closed"),
+        Ok(_) => info!(%listen, "every connection closed"),
         Err(_) => warn!(
+            %listen,
             open = max - slots.available_permits(),
             "connections still open after --shutdown-timeout; closing them"
         ),

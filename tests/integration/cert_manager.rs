@@ -283,7 +283,10 @@ struct RenewingWebhook {
     certificate: String,
     config_name: String,
     port: u16,
+    /// The admission port (/mutate).
     addr: String,
+    /// The sidecars' port (/report, /certificate): the same certificate.
+    agent_addr: String,
     admin: String,
     /// The caBundle cainjector wrote.
     ca_pem: String,
@@ -343,9 +346,11 @@ impl RenewingWebhook {
         let identity = kubeconfig_for(inst.ground.kubeconfig(), "picotun-webhook", dir.path());
         let port = free_port();
         let addr = format!("127.0.0.1:{port}");
+        let agent_addr = format!("127.0.0.1:{}", free_port());
         let admin = format!("127.0.0.1:{}", free_port());
         let mut cmd = command_of(&inst.docs, "picotun-webhook", &format!("picotun-webhook-{prefix}"));
         cmd.env("PICOTUN_WEBHOOK_LISTEN", &addr)
+            .env("PICOTUN_WEBHOOK_AGENT_LISTEN", &agent_addr)
             .env("PICOTUN_ADMIN_ADDR", &admin)
             .env("PICOTUN_WEBHOOK_CERT_FILE", volume.join("tls.crt"))
             .env("PICOTUN_WEBHOOK_KEY_FILE", volume.join("tls.key"))
@@ -384,6 +389,7 @@ impl RenewingWebhook {
             config_name,
             port,
             addr,
+            agent_addr,
             admin,
             ca_pem,
             issued,
@@ -438,18 +444,19 @@ impl RenewingWebhook {
         self.issued.lock().unwrap().clone()
     }
 
-    /// Follows the certificate new TLS connections get, checked as a client trusting `ca_pem`
-    /// for `name`, every 250 ms, until it has changed `renewals` times; returns the serials in
-    /// order, and how many handshakes it made. Any handshake that fails fails the test.
+    /// Follows the certificate new TLS connections to `addr` get, checked as a client trusting
+    /// `ca_pem` for `name`, every 250 ms, until it has changed `renewals` times; returns the
+    /// serials in order, and how many handshakes it made. Any handshake that fails fails the test.
     async fn follow_renewals(
         &self,
+        addr: &str,
         renewals: usize,
         ca_pem: &str,
         name: &str,
         cert_manager: &CertManager,
     ) -> (Vec<String>, u64) {
         let started = Instant::now();
-        let mut served = vec![served_serial(&self.addr, ca_pem, name).await.unwrap()];
+        let mut served = vec![served_serial(addr, ca_pem, name).await.unwrap()];
         let mut handshakes = 1;
         eprintln!("[{:>6.1?}] served: serial {}", started.elapsed(), served[0]);
         while served.len() <= renewals {
@@ -462,7 +469,7 @@ impl RenewingWebhook {
             );
             cert_manager.check_running().unwrap();
             tokio::time::sleep(Duration::from_millis(250)).await;
-            let serial = served_serial(&self.addr, ca_pem, name)
+            let serial = served_serial(addr, ca_pem, name)
                 .await
                 .unwrap_or_else(|e| panic!("handshake {handshakes} as {name} failed during the renewals: {e}"));
             handshakes += 1;
@@ -620,7 +627,8 @@ async fn renewals_while_pods_are_created_lose_no_admission() {
             results
         })
     };
-    let (served, handshakes) = webhook.follow_renewals(RENEWALS, &webhook.ca_pem, "127.0.0.1", inst.cert_manager).await;
+    let (served, handshakes) =
+        webhook.follow_renewals(&webhook.addr, RENEWALS, &webhook.ca_pem, "127.0.0.1", inst.cert_manager).await;
     let connections = || async { metric(&webhook.metrics().await, "picotun_webhook_connections_total") };
     // The apiserver's own connections: what the webhook accepted less the test's handshakes.
     let apiserver_during = connections().await - connections_before - handshakes;
@@ -700,7 +708,8 @@ async fn the_sidecars_report_path_keeps_working_across_renewals() {
     let agent_admin = format!("127.0.0.1:{}", free_port());
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_picotun"));
     cmd.args(sidecar(&pod).unwrap().args.iter().flatten()).envs(&env);
-    cmd.env("PICOTUN_REPORT_URL", format!("https://{}/report", webhook.addr))
+    // The Service's agent port, here the webhook's loopback one.
+    cmd.env("PICOTUN_REPORT_URL", format!("https://{}/report", webhook.agent_addr))
         .env("PICOTUN_REPORT_TOKEN_FILE", &token_file)
         // A heartbeat every second: a new connection, and handshake, for every report.
         .env("PICOTUN_REPORT_INTERVAL", "1s")
@@ -729,8 +738,10 @@ async fn the_sidecars_report_path_keeps_working_across_renewals() {
     });
     let before = reports("ok").await;
 
-    // The renewals, seen by a TLS client that checks the Service name against the sidecars' CA.
-    let (served, handshakes) = webhook.follow_renewals(RENEWALS, report_ca, &host, inst.cert_manager).await;
+    // The renewals on the sidecars' port, seen by a TLS client that checks the Service name
+    // against the sidecars' CA.
+    let (served, handshakes) =
+        webhook.follow_renewals(&webhook.agent_addr, RENEWALS, report_ca, &host, inst.cert_manager).await;
     // The agent keeps reporting on the last certificate.
     let at_last = reports("ok").await;
     wait_for("reports on the last certificate", Duration::from_secs(30), Duration::from_millis(200), || async {

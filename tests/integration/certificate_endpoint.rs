@@ -18,10 +18,10 @@ use crate::report::{AUDIENCE, token};
 use crate::support::{Webhook, WebhookOptions, label_for_injection, pod_json, sidecar_of, wait_active};
 
 impl Webhook {
-    /// POST /certificate; (status, body of the answer).
+    /// POST /certificate (the sidecars' port); (status, body of the answer).
     pub(crate) async fn certificate(&self, token: Option<&str>, content_type: &str, body: &str) -> (u16, String) {
         let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
-        let (status, text) = self.post("/certificate", content_type, &auth, body.as_bytes()).await;
+        let (status, text) = self.agent_post("/certificate", content_type, &auth, body.as_bytes()).await;
         (status, text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
     }
 }
@@ -111,7 +111,7 @@ async fn a_pod_the_webhook_injected_gets_a_certificate_for_its_own_key() {
     let sidecar = sidecar_of(&pod).expect("injected");
     let env: Vec<(&str, &str)> =
         sidecar.env.iter().flatten().map(|e| (e.name.as_str(), e.value.as_deref().unwrap_or(""))).collect();
-    assert!(env.contains(&("PICOTUN_CERTIFICATE_URL", format!("https://{}/certificate", webhook.addr).as_str())));
+    assert!(env.contains(&("PICOTUN_CERTIFICATE_URL", format!("https://{}/certificate", webhook.agent_addr).as_str())));
     assert!(env.iter().all(|(k, _)| *k != "PICOTUN_KEY_FILE"), "{env:?}");
     let text = serde_json::to_string(&pod).unwrap();
     assert!(!text.contains("picotun-ssh-key") && !text.contains("ssh-privatekey"), "no key Secret: {text}");
@@ -357,12 +357,12 @@ fn certificate_mode_without_a_report_url_says_what_to_pass() {
     let out = inject(&[]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("needs --agent-report-url"));
-    let out = inject(&["--agent-report-url", "https://picotun-webhook.pico-sh-system.svc:443/report"]);
+    let out = inject(&["--agent-report-url", "https://picotun-webhook.pico-sh-system.svc:8444/report"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let yaml = String::from_utf8(out.stdout).unwrap();
     assert!(
         yaml.contains("PICOTUN_CERTIFICATE_URL")
-            && yaml.contains("https://picotun-webhook.pico-sh-system.svc:443/certificate")
+            && yaml.contains("https://picotun-webhook.pico-sh-system.svc:8444/certificate")
     );
     assert!(!yaml.contains("picotun-ssh-key"), "{yaml}");
     let out = inject(&["--sidecar-auth", "key"]);

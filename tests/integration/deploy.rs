@@ -168,7 +168,7 @@ async fn every_manifest_is_accepted_by_server_side_apply() {
         let secrets = d["rules"].as_array().unwrap().iter().any(|r| r["resources"].to_string().contains("secrets"));
         assert!(!secrets, "ClusterRole {} grants something on Secrets in the default install", d["metadata"]["name"]);
     }
-    doc(&with_cert_manager, "NetworkPolicy", "picotun-webhook");
+    network_policy_shape(&with_cert_manager);
     doc(&with_cert_manager, "ValidatingAdmissionPolicy", "picotun-pod-writes");
     let sets = [
         ("deploy/", with_cert_manager),
@@ -190,6 +190,65 @@ async fn every_manifest_is_accepted_by_server_side_apply() {
         let accepted = out.lines().filter(|l| l.ends_with("serverside-applied (server dry run)")).count();
         assert_eq!(accepted, docs.len(), "{what}: every object accepted:\n{out}");
     }
+}
+
+/// The webhook's NetworkPolicy, port by port, against the ports the install and the binary use:
+/// the admission port (/mutate) from anywhere, the sidecars' port (/report, /certificate) only
+/// from namespaces the webhook configuration selects, the admin port from anywhere, and no
+/// address range to guess (a pod CIDR placeholder would fail open when wrong). Its enforcement is
+/// not tested: the ground's bridge CNI does not enforce NetworkPolicy (the dry run in
+/// [every_manifest_is_accepted_by_server_side_apply] proves the apiserver accepts it).
+fn network_policy_shape(docs: &[Value]) {
+    let policy = &doc(docs, "NetworkPolicy", "picotun-webhook")["spec"];
+    assert_eq!(policy["policyTypes"], json!(["Ingress"]));
+    let webhook = &doc(docs, "Deployment", "picotun-webhook")["spec"]["template"]["metadata"]["labels"];
+    for (k, v) in policy["podSelector"]["matchLabels"].as_object().unwrap() {
+        assert_eq!(&webhook[k], v, "the policy selects the webhook's pods");
+    }
+    assert!(!policy.to_string().contains("ipBlock"), "no address range: {policy}");
+    let rules = policy["ingress"].as_array().unwrap();
+    let rule_for = |port: &str| -> &Value {
+        let mut found = rules.iter().filter(|r| r["ports"].as_array().unwrap().iter().any(|p| p["port"] == port));
+        let rule = found.next().unwrap_or_else(|| panic!("no rule for port {port}: {policy}"));
+        assert!(found.next().is_none(), "one rule for port {port}");
+        assert_eq!(rule["ports"], json!([{"protocol": "TCP", "port": port}]), "that port alone");
+        rule
+    };
+    assert!(rule_for("https").get("from").is_none(), "/mutate from anywhere (the apiserver): {policy}");
+    assert!(rule_for("admin").get("from").is_none(), "probes and metrics from anywhere: {policy}");
+    let hook = &doc(docs, "MutatingWebhookConfiguration", "picotun-webhook")["webhooks"][0];
+    assert_eq!(
+        rule_for("agent")["from"],
+        json!([{"namespaceSelector": {"matchLabels": hook["namespaceSelector"]["matchLabels"]}}]),
+        "the sidecars' port only from the namespaces the webhook injects"
+    );
+    assert_eq!(rules.len(), 3, "{policy}");
+
+    // The named ports are the binary's: --listen 8443, --agent-listen 8444 (its default), and the
+    // sidecars are sent to the Service's agent port, the apiserver to its https port.
+    let container = &doc(docs, "Deployment", "picotun-webhook")["spec"]["template"]["spec"]["containers"][0];
+    let container_port = |name: &str| {
+        let ports = container["ports"].as_array().unwrap();
+        ports.iter().find(|p| p["name"] == name).unwrap_or_else(|| panic!("no port {name}"))["containerPort"].clone()
+    };
+    assert_eq!((container_port("https"), container_port("agent")), (json!(8443), json!(8444)));
+    let help = Command::new(env!("CARGO_BIN_EXE_picotun")).args(["webhook", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    for default in ["[default: 0.0.0.0:8443]", "[default: 0.0.0.0:8444]"] {
+        assert!(help.contains(default), "picotun webhook --help has no {default}");
+    }
+    let service = &doc(docs, "Service", "picotun-webhook")["spec"]["ports"];
+    let service_port = |name: &str| {
+        let port = service.as_array().unwrap().iter().find(|p| p["name"] == name).unwrap_or_else(|| panic!("{name}"));
+        assert_eq!(port["targetPort"], name, "Service port {name} -> the container's port {name}");
+        port["port"].as_u64().unwrap()
+    };
+    assert_eq!(hook["clientConfig"]["service"]["port"].as_u64(), Some(service_port("https")));
+    assert_eq!(hook["clientConfig"]["service"]["path"], "/mutate");
+    assert_eq!(
+        env_value(container, "PICOTUN_AGENT_REPORT_URL").as_str(),
+        Some(format!("https://picotun-webhook.pico-sh-system.svc:{}/report", service_port("agent")).as_str())
+    );
 }
 
 /// The install modes: the default (certificate mode) and the opt-in components.
@@ -494,6 +553,7 @@ async fn run_webhook(inst: &Installed, apps_ns: &str) -> (Proc, String, Pod) {
     let admin_addr = format!("127.0.0.1:{}", free_port());
     let mut cmd = command_of(docs, "picotun-webhook", "picotun-webhook-test");
     cmd.env("PICOTUN_WEBHOOK_LISTEN", format!("127.0.0.1:{port}"))
+        .env("PICOTUN_WEBHOOK_AGENT_LISTEN", format!("127.0.0.1:{}", free_port()))
         .env("PICOTUN_ADMIN_ADDR", &admin_addr)
         .env("PICOTUN_WEBHOOK_CERT_FILE", &cert_file)
         .env("PICOTUN_WEBHOOK_KEY_FILE", &key_file)

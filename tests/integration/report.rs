@@ -25,19 +25,23 @@ use crate::support::{Webhook, WebhookOptions, label_for_injection, pod_json, wai
 
 impl Webhook {
     fn report_url(&self) -> String {
-        format!("https://{}/report", self.addr)
+        format!("https://{}/report", self.agent_addr)
     }
 
-    /// POST /report with `token` (if any) and `body`; (status, body of the answer).
+    /// POST /report (the sidecars' port) with `token` (if any) and `body`; (status, body of the answer).
     async fn report(&self, token: Option<&str>, body: &str) -> (u16, String) {
         let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
-        let (status, text) = self.post("/report", "application/json", &auth, body.as_bytes()).await;
+        let (status, text) = self.agent_post("/report", "application/json", &auth, body.as_bytes()).await;
         (status, text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
     }
 }
 
-/// The pod's tunnel: `http-app`, asking for the name `app` (its expose annotation).
-const EXPOSE: &str = "http:app=8080";
+/// A tuns name of the test's own, `app-<random>`: names belong to their first claimant across
+/// the cluster (the webhook keeps a pod's expose tunnels to those its namespace owns), and the
+/// ground is shared by tests running at once.
+fn app_name() -> String {
+    format!("app-{}", picotun_testground::random_suffix())
+}
 
 /// A namespace labeled for injection with `webhook` registered for it, ready.
 async fn served_namespace(
@@ -54,14 +58,15 @@ async fn served_namespace(
     (ns, pods)
 }
 
-/// A pod the webhook injects (reporting on: the sidecar has its projected token and a ticket), or
-/// with `inject` false, a plain one it leaves alone.
-async fn created_pod(pods: &Api<Pod>, name: &str, inject: bool) -> Pod {
+/// A pod the webhook injects (reporting on: the sidecar has its projected token and a ticket),
+/// with the tunnel `http-<app>` asking for the name `app` (its expose annotation), or with
+/// `inject` false, a plain one it leaves alone.
+async fn created_pod(pods: &Api<Pod>, name: &str, inject: bool, app: &str) -> Pod {
     let pod = if inject {
         pod_json(
             name,
             json!({"app": name, "tunnels.pico.sh/inject": "true"}),
-            json!({"tunnels.pico.sh/expose": EXPOSE}),
+            json!({"tunnels.pico.sh/expose": format!("http:{app}=8080")}),
         )
     } else {
         pod_json(name, json!({"app": name}), json!({}))
@@ -105,6 +110,7 @@ pub(crate) fn metric(text: &str, line_prefix: &str) -> u64 {
 fn start_agent(
     server: &TunnelServer,
     key: &SshClientKey,
+    app: &str,
     backend_port: u16,
     report: &[(&str, String)],
     dir: &Path,
@@ -112,7 +118,7 @@ fn start_agent(
     let tunnels = dir.join("tunnels.json");
     std::fs::write(
         &tunnels,
-        format!(r#"{{"tunnels":[{{"name":"http-app","kind":"http","host":"app","targetPort":{backend_port}}}]}}"#),
+        format!(r#"{{"tunnels":[{{"name":"http-{app}","kind":"http","host":"{app}","targetPort":{backend_port}}}]}}"#),
     )
     .unwrap();
     let admin = format!("127.0.0.1:{}", free_port());
@@ -139,7 +145,8 @@ async fn a_sidecar_reports_the_address_sish_assigned_onto_its_pod() {
     let client = ground.client().await.unwrap();
     let mut webhook = Webhook::start(ground, true).await;
     let (ns, pods) = served_namespace(ground, &mut webhook, "report").await;
-    let pod = created_pod(&pods, "web", true).await;
+    let app = app_name();
+    let pod = created_pod(&pods, "web", true, &app).await;
 
     let dir = tempfile::tempdir().unwrap();
     let token_file = dir.path().join("token");
@@ -154,7 +161,7 @@ async fn a_sidecar_reports_the_address_sish_assigned_onto_its_pod() {
         // Heartbeats often enough to see that an unchanged status is not written again.
         ("PICOTUN_REPORT_INTERVAL", "1s".to_string()),
     ];
-    let (mut agent, admin) = start_agent(&server, &key, backend.port(), &report, dir.path());
+    let (mut agent, admin) = start_agent(&server, &key, &app, backend.port(), &report, dir.path());
 
     // What the agent learned from sish...
     let public = wait_for("the tunnel to be established", Duration::from_secs(30), Duration::from_millis(100), || {
@@ -171,10 +178,10 @@ async fn a_sidecar_reports_the_address_sish_assigned_onto_its_pod() {
     })
     .await
     .unwrap_or_else(|e| panic!("{e}\nagent log:\n{}", agent.log_tail(30)));
-    assert!(public.contains(&server.http_host("alice", "app")), "{public}");
+    assert!(public.contains(&server.http_host("alice", &app)), "{public}");
 
     // ...is on the pod, through the apiserver.
-    let want = json!({"tunnels": {"http-app": {"state": "established", "publicAddress": public}}});
+    let want = json!({"tunnels": {format!("http-{app}"): {"state": "established", "publicAddress": public}}});
     let started = Instant::now();
     let seen = wait_for("the addresses annotation", Duration::from_secs(20), Duration::from_millis(100), || {
         let pods = pods.clone();
@@ -225,10 +232,11 @@ async fn reports_without_a_pod_bound_token_or_with_a_broken_body_are_refused() {
     let client = ground.client().await.unwrap();
     let mut webhook = Webhook::start(ground, true).await;
     let (ns, pods) = served_namespace(ground, &mut webhook, "report-refused").await;
-    let pod = created_pod(&pods, "web", true).await;
-    let plain = created_pod(&pods, "plain", false).await;
+    let app = app_name();
+    let pod = created_pod(&pods, "web", true, &app).await;
+    let plain = created_pod(&pods, "plain", false, &app).await;
     let status = json!({"tunnels": [
-        {"name": "http-app", "state": "established", "publicAddress": "https://app-alice.tuns.test"}]})
+        {"name": format!("http-{app}"), "state": "established", "publicAddress": format!("https://{app}-alice.tuns.test")}]})
     .to_string();
 
     let wrong_audience = token(&client, ns.name(), Some(&pod), "some-other-service").await;
@@ -265,10 +273,10 @@ async fn reports_without_a_pod_bound_token_or_with_a_broken_body_are_refused() {
     // The same pod with the right token: written once, then unchanged.
     assert_eq!(webhook.report(Some(&good), &status).await, (200, "written\n".into()));
     assert_eq!(webhook.report(Some(&good), &status).await, (200, "unchanged\n".into()));
-    assert_eq!(
-        addresses(&pods, "web").await.as_deref(),
-        Some(r#"{"tunnels":{"http-app":{"state":"established","publicAddress":"https://app-alice.tuns.test"}}}"#)
+    let written = format!(
+        r#"{{"tunnels":{{"http-{app}":{{"state":"established","publicAddress":"https://{app}-alice.tuns.test"}}}}}}"#
     );
+    assert_eq!(addresses(&pods, "web").await, Some(written));
     let metrics = webhook.metrics().await;
     for (result, n) in [("unauthenticated", 3), ("forbidden", 2), ("bad_request", 3), ("written", 1), ("unchanged", 1)]
     {
@@ -295,11 +303,16 @@ async fn what_a_report_says_is_checked_before_it_reaches_the_pod() {
     let client = ground.client().await.unwrap();
     let mut webhook = Webhook::start(ground, true).await;
     let (ns, pods) = served_namespace(ground, &mut webhook, "report-checked").await;
-    // Four tunnels: two tuns names, a TCP port and a custom domain.
+    // Four tunnels: two tuns names, a TCP port and a custom domain (each the test's own).
+    let suffix = picotun_testground::random_suffix();
+    let (app, demo, shop) = (format!("app-{suffix}"), format!("demo-{suffix}"), format!("shop-{suffix}.example.com"));
+    let port = free_port();
+    let shop_tunnel = format!("http-{}", shop.replace('.', "-"));
+    let (app_tunnel, demo_tunnel, tcp_tunnel) = (format!("http-{app}"), format!("http-{demo}"), format!("tcp-{port}"));
     let pod = pod_json(
         "web",
         json!({"tunnels.pico.sh/inject": "true"}),
-        json!({"tunnels.pico.sh/expose": "http:app=8080, http:demo=8080, tcp:5432=8080, http:shop.example.com=8080"}),
+        json!({"tunnels.pico.sh/expose": format!("http:{app}=8080, http:{demo}=8080, tcp:{port}=8080, http:{shop}=8080")}),
     );
     let pod = pods.create(&PostParams::default(), &pod).await.unwrap();
     let bound = token(&client, ns.name(), Some(&pod), AUDIENCE).await;
@@ -310,10 +323,10 @@ async fn what_a_report_says_is_checked_before_it_reaches_the_pod() {
         &webhook,
         &bound,
         &[
-            ("http-app", "established", Some("https://app-alice.tuns.test")),
-            ("http-demo", "standingBy", None),
-            ("tcp-5432", "established", Some("tuns.test:5432")),
-            ("http-shop-example-com", "established", Some("https://shop.example.com")),
+            (&app_tunnel, "established", Some(&format!("https://{app}-alice.tuns.test"))),
+            (&demo_tunnel, "standingBy", None),
+            (&tcp_tunnel, "established", Some(&format!("tuns.test:{port}"))),
+            (&shop_tunnel, "established", Some(&format!("https://{shop}"))),
             ("stolen", "established", Some("https://bank-alice.tuns.test")),
         ],
     )
@@ -321,12 +334,15 @@ async fn what_a_report_says_is_checked_before_it_reaches_the_pod() {
     assert_eq!(status, 200, "{text}");
     assert!(text.starts_with("written (dropped: tunnel \"stolen\": not one of the pod's tunnels"), "{text}");
     assert_eq!(
-        addresses(&pods, "web").await.as_deref(),
-        Some(concat!(
-            r#"{"tunnels":{"http-app":{"state":"established","publicAddress":"https://app-alice.tuns.test"},"#,
-            r#""http-demo":{"state":"standingBy"},"#,
-            r#""http-shop-example-com":{"state":"established","publicAddress":"https://shop.example.com"},"#,
-            r#""tcp-5432":{"state":"established","publicAddress":"tuns.test:5432"}}}"#
+        addresses(&pods, "web").await,
+        Some(format!(
+            concat!(
+                r#"{{"tunnels":{{"{}":{{"state":"established","publicAddress":"https://{}-alice.tuns.test"}},"#,
+                r#""{}":{{"state":"standingBy"}},"#,
+                r#""{}":{{"state":"established","publicAddress":"https://{}"}},"#,
+                r#""{}":{{"state":"established","publicAddress":"tuns.test:{}"}}}}}}"#
+            ),
+            app_tunnel, app, demo_tunnel, shop_tunnel, shop, tcp_tunnel, port
         ))
     );
     assert_eq!(webhook.metric(&dropped("unknown_tunnel")).await, 1);
@@ -337,11 +353,11 @@ async fn what_a_report_says_is_checked_before_it_reaches_the_pod() {
         &bound,
         &[
             // Outside the server's domain: what would end up in a Gateway's addresses.
-            ("http-app", "established", Some("https://app-alice.evil.example")),
+            (&app_tunnel, "established", Some(&format!("https://{app}-alice.evil.example"))),
             // Not a hostname the Gateway CRD accepts (one such value fails every status patch).
-            ("http-shop-example-com", "established", Some("https://Shop.example.com")),
-            ("http-demo", "established", Some("https://demo-alice.tuns.test/<script>")),
-            ("tcp-5432", "pwned", Some("tuns.test:5432")),
+            (&shop_tunnel, "established", Some(&format!("https://S{}", &shop[1..]))),
+            (&demo_tunnel, "established", Some(&format!("https://{demo}-alice.tuns.test/<script>"))),
+            (&tcp_tunnel, "pwned", Some(&format!("tuns.test:{port}"))),
         ],
     )
     .await;
@@ -350,7 +366,8 @@ async fn what_a_report_says_is_checked_before_it_reaches_the_pod() {
     for reason in ["outside_domain", "bad_host", "bad_address", "unknown_state"] {
         assert_eq!(webhook.metric(&dropped(reason)).await, 1, "{reason}: {text}");
     }
-    let (status, _) = report_tunnels(&webhook, &bound, &[("tcp-5432", "established", Some("tuns.test:5433"))]).await;
+    let other_port = format!("tuns.test:{}", port + 1);
+    let (status, _) = report_tunnels(&webhook, &bound, &[(&tcp_tunnel, "established", Some(&other_port))]).await;
     assert_eq!(status, 200);
     assert_eq!(webhook.metric(&dropped("not_requested")).await, 1, "another port than the one asked for");
     let log = std::fs::read_to_string(webhook.proc.log_path()).unwrap();
@@ -371,7 +388,8 @@ async fn only_pods_the_webhook_injected_may_report_or_get_a_certificate() {
     let options = WebhookOptions { certificate_ca_dir: Some(ca_dir), ..Default::default() };
     let mut webhook = Webhook::start_with(Some(ground), options).await;
     let (ns, pods) = served_namespace(ground, &mut webhook, "ticket").await;
-    let genuine = created_pod(&pods, "genuine", true).await;
+    let app = app_name();
+    let genuine = created_pod(&pods, "genuine", true, &app).await;
     let ticket = genuine.metadata.annotations.as_ref().and_then(|a| a.get("tunnels.pico.sh/injected"));
     eprintln!("the webhook's ticket on the genuine pod: {ticket:?}");
     // Another namespace the webhook is not called for.
@@ -400,7 +418,7 @@ async fn only_pods_the_webhook_injected_may_report_or_get_a_certificate() {
         let annotations = pod.metadata.annotations.get_or_insert_with(Default::default);
         annotations.insert(
             "tunnels.pico.sh/tunnels".into(),
-            r#"{"tunnels":[{"name":"http-app","kind":"http","host":"app","targetPort":8080}]}"#.into(),
+            format!(r#"{{"tunnels":[{{"name":"http-{app}","kind":"http","host":"{app}","targetPort":8080}}]}}"#),
         );
         if with_ticket {
             let ticket = genuine_annotations.get("tunnels.pico.sh/injected").cloned().unwrap_or_default();
@@ -409,8 +427,9 @@ async fn only_pods_the_webhook_injected_may_report_or_get_a_certificate() {
         pod
     };
     let pp = PostParams::default();
-    let status = json!({"tunnels": [{"name": "http-app", "state": "established", "publicAddress": "https://app-alice.tuns.test"}]})
-        .to_string();
+    let status = json!({"tunnels": [
+        {"name": format!("http-{app}"), "state": "established", "publicAddress": format!("https://{app}-alice.tuns.test")}]})
+    .to_string();
     let key = json!({"publicKey": picotun::sshca::SshCa::generate("k").public_line()}).to_string();
     let both = |token: String| {
         let (webhook, status, key) = (&webhook, status.clone(), key.clone());

@@ -12,12 +12,17 @@ use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use picotun_testground::pki::Ca;
 use picotun_testground::{ControlPlane, Proc, free_port, http, wait_for};
 
-/// `picotun webhook` serving HTTPS on loopback with a certificate from a test CA, ready.
+/// `picotun webhook` serving HTTPS on loopback with a certificate from a test CA, ready: the
+/// admission port (`--listen`, /mutate) and the sidecars' port (`--agent-listen`, /report and
+/// /certificate).
 pub struct Webhook {
     pub proc: Proc,
     pub port: u16,
-    /// `127.0.0.1:<port>`
+    /// `127.0.0.1:<port>`: /mutate.
     pub addr: String,
+    pub agent_port: u16,
+    /// `127.0.0.1:<agent_port>`: /report, /certificate.
+    pub agent_addr: String,
     pub admin: String,
     pub ca: Ca,
     pub cert_file: PathBuf,
@@ -84,22 +89,25 @@ impl Webhook {
         let (cert_file, key_file) = ca.issue_loopback_server(&[]).unwrap().write(dir.path(), "tls").unwrap();
         let port = free_port();
         let addr = format!("127.0.0.1:{port}");
+        let agent_port = free_port();
+        let agent_addr = format!("127.0.0.1:{agent_port}");
         let admin = format!("127.0.0.1:{}", free_port());
-        let mut args: Vec<String> = ["webhook", "--listen", &addr, "--admin-addr", &admin]
-            .into_iter()
-            .chain(["--cert-file", cert_file.to_str().unwrap(), "--key-file", key_file.to_str().unwrap()])
-            .chain([
-                "--cert-reload-interval",
-                "200ms",
-                "--sidecar-image",
-                "picotun:test",
-                "--namespace",
-                "pico-sh-system",
-            ])
-            // The test ground's tunnel servers name public addresses under these.
-            .chain(["--server-domain", "tuns.test,sandhole.test"])
-            .map(str::to_string)
-            .collect();
+        let mut args: Vec<String> =
+            ["webhook", "--listen", &addr, "--agent-listen", &agent_addr, "--admin-addr", &admin]
+                .into_iter()
+                .chain(["--cert-file", cert_file.to_str().unwrap(), "--key-file", key_file.to_str().unwrap()])
+                .chain([
+                    "--cert-reload-interval",
+                    "200ms",
+                    "--sidecar-image",
+                    "picotun:test",
+                    "--namespace",
+                    "pico-sh-system",
+                ])
+                // The test ground's tunnel servers name public addresses under these.
+                .chain(["--server-domain", "tuns.test,sandhole.test"])
+                .map(str::to_string)
+                .collect();
         let mut cmd = Command::new(picotun_binary());
         match ground {
             Some(ground) => {
@@ -114,7 +122,7 @@ impl Webhook {
         if options.reporting || options.certificate_ca_dir.is_some() {
             let ca_file = dir.path().join("ca.crt");
             std::fs::write(&ca_file, ca.cert_pem()).unwrap();
-            args.extend(["--agent-report-url".into(), format!("https://{addr}/report")]);
+            args.extend(["--agent-report-url".into(), format!("https://{agent_addr}/report")]);
             args.extend(["--agent-report-ca-file".into(), ca_file.to_str().unwrap().into()]);
         }
         match &options.certificate_ca_dir {
@@ -131,7 +139,19 @@ impl Webhook {
             assert!(Instant::now() < deadline && proc.is_running(), "webhook not ready: {}", proc.log_tail(20));
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        Webhook { proc, port, addr, admin, ca, cert_file, key_file, config_name: String::new(), _dir: dir }
+        Webhook {
+            proc,
+            port,
+            addr,
+            agent_port,
+            agent_addr,
+            admin,
+            ca,
+            cert_file,
+            key_file,
+            config_name: String::new(),
+            _dir: dir,
+        }
     }
 
     /// A metric's value (0 when absent): the line starting with `line_prefix`.
@@ -183,10 +203,20 @@ impl Webhook {
         http::get(&self.admin, "w", "/metrics").await.map(|r| r.body).unwrap_or_default()
     }
 
-    /// POST `path` over TLS with extra header lines; (status, the whole answer).
+    /// POST `path` to the admission port over TLS with extra header lines; (status, the whole
+    /// answer).
     pub async fn post(&self, path: &str, content_type: &str, headers: &str, body: &[u8]) -> (u16, String) {
+        self.post_to(&self.addr, path, content_type, headers, body).await
+    }
+
+    /// The same, to the sidecars' port.
+    pub async fn agent_post(&self, path: &str, content_type: &str, headers: &str, body: &[u8]) -> (u16, String) {
+        self.post_to(&self.agent_addr, path, content_type, headers, body).await
+    }
+
+    async fn post_to(&self, addr: &str, path: &str, content_type: &str, headers: &str, body: &[u8]) -> (u16, String) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let tcp = tokio::net::TcpStream::connect(&self.addr).await.unwrap();
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
         let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
         let mut tls = tls_client(&self.ca).connect(name, tcp).await.unwrap();
         let head = format!(

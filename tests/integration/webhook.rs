@@ -57,11 +57,11 @@ async fn deployments_in_a_labeled_namespace_get_running_injected_pods() {
 
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), labeled.name());
     let pp = PostParams::default();
-    // Exposed by an annotation on the pod template.
-    deployments
-        .create(&pp, &deployment("exposed", json!({}), json!({}), json!({"tunnels.pico.sh/expose": "http:demo=http"})))
-        .await
-        .unwrap();
+    // Exposed by an annotation on the pod template, under a name of this test's own (names are
+    // cluster-wide: the first to ask in the shared ground owns one).
+    let demo = format!("demo-{}", picotun_testground::random_suffix());
+    let expose = json!({"tunnels.pico.sh/expose": format!("http:{demo}=http")});
+    deployments.create(&pp, &deployment("exposed", json!({}), json!({}), expose)).await.unwrap();
     // Opted in on the Deployment object itself, not its template.
     deployments
         .create(&pp, &deployment("on-workload", json!({"tunnels.pico.sh/inject": "true"}), json!({}), json!({})))
@@ -87,7 +87,7 @@ async fn deployments_in_a_labeled_namespace_get_running_injected_pods() {
         assert_eq!(sidecar.image.as_deref(), Some("picotun:test"));
         let annotations = pod.metadata.annotations.as_ref().unwrap();
         let tunnels = picotun::tunnel::TunnelsFile::parse(&annotations["tunnels.pico.sh/tunnels"]).unwrap();
-        assert_eq!(tunnels.tunnels[0].host.as_deref(), Some("demo"));
+        assert_eq!(tunnels.tunnels[0].host.as_deref(), Some(demo.as_str()));
         assert_eq!(tunnels.tunnels[0].target_port, 8080, "the named port resolved");
         assert_eq!(annotations["kubectl.kubernetes.io/default-container"], "app");
     }
@@ -101,7 +101,15 @@ async fn deployments_in_a_labeled_namespace_get_running_injected_pods() {
     // The unlabeled namespace: the apiserver does not even ask.
     let plain: Api<Deployment> = Api::namespaced(client.clone(), unlabeled.name());
     plain
-        .create(&pp, &deployment("exposed", json!({}), json!({}), json!({"tunnels.pico.sh/expose": "http:demo=8080"})))
+        .create(
+            &pp,
+            &deployment(
+                "exposed",
+                json!({}),
+                json!({}),
+                json!({"tunnels.pico.sh/expose": format!("http:{demo}=8080")}),
+            ),
+        )
         .await
         .unwrap();
     for pod in running_pods(&Api::namespaced(client.clone(), unlabeled.name()), "exposed").await {
@@ -131,7 +139,8 @@ async fn deployments_in_a_labeled_namespace_get_running_injected_pods() {
     assert!(text.contains("not injected: pod label tunnels.pico.sh/inject=false"), "{text}");
     let injected = running_pods(&pods, "exposed").await;
     let text = explain(format!("pod/{}", injected[0].metadata.name.as_ref().unwrap()), labeled.name().into());
-    assert!(text.contains("already injected") && text.contains("tunnel http-demo: http demo -> port 8080"), "{text}");
+    let tunnel = format!("tunnel http-{demo}: http {demo} -> port 8080");
+    assert!(text.contains("already injected") && text.contains(&tunnel), "{text}");
     assert!(text.contains("auth: the account key from Secret picotun-ssh-key"), "{text}");
     assert!(text.contains("ticket: carries tunnels.pico.sh/injected"), "{text}");
     let text = explain("deployment/exposed".into(), unlabeled.name().into());
@@ -359,6 +368,92 @@ async fn a_pod_created_after_its_route_starts_with_the_routes_tunnels() {
     drop(webhook.proc);
 }
 
+/// `kubectl create` of `pod` (JSON): the pod the apiserver answered with, and what kubectl
+/// printed on stderr -- the admission warnings a user sees.
+fn kubectl_create(ground: &ControlPlane, pod: &Value) -> (Pod, String) {
+    let mut child = Command::new("kubectl")
+        .args(["create", "-o", "json", "-f", "-"])
+        .env("KUBECONFIG", ground.kubeconfig())
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), pod.to_string().as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(out.status.success(), "{stderr}");
+    (serde_json::from_slice(&out.stdout).unwrap(), stderr)
+}
+
+/// A name belongs to its oldest claimant across the cluster, and the webhook asks the same owners
+/// as the controller: a new pod's own expose annotation does not get it a name another
+/// namespace's Ingress owns, nor a custom domain the allow-list does not give its namespace.
+/// Each dropped tunnel is said, with its owner, in the admission warnings.
+#[tokio::test]
+#[ignore = "needs the test ground (scripts/build-testground)"]
+async fn a_new_pods_expose_annotation_gets_no_name_another_namespace_owns() {
+    let ground = ControlPlane::shared(Existing::Allowed).await.unwrap();
+    let client = ground.client().await.unwrap();
+    // Names of this test's own: the ground is shared, and names are cluster-wide.
+    let name = format!("owned-{}", picotun_testground::random_suffix());
+    let domain = format!("app.{name}.test");
+    let owner = ground.namespace("names-owner").await.unwrap();
+    let asker = ground.namespace("names-asker").await.unwrap();
+    for ns in [&owner, &asker] {
+        label_for_injection(&client, ns.name()).await;
+    }
+    let ingress: k8s_openapi::api::networking::v1::Ingress = serde_json::from_value(json!({
+        "metadata": {"name": "web"},
+        "spec": {"ingressClassName": "pico-tunnel", "rules": [{"host": name, "http": {"paths": [
+            {"path": "/", "pathType": "Prefix", "backend": {"service": {"name": "web", "port": {"number": 80}}}}]}}]},
+    }))
+    .unwrap();
+    Api::namespaced(client.clone(), owner.name()).create(&PostParams::default(), &ingress).await.unwrap();
+    // The custom domain is the owner namespace's to use (picotun-config's
+    // PICOTUN_CUSTOM_DOMAIN_ALLOW reaches the webhook as this flag).
+    let allow = format!("{}=*.{name}.test", owner.name());
+    let options = WebhookOptions { args: vec!["--custom-domain-allow".into(), allow], ..Default::default() };
+    let mut webhook = Webhook::start_with(Some(ground), options).await;
+    webhook.register(&client, &[owner.name(), asker.name()], true).await;
+    for ns in [&owner, &asker] {
+        wait_active(&Api::<Pod>::namespaced(client.clone(), ns.name())).await;
+    }
+
+    // Each pod a free name of its own too (the first to ask would own a shared one).
+    let expose = |free: &str| format!("http:{name}=8080, http:{name}-{free}=8080, http:{domain}=8080");
+    let pod = |ns: &str, free: &str| {
+        let expose = expose(free);
+        json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "web", "namespace": ns, "annotations": {"tunnels.pico.sh/expose": expose}},
+            "spec": {"containers": [{"name": "app", "image": "registry.example/app:1"}]}})
+    };
+    let hosts = |pod: &Pod| -> Vec<String> {
+        let file = &pod.metadata.annotations.as_ref().unwrap()["tunnels.pico.sh/tunnels"];
+        let tunnels = picotun::tunnel::TunnelsFile::parse(file).unwrap().tunnels;
+        tunnels.into_iter().filter_map(|t| t.host).collect()
+    };
+
+    // Another namespace: neither the Ingress's name nor the fenced domain; the free name it gets.
+    let (created, warnings) = kubectl_create(ground, &pod(asker.name(), "b"));
+    assert!(sidecar_of(&created).is_some(), "injected");
+    assert_eq!(hosts(&created), [format!("{name}-b")], "{warnings}");
+    let owned =
+        format!("tunnel http-{name} is not opened: tuns name \"{name}\" belongs to Ingress {}/web", owner.name());
+    assert!(warnings.contains(&owned), "the owner is named: {warnings}");
+    let fenced = format!("custom domain {domain} is not allowed for namespace {}", asker.name());
+    assert!(warnings.contains(&fenced), "{warnings}");
+    // The pod keeps its annotation as written: the controller recomputes from it, by the same rule.
+    assert_eq!(created.metadata.annotations.as_ref().unwrap()["tunnels.pico.sh/expose"], expose("b"));
+
+    // The owner's namespace may use the domain. The name is its Ingress's, not its expose
+    // annotations': a different claimant, refused too.
+    let (created, warnings) = kubectl_create(ground, &pod(owner.name(), "a"));
+    assert_eq!(hosts(&created), [format!("{name}-a"), domain.clone()], "{warnings}");
+    assert!(warnings.contains(&format!("tunnel http-{name} is not opened")), "{warnings}");
+    webhook.unregister(&client).await;
+}
+
 #[tokio::test]
 #[ignore = "needs the test ground (scripts/build-testground)"]
 async fn certificate_mode_mounts_no_key_and_only_key_mode_looks_for_the_key_secret() {
@@ -443,9 +538,18 @@ fn review() -> Vec<u8> {
     .unwrap()
 }
 
-/// A TLS connection to the webhook, handshake done (`alpn`: protocols to offer).
+/// A TLS connection to the webhook's admission port, handshake done (`alpn`: protocols to offer).
 async fn connect(webhook: &Webhook, alpn: &[&[u8]]) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
-    let tcp = tokio::net::TcpStream::connect(&webhook.addr).await.unwrap();
+    connect_to(webhook, &webhook.addr, alpn).await
+}
+
+/// The same to `addr` (the sidecars' port: `webhook.agent_addr`).
+async fn connect_to(
+    webhook: &Webhook,
+    addr: &str,
+    alpn: &[&[u8]],
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let mut roots = rustls::RootCertStore::empty();
     roots.add(rustls::pki_types::pem::PemObject::from_pem_slice(webhook.ca.cert_pem().as_bytes()).unwrap()).unwrap();
     let mut config = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
@@ -486,6 +590,10 @@ async fn clients_that_never_finish_their_headers_or_body_are_cut_off() {
     slow.write_all(b"POST /mutate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n").await.unwrap();
     assert!(read_until_closed(&mut slow, bound).await.is_some(), "headers never finished: still open after {bound:?}");
     eprintln!("HTTP/1.1 headers never finished: closed after {:?}", started.elapsed());
+    // The sidecars' port has the same bounds.
+    let mut slow = connect_to(&webhook, &webhook.agent_addr, &[b"http/1.1"]).await;
+    slow.write_all(b"POST /report HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n").await.unwrap();
+    assert!(read_until_closed(&mut slow, bound).await.is_some(), "agent port: headers never finished, still open");
 
     // HTTP/2: the connection preface, then nothing.
     let started = Instant::now();
@@ -516,7 +624,7 @@ async fn clients_that_never_finish_their_headers_or_body_are_cut_off() {
     let (status, text) = webhook.post("/mutate", "application/json", "", &review()).await;
     assert_eq!(status, 200, "{text}");
     let cut = webhook.metric("picotun_webhook_connections_closed_total{reason=\"header_timeout\"}").await;
-    assert_eq!(cut, 2, "the HTTP/1.1 and the h2 client");
+    assert_eq!(cut, 3, "the HTTP/1.1 clients on both ports and the h2 client");
     assert!(webhook.proc.is_running());
 }
 
@@ -567,6 +675,10 @@ async fn over_the_connection_cap_a_connection_waits_for_a_slot() {
     .unwrap();
     assert!(!third.is_finished(), "not answered while both slots are held");
     assert_eq!(metric("open_connections").await, 2);
+    // The sidecars' port has slots of its own: a full admission port does not hold them up (nor
+    // could pods crowd the apiserver out). No token: 401, answered at once.
+    let (status, text) = webhook.agent_post("/report", "application/json", "", b"{}").await;
+    assert_eq!(status, 401, "the agent port answers while the admission port is full: {text}");
 
     // Two more: the first waits too, the second finds the queue full and is closed at once.
     let fourth = tokio::net::TcpStream::connect(&webhook.addr).await.unwrap();
@@ -626,17 +738,25 @@ async fn on_sigterm_the_admission_in_flight_is_answered_and_ready_goes_503_first
     })
     .await
     .unwrap_or_else(|e| panic!("{e}\n{}", webhook.proc.log_tail(20)));
-    // During the drain delay a new admission is still answered.
+    // During the drain delay a new admission is still answered, and so is a sidecar.
     let (status, text) = webhook.post("/mutate", "application/json", "", &body).await;
     assert_eq!(status, 200, "served during the drain delay: {text}");
-    // Then it stops accepting...
-    let addr = webhook.addr.clone();
-    wait_for("the listener to close", Duration::from_secs(20), Duration::from_millis(50), || {
-        let addr = addr.clone();
-        async move { Ok(tokio::net::TcpStream::connect(&addr).await.is_err().then_some(())) }
-    })
-    .await
-    .unwrap();
+    let (status, text) = webhook.agent_post("/report", "application/json", "", b"{}").await;
+    assert_eq!(status, 401, "the sidecars' port is served during the drain delay: {text}");
+    // Then both stop accepting...
+    for addr in [webhook.addr.clone(), webhook.agent_addr.clone()] {
+        wait_for(
+            &format!("the listener on {addr} to close"),
+            Duration::from_secs(20),
+            Duration::from_millis(50),
+            || {
+                let addr = addr.clone();
+                async move { Ok(tokio::net::TcpStream::connect(&addr).await.is_err().then_some(())) }
+            },
+        )
+        .await
+        .unwrap();
+    }
     assert!(webhook.proc.is_running(), "still running with a request in flight");
     // ...and the request in flight is answered.
     in_flight.write_all(rest).await.unwrap();
@@ -650,4 +770,34 @@ async fn on_sigterm_the_admission_in_flight_is_answered_and_ready_goes_503_first
     );
     let status = webhook.proc.wait_exit(Duration::from_secs(20)).expect("exited");
     assert!(status.success(), "{status:?}\n{}", webhook.proc.log_tail(20));
+}
+
+/// The apiserver's /mutate and the sidecars' /report and /certificate are served on ports of
+/// their own (one certificate), so a NetworkPolicy can admit every source to the one and only
+/// injected namespaces to the other: each path answers 404 on the other port, saying where it is.
+#[tokio::test]
+async fn mutate_and_the_sidecar_endpoints_are_each_served_only_on_their_own_port() {
+    let mut webhook = Webhook::start_with(None, WebhookOptions::default()).await;
+    assert_ne!(webhook.port, webhook.agent_port);
+    let body = |text: &str| text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+
+    // The admission port: /mutate, and nothing of the sidecars'.
+    let (status, text) = webhook.post("/mutate", "application/json", "", &review()).await;
+    assert_eq!(status, 200, "{text}");
+    for path in ["/report", "/certificate"] {
+        let (status, text) = webhook.post(path, "application/json", "Authorization: Bearer x\r\n", b"{}").await;
+        assert_eq!(status, 404, "{path} on the admission port: {text}");
+        assert!(body(&text).contains("/report and /certificate are on --agent-listen"), "{text}");
+    }
+    // The sidecars' port (the same certificate: the client trusts only the test CA): /report and
+    // /certificate are there (no token: 401), /mutate is not.
+    for path in ["/report", "/certificate"] {
+        let (status, text) = webhook.agent_post(path, "application/json", "", b"{}").await;
+        assert_eq!(status, 401, "{path} on the agent port: {text}");
+    }
+    let (status, text) = webhook.agent_post("/mutate", "application/json", "", &review()).await;
+    assert_eq!(status, 404, "/mutate on the agent port: {text}");
+    assert!(body(&text).contains("/mutate is on --listen"), "{text}");
+    assert_eq!(webhook.metric("picotun_webhook_requests_total{result=\"injected\"}").await, 1, "one admission only");
+    assert!(webhook.proc.is_running());
 }
