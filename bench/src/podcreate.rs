@@ -49,6 +49,7 @@ async fn main() {
     std::fs::write(&ticket_key, [7u8; 32]).unwrap();
     let mut cmd = Command::new(binary);
     cmd.args(["--log-filter", "warn", "webhook", "--listen", &format!("127.0.0.1:{port}"), "--admin-addr", &admin])
+        .args(["--agent-listen", &format!("127.0.0.1:{}", free_port())])
         .args(["--cert-file", cert.to_str().unwrap(), "--key-file", key.to_str().unwrap()])
         // Injection as it costs at admission: key mode needs no report endpoint, and the ticket key
         // from a file needs no Secret.

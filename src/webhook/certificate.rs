@@ -158,7 +158,7 @@ impl Certificates {
             return Err(outcome(StatusCode::SERVICE_UNAVAILABLE, "unavailable", msg));
         };
         let id = state.verifier.identify(client, token).await?;
-        state.verifier.injected_pod(client, &id).await?;
+        state.verifier.injected_pod(client, &id, state.index.as_ref().map(|i| &i.namespaces)).await?;
         let key_id = format!("{}/{}", id.namespace, id.pod_name);
         let cert_request = CertRequest {
             key_id: key_id.clone(),

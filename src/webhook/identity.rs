@@ -100,6 +100,23 @@ pub enum NotInjected {
     ServiceAccount { token: String, pod: String },
     #[error("the pod opts out of injection ({}=false): picotun did not inject it", api::INJECT)]
     OptedOut,
+    #[error(
+        "namespace {0} is not labeled {label}=enabled: the webhook injects no pod there, so a ticket on one was \
+         not made for it",
+        label = api::NAMESPACE_INJECTION_LABEL
+    )]
+    NamespaceNotEnabled(String),
+}
+
+/// Whether pods of `namespace` (with these labels, None if unknown) can be injected at all. The
+/// admission endpoint answers whoever calls it, so a ticket proves only what the webhook would
+/// inject *if* asked; asking is what the namespace label decides.
+pub fn check_namespace(
+    namespace: &str,
+    labels: Option<&std::collections::BTreeMap<String, String>>,
+) -> Result<(), NotInjected> {
+    let enabled = labels.and_then(|l| l.get(api::NAMESPACE_INJECTION_LABEL)).is_some_and(|v| v == "enabled");
+    if enabled { Ok(()) } else { Err(NotInjected::NamespaceNotEnabled(namespace.to_string())) }
 }
 
 /// Whether `pod`, as it is now, runs picotun's sidecar as the webhook injected it, alone with its
@@ -273,8 +290,14 @@ impl Verifier {
         }
     }
 
-    /// The token's pod as it is now, if it is still that pod and one picotun injected.
-    pub async fn injected_pod(&self, client: &kube::Client, id: &PodIdentity) -> Result<Pod, Outcome> {
+    /// The token's pod as it is now, if it is still that pod and one picotun injected, in a
+    /// namespace labeled for injection (`namespaces`: the webhook's namespace cache).
+    pub async fn injected_pod(
+        &self,
+        client: &kube::Client,
+        id: &PodIdentity,
+        namespaces: Option<&kube::runtime::reflector::Store<k8s_openapi::api::core::v1::Namespace>>,
+    ) -> Result<Pod, Outcome> {
         let Some(key) = &self.ticket_key else {
             let msg = "the webhook has no ticket key and cannot tell which pods it injected";
             return Err(outcome(StatusCode::SERVICE_UNAVAILABLE, "unavailable", msg));
@@ -293,6 +316,11 @@ impl Verifier {
             return Err(outcome(StatusCode::NOT_FOUND, "pod_gone", msg));
         }
         check_pod(&pod, id, key).map_err(|e| outcome(StatusCode::FORBIDDEN, "forbidden", e.to_string()))?;
+        let labels = namespaces
+            .and_then(|store| store.get(&kube::runtime::reflector::ObjectRef::new(&id.namespace)))
+            .and_then(|ns| ns.metadata.labels.clone());
+        check_namespace(&id.namespace, labels.as_ref())
+            .map_err(|e| outcome(StatusCode::FORBIDDEN, "forbidden", e.to_string()))?;
         Ok(pod)
     }
 }
@@ -429,6 +457,19 @@ mod tests {
             service_account: "web".into(),
             pod_name: "web-1".into(),
             pod_uid: "u-1".into(),
+        }
+    }
+
+    #[test]
+    fn only_namespaces_labeled_for_injection_are_served() {
+        let labeled =
+            std::collections::BTreeMap::from([(api::NAMESPACE_INJECTION_LABEL.to_string(), "enabled".into())]);
+        assert_eq!(check_namespace("team-a", Some(&labeled)), Ok(()));
+        let off = std::collections::BTreeMap::from([(api::NAMESPACE_INJECTION_LABEL.to_string(), "disabled".into())]);
+        for labels in [None, Some(&off), Some(&std::collections::BTreeMap::new())] {
+            let err = check_namespace("team-b", labels).unwrap_err();
+            assert_eq!(err, NotInjected::NamespaceNotEnabled("team-b".into()));
+            assert!(err.to_string().contains("tunnels.pico.sh/injection=enabled"), "{err}");
         }
     }
 

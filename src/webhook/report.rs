@@ -353,7 +353,7 @@ impl Reports {
         if cached.as_ref().is_some_and(|(p, _)| *p == as_posted) {
             return outcome(StatusCode::OK, "unchanged", "unchanged");
         }
-        let pod = match state.verifier.injected_pod(client, id).await {
+        let pod = match state.verifier.injected_pod(client, id, state.index.as_ref().map(|i| &i.namespaces)).await {
             Ok(p) => p,
             Err(o) => return o,
         };

@@ -9,6 +9,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use base64::Engine;
 use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
 use kube::api::{Api, PostParams};
@@ -488,12 +489,39 @@ async fn only_pods_the_webhook_injected_may_report_or_get_a_certificate() {
     let answers = both(token(&client, ns.name(), Some(&shared), AUDIENCE).await).await;
     refused("shareProcessNamespace", answers, "shareProcessNamespace");
 
+    // 7. The admission endpoint answers whoever calls it: the author asks it to inject a pod of
+    //    the namespace the webhook is not called for, and creates the answer there himself.
+    let mut wanted =
+        serde_json::to_value(pod_json("minted", json!({"tunnels.pico.sh/inject": "true"}), json!({}))).unwrap();
+    wanted["spec"]["automountServiceAccountToken"] = false.into();
+    let review = json!({
+        "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+        "request": {"uid": "forged-1", "kind": {"group": "", "version": "v1", "kind": "Pod"},
+                    "resource": {"group": "", "version": "v1", "resource": "pods"},
+                    "namespace": elsewhere.name(), "operation": "CREATE", "userInfo": {"username": "author"},
+                    "dryRun": false, "object": wanted.clone()},
+    });
+    let (code, answer) = webhook.post("/mutate", "application/json", "", &serde_json::to_vec(&review).unwrap()).await;
+    assert_eq!(code, 200, "{answer}");
+    let answer: Value = serde_json::from_str(answer.split_once("\r\n\r\n").unwrap().1).unwrap();
+    // kube serializes the patch bytes as a JSON array of numbers (Go reads either form).
+    let patch: Vec<u8> = match &answer["response"]["patch"] {
+        Value::String(b64) => base64::engine::general_purpose::STANDARD.decode(b64).unwrap(),
+        bytes => serde_json::from_value(bytes.clone()).unwrap(),
+    };
+    let patch: json_patch::Patch = serde_json::from_slice(&patch).unwrap();
+    json_patch::patch(&mut wanted, &patch).unwrap();
+    assert!(wanted["metadata"]["annotations"]["tunnels.pico.sh/injected"].is_string(), "the answer carries a ticket");
+    let minted = other_pods.create(&pp, &serde_json::from_value(wanted).unwrap()).await.unwrap();
+    let answers = both(token(&client, elsewhere.name(), Some(&minted), AUDIENCE).await).await;
+    refused("a ticket minted through /mutate for a namespace not labeled", answers, "is not labeled");
+
     // The genuine pod, for contrast: both answered.
     let ((rs, rt), (cs, ct)) = both(token(&client, ns.name(), Some(&genuine), AUDIENCE).await).await;
     assert_eq!((rs, cs), (200, 200), "{rt} {ct}");
-    assert_eq!(webhook.metric("picotun_webhook_reports_total{result=\"forbidden\"}").await, 5);
-    assert_eq!(webhook.metric("picotun_webhook_certificates_total{result=\"forbidden\"}").await, 5);
-    for name in ["forged", "copied"] {
+    assert_eq!(webhook.metric("picotun_webhook_reports_total{result=\"forbidden\"}").await, 6);
+    assert_eq!(webhook.metric("picotun_webhook_certificates_total{result=\"forbidden\"}").await, 6);
+    for name in ["forged", "copied", "minted"] {
         assert_eq!(addresses(&other_pods, name).await, None, "nothing was written on {name}");
     }
     webhook.unregister(&client).await;

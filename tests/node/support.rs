@@ -240,18 +240,22 @@ impl HostWebhook {
             .output()
             .unwrap();
         assert!(out.status.success(), "picotun certs: {}", String::from_utf8_lossy(&out.stderr));
+        // The apiserver calls /mutate on loopback; sidecars reach /report and /certificate on
+        // the agent port, bridged to the node's address.
         let port = free_port();
-        node.bridge(port).unwrap();
+        let agent_port = free_port();
+        node.bridge(agent_port).unwrap();
         let admin = format!("127.0.0.1:{}", free_port());
         let mut cmd = Command::new(picotun());
         cmd.args(["webhook", "--listen", &format!("127.0.0.1:{port}"), "--admin-addr", &admin])
+            .args(["--agent-listen", &format!("127.0.0.1:{agent_port}")])
             .args(["--cert-file", certs.join("tls.crt").to_str().unwrap()])
             .args(["--key-file", certs.join("tls.key").to_str().unwrap()])
             .args(["--namespace", "pico-sh-system", "--sidecar-image", PICOTUN_IMAGE])
             .args(["--server", &NODE_IP.to_string(), "--server-port", &server.port.to_string()])
             .args(["--dialect", server.dialect, "--user", server.user])
             .args(["--sidecar-known-hosts-file", server.known_hosts.to_str().unwrap()])
-            .args(["--agent-report-url", &format!("https://{NODE_IP}:{port}/report")])
+            .args(["--agent-report-url", &format!("https://{NODE_IP}:{agent_port}/report")])
             .args(["--agent-report-ca-file", certs.join("ca.crt").to_str().unwrap()])
             .args(extra)
             .env("KUBECONFIG", ground.kubeconfig())

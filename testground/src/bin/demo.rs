@@ -112,12 +112,16 @@ async fn run(check: bool) -> Result<(), Box<dyn std::error::Error>> {
     if !out.status.success() {
         return Err(format!("picotun certs: {}", String::from_utf8_lossy(&out.stderr)).into());
     }
+    // /mutate for the apiserver on loopback; /report for the sidecars on a port of its own,
+    // bridged to the node's address.
     let webhook_port = free_port();
-    node.bridge(webhook_port)?;
+    let agent_port = free_port();
+    node.bridge(agent_port)?;
     let webhook_admin = format!("127.0.0.1:{}", free_port());
-    let report_url = format!("https://{NODE_IP}:{webhook_port}/report");
+    let report_url = format!("https://{NODE_IP}:{agent_port}/report");
     let mut cmd = Command::new(picotun());
     cmd.args(["webhook", "--listen", &format!("127.0.0.1:{webhook_port}"), "--admin-addr", &webhook_admin])
+        .args(["--agent-listen", &format!("127.0.0.1:{agent_port}")])
         .args([
             "--cert-file",
             certs.join("tls.crt").to_str().unwrap(),
