@@ -178,16 +178,7 @@ impl Metrics {
 }
 
 /// `key=value,key2=value2` (matchLabels); empty selects everything.
-pub fn parse_selector(s: &str) -> Result<BTreeMap<String, String>, String> {
-    s.split(',')
-        .map(str::trim)
-        .filter(|p| !p.is_empty())
-        .map(|pair| match pair.split_once('=') {
-            Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.trim().to_string())),
-            _ => Err(format!("{pair:?} is not key=value (e.g. team=web)")),
-        })
-        .collect()
-}
+pub use crate::api::parse_selector;
 
 fn default_identity() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();

@@ -101,22 +101,27 @@ pub enum NotInjected {
     #[error("the pod opts out of injection ({}=false): picotun did not inject it", api::INJECT)]
     OptedOut,
     #[error(
-        "namespace {0} is not labeled {label}=enabled: the webhook injects no pod there, so a ticket on one was \
-         not made for it",
-        label = api::NAMESPACE_INJECTION_LABEL
+        "namespace {0} is not labeled {1}: the webhook injects no pod there, so a ticket on one was not made for it \
+         (--injection-namespace-selector)"
     )]
-    NamespaceNotEnabled(String),
+    NamespaceNotEnabled(String, String),
 }
 
-/// Whether pods of `namespace` (with these labels, None if unknown) can be injected at all. The
+/// Whether pods of `namespace` (with these labels, None if unknown) can be injected at all: its
+/// labels include all of `selector` (the webhook configuration's namespaceSelector). The
 /// admission endpoint answers whoever calls it, so a ticket proves only what the webhook would
-/// inject *if* asked; asking is what the namespace label decides.
+/// inject *if* asked; whether it is asked is what the namespace's labels decide.
 pub fn check_namespace(
     namespace: &str,
     labels: Option<&std::collections::BTreeMap<String, String>>,
+    selector: &std::collections::BTreeMap<String, String>,
 ) -> Result<(), NotInjected> {
-    let enabled = labels.and_then(|l| l.get(api::NAMESPACE_INJECTION_LABEL)).is_some_and(|v| v == "enabled");
-    if enabled { Ok(()) } else { Err(NotInjected::NamespaceNotEnabled(namespace.to_string())) }
+    if selector.iter().all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v)) {
+        Ok(())
+    } else {
+        let wanted = selector.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",");
+        Err(NotInjected::NamespaceNotEnabled(namespace.to_string(), wanted))
+    }
 }
 
 /// Whether `pod`, as it is now, runs picotun's sidecar as the webhook injected it, alone with its
@@ -243,11 +248,21 @@ pub struct Verifier {
     hash_key: [u8; 32],
     reviews: Mutex<Expiring<Vec<u8>, PodIdentity>>,
     ticket_key: Option<TicketKey>,
+    /// The labels a namespace needs for its pods to be served ([`check_namespace`]).
+    namespace_selector: std::collections::BTreeMap<String, String>,
 }
 
 impl Verifier {
-    pub fn new(ticket_key: Option<TicketKey>) -> Verifier {
-        Verifier { hash_key: rand::rng().random(), reviews: Mutex::new(Expiring::new(REVIEW_TTL)), ticket_key }
+    pub fn new(
+        ticket_key: Option<TicketKey>,
+        namespace_selector: std::collections::BTreeMap<String, String>,
+    ) -> Verifier {
+        Verifier {
+            hash_key: rand::rng().random(),
+            reviews: Mutex::new(Expiring::new(REVIEW_TTL)),
+            ticket_key,
+            namespace_selector,
+        }
     }
 
     pub(super) fn token_hash(&self, token: &str) -> Vec<u8> {
@@ -319,7 +334,7 @@ impl Verifier {
         let labels = namespaces
             .and_then(|store| store.get(&kube::runtime::reflector::ObjectRef::new(&id.namespace)))
             .and_then(|ns| ns.metadata.labels.clone());
-        check_namespace(&id.namespace, labels.as_ref())
+        check_namespace(&id.namespace, labels.as_ref(), &self.namespace_selector)
             .map_err(|e| outcome(StatusCode::FORBIDDEN, "forbidden", e.to_string()))?;
         Ok(pod)
     }
@@ -427,8 +442,8 @@ mod tests {
 
     #[test]
     fn token_hashes_are_keyed_and_distinct() {
-        let a = Verifier::new(None);
-        let b = Verifier::new(None);
+        let a = Verifier::new(None, Default::default());
+        let b = Verifier::new(None, Default::default());
         assert_eq!(a.token_hash("t1"), a.token_hash("t1"));
         assert_ne!(a.token_hash("t1"), a.token_hash("t2"));
         assert_ne!(a.token_hash("t1"), b.token_hash("t1"), "a per-process key");
@@ -462,14 +477,15 @@ mod tests {
 
     #[test]
     fn only_namespaces_labeled_for_injection_are_served() {
+        let selector = api::parse_selector("tunnels.pico.sh/injection=enabled").unwrap();
         let labeled =
             std::collections::BTreeMap::from([(api::NAMESPACE_INJECTION_LABEL.to_string(), "enabled".into())]);
-        assert_eq!(check_namespace("team-a", Some(&labeled)), Ok(()));
+        assert_eq!(check_namespace("team-a", Some(&labeled), &selector), Ok(()));
         let off = std::collections::BTreeMap::from([(api::NAMESPACE_INJECTION_LABEL.to_string(), "disabled".into())]);
         for labels in [None, Some(&off), Some(&std::collections::BTreeMap::new())] {
-            let err = check_namespace("team-b", labels).unwrap_err();
-            assert_eq!(err, NotInjected::NamespaceNotEnabled("team-b".into()));
-            assert!(err.to_string().contains("tunnels.pico.sh/injection=enabled"), "{err}");
+            let err = check_namespace("team-b", labels, &selector).unwrap_err();
+            assert!(matches!(err, NotInjected::NamespaceNotEnabled(ref ns, _) if ns == "team-b"), "{err}");
+            assert!(err.to_string().contains("is not labeled tunnels.pico.sh/injection=enabled"), "{err}");
         }
     }
 

@@ -116,6 +116,16 @@ pub struct WebhookArgs {
     /// picotun-webhook-ticket in --namespace (which the webhook reads, or creates, at start).
     #[arg(long, env = "PICOTUN_TICKET_KEY_FILE")]
     pub ticket_key_file: Option<PathBuf>,
+    /// The labels of the namespaces this webhook is registered for (its configuration's
+    /// namespaceSelector): /report and /certificate serve pods of those namespaces only, since
+    /// /mutate answers whoever calls it and a ticket proves only what it would inject.
+    #[arg(
+        long,
+        env = "PICOTUN_INJECTION_NAMESPACE_SELECTOR",
+        value_parser = crate::api::parse_selector,
+        default_value = "tunnels.pico.sh/injection=enabled"
+    )]
+    pub injection_namespace_selector: std::collections::BTreeMap<String, String>,
     /// The domains the tunnel server names public addresses under (repeatable, or comma-separated):
     /// a reported address outside them (and not the custom domain its tunnel asked for) is dropped.
     /// Default: --server itself when it is a DNS name (a regional tuns.sh host adds tuns.sh).
@@ -544,7 +554,7 @@ pub async fn run(args: WebhookArgs, shutdown: CancellationToken) -> Result<(), W
         index,
         resolve,
         metrics,
-        verifier: identity::Verifier::new(key),
+        verifier: identity::Verifier::new(key, args.injection_namespace_selector.clone()),
         reports,
         certificates,
         body_read_timeout: args.server.body_read_timeout,

@@ -355,6 +355,9 @@ impl RenewingWebhook {
             .env("PICOTUN_WEBHOOK_CERT_FILE", volume.join("tls.crt"))
             .env("PICOTUN_WEBHOOK_KEY_FILE", volume.join("tls.key"))
             .env("PICOTUN_AGENT_REPORT_CA_FILE", volume.join("ca.crt"))
+            // The webhook configuration below selects this one namespace by name, not by the
+            // injection label: the sidecar endpoints serve the namespaces it is registered for.
+            .env("PICOTUN_INJECTION_NAMESPACE_SELECTOR", format!("kubernetes.io/metadata.name={}", ns.name()))
             .env("KUBECONFIG", &identity)
             // Failed handshakes are logged at debug level.
             .env("PICOTUN_LOG", "picotun=debug,info");
