@@ -24,11 +24,16 @@ loadgen=$repo/target/release/loadgen
 source "$repo/bench/lib.sh"
 
 "$picotun" certs --out-dir "$work/certs" >/dev/null 2>&1
-port=$(free_port); admin=$(free_port)
-# No cluster credentials: the pure admission path (no owner lookups) is what is measured here.
+port=$(free_port); admin=$(free_port); agent=$(free_port)
+# No cluster credentials: the pure admission path (no owner lookups) is what is measured here --
+# key mode (certificate mode needs a report URL) and the ticket key from a file (no Secret).
+head -c 32 /dev/urandom >"$work/ticket-key"
 start webhook env -u KUBECONFIG HOME="$work" "$picotun" --log-filter warn webhook --listen "127.0.0.1:$port" \
-  --admin-addr "127.0.0.1:$admin" --cert-file "$work/certs/tls.crt" --key-file "$work/certs/tls.key" --native-sidecar true
+  --agent-listen "127.0.0.1:$agent" --admin-addr "127.0.0.1:$admin" \
+  --cert-file "$work/certs/tls.crt" --key-file "$work/certs/tls.key" --native-sidecar true \
+  --sidecar-auth key --ticket-key-file "$work/ticket-key"
 for _ in $(seq 1 100); do curl -fs "127.0.0.1:$admin/ready" >/dev/null 2>&1 && break; sleep 0.1; done
+curl -fs "127.0.0.1:$admin/ready" >/dev/null || { echo "[bench] the webhook did not become ready" >&2; exit 1; }
 webhook_pid=${pids[-1]}
 
 review() { # review FILE LABELS_JSON
