@@ -89,6 +89,7 @@ pub fn parse_expose(value: &str, named_port: impl Fn(&str) -> Option<u16>) -> Re
                 remote_port: None,
                 target_port,
                 options: Default::default(),
+                standby: false,
             },
             "tcp" => {
                 let remote_port = match name {
@@ -108,6 +109,7 @@ pub fn parse_expose(value: &str, named_port: impl Fn(&str) -> Option<u16>) -> Re
                     remote_port,
                     target_port,
                     options: Default::default(),
+                    standby: false,
                 }
             }
             _ => return Err(syntax()),

@@ -33,7 +33,9 @@ impl fmt::Display for TunnelKind {
 
 /// One tunnel a pod should open.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+// No `deny_unknown_fields`: during an upgrade a newer controller may write fields an older
+// sidecar does not know yet, and refusing the whole file for them would drop every tunnel.
+#[serde(rename_all = "camelCase")]
 pub struct TunnelSpec {
     /// Unique within the file; names the tunnel in status, metrics and logs.
     pub name: String,
@@ -51,11 +53,15 @@ pub struct TunnelSpec {
     /// ...). Tunnels with different options need different SSH connections.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub options: BTreeMap<String, String>,
+    /// Another pod holds this name on a server that does not load-balance: the agent does not ask
+    /// the server for it (state standingBy) until the controller clears this to hand it over.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub standby: bool,
 }
 
 /// The file the agent reads.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct TunnelsFile {
     #[serde(default)]
     pub tunnels: Vec<TunnelSpec>,
@@ -230,7 +236,6 @@ mod tests {
             (r#"{"tunnels":[{"name":"w","kind":"http","host":"Bad_Name","targetPort":80}]}"#, "not a valid DNS"),
             (r#"{"tunnels":[{"name":"w","kind":"tcp","targetPort":0}]}"#, "targetPort"),
             (r#"{"tunnels":[{"name":"w","kind":"udp","targetPort":1}]}"#, "not valid tunnels JSON"),
-            (r#"{"tunnels":[{"name":"w","kind":"tcp","targetPort":1,"extra":1}]}"#, "unknown field"),
             (
                 r#"{"tunnels":[{"name":"a","kind":"tcp","targetPort":1},{"name":"a","kind":"tcp","targetPort":2}]}"#,
                 "appears twice",
@@ -246,6 +251,21 @@ mod tests {
             let err = parse(json).unwrap_err().to_string();
             assert!(err.contains(want), "{json}: {err:?} should mention {want:?}");
         }
+    }
+
+    /// Defect 10 of issue 12: a field a newer controller writes must not make an older sidecar
+    /// refuse the whole file during an upgrade.
+    #[test]
+    fn fields_from_a_newer_controller_are_ignored() {
+        let file = parse(
+            r#"{"tunnels":[{"name":"w","kind":"tcp","targetPort":1,"extra":1}],"generation":7,"holder":{"pod":"x"}}"#,
+        )
+        .unwrap();
+        assert_eq!(file.tunnels.len(), 1);
+        assert!(!file.tunnels[0].standby);
+        let told = parse(r#"{"tunnels":[{"name":"w","kind":"http","host":"d","targetPort":1,"standby":true}]}"#).unwrap();
+        assert!(told.tunnels[0].standby);
+        assert!(!file.to_json().contains("standby"), "the default is not written");
     }
 
     #[test]

@@ -259,6 +259,7 @@ mod tests {
             remote_port,
             target_port: 8080,
             options: BTreeMap::new(),
+            standby: false,
         }
     }
 

@@ -341,6 +341,7 @@ mod tests {
             remote_port: None,
             target_port: 80,
             options: Default::default(),
+            standby: false,
         }
     }
 

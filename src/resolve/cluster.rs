@@ -211,6 +211,7 @@ mod tests {
             remote_port: None,
             target_port: port,
             options: Default::default(),
+            standby: false,
         }
     }
 

@@ -479,6 +479,7 @@ pub fn resolve(
                                     remote_port: None,
                                     target_port: 0,
                                     options: Default::default(),
+                                    standby: false,
                                 },
                             ));
                         }
@@ -492,6 +493,7 @@ pub fn resolve(
                             remote_port: u16::try_from(l.port).ok(),
                             target_port: 0,
                             options: Default::default(),
+                            standby: false,
                         },
                     )),
                 }

@@ -159,6 +159,7 @@ pub fn resolve(ingress: &Ingress, snapshot: &Snapshot<'_>) -> Resolution {
                 remote_port: None,
                 target_port: target,
                 options: Default::default(),
+                standby: false,
             });
         }
     }

@@ -476,6 +476,7 @@ mod tests {
             remote_port: port,
             target_port: 1,
             options: Default::default(),
+            standby: false,
         };
         assert_eq!(Claim::of(&spec(TunnelKind::Http, Some("Demo"), None)), Some(name("demo")));
         assert_eq!(Claim::of(&spec(TunnelKind::Tls, Some("demo"), None)), Some(name("demo")));

@@ -845,6 +845,7 @@ mod tests {
             remote_port: None,
             target_port: 8080,
             options: Default::default(),
+            standby: false,
         }];
         assert!(matches!(decide(&p, "apps", None, &route, false, &cfg()), Decision::Skip { .. }));
         assert!(matches!(decide(&p, "apps", None, &route, true, &cfg()), Decision::Inject { .. }));
@@ -1197,6 +1198,7 @@ mod tests {
             remote_port: None,
             target_port: 8080,
             options: Default::default(),
+            standby: false,
         };
         let config = certificate_cfg();
         let out = mutate_owned(&p, "team-b", None, std::slice::from_ref(&route), Some(&owners), false, &config);
