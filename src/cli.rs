@@ -6,10 +6,10 @@ use crate::agent::AgentArgs;
 use crate::ca_cli::CaArgs;
 use crate::certs::CertsArgs;
 use crate::controller::ControllerArgs;
-use crate::explain::ExplainArgs;
-use crate::inject_cli::InjectArgs;
 use crate::telemetry::LogFormat;
 use crate::webhook::WebhookArgs;
+use crate::webhook::explain::ExplainArgs;
+use crate::webhook::inject_cli::InjectArgs;
 
 #[derive(Debug, Parser)]
 #[command(name = "picotun", version, about = "Expose Kubernetes workloads through pico.sh SSH tunnels")]

@@ -11,7 +11,7 @@ fn main() -> std::process::ExitCode {
     let runtime = match &cli.command {
         Command::Agent(_) => tokio::runtime::Builder::new_current_thread().enable_all().build(),
         Command::Inject(args) => {
-            return match picotun::inject_cli::run(args) {
+            return match picotun::webhook::inject_cli::run(args) {
                 Ok(out) => {
                     print!("{out}");
                     std::process::ExitCode::SUCCESS
@@ -76,7 +76,7 @@ async fn run(cli: Cli) -> std::process::ExitCode {
         Command::Agent(args) => picotun::agent::run(args, shutdown).await.map_err(anyhow::Error::from),
         Command::Webhook(args) => picotun::webhook::run(*args, shutdown).await.map_err(anyhow::Error::from),
         Command::Controller(args) => picotun::controller::run(args, shutdown).await.map_err(anyhow::Error::from),
-        Command::Explain(args) => match picotun::explain::run(&args).await {
+        Command::Explain(args) => match picotun::webhook::explain::run(&args).await {
             Ok(text) => {
                 print!("{text}");
                 Ok(())

@@ -25,7 +25,7 @@ use crate::agent::hostkey::{HostKeyPolicy, fingerprint};
 use crate::agent::output::{LineBuffer, ServerLine, parse_line};
 use crate::agent::proxy::{self, Relay};
 use crate::agent::state::{AgentState, ForwardState};
-use crate::tunnel::{TunnelKind, TunnelSpec};
+use crate::core::tunnel::{TunnelKind, TunnelSpec};
 
 /// Everything a connection needs that does not change with the tunnels file.
 pub struct Settings {

@@ -4,18 +4,9 @@
 use std::collections::BTreeMap;
 
 use crate::agent::output::ServerLine;
-use crate::tunnel::{TunnelKind, TunnelSpec};
+use crate::core::tunnel::{TunnelKind, TunnelSpec};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Dialect {
-    /// tuns.sh and any sish: names on port 80, public TCP via `localhost`, `key=value` options.
-    Sish,
-    /// sandhole: like sish, but bare-word options and cancels by assigned port.
-    Sandhole,
-    /// Plain OpenSSH sshd: public TCP ports only.
-    Openssh,
-}
+pub use crate::core::server::Dialect;
 
 /// A `tcpip-forward` request: (bind address, bind port).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]

@@ -42,7 +42,7 @@ use crate::agent::credential::Credentials;
 use crate::agent::dialect::Dialect;
 use crate::agent::hostkey::HostKeyPolicy;
 use crate::agent::state::{AgentState, ForwardState};
-use crate::tunnel::{TunnelKind, TunnelSpec, TunnelsFile};
+use crate::core::tunnel::{TunnelKind, TunnelSpec, TunnelsFile};
 
 /// `picotun agent` flags. Every flag has an environment fallback so the webhook can configure the
 /// sidecar through env from a ConfigMap.
@@ -130,23 +130,7 @@ pub enum AgentError {
     Report(#[from] report::ReportError),
 }
 
-/// Which tunnel server, as whom, in which dialect: shared by the agent and by the webhook, which
-/// hands the same settings to every sidecar it injects.
-#[derive(Clone, Debug, clap::Args)]
-pub struct ServerArgs {
-    /// The tunnel server. A regional tuns.sh host (nue.tuns.sh, ash.tuns.sh) keeps tunnels on one
-    /// instance.
-    #[arg(long, env = "PICOTUN_SERVER", default_value = "tuns.sh")]
-    pub server: String,
-    #[arg(long, env = "PICOTUN_SERVER_PORT", default_value_t = 22)]
-    pub server_port: u16,
-    /// The SSH user name (on tuns.sh it matters only when one key is on several accounts).
-    #[arg(long, env = "PICOTUN_USER", default_value = "picotun")]
-    pub user: String,
-    /// How the server speaks: sish (tuns.sh), sandhole, or openssh.
-    #[arg(long, env = "PICOTUN_DIALECT", value_enum, default_value = "sish")]
-    pub dialect: Dialect,
-}
+pub use crate::core::server::ServerArgs;
 
 /// The option set that decides which SSH connection a tunnel rides on.
 type ConnectionKey = (BTreeMap<String, String>, bool);

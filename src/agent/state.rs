@@ -15,50 +15,9 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use serde::Serialize;
 
-use crate::tunnel::{TunnelKind, TunnelSpec};
+use crate::core::tunnel::{TunnelKind, TunnelSpec};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub enum ForwardState {
-    /// The app's port does not accept connections yet: no forward until it does.
-    WaitingForApp,
-    /// The SSH connection is being (re)established.
-    Connecting,
-    /// Forward requested, waiting for the server's answer.
-    Requesting,
-    /// Serving at its public address.
-    Established,
-    /// Another replica holds the name (or port); retrying so one takes over when it goes.
-    StandingBy,
-    /// Refused or broken; retrying with backoff. `message` says why.
-    Failed,
-    /// Shutting down: forward cancelled, in-flight connections finishing.
-    Draining,
-}
-
-impl ForwardState {
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            ForwardState::WaitingForApp => "waiting_for_app",
-            ForwardState::Connecting => "connecting",
-            ForwardState::Requesting => "requesting",
-            ForwardState::Established => "established",
-            ForwardState::StandingBy => "standing_by",
-            ForwardState::Failed => "failed",
-            ForwardState::Draining => "draining",
-        }
-    }
-
-    const ALL: [ForwardState; 7] = [
-        ForwardState::WaitingForApp,
-        ForwardState::Connecting,
-        ForwardState::Requesting,
-        ForwardState::Established,
-        ForwardState::StandingBy,
-        ForwardState::Failed,
-        ForwardState::Draining,
-    ];
-}
+pub use crate::core::report::{ForwardState, requested_label};
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -179,16 +138,6 @@ pub struct AgentState {
 
 fn now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
-}
-
-pub fn requested_label(spec: &TunnelSpec) -> String {
-    match spec.kind {
-        TunnelKind::Http | TunnelKind::Tls => spec.host.clone().unwrap_or_default(),
-        TunnelKind::Tcp => match spec.remote_port {
-            Some(p) if p != 0 => format!("tcp:{p}"),
-            _ => "tcp:any".into(),
-        },
-    }
 }
 
 impl AgentState {

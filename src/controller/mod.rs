@@ -34,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, info_span, warn};
 
 use crate::admin;
-use crate::index::{Index, ResolveConfig};
+use crate::apiserver::index::{Index, ResolveConfig};
 use plan::{Note, Plan, Planned, Write};
 
 /// `picotun controller` flags.
@@ -74,7 +74,7 @@ pub struct ControllerArgs {
     /// and keep the copies in sync.
     #[arg(long, env = "PICOTUN_SYNC_KEY_SECRET", default_value_t = false, action = clap::ArgAction::Set)]
     pub sync_key_secret: bool,
-    #[arg(long, env = "PICOTUN_KEY_SECRET_NAME", default_value = crate::api::DEFAULT_KEY_SECRET)]
+    #[arg(long, env = "PICOTUN_KEY_SECRET_NAME", default_value = crate::core::api::DEFAULT_KEY_SECRET)]
     pub key_secret_name: String,
     /// Serve only namespaces with these labels (`key=value,...`; default: every namespace), so
     /// several controllers can share a cluster.
@@ -178,7 +178,7 @@ impl Metrics {
 }
 
 /// `key=value,key2=value2` (matchLabels); empty selects everything.
-pub use crate::api::parse_selector;
+pub use crate::core::api::parse_selector;
 
 fn default_identity() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();

@@ -10,11 +10,11 @@ use kube::api::DynamicObject;
 use serde_json::{Value, json};
 
 use super::status::{self, ListenerFacts, Reports};
-use crate::api;
-use crate::index::{GatewayKind, ResolveConfig, View, json_of};
+use crate::apiserver::index::{GatewayKind, ResolveConfig, View, json_of};
+use crate::core::api;
+use crate::core::pod;
 use crate::resolve::cluster::{ClusterResolution, pod_tunnels_file};
 use crate::resolve::{PodKey, Problem};
-use crate::webhook::inject;
 
 /// A change to make in the cluster.
 #[derive(Clone, Debug, PartialEq)]
@@ -135,7 +135,7 @@ pub fn plan(view: &View, resolution: &ClusterResolution, config: &ResolveConfig,
     let no_tunnels = Vec::new();
     for (key, pod) in &pods {
         let routes = resolution.route_tunnels.get(key).unwrap_or(&no_tunnels);
-        if !inject::is_injected(pod) {
+        if !pod::is_injected(pod) {
             if !routes.is_empty() && live(pod) {
                 out.missing_sidecars.insert(key.clone(), Vec::new());
                 *out.tunnel_states.entry("missing_sidecar").or_default() += routes.len() as i64;

@@ -15,8 +15,8 @@ use tracing::{info, warn};
 
 use super::Metrics;
 use super::plan::Plan;
-use crate::api;
-use crate::index::View;
+use crate::apiserver::index::View;
+use crate::core::api;
 
 /// Annotation on the pod template whose change makes the workload roll out.
 pub const RESTARTED_AT: &str = "tunnels.pico.sh/restartedAt";

@@ -12,7 +12,7 @@ use k8s_openapi::api::core::v1::Pod;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::api;
+use crate::core::api;
 use crate::resolve::gateway::ParentStatus;
 use crate::resolve::ownership::{DOMAIN_NOT_ALLOWED, TUNNEL_CONFLICT};
 use crate::resolve::{PodKey, Problem};

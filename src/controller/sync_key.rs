@@ -13,8 +13,8 @@ use std::sync::Mutex;
 use tracing::{info, warn};
 
 use super::Metrics;
-use crate::api;
-use crate::index::{ResolveConfig, View};
+use crate::apiserver::index::{ResolveConfig, View};
+use crate::core::api;
 
 pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
 pub const MANAGER: &str = "picotun";

@@ -15,8 +15,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use super::gateway::{self, GatewayModel, GatewayResolution, Grant, RouteModel};
 use super::ownership::{self, Ask, Claim, Claimant, DomainPolicy, Ownership, TUNNEL_CONFLICT};
 use super::{PodKey, Problem, Resolution, Snapshot, ingress};
-use crate::tunnel::{TunnelSpec, TunnelsFile};
-use crate::webhook::inject;
+use crate::core::pod;
+use crate::core::tunnel::{TunnelSpec, TunnelsFile};
 
 /// Everything resolution reads, borrowed from the caches.
 pub struct Inputs<'a> {
@@ -183,7 +183,7 @@ pub fn without_conflicts(specs: Vec<TunnelSpec>) -> (Vec<TunnelSpec>, Vec<Proble
 /// still served.
 pub fn pod_tunnels_file(pod: &Pod, route_tunnels: &[TunnelSpec], owners: &Ownership) -> (TunnelsFile, Vec<Problem>) {
     let mut warnings = Vec::new();
-    let mut all = inject::tunnels_for(pod, None, route_tunnels, &mut warnings);
+    let mut all = pod::tunnels_for(pod, None, route_tunnels, &mut warnings);
     let mut problems: Vec<Problem> =
         warnings.into_iter().map(|message| Problem { reason: TUNNEL_CONFLICT, message }).collect();
     // tunnels_for appends the annotation's tunnels after the routes'.
@@ -200,7 +200,7 @@ pub fn pod_tunnels_file(pod: &Pod, route_tunnels: &[TunnelSpec], owners: &Owners
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tunnel::TunnelKind;
+    use crate::core::tunnel::TunnelKind;
     use serde_json::json;
 
     fn http(name: &str, host: &str, port: u16) -> TunnelSpec {

@@ -12,7 +12,7 @@ use serde_json::Value;
 
 use super::ownership::{Claim, Claimant, Ownership, TUNNEL_CONFLICT};
 use super::{PodKey, Problem, Snapshot, service_port, target_port, tunnel_name};
-use crate::tunnel::{TunnelKind, TunnelSpec, is_dns_name};
+use crate::core::tunnel::{TunnelKind, TunnelSpec, is_dns_name};
 
 pub const GATEWAY_CONTROLLER: &str = "tunnels.pico.sh/gateway-controller";
 const GROUP: &str = "gateway.networking.k8s.io";

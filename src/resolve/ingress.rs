@@ -12,7 +12,7 @@ use k8s_openapi::api::networking::v1::{Ingress, IngressServiceBackend};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::{Problem, Resolution, Snapshot, service_port, target_port, tunnel_name};
-use crate::tunnel::{TunnelKind, TunnelSpec, is_dns_name};
+use crate::core::tunnel::{TunnelKind, TunnelSpec, is_dns_name};
 
 /// The IngressClass picotun ships, and its controller name.
 pub const INGRESS_CLASS: &str = "pico-tunnel";

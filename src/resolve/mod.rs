@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::{Pod, Service, ServicePort};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use crate::tunnel::TunnelSpec;
+use crate::core::tunnel::TunnelSpec;
 
 /// Something a tunnel server cannot do, or a reference that does not resolve: said, never
 /// silently dropped. Becomes a condition reason and an Event on the user's object.
@@ -136,7 +136,7 @@ mod tests {
         assert_eq!(tunnel_name(&["ing", "web", "demo"]), "ing-web-demo");
         assert_eq!(tunnel_name(&["ing", "web", "app.example.com"]), "ing-web-app-example-com");
         let long = tunnel_name(&["ing", &"x".repeat(80), "demo"]);
-        assert!(crate::tunnel::is_dns_label(&long), "{long}");
+        assert!(crate::core::tunnel::is_dns_label(&long), "{long}");
         assert_ne!(long, tunnel_name(&["ing", &"x".repeat(81), "demo"]), "shortened names stay distinct");
     }
 }

@@ -24,8 +24,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::jiff::Timestamp;
 
 use super::Problem;
-use crate::api;
-use crate::tunnel::{TunnelKind, TunnelSpec, is_dns_name};
+use crate::core::api;
+use crate::core::tunnel::{TunnelKind, TunnelSpec, is_dns_name};
 
 /// Condition / Event reason for a name that belongs to another claimant.
 pub const TUNNEL_CONFLICT: &str = "TunnelConflict";

@@ -6,9 +6,10 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
 
+use crate::core::pod::{Decision, Workload};
+use crate::core::tunnel::TunnelSpec;
 use crate::resolve::ownership::Ownership;
-use crate::tunnel::TunnelSpec;
-use crate::webhook::inject::{self, Decision, InjectConfig, Workload};
+use crate::webhook::inject::{self, InjectConfig};
 
 /// The apiserver never sends more than its 3 MiB request limit (plus JSON overhead).
 pub const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;

@@ -28,7 +28,7 @@ use kube::api::{Api, PostParams};
 use rand::Rng;
 use sha1::Sha1;
 
-use crate::api;
+use crate::core::api;
 use crate::webhook::inject::{self, REPORT_AUDIENCE};
 use crate::webhook::ticket::{self, TicketError, TicketKey};
 

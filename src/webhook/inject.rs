@@ -12,9 +12,10 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use crate::api;
+use crate::core::api;
+use crate::core::pod::{self, Decision, SkipReason, Workload, is_injected, lookup, tunnels_for};
+use crate::core::tunnel::{TunnelSpec, TunnelsFile};
 use crate::resolve::ownership::{Claimant, Ownership};
-use crate::tunnel::{TunnelSpec, TunnelsFile};
 use crate::webhook::ticket::TicketKey;
 
 /// How the webhook injects: from its flags.
@@ -122,54 +123,6 @@ impl Default for InjectConfig {
     }
 }
 
-/// Namespaces whose pods are never injected, whatever they say.
-pub const SYSTEM_NAMESPACES: [&str; 3] = ["kube-system", "kube-public", "kube-node-lease"];
-
-/// The workload a pod belongs to (its metadata only), when known.
-#[derive(Clone, Debug, Default)]
-pub struct Workload {
-    /// e.g. `Deployment/web`.
-    pub reference: String,
-    pub labels: BTreeMap<String, String>,
-    pub annotations: BTreeMap<String, String>,
-}
-
-/// Why a pod is left alone.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum SkipReason {
-    SystemNamespace,
-    OwnNamespace,
-    HostNetwork,
-    AlreadyInjected,
-    OptedOut,
-    NotOptedIn,
-}
-
-impl SkipReason {
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            SkipReason::SystemNamespace => "system_namespace",
-            SkipReason::OwnNamespace => "own_namespace",
-            SkipReason::HostNetwork => "host_network",
-            SkipReason::AlreadyInjected => "already_injected",
-            SkipReason::OptedOut => "opted_out",
-            SkipReason::NotOptedIn => "not_opted_in",
-        }
-    }
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Decision {
-    /// `because` names the label, annotation or route that decided.
-    Inject {
-        because: String,
-    },
-    Skip {
-        reason: SkipReason,
-        because: String,
-    },
-}
-
 /// What a pod is asked to do, and the answer.
 #[derive(Clone, Debug)]
 pub struct Outcome {
@@ -179,10 +132,6 @@ pub struct Outcome {
     pub tunnels: Vec<TunnelSpec>,
     /// Problems the user should know about; never a reason to deny.
     pub warnings: Vec<String>,
-}
-
-fn lookup<'a>(map: &'a Option<BTreeMap<String, String>>, key: &str) -> Option<&'a String> {
-    map.as_ref().and_then(|m| m.get(key))
 }
 
 /// Decides whether `pod` in `namespace` gets the sidecar. `route_tunnels` are the tunnels routes
@@ -210,16 +159,10 @@ pub fn decide_owned(
     inject_route_backends: bool,
     config: &InjectConfig,
 ) -> Decision {
+    if let Some(never) = pod::never_injected(pod, namespace, &config.own_namespace) {
+        return never;
+    }
     let skip = |reason, because: String| Decision::Skip { reason, because };
-    if SYSTEM_NAMESPACES.contains(&namespace) {
-        return skip(SkipReason::SystemNamespace, format!("namespace {namespace} is never injected"));
-    }
-    if namespace == config.own_namespace {
-        return skip(SkipReason::OwnNamespace, format!("namespace {namespace} is picotun's own"));
-    }
-    if pod.spec.as_ref().and_then(|s| s.host_network) == Some(true) {
-        return skip(SkipReason::HostNetwork, "hostNetwork pods share the node's ports; not injected".into());
-    }
     if is_injected(pod) {
         match &config.ticket_key {
             // Offline there is no key to check with: the sidecar is taken as it is.
@@ -242,50 +185,7 @@ pub fn decide_owned(
             Some(_) => {}
         }
     }
-    let meta = &pod.metadata;
-    let from_pod = [("label", &meta.labels), ("annotation", &meta.annotations)].into_iter().find_map(|(what, map)| {
-        api::switch(lookup(map, api::INJECT)).map(|on| (on, format!("pod {what} {}", api::INJECT)))
-    });
-    let from_workload = workload.and_then(|w| {
-        [("label", &w.labels), ("annotation", &w.annotations)].into_iter().find_map(|(what, map)| {
-            api::switch(map.get(api::INJECT)).map(|on| (on, format!("{} {what} {}", w.reference, api::INJECT)))
-        })
-    });
-    // "false" anywhere wins.
-    for (on, because) in [&from_pod, &from_workload].into_iter().flatten() {
-        if !on {
-            return skip(SkipReason::OptedOut, format!("{because}=false"));
-        }
-    }
-    if let Some((_, because)) = from_pod.or(from_workload) {
-        return Decision::Inject { because: format!("{because}=true") };
-    }
-    if lookup(&meta.annotations, api::EXPOSE).is_some() {
-        return Decision::Inject { because: format!("pod annotation {}", api::EXPOSE) };
-    }
-    if let Some(w) = workload.filter(|w| w.annotations.contains_key(api::EXPOSE)) {
-        return Decision::Inject { because: format!("{} annotation {}", w.reference, api::EXPOSE) };
-    }
-    if inject_route_backends && !route_tunnels.is_empty() {
-        return Decision::Inject { because: format!("backs a route picotun serves ({} tunnels)", route_tunnels.len()) };
-    }
-    skip(
-        SkipReason::NotOptedIn,
-        format!(
-            "no {0}=true label or annotation on the pod template or its workload, no {1} annotation{2}",
-            api::INJECT,
-            api::EXPOSE,
-            if inject_route_backends { ", and no route picotun serves selects it" } else { "" }
-        ),
-    )
-}
-
-/// True if a container named like the sidecar is there (re-invocation, a pod injected by `picotun
-/// inject`, or one its author wrote). Whether picotun put it there is the ticket's to say.
-pub fn is_injected(pod: &Pod) -> bool {
-    let spec = pod.spec.as_ref();
-    let named = |cs: Option<&Vec<Container>>| cs.is_some_and(|cs| cs.iter().any(|c| c.name == api::SIDECAR_NAME));
-    named(spec.map(|s| &s.containers)) || named(spec.and_then(|s| s.init_containers.as_ref()))
+    pod::opted_in(pod, workload, route_tunnels, inject_route_backends)
 }
 
 /// Decides, and injects when the answer is yes.
@@ -436,38 +336,6 @@ pub fn foreign_mounts(pod: &Pod) -> Vec<(String, String)> {
     found
 }
 
-/// The tunnels a pod gets: those routes give it, then its expose annotation's (pod template
-/// first, else the workload's). A broken annotation is a warning, not a failure.
-pub fn tunnels_for(
-    pod: &Pod,
-    workload: Option<&Workload>,
-    route_tunnels: &[TunnelSpec],
-    warnings: &mut Vec<String>,
-) -> Vec<TunnelSpec> {
-    let mut tunnels: Vec<TunnelSpec> = route_tunnels.to_vec();
-    let expose = lookup(&pod.metadata.annotations, api::EXPOSE)
-        .or_else(|| workload.and_then(|w| w.annotations.get(api::EXPOSE)));
-    if let Some(value) = expose {
-        match api::parse_expose(value, |name| named_port(pod, name)) {
-            Ok(specs) => {
-                for s in specs {
-                    if tunnels.iter().any(|t| t.name == s.name) {
-                        warnings.push(format!(
-                            "{}: tunnel {} is already given by a route; the route's wins",
-                            api::EXPOSE,
-                            s.name
-                        ));
-                    } else {
-                        tunnels.push(s);
-                    }
-                }
-            }
-            Err(e) => warnings.push(format!("{e}; the sidecar is injected without these tunnels")),
-        }
-    }
-    tunnels
-}
-
 /// [`tunnels_for`] less the expose tunnels whose tuns name, custom domain or public TCP port the
 /// namespace's expose annotations do not own across the cluster (or may not use: the custom-domain
 /// allow-list), with a warning naming the owner for each. Route tunnels come already kept by the
@@ -494,15 +362,6 @@ pub fn owned_tunnels(
         }
     }
     tunnels
-}
-
-fn named_port(pod: &Pod, name: &str) -> Option<u16> {
-    pod.spec
-        .as_ref()?
-        .containers
-        .iter()
-        .flat_map(|c| c.ports.iter().flatten())
-        .find_map(|p| (p.name.as_deref() == Some(name)).then(|| u16::try_from(p.container_port).ok()).flatten())
 }
 
 /// A Kubernetes quantity as the apiserver accepts it (`100m`, `64Mi`, `1.5`, `1e3`).
@@ -840,7 +699,7 @@ mod tests {
         let p = app(json!({}), json!({}));
         let route = vec![TunnelSpec {
             name: "http-demo".into(),
-            kind: crate::tunnel::TunnelKind::Http,
+            kind: crate::core::tunnel::TunnelKind::Http,
             host: Some("demo".into()),
             remote_port: None,
             target_port: 8080,
@@ -1193,7 +1052,7 @@ mod tests {
         );
         let route = TunnelSpec {
             name: "ing-web-early".into(),
-            kind: crate::tunnel::TunnelKind::Http,
+            kind: crate::core::tunnel::TunnelKind::Http,
             host: Some("early".into()),
             remote_port: None,
             target_port: 8080,

@@ -21,8 +21,10 @@
 
 pub mod admission;
 pub mod certificate;
+pub mod explain;
 pub mod identity;
 pub mod inject;
+pub mod inject_cli;
 pub mod report;
 pub mod server;
 pub mod ticket;
@@ -41,10 +43,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use clap::ValueEnum;
-use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet, StatefulSet};
-use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Secret;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{Api, PostParams};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -56,8 +55,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::admin;
-use crate::index::{Index, ResolveConfig};
-use crate::webhook::inject::{Decision, InjectConfig, SidecarAuth, Workload};
+use crate::apiserver::index::{Index, ResolveConfig};
+use crate::apiserver::owner::owner_workload;
+use crate::core::pod::Decision;
+use crate::webhook::inject::{InjectConfig, SidecarAuth};
 use crate::webhook::ticket::TicketKey;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -122,7 +123,7 @@ pub struct WebhookArgs {
     #[arg(
         long,
         env = "PICOTUN_INJECTION_NAMESPACE_SELECTOR",
-        value_parser = crate::api::parse_selector,
+        value_parser = crate::core::api::parse_selector,
         default_value = "tunnels.pico.sh/injection=enabled"
     )]
     pub injection_namespace_selector: std::collections::BTreeMap<String, String>,
@@ -199,7 +200,7 @@ pub struct SidecarArgs {
     pub sidecar_auth: SidecarAuth,
     /// Tunnel server settings given to every sidecar.
     #[command(flatten)]
-    pub tunnel_server: crate::agent::ServerArgs,
+    pub tunnel_server: crate::core::server::ServerArgs,
     /// A known_hosts file pinning the tunnel server's host key for every sidecar (not needed for
     /// tuns.sh, whose key is built in).
     #[arg(long, env = "PICOTUN_SIDECAR_KNOWN_HOSTS_FILE")]
@@ -766,9 +767,9 @@ async fn missing_key_secret(
         .metadata
         .annotations
         .as_ref()
-        .and_then(|a| a.get(crate::api::KEY_SECRET))
+        .and_then(|a| a.get(crate::core::api::KEY_SECRET))
         .cloned()
-        .unwrap_or_else(|| crate::api::DEFAULT_KEY_SECRET.to_string());
+        .unwrap_or_else(|| crate::core::api::DEFAULT_KEY_SECRET.to_string());
     let key = (namespace.to_string(), name.clone());
     let exists = match cache.get(&key) {
         Some(e) => Some(e),
@@ -791,59 +792,9 @@ async fn missing_key_secret(
         Some(false) => Some(format!(
             "Secret {name} (the tunnel SSH key) does not exist in namespace {namespace}; the sidecar cannot start until it \
              does: kubectl -n {namespace} create secret generic {name} --from-file={}=PATH_TO_PRIVATE_KEY",
-            crate::api::KEY_SECRET_KEY
+            crate::core::api::KEY_SECRET_KEY
         )),
         _ => None,
-    }
-}
-
-/// The workload that owns a pod being created: ReplicaSet -> Deployment, StatefulSet,
-/// DaemonSet, Job. Metadata only, with a short timeout: admission must stay fast.
-pub async fn owner_workload(
-    client: &kube::Client,
-    namespace: &str,
-    owners: &[OwnerReference],
-) -> Result<Option<Workload>, String> {
-    let Some(owner) = owners.iter().find(|o| o.controller == Some(true)).or(owners.first()) else {
-        return Ok(None);
-    };
-    let lookup = async {
-        let meta = match owner.kind.as_str() {
-            "ReplicaSet" => {
-                let rs = Api::<ReplicaSet>::namespaced(client.clone(), namespace).get_metadata(&owner.name).await?;
-                let deployment =
-                    rs.metadata.owner_references.as_ref().and_then(|os| os.iter().find(|o| o.kind == "Deployment"));
-                match deployment {
-                    Some(d) => (
-                        "Deployment",
-                        Api::<Deployment>::namespaced(client.clone(), namespace).get_metadata(&d.name).await?.metadata,
-                    ),
-                    None => ("ReplicaSet", rs.metadata),
-                }
-            }
-            "StatefulSet" => (
-                "StatefulSet",
-                Api::<StatefulSet>::namespaced(client.clone(), namespace).get_metadata(&owner.name).await?.metadata,
-            ),
-            "DaemonSet" => (
-                "DaemonSet",
-                Api::<DaemonSet>::namespaced(client.clone(), namespace).get_metadata(&owner.name).await?.metadata,
-            ),
-            "Job" => {
-                ("Job", Api::<Job>::namespaced(client.clone(), namespace).get_metadata(&owner.name).await?.metadata)
-            }
-            _ => return Ok::<_, kube::Error>(None),
-        };
-        Ok(Some(Workload {
-            reference: format!("{}/{}", meta.0, meta.1.name.clone().unwrap_or_default()),
-            labels: meta.1.labels.unwrap_or_default(),
-            annotations: meta.1.annotations.unwrap_or_default(),
-        }))
-    };
-    match tokio::time::timeout(Duration::from_secs(2), lookup).await {
-        Ok(Ok(w)) => Ok(w),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err("timed out after 2s".into()),
     }
 }
 

@@ -37,8 +37,8 @@ use tracing::{debug, info, warn};
 
 use super::identity::{API_TIMEOUT, Expiring, Outcome, PodIdentity, Refusal, bearer, outcome};
 use super::{AppState, ReasonLabels, ResultLabels};
-use crate::api;
-use crate::tunnel::{TunnelKind, TunnelSpec, TunnelsFile, is_dns_label, is_dns_name};
+use crate::core::api;
+use crate::core::tunnel::{TunnelKind, TunnelSpec, TunnelsFile, is_dns_label, is_dns_name};
 
 /// A status document of a few dozen tunnels is a few KiB; the annotation must stay far below
 /// the apiserver's 256 KiB for all of a pod's annotations.
@@ -505,7 +505,7 @@ mod tests {
         let weird = [posted("web", "hacked", None)];
         assert_eq!(check(&weird, &asked, &domains()).dropped[0].1, Dropped::UnknownState("hacked".into()));
         // Every state the agent has is one of the known ones.
-        use crate::agent::state::ForwardState as S;
+        use crate::core::report::ForwardState as S;
         for s in [S::WaitingForApp, S::Connecting, S::Requesting, S::Established, S::StandingBy, S::Failed, S::Draining]
         {
             let name = serde_json::to_value(s).unwrap();

@@ -23,7 +23,7 @@ use k8s_openapi::api::core::v1::{Container, Pod, Volume, VolumeMount};
 use russh::keys::ssh_key::sha2::{Digest, Sha256};
 use serde_json::{Map, Value, json};
 
-use crate::api;
+use crate::core::api;
 
 /// The ticket format's version prefix.
 pub const TICKET_VERSION: &str = "v1";

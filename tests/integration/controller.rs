@@ -20,7 +20,7 @@ use kube::api::{
     Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams, WatchEvent, WatchParams,
 };
 use kube::core::ApiResource;
-use picotun::index::GatewayKind;
+use picotun::apiserver::index::GatewayKind;
 use picotun_testground::{ControlPlane, Existing, Proc, free_port, http, random_suffix, wait_for};
 use serde_json::{Value, json};
 

@@ -760,7 +760,7 @@ async fn the_controller_works_with_the_rbac_deploy_grants_it() {
     let tunnel = wait_for("the pod's tunnels", Duration::from_secs(60), Duration::from_millis(250), || async {
         let pod = pods.get("web-0").await.map_err(|e| e.to_string())?;
         let file = pod.metadata.annotations.unwrap_or_default().remove("tunnels.pico.sh/tunnels").unwrap_or_default();
-        let tunnels = picotun::tunnel::TunnelsFile::parse(&file).map_err(|e| e.to_string())?;
+        let tunnels = picotun::core::tunnel::TunnelsFile::parse(&file).map_err(|e| e.to_string())?;
         Ok(tunnels.tunnels.into_iter().find(|t| t.host.as_deref() == Some("demo")).map(|t| t.name))
     })
     .await

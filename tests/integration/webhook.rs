@@ -86,7 +86,7 @@ async fn deployments_in_a_labeled_namespace_get_running_injected_pods() {
         assert_eq!(sidecar.restart_policy.as_deref(), Some("Always"), "a native sidecar");
         assert_eq!(sidecar.image.as_deref(), Some("picotun:test"));
         let annotations = pod.metadata.annotations.as_ref().unwrap();
-        let tunnels = picotun::tunnel::TunnelsFile::parse(&annotations["tunnels.pico.sh/tunnels"]).unwrap();
+        let tunnels = picotun::core::tunnel::TunnelsFile::parse(&annotations["tunnels.pico.sh/tunnels"]).unwrap();
         assert_eq!(tunnels.tunnels[0].host.as_deref(), Some(demo.as_str()));
         assert_eq!(tunnels.tunnels[0].target_port, 8080, "the named port resolved");
         assert_eq!(annotations["kubectl.kubernetes.io/default-container"], "app");
@@ -341,7 +341,7 @@ async fn a_pod_created_after_its_route_starts_with_the_routes_tunnels() {
         .await
         .unwrap();
     let file = &created.metadata.annotations.as_ref().unwrap()["tunnels.pico.sh/tunnels"];
-    let tunnels = picotun::tunnel::TunnelsFile::parse(file).unwrap();
+    let tunnels = picotun::core::tunnel::TunnelsFile::parse(file).unwrap();
     assert_eq!(tunnels.tunnels.len(), 1, "{file}");
     assert_eq!(tunnels.tunnels[0].name, "ing-web-early");
     assert_eq!(tunnels.tunnels[0].target_port, 8080, "the named target port, from this pod's containers");
@@ -351,7 +351,7 @@ async fn a_pod_created_after_its_route_starts_with_the_routes_tunnels() {
         .await
         .unwrap();
     let file = &other.metadata.annotations.as_ref().unwrap()["tunnels.pico.sh/tunnels"];
-    assert!(picotun::tunnel::TunnelsFile::parse(file).unwrap().tunnels.is_empty(), "{file}");
+    assert!(picotun::core::tunnel::TunnelsFile::parse(file).unwrap().tunnels.is_empty(), "{file}");
     // `picotun explain` resolves the routes the same way.
     Api::<Deployment>::namespaced(client.clone(), ns.name())
         .create(&pp, &deployment("web", json!({}), json!({}), json!({})))
@@ -430,7 +430,7 @@ async fn a_new_pods_expose_annotation_gets_no_name_another_namespace_owns() {
     };
     let hosts = |pod: &Pod| -> Vec<String> {
         let file = &pod.metadata.annotations.as_ref().unwrap()["tunnels.pico.sh/tunnels"];
-        let tunnels = picotun::tunnel::TunnelsFile::parse(file).unwrap().tunnels;
+        let tunnels = picotun::core::tunnel::TunnelsFile::parse(file).unwrap().tunnels;
         tunnels.into_iter().filter_map(|t| t.host).collect()
     };
 

@@ -1,7 +1,7 @@
 //! The labels and annotations users and picotun put on objects, with typed parsers whose errors
 //! say what to fix.
 
-use crate::tunnel::{TunnelKind, TunnelSpec, TunnelsFile};
+use crate::core::tunnel::{TunnelKind, TunnelSpec, TunnelsFile};
 
 /// Namespace label: `enabled` opts the namespace in (the webhook's namespaceSelector).
 pub const NAMESPACE_INJECTION_LABEL: &str = "tunnels.pico.sh/injection";

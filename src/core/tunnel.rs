@@ -263,7 +263,8 @@ mod tests {
         .unwrap();
         assert_eq!(file.tunnels.len(), 1);
         assert!(!file.tunnels[0].standby);
-        let told = parse(r#"{"tunnels":[{"name":"w","kind":"http","host":"d","targetPort":1,"standby":true}]}"#).unwrap();
+        let told =
+            parse(r#"{"tunnels":[{"name":"w","kind":"http","host":"d","targetPort":1,"standby":true}]}"#).unwrap();
         assert!(told.tunnels[0].standby);
         assert!(!file.to_json().contains("standby"), "the default is not written");
     }

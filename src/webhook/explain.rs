@@ -10,10 +10,11 @@ use k8s_openapi::api::core::v1::{Namespace, Pod, PodTemplateSpec};
 use kube::Client;
 use kube::api::Api;
 
-use crate::api;
-use crate::tunnel::TunnelsFile;
-use crate::webhook::inject::{self, Decision, InjectConfig, Workload};
-use crate::webhook::owner_workload;
+use crate::apiserver::owner::owner_workload;
+use crate::core::api;
+use crate::core::pod::{self, Decision, SkipReason, Workload};
+use crate::core::tunnel::TunnelsFile;
+use crate::webhook::inject::{self, InjectConfig};
 
 #[derive(Clone, Debug, clap::Args)]
 pub struct ExplainArgs {
@@ -139,7 +140,7 @@ pub async fn explain(client: &Client, args: &ExplainArgs) -> Result<String, Expl
         Decision::Inject { because } => {
             let _ = writeln!(out, "  decision: {would} injected, because of the {because}");
             let mut warnings = Vec::new();
-            let tunnels = inject::tunnels_for(&pod, workload.as_ref(), &route_tunnels, &mut warnings);
+            let tunnels = pod::tunnels_for(&pod, workload.as_ref(), &route_tunnels, &mut warnings);
             describe_tunnels(&mut out, &TunnelsFile { tunnels });
             if api::switch(pod.metadata.annotations.as_ref().and_then(|a| a.get(api::STARTUP_GATE))) == Some(true) {
                 let _ = writeln!(
@@ -152,7 +153,7 @@ pub async fn explain(client: &Client, args: &ExplainArgs) -> Result<String, Expl
                 let _ = writeln!(out, "  warning: {w}");
             }
         }
-        Decision::Skip { reason: inject::SkipReason::AlreadyInjected, .. } => {
+        Decision::Skip { reason: SkipReason::AlreadyInjected, .. } => {
             let _ = writeln!(out, "  decision: already injected (carries {})", api::SIDECAR_NAME);
             if let Some(file) = pod.metadata.annotations.as_ref().and_then(|a| a.get(api::TUNNELS)) {
                 match TunnelsFile::parse(file) {
@@ -177,12 +178,12 @@ async fn route_tunnels(
     client: &Client,
     pod: &k8s_openapi::api::core::v1::Pod,
     ns: &str,
-) -> Vec<crate::tunnel::TunnelSpec> {
+) -> Vec<crate::core::tunnel::TunnelSpec> {
     let stop = tokio_util::sync::CancellationToken::new();
-    let index = crate::index::Index::start(client.clone(), false, stop.clone()).await;
+    let index = crate::apiserver::index::Index::start(client.clone(), false, stop.clone()).await;
     let synced = tokio::time::timeout(std::time::Duration::from_secs(10), index.wait_synced()).await.is_ok();
     let tunnels = if synced {
-        index.view().route_tunnels_for(&crate::index::ResolveConfig::default(), pod, ns)
+        index.view().route_tunnels_for(&crate::apiserver::index::ResolveConfig::default(), pod, ns)
     } else {
         Vec::new()
     };
@@ -236,7 +237,7 @@ fn describe_tunnels(out: &mut String, file: &TunnelsFile) {
             writeln!(out, "  tunnels: none yet (add a {} annotation, or a route the controller serves)", api::EXPOSE);
     }
     for t in &file.tunnels {
-        let requested = crate::agent::state::requested_label(t);
+        let requested = crate::core::report::requested_label(t);
         let _ = writeln!(out, "  tunnel {}: {} {requested} -> port {}", t.name, t.kind, t.target_port);
     }
 }

@@ -8,7 +8,8 @@ use std::path::PathBuf;
 use k8s_openapi::api::core::v1::{Pod, PodTemplateSpec};
 use serde_json::Value;
 
-use crate::webhook::inject::{self, Decision, Workload};
+use crate::core::pod::{Decision, Workload};
+use crate::webhook::inject;
 use crate::webhook::{NativeSidecar, SidecarArgs};
 
 #[derive(Clone, Debug, clap::Args)]

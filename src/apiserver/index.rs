@@ -25,11 +25,11 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::core::tunnel::TunnelSpec;
 use crate::resolve::cluster::{ClusterResolution, Inputs, resolve_all, resolve_with};
 use crate::resolve::gateway::{self, GatewayModel, RouteModel};
 use crate::resolve::ownership::{DomainPolicy, Ownership};
 use crate::resolve::{PodKey, Snapshot};
-use crate::tunnel::TunnelSpec;
 
 /// What resolution needs to know about picotun's own names.
 #[derive(Clone, Debug)]
@@ -198,7 +198,7 @@ fn watch_pod_metadata(
             m.annotations = m
                 .annotations
                 .take()
-                .map(|a| a.into_iter().filter(|(k, _)| k == crate::api::EXPOSE).collect::<BTreeMap<_, _>>())
+                .map(|a| a.into_iter().filter(|(k, _)| k == crate::core::api::EXPOSE).collect::<BTreeMap<_, _>>())
                 .filter(|a| !a.is_empty());
         })
         .reflect(writer);
