@@ -16,7 +16,8 @@ use gateway_api::apis::experimental::{
 };
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use k8s_openapi::api::networking::v1::Ingress;
-use kube::api::{Api, DynamicObject};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::Api;
 use kube::core::{ApiResource, PartialObjectMeta, Resource};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -54,8 +55,8 @@ impl Default for ResolveConfig {
     }
 }
 
-/// The Gateway API kinds picotun reads, as dynamic objects: resolution reads their JSON, so the
-/// index keeps working across Gateway API versions whose generated Rust types differ.
+/// The Gateway API kinds picotun reads (typed, from the `gateway-api` crate's experimental
+/// channel, a superset of the standard one), and where their CRDs are discovered.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum GatewayKind {
     GatewayClass,
@@ -97,10 +98,35 @@ pub struct Index {
     /// owns which name depends on the expose annotations of every namespace.
     pub pod_metadata: Option<Store<PartialObjectMeta<Pod>>>,
     /// Only the kinds whose CRDs are installed.
-    pub gateway: BTreeMap<GatewayKind, Store<DynamicObject>>,
+    pub gateway: GatewayStores,
     changed: Arc<Notify>,
     synced: Arc<AtomicUsize>,
     watches: usize,
+}
+
+/// The Gateway API caches, each present only when its CRD is installed.
+#[derive(Clone, Default)]
+pub struct GatewayStores {
+    pub classes: Option<Store<GatewayClass>>,
+    pub gateways: Option<Store<Gateway>>,
+    pub http_routes: Option<Store<HttpRoute>>,
+    pub tcp_routes: Option<Store<TcpRoute>>,
+    pub grants: Option<Store<ReferenceGrant>>,
+}
+
+impl GatewayStores {
+    fn count(&self) -> usize {
+        [
+            self.classes.is_some(),
+            self.gateways.is_some(),
+            self.http_routes.is_some(),
+            self.tcp_routes.is_some(),
+            self.grants.is_some(),
+        ]
+        .iter()
+        .filter(|b| **b)
+        .count()
+    }
 }
 
 /// Whether a change in a namespace can matter to resolution: with a namespace selector (a
@@ -163,20 +189,6 @@ fn watch<K>(
             }
         }
     });
-}
-
-fn watch_dynamic(
-    api: Api<DynamicObject>,
-    resource: ApiResource,
-    changed: Arc<Notify>,
-    shutdown: CancellationToken,
-    relevance: Option<Relevance>,
-) -> Store<DynamicObject> {
-    let what = resource.kind.clone();
-    let writer = reflector::store::Writer::new(resource);
-    let reader = writer.as_reader();
-    watch(api, writer, changed, shutdown, what, relevance);
-    reader
 }
 
 /// The metadata of every pod, trimmed to what name ownership reads: namespace, name, creation
@@ -262,23 +274,50 @@ impl Index {
             Some(watch_pod_metadata(client.clone(), changed.clone(), shutdown.clone()))
         };
         let installed = installed_gateway_kinds(&client).await;
-        let mut gateway = BTreeMap::new();
         for kind in GatewayKind::ALL {
-            let resource = kind.api_resource();
             if !installed.contains(&kind) {
+                let resource = kind.api_resource();
                 warn!(
                     kind = %resource.kind, version = %resource.api_version,
                     "Gateway API CRD not installed: {} objects are not served (install the Gateway API experimental channel CRDs and restart)",
                     resource.kind
                 );
-                continue;
             }
-            watches += 1;
-            let api = Api::<DynamicObject>::all_with(client.clone(), &resource);
-            let relevance =
-                matches!(kind, GatewayKind::HTTPRoute | GatewayKind::TCPRoute).then(|| scoped.clone()).flatten();
-            gateway.insert(kind, watch_dynamic(api, resource, changed.clone(), shutdown.clone(), relevance));
         }
+        let mut gateway = GatewayStores::default();
+        // Routes are namespaced objects users edit: only those in scope wake the loop. Classes,
+        // Gateways and grants always do (in-scope routes may use those of other namespaces).
+        fn typed<K>(
+            client: &kube::Client,
+            changed: &Arc<Notify>,
+            shutdown: &CancellationToken,
+            relevance: Option<Relevance>,
+        ) -> Store<K>
+        where
+            K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + Debug + Send + Sync + 'static,
+        {
+            let (store, w) = reflector::store();
+            let what = K::kind(&()).to_string();
+            watch(Api::<K>::all(client.clone()), w, changed.clone(), shutdown.clone(), what, relevance);
+            store
+        }
+        let (c, s) = (&changed, &shutdown);
+        if installed.contains(&GatewayKind::GatewayClass) {
+            gateway.classes = Some(typed(&client, c, s, None));
+        }
+        if installed.contains(&GatewayKind::Gateway) {
+            gateway.gateways = Some(typed(&client, c, s, None));
+        }
+        if installed.contains(&GatewayKind::HTTPRoute) {
+            gateway.http_routes = Some(typed(&client, c, s, scoped.clone()));
+        }
+        if installed.contains(&GatewayKind::TCPRoute) {
+            gateway.tcp_routes = Some(typed(&client, c, s, scoped.clone()));
+        }
+        if installed.contains(&GatewayKind::ReferenceGrant) {
+            gateway.grants = Some(typed(&client, c, s, None));
+        }
+        watches += gateway.count();
         let index = Index {
             ingresses,
             services,
@@ -306,9 +345,12 @@ impl Index {
         if let Some(p) = &self.pod_metadata {
             waits.push(wait_ready(p.clone()));
         }
-        for s in self.gateway.values() {
-            waits.push(wait_ready(s.clone()));
-        }
+        let g = &self.gateway;
+        waits.extend(g.classes.clone().map(wait_ready));
+        waits.extend(g.gateways.clone().map(wait_ready));
+        waits.extend(g.http_routes.clone().map(wait_ready));
+        waits.extend(g.tcp_routes.clone().map(wait_ready));
+        waits.extend(g.grants.clone().map(wait_ready));
         for w in waits {
             let synced = self.synced.clone();
             let changed = self.changed.clone();
@@ -339,18 +381,18 @@ impl Index {
 
     /// A consistent copy of the caches to resolve over.
     pub fn view(&self) -> View {
-        let dynamic = |k: GatewayKind| self.gateway.get(&k).map(|s| s.state()).unwrap_or_default();
+        let g = &self.gateway;
         View {
             ingresses: self.ingresses.state(),
             services: self.services.state(),
             namespaces: self.namespaces.state(),
             pods: self.pods.as_ref().map(|p| p.state()).unwrap_or_default(),
             pod_metadata: self.pod_metadata.as_ref().map(|p| p.state()).unwrap_or_default(),
-            gateway_classes: dynamic(GatewayKind::GatewayClass),
-            gateways: dynamic(GatewayKind::Gateway),
-            http_routes: dynamic(GatewayKind::HTTPRoute),
-            tcp_routes: dynamic(GatewayKind::TCPRoute),
-            grants: dynamic(GatewayKind::ReferenceGrant),
+            gateway_classes: g.classes.as_ref().map(|s| s.state()).unwrap_or_default(),
+            gateways: g.gateways.as_ref().map(|s| s.state()).unwrap_or_default(),
+            http_routes: g.http_routes.as_ref().map(|s| s.state()).unwrap_or_default(),
+            tcp_routes: g.tcp_routes.as_ref().map(|s| s.state()).unwrap_or_default(),
+            grants: g.grants.as_ref().map(|s| s.state()).unwrap_or_default(),
         }
     }
 }
@@ -389,15 +431,15 @@ pub struct View {
     pub pods: Vec<Arc<Pod>>,
     /// The webhook's stand-in for `pods`: their metadata, for name ownership.
     pub pod_metadata: Vec<Arc<PartialObjectMeta<Pod>>>,
-    pub gateway_classes: Vec<Arc<DynamicObject>>,
-    pub gateways: Vec<Arc<DynamicObject>>,
-    pub http_routes: Vec<Arc<DynamicObject>>,
-    pub tcp_routes: Vec<Arc<DynamicObject>>,
-    pub grants: Vec<Arc<DynamicObject>>,
+    pub gateway_classes: Vec<Arc<GatewayClass>>,
+    pub gateways: Vec<Arc<Gateway>>,
+    pub http_routes: Vec<Arc<HttpRoute>>,
+    pub tcp_routes: Vec<Arc<TcpRoute>>,
+    pub grants: Vec<Arc<ReferenceGrant>>,
 }
 
-/// A dynamic object as the JSON document the apiserver serves.
-pub fn json_of(o: &DynamicObject) -> Value {
+/// An object as the JSON document the apiserver serves.
+pub fn json_of(o: &impl serde::Serialize) -> Value {
     serde_json::to_value(o).unwrap_or(Value::Null)
 }
 
@@ -406,7 +448,7 @@ impl View {
     pub fn our_gateway_classes(&self, config: &ResolveConfig) -> BTreeSet<String> {
         self.gateway_classes
             .iter()
-            .filter(|c| c.data["spec"]["controllerName"].as_str() == Some(config.gateway_controller.as_str()))
+            .filter(|c| c.spec.controller_name == config.gateway_controller)
             .filter_map(|c| c.metadata.name.clone())
             .collect()
     }
@@ -440,18 +482,20 @@ impl View {
             namespace_filter.is_none_or(|f| ns == Some(f))
                 && scope.as_ref().is_none_or(|s| ns.is_some_and(|ns| s.contains(ns)))
         };
-        let routes = |kind: &str, objs: &[Arc<DynamicObject>]| -> Vec<RouteModel> {
-            objs.iter()
-                .filter(|o| {
-                    scope.as_ref().is_none_or(|s| o.metadata.namespace.as_ref().is_some_and(|ns| s.contains(ns)))
+        let routes = |kind: &str, objs: Vec<(&ObjectMeta, Value)>| -> Vec<RouteModel> {
+            objs.into_iter()
+                .filter(|(meta, _)| {
+                    scope.as_ref().is_none_or(|s| meta.namespace.as_ref().is_some_and(|ns| s.contains(ns)))
                 })
-                .map(|o| gateway::route_from_json(kind, &json_of(o)))
+                .map(|(_, json)| gateway::route_from_json(kind, &json))
                 // A route may live elsewhere and reach this namespace through a ReferenceGrant.
                 .filter(|r| namespace_filter.is_none_or(|f| r.rules.iter().flatten().any(|b| b.namespace == f)))
                 .collect()
         };
-        let mut all_routes = routes("HTTPRoute", &self.http_routes);
-        all_routes.extend(routes("TCPRoute", &self.tcp_routes));
+        let mut all_routes =
+            routes("HTTPRoute", self.http_routes.iter().map(|r| (&r.metadata, json_of(r.as_ref()))).collect());
+        all_routes
+            .extend(routes("TCPRoute", self.tcp_routes.iter().map(|r| (&r.metadata, json_of(r.as_ref()))).collect()));
         Inputs {
             ingress_class: &config.ingress_class,
             ingresses: self
@@ -464,10 +508,10 @@ impl View {
             gateways: self
                 .gateways
                 .iter()
-                .map(|g| gateway::gateway_from_json(&json_of(g)))
+                .map(|g| gateway::gateway_from_json(&json_of(g.as_ref())))
                 .collect::<Vec<GatewayModel>>(),
             routes: all_routes,
-            grants: self.grants.iter().map(|g| gateway::grant_from_json(&json_of(g))).collect(),
+            grants: self.grants.iter().map(|g| gateway::grant_from_json(&json_of(g.as_ref()))).collect(),
             namespace_labels: self
                 .namespaces
                 .iter()

@@ -6,7 +6,6 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::core::v1::{ObjectReference, Pod};
 use kube::Resource;
-use kube::api::DynamicObject;
 use serde_json::{Value, json};
 
 use super::status::{self, ListenerFacts, Reports};
@@ -106,8 +105,8 @@ fn key_of(meta: &kube::api::ObjectMeta) -> (String, String) {
     (meta.namespace.clone().unwrap_or_default(), meta.name.clone().unwrap_or_default())
 }
 
-fn dynamic_ref(o: &DynamicObject, kind: GatewayKind) -> ObjectReferenceKey {
-    ObjectReferenceKey::of(o.object_ref(&kind.api_resource()))
+fn typed_ref<K: Resource<DynamicType = ()>>(o: &K) -> ObjectReferenceKey {
+    ObjectReferenceKey::of(o.object_ref(&()))
 }
 
 fn problem_note(regarding: &ObjectReferenceKey, p: &Problem) -> Note {
@@ -212,7 +211,8 @@ pub fn plan(view: &View, resolution: &ClusterResolution, config: &ResolveConfig,
             continue;
         }
         let generation = class.metadata.generation.unwrap_or(0);
-        let have = &class.data["status"];
+        let have_doc = json_of(class.as_ref());
+        let have = &have_doc["status"];
         let wanted = status::gateway_class_status(generation, have, now);
         if !status::already(&wanted, have) {
             out.writes.push(Planned {
@@ -229,8 +229,9 @@ pub fn plan(view: &View, resolution: &ClusterResolution, config: &ResolveConfig,
     for gw in &view.gateways {
         let key = key_of(&gw.metadata);
         let Some(attached) = g.attached.get(&key) else { continue };
-        let regarding = dynamic_ref(gw, GatewayKind::Gateway);
-        let model = crate::resolve::gateway::gateway_from_json(&json_of(gw));
+        let regarding = typed_ref(gw.as_ref());
+        let gw_doc = json_of(gw.as_ref());
+        let model = crate::resolve::gateway::gateway_from_json(&gw_doc);
         let mut facts = Vec::new();
         let mut all_missing = BTreeSet::new();
         for l in &model.listeners {
@@ -261,7 +262,7 @@ pub fn plan(view: &View, resolution: &ClusterResolution, config: &ResolveConfig,
             out.problems.push(missing_note(&regarding, &missing));
         }
         let generation = gw.metadata.generation.unwrap_or(0);
-        let have = &gw.data["status"];
+        let have = &gw_doc["status"];
         let wanted = status::gateway_status(&facts, generation, have, now);
         if !status::already(&wanted, have) {
             let published: Vec<String> = facts.iter().flat_map(|f| f.addresses.iter().cloned()).collect();
@@ -287,13 +288,16 @@ pub fn plan(view: &View, resolution: &ClusterResolution, config: &ResolveConfig,
     }
 
     // Routes attached to our Gateways.
-    for (kind, objs) in [(GatewayKind::HTTPRoute, &view.http_routes), (GatewayKind::TCPRoute, &view.tcp_routes)] {
+    let http = view.http_routes.iter().map(|r| (&r.metadata, typed_ref(r.as_ref()), json_of(r.as_ref())));
+    let tcp = view.tcp_routes.iter().map(|r| (&r.metadata, typed_ref(r.as_ref()), json_of(r.as_ref())));
+    for (kind, objs) in
+        [(GatewayKind::HTTPRoute, http.collect::<Vec<_>>()), (GatewayKind::TCPRoute, tcp.collect::<Vec<_>>())]
+    {
         let kind_name = format!("{kind:?}");
-        for route in objs {
-            let (ns, name) = key_of(&route.metadata);
+        for (meta, regarding, doc) in objs {
+            let (ns, name) = key_of(meta);
             let rkey = (kind_name.clone(), ns.clone(), name.clone());
             let Some(parents) = g.routes.get(&rkey) else { continue };
-            let regarding = dynamic_ref(route, kind);
             let route_problems = g.route_problems.get(&rkey).unwrap_or(&no_problems);
             out.problems.extend(route_problems.iter().map(|p| problem_note(&regarding, p)));
             for p in parents {
@@ -314,8 +318,8 @@ pub fn plan(view: &View, resolution: &ClusterResolution, config: &ResolveConfig,
                     out.problems.push(missing_note(&regarding, &missing));
                 }
             }
-            let generation = route.metadata.generation.unwrap_or(0);
-            let have = &route.data["status"];
+            let generation = meta.generation.unwrap_or(0);
+            let have = &doc["status"];
             let wanted =
                 status::route_parents(parents, route_problems, &config.gateway_controller, generation, have, now);
             if !status::already(&wanted, have) {
