@@ -18,7 +18,7 @@ use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::agent::backoff::Backoff;
+use crate::agent::backoff::{Backoff, StandbyRetry};
 use crate::agent::credential::{self, Credential, Credentials};
 use crate::agent::dialect::{AddressWatch, Dialect, ForwardRequest, Placement, SessionStart};
 use crate::agent::hostkey::{HostKeyPolicy, fingerprint};
@@ -40,7 +40,13 @@ pub struct Settings {
     pub target_host: IpAddr,
     pub keepalive_interval: Duration,
     pub keepalive_max: usize,
+    /// The first wait before a replica standing by asks again; it doubles up to
+    /// `standby_retry_max` (see [`StandbyRetry`]).
     pub standby_retry: Duration,
+    pub standby_retry_max: Duration,
+    /// How long a global request (tcpip-forward, cancel-tcpip-forward) or a channel open may go
+    /// unanswered before the connection is treated as broken.
+    pub request_timeout: Duration,
     pub max_buffered: usize,
     pub connect_timeout: Duration,
     pub address_timeout: Duration,
@@ -73,6 +79,9 @@ pub enum ConnError {
     Ssh(String),
     #[error("connection lost")]
     Lost,
+    /// The server did not answer a request in time: the connection is treated as broken.
+    #[error("the server did not answer {request} within {timeout:?}; reconnecting")]
+    RequestTimeout { request: String, timeout: Duration },
 }
 
 impl ConnError {
@@ -84,6 +93,7 @@ impl ConnError {
             ConnError::CertificateRefused(_) => "certificate_refused",
             ConnError::Ssh(_) => "ssh",
             ConnError::Lost => "connection_lost",
+            ConnError::RequestTimeout { .. } => "request_timeout",
         }
     }
 }
@@ -215,9 +225,7 @@ pub async fn run(
             None => {
                 let why = settings.credentials.waiting_reason();
                 info!(reason = %why, "waiting for a credential before connecting");
-                for s in specs.borrow().iter() {
-                    state.set_state(&s.name, ForwardState::Connecting, None, Some(why.clone()));
-                }
+                set_not_served(&state, &specs.borrow(), Some(why.clone()));
                 let mut wait = std::pin::pin!(settings.credentials.next_usable());
                 loop {
                     tokio::select! {
@@ -225,9 +233,7 @@ pub async fn run(
                         _ = tokio::time::sleep(Duration::from_secs(1)) => {
                             // Keep the reason current (the last failed renewal).
                             let why = settings.credentials.waiting_reason();
-                            for s in specs.borrow().iter() {
-                                state.set_state(&s.name, ForwardState::Connecting, None, Some(why.clone()));
-                            }
+                            set_not_served(&state, &specs.borrow(), Some(why));
                         }
                         _ = shutdown.cancelled() => return,
                     }
@@ -235,18 +241,12 @@ pub async fn run(
             }
         };
         let started = Instant::now();
-        let names: Vec<TunnelSpec> = specs.borrow().clone();
-        for s in &names {
-            state.set_state(&s.name, ForwardState::Connecting, None, None);
-        }
+        set_not_served(&state, &specs.borrow(), None);
         match session(&settings, &credential, &options, &mut specs, &state, &shutdown).await {
             Ok(()) => return,
             Err(e) => {
                 state.metrics.error(e.metric_label());
-                let current: Vec<TunnelSpec> = specs.borrow().clone();
-                for s in &current {
-                    state.set_state(&s.name, ForwardState::Connecting, None, Some(e.to_string()));
-                }
+                set_not_served(&state, &specs.borrow(), Some(e.to_string()));
                 // A connection that lived a while starts the backoff over.
                 if started.elapsed() > Duration::from_secs(60) {
                     backoff.reset();
@@ -258,6 +258,53 @@ pub async fn run(
                     _ = shutdown.cancelled() => return,
                 }
             }
+        }
+    }
+}
+
+/// What `/status` says of a tunnel told to stand by (`standby` in the tunnels file).
+pub const TOLD_TO_STAND_BY: &str =
+    "another replica holds this name (standby in the tunnels file): not asking the server for it";
+
+/// The state of tunnels this connection is not serving now: `connecting` (with `why`), except
+/// those the tunnels file tells to stand by, which stand by whatever the connection does.
+fn set_not_served(state: &AgentState, specs: &[TunnelSpec], why: Option<String>) {
+    for s in specs {
+        if s.standby {
+            state.set_state(&s.name, ForwardState::StandingBy, None, Some(TOLD_TO_STAND_BY.into()));
+        } else {
+            state.set_state(&s.name, ForwardState::Connecting, None, why.clone());
+        }
+    }
+}
+
+/// Awaits an answer from the server for at most `--request-timeout`.
+///
+/// Why a request that times out ends the connection: SSH answers global requests in order, so a
+/// tcpip-forward the server never answers holds every later request (the next forward, each
+/// cancel) behind it, and the server's own keepalives still arrive, which keeps russh's liveness
+/// check quiet -- the session would be wedged for good. Nothing on this connection can make
+/// progress, so it is dropped and reconnected with the usual backoff, which restores every
+/// forward.
+async fn answered<T>(
+    settings: &Settings,
+    tunnel: &str,
+    request: &str,
+    fut: impl std::future::Future<Output = T>,
+) -> Result<T, ConnError> {
+    match tokio::time::timeout(settings.request_timeout, fut).await {
+        Ok(v) => Ok(v),
+        Err(_) => {
+            warn!(
+                tunnel,
+                request,
+                timeout = ?settings.request_timeout,
+                "the server did not answer in time; treating the connection as broken"
+            );
+            Err(ConnError::RequestTimeout {
+                request: if tunnel.is_empty() { request.to_string() } else { format!("{request} for {tunnel}") },
+                timeout: settings.request_timeout,
+            })
         }
     }
 }
@@ -315,18 +362,23 @@ async fn connect(
         }
         Ok(Ok(h)) => h,
     };
-    let auth = match credential {
-        Credential::Key(key) => {
-            let hash = handle.best_supported_rsa_hash().await.map_err(|e| ConnError::Ssh(e.to_string()))?.flatten();
-            handle.authenticate_publickey(settings.user.clone(), PrivateKeyWithHashAlg::new(key.clone(), hash)).await
+    let authenticating = async {
+        match credential {
+            Credential::Key(key) => {
+                let hash = handle.best_supported_rsa_hash().await.map_err(|e| ConnError::Ssh(e.to_string()))?.flatten();
+                handle
+                    .authenticate_publickey(settings.user.clone(), PrivateKeyWithHashAlg::new(key.clone(), hash))
+                    .await
+            }
+            Credential::Certificate(issued) => {
+                handle
+                    .authenticate_openssh_cert(settings.user.clone(), issued.key.clone(), issued.certificate.clone())
+                    .await
+            }
         }
-        Credential::Certificate(issued) => {
-            handle
-                .authenticate_openssh_cert(settings.user.clone(), issued.key.clone(), issued.certificate.clone())
-                .await
-        }
-    }
-    .map_err(|e| ConnError::Ssh(e.to_string()))?;
+        .map_err(|e| ConnError::Ssh(e.to_string()))
+    };
+    let auth = answered(settings, "", "authentication", authenticating).await??;
     if !auth.success() {
         return Err(match credential {
             Credential::Key(key) => ConnError::AuthRefused {
@@ -390,11 +442,34 @@ async fn session(
         "connected"
     );
 
+    let result = serve(settings, options, specs, state, shutdown, &handle, &routes).await;
+    if result.is_err() && !handle.is_closed() {
+        // Broken but not closed (a request went unanswered): say goodbye rather than leave the
+        // server holding this connection's forwards until it notices.
+        let bye = handle.disconnect(Disconnect::ByApplication, "picotun agent reconnecting", "en");
+        let _ = tokio::time::timeout(Duration::from_secs(1), bye).await;
+    }
+    result
+}
+
+/// The forwards of one connected session, kept matching `specs` until shutdown or an error.
+async fn serve(
+    settings: &Arc<Settings>,
+    options: &BTreeMap<String, String>,
+    specs: &mut watch::Receiver<Vec<TunnelSpec>>,
+    state: &Arc<AgentState>,
+    shutdown: &CancellationToken,
+    handle: &Handle<Handler>,
+    routes: &Arc<Routes>,
+) -> Result<(), ConnError> {
+    let (handle, routes) = (handle, routes);
     let (lines_tx, _) = broadcast::channel(256);
     let tls = specs.borrow().iter().any(|s| s.kind == TunnelKind::Tls);
     let start = settings.dialect.session_start(options, tls);
     if start != SessionStart::None {
-        let channel = handle.channel_open_session().await.map_err(|e| ConnError::Ssh(e.to_string()))?;
+        let channel = answered(settings, "", "the session channel", handle.channel_open_session())
+            .await?
+            .map_err(|e| ConnError::Ssh(e.to_string()))?;
         match &start {
             // sish never answers exec: do not wait for a reply.
             SessionStart::Exec(cmd) => channel.exec(false, cmd.as_bytes()).await,
@@ -409,11 +484,27 @@ async fn session(
     // Tunnels waiting for their next attempt, and when.
     let mut retry_at: BTreeMap<String, Instant> = BTreeMap::new();
     let mut forward_backoff: BTreeMap<String, Backoff> = BTreeMap::new();
+    // Replicas standing by on their own (the server gave another name), per tunnel.
+    let mut standby_retry: BTreeMap<String, StandbyRetry> = BTreeMap::new();
+    // The specs of the last pass: a tunnel whose spec changed starts its waits over.
+    let mut last: BTreeMap<String, TunnelSpec> = BTreeMap::new();
     loop {
         if handle.is_closed() {
             return Err(ConnError::Lost);
         }
         let desired: Vec<TunnelSpec> = specs.borrow_and_update().clone();
+        for d in &desired {
+            if last.get(&d.name).is_some_and(|l| l != d) {
+                // A changed spec (the controller cleared `standby`, or moved the name) is tried at
+                // once, with its back-offs from the start.
+                retry_at.remove(&d.name);
+                standby_retry.remove(&d.name);
+                forward_backoff.remove(&d.name);
+            }
+        }
+        last = desired.iter().map(|d| (d.name.clone(), d.clone())).collect();
+        standby_retry.retain(|name, _| last.contains_key(name));
+        forward_backoff.retain(|name, _| last.contains_key(name));
 
         // Cancel what is no longer wanted (or changed).
         let stale: Vec<String> = held
@@ -423,7 +514,7 @@ async fn session(
             .collect();
         for name in stale {
             let h = held.remove(&name).expect("listed above");
-            cancel(settings, &handle, &routes, &h).await;
+            cancel(settings, handle, routes, &h).await?;
             info!(tunnel = %name, "forward cancelled (configuration changed)");
         }
         retry_at.retain(|name, _| desired.iter().any(|d| &d.name == name));
@@ -436,6 +527,13 @@ async fn session(
             }
             if shutdown.is_cancelled() || handle.is_closed() {
                 break;
+            }
+            if spec.standby {
+                // The controller gave this name to another pod on a server that does not
+                // load-balance: asking would only make the server assign (and us cancel) a random
+                // name, again and again. Wait for the controller to clear the flag.
+                state.set_state(&spec.name, ForwardState::StandingBy, None, Some(TOLD_TO_STAND_BY.into()));
+                continue;
             }
             let target = SocketAddr::new(settings.target_host, spec.target_port);
             if !settings.open_before_app && !app_ready(target).await {
@@ -451,15 +549,24 @@ async fn session(
             let backoff = forward_backoff
                 .entry(spec.name.clone())
                 .or_insert_with(|| Backoff::new(Duration::from_secs(1), Duration::from_secs(30)));
-            match open_forward(settings, &handle, &routes, state, &lines_tx, spec).await {
+            match open_forward(settings, handle, routes, state, &lines_tx, spec).await {
                 Ok(h) => {
                     backoff.reset();
+                    standby_retry.remove(&spec.name);
                     held.insert(spec.name.clone(), h);
                 }
                 Err(Retry::StandBy(why)) => {
-                    // Retry often, so a standby takes over soon after the holder goes.
-                    let jitter = rand::random_range(0..=settings.standby_retry.as_millis() as u64 / 2);
-                    retry_at.insert(spec.name.clone(), now + settings.standby_retry + Duration::from_millis(jitter));
+                    // The server gave this name to another connection: the race before the
+                    // controller assigns the name, or a pod running without it. Each try costs
+                    // the server a forward (on sish a random public name, made and cancelled), so
+                    // the tries back off -- --standby-retry doubling up to --standby-retry-max,
+                    // jittered so replicas spread out -- and start over when the spec changes.
+                    let delay = standby_retry
+                        .entry(spec.name.clone())
+                        .or_insert_with(|| StandbyRetry::new(settings.standby_retry, settings.standby_retry_max))
+                        .next_delay();
+                    debug!(tunnel = %spec.name, retry_in = ?delay, "standing by");
+                    retry_at.insert(spec.name.clone(), now + delay);
                     state.set_state(&spec.name, ForwardState::StandingBy, None, Some(why));
                 }
                 Err(Retry::Failed(why)) => {
@@ -470,17 +577,18 @@ async fn session(
                     state.set_state(&spec.name, ForwardState::Failed, None, Some(why));
                 }
                 Err(Retry::ConnectionLost) => return Err(ConnError::Lost),
+                Err(Retry::Broken(e)) => return Err(e),
             }
         }
 
         let next_retry = retry_at.values().min().copied();
         tokio::select! {
             changed = specs.changed() => {
-                if changed.is_err() { return drain(settings, &handle, &routes, state, held).await; }
+                if changed.is_err() { return drain(settings, handle, routes, state, held).await; }
             }
             _ = async { tokio::time::sleep_until(next_retry.unwrap_or(now + Duration::from_secs(3600)).into()).await }, if next_retry.is_some() => {}
             _ = tokio::time::sleep(Duration::from_millis(500)) => {} // notice a closed handle
-            _ = shutdown.cancelled() => return drain(settings, &handle, &routes, state, held).await,
+            _ = shutdown.cancelled() => return drain(settings, handle, routes, state, held).await,
         }
     }
 }
@@ -489,6 +597,8 @@ enum Retry {
     StandBy(String),
     Failed(String),
     ConnectionLost,
+    /// The server stopped answering: the connection is dropped.
+    Broken(ConnError),
 }
 
 async fn app_ready(target: SocketAddr) -> bool {
@@ -516,7 +626,11 @@ async fn open_forward(
     routes.insert(&[(request.address.clone(), request.port)], &relay);
     // Subscribe before asking, so no line about this forward is missed.
     let mut heard = lines.subscribe();
-    let reply_port = match handle.tcpip_forward(request.address.clone(), request.port).await {
+    let asked = handle.tcpip_forward(request.address.clone(), request.port);
+    let reply_port = match answered(settings, &spec.name, "tcpip-forward", asked).await.map_err(|e| {
+        routes.remove(&spec.name);
+        Retry::Broken(e)
+    })? {
         Ok(port) => port,
         Err(russh::Error::RequestDenied) => {
             routes.remove(&spec.name);
@@ -565,7 +679,7 @@ async fn open_forward(
         }
         Some(Placement::NotAsRequested(why)) => {
             // Never leave a stray public endpoint on a name or port nobody asked for.
-            cancel(settings, handle, routes, &held).await;
+            cancel(settings, handle, routes, &held).await.map_err(Retry::Broken)?;
             info!(tunnel = %spec.name, reason = %why, "standing by");
             Err(Retry::StandBy(why))
         }
@@ -579,18 +693,25 @@ async fn open_forward(
 }
 
 /// Cancels a held forward; true when the server acknowledged it (the name or port is free on
-/// the server once this returns).
-async fn cancel(settings: &Arc<Settings>, handle: &Handle<Handler>, routes: &Arc<Routes>, held: &Held) -> bool {
+/// the server once this returns), false when it refused; an error when it did not answer within
+/// --request-timeout (the connection is then broken, see [`answered`]).
+async fn cancel(
+    settings: &Arc<Settings>,
+    handle: &Handle<Handler>,
+    routes: &Arc<Routes>,
+    held: &Held,
+) -> Result<bool, ConnError> {
     let c = settings.dialect.cancel_request(&held.request, held.reply_port);
-    let acknowledged = match handle.cancel_tcpip_forward(c.address.clone(), c.port).await {
+    let asked = handle.cancel_tcpip_forward(c.address.clone(), c.port);
+    let answer = answered(settings, &held.spec.name, "cancel-tcpip-forward", asked).await;
+    routes.remove(&held.spec.name);
+    Ok(match answer? {
         Ok(()) => true,
         Err(e) => {
             debug!(tunnel = %held.spec.name, error = %e, "cancel-tcpip-forward not acknowledged");
             false
         }
-    };
-    routes.remove(&held.spec.name);
-    acknowledged
+    })
 }
 
 /// Shutdown: no new visitors (forwards cancelled), in-flight connections get the grace period.
@@ -604,9 +725,13 @@ async fn drain(
     for h in held.values() {
         // Logged after the server's answer: a pod's log shows its tunnels were closed on the
         // server while the sidecar still ran (the kubelet stops it after the app).
-        let acknowledged = cancel(settings, handle, routes, h).await;
-        info!(tunnel = %h.spec.name, acknowledged, "forward cancelled (shutting down)");
+        let answer = cancel(settings, handle, routes, h).await;
         state.set_state(&h.spec.name, ForwardState::Draining, None, Some("shutting down".into()));
+        match answer {
+            Ok(acknowledged) => info!(tunnel = %h.spec.name, acknowledged, "forward cancelled (shutting down)"),
+            // Later requests would wait behind the unanswered one: stop asking, drain, go.
+            Err(_) => break,
+        }
     }
     let deadline = Instant::now() + settings.grace;
     while state.total_active_connections() > 0 && Instant::now() < deadline && !handle.is_closed() {

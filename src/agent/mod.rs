@@ -99,9 +99,19 @@ pub struct AgentArgs {
     pub keepalive_interval: Duration,
     #[arg(long, env = "PICOTUN_KEEPALIVE_MAX", default_value_t = 3)]
     pub keepalive_max: usize,
-    /// How often a replica standing by for a name retries it (plus up to half again of jitter).
+    /// How soon a replica the server gave another name (another replica holds it) first asks
+    /// again; each further try waits twice as long, up to --standby-retry-max (plus up to half
+    /// again of jitter). A tunnel the tunnels file marks `standby` is never asked for.
     #[arg(long, env = "PICOTUN_STANDBY_RETRY", value_parser = humantime::parse_duration, default_value = "3s")]
     pub standby_retry: Duration,
+    /// The longest wait between a standing-by replica's tries.
+    #[arg(long, env = "PICOTUN_STANDBY_RETRY_MAX", value_parser = humantime::parse_duration, default_value = "60s")]
+    pub standby_retry_max: Duration,
+    /// How long the server may take to answer a request (tcpip-forward, cancel-tcpip-forward,
+    /// opening the session channel, authentication) before the connection is treated as broken
+    /// and reconnected.
+    #[arg(long, env = "PICOTUN_REQUEST_TIMEOUT", value_parser = humantime::parse_duration, default_value = "10s")]
+    pub request_timeout: Duration,
     /// Bytes a connection may hold for an app that is not reading before it is closed.
     #[arg(long, env = "PICOTUN_MAX_BUFFERED_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_buffered_bytes: usize,
@@ -228,6 +238,8 @@ pub async fn run(args: AgentArgs, shutdown: CancellationToken) -> Result<(), Age
         keepalive_interval: args.keepalive_interval,
         keepalive_max: args.keepalive_max,
         standby_retry: args.standby_retry,
+        standby_retry_max: args.standby_retry_max,
+        request_timeout: args.request_timeout,
         max_buffered: args.max_buffered_bytes,
         connect_timeout: Duration::from_secs(15),
         address_timeout: Duration::from_secs(5),
@@ -371,6 +383,10 @@ async fn supervise(args: &AgentArgs, settings: Arc<Settings>, state: Arc<AgentSt
         state.metrics.config_reload("ok");
         info!(tunnels = file.tunnels.len(), "tunnels file loaded");
         state.set_configured(&file.tunnels, ForwardState::Connecting);
+        // Told to stand by: standing by at once, whatever the connection is doing.
+        for spec in file.tunnels.iter().filter(|s| s.standby) {
+            state.set_state(&spec.name, ForwardState::StandingBy, None, Some(connection::TOLD_TO_STAND_BY.into()));
+        }
 
         let mut groups: BTreeMap<ConnectionKey, Vec<TunnelSpec>> = BTreeMap::new();
         for spec in file.tunnels {

@@ -10,6 +10,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -31,8 +32,32 @@ pub struct Relay {
     pub connect_timeout: Duration,
 }
 
-/// The size of one read from the app, and the unit of the channel-to-app buffer.
+/// The size of one read from the app.
 const CHUNK: usize = 32 * 1024;
+
+/// After the visitor's side closed: how long the app may take to read what is still buffered for
+/// it before the connection is closed anyway (an app that never reads must not keep it forever).
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The bytes received from the visitor and not yet written to the app, counted in bytes: SSH
+/// messages range from a few bytes to a whole packet, so a count of messages would cut a
+/// connection of small messages long before its bytes reach the limit (and let large ones
+/// past it).
+#[derive(Default)]
+struct Buffered(AtomicUsize);
+
+impl Buffered {
+    /// Takes `n` more bytes; false (and nothing taken) when that would exceed `max`.
+    fn take(&self, n: usize, max: usize) -> bool {
+        self.0
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| held.checked_add(n).filter(|t| *t <= max))
+            .is_ok()
+    }
+
+    fn release(&self, n: usize) {
+        self.0.fetch_sub(n, Ordering::AcqRel);
+    }
+}
 
 /// Dials the app first, then accepts or rejects the channel, then relays until both sides are
 /// done. Runs in its own task; never blocks the SSH session loop.
@@ -101,12 +126,16 @@ async fn pump(channel: Channel<Msg>, tcp: TcpStream, relay: &Relay, state: &Arc<
     let (mut from_ssh, to_ssh) = channel.split();
     let to_ssh = Arc::new(to_ssh);
     let (mut from_app, mut to_app) = tcp.into_split();
-    let capacity = (relay.max_buffered / CHUNK).max(1);
-    let (buf_tx, mut buf_rx) = mpsc::channel::<Bytes>(capacity);
+    // Unbounded as a queue, bounded in bytes by `buffered`.
+    let (buf_tx, mut buf_rx) = mpsc::unbounded_channel::<Bytes>();
+    let buffered = Arc::new(Buffered::default());
+    let max_buffered = relay.max_buffered;
 
     // Visitor -> app, part 1: drain the channel at once, whatever the app does.
     let tunnel = relay.tunnel.clone();
     let st = state.clone();
+    let held = buffered.clone();
+    // Returns with the sender dropped: the writer then ends once it has written everything.
     let mut drain = tokio::spawn(async move {
         let mut buf_tx = Some(buf_tx);
         loop {
@@ -114,11 +143,13 @@ async fn pump(channel: Channel<Msg>, tcp: TcpStream, relay: &Relay, state: &Arc<
                 Some(ChannelMsg::Data { data }) => {
                     st.add_bytes(&tunnel, Direction::In, data.len() as u64);
                     let Some(tx) = &buf_tx else { continue };
-                    match tx.try_send(data) {
-                        Ok(()) => {}
-                        Err(mpsc::error::TrySendError::Full(_)) => return Outcome::AppStalled,
+                    if !held.take(data.len(), max_buffered) {
+                        return Outcome::AppStalled;
+                    }
+                    if let Err(mpsc::error::SendError(data)) = tx.send(data) {
                         // The app side is gone; keep draining until the channel closes.
-                        Err(mpsc::error::TrySendError::Closed(_)) => buf_tx = None,
+                        held.release(data.len());
+                        buf_tx = None;
                     }
                 }
                 // The visitor finished sending: let the writer flush, then half-close the app.
@@ -131,7 +162,7 @@ async fn pump(channel: Channel<Msg>, tcp: TcpStream, relay: &Relay, state: &Arc<
 
     // Visitor -> app, part 2: write what was drained; shut down the app's read side at EOF.
     // Chunks queued together go out in one write: fewer syscalls per byte under load.
-    let write_app = tokio::spawn(async move {
+    let mut write_app = tokio::spawn(async move {
         let mut batch: Vec<Bytes> = Vec::with_capacity(16);
         while let Some(first) = buf_rx.recv().await {
             batch.push(first);
@@ -141,11 +172,14 @@ async fn pump(channel: Channel<Msg>, tcp: TcpStream, relay: &Relay, state: &Arc<
                     Err(_) => break,
                 }
             }
-            if write_batch(&mut to_app, &batch).await.is_err() {
+            let written = write_batch(&mut to_app, &batch).await;
+            buffered.release(batch.iter().map(Bytes::len).sum());
+            if written.is_err() {
                 return;
             }
             batch.clear();
         }
+        // Everything the visitor sent is written: now the app may see the end.
         let _ = to_app.shutdown().await;
     });
 
@@ -174,19 +208,31 @@ async fn pump(channel: Channel<Msg>, tcp: TcpStream, relay: &Relay, state: &Arc<
     // Done when the channel closes (both sides' EOFs exchanged, or the server/visitor closed),
     // or when the app closed its side and everything it sent is out. Either way both ends are
     // then closed fully, so nothing lingers half-open.
-    let mut outcome = Outcome::Done;
+    let mut outcome = None;
     tokio::select! {
-        res = &mut drain => { outcome = res.unwrap_or(Outcome::Done); }
+        res = &mut drain => { outcome = Some(res.unwrap_or(Outcome::Done)); }
         _ = &mut read_app => {
             // The app finished; give the visitor's side a moment to finish too, then close.
             if let Ok(res) = tokio::time::timeout(Duration::from_secs(5), &mut drain).await {
-                outcome = res.unwrap_or(Outcome::Done);
+                outcome = Some(res.unwrap_or(Outcome::Done));
             }
         }
     }
     drain.abort();
+    match outcome {
+        // The drain ended (its sender dropped): the bytes it took from the visitor are still
+        // owed to the app. Write them before the app's side is shut down, or a visitor whose
+        // close overtakes a slow app loses the end of what it sent.
+        Some(Outcome::Done) => {
+            if tokio::time::timeout(FLUSH_TIMEOUT, &mut write_app).await.is_err() {
+                debug!("the app did not read the rest within {FLUSH_TIMEOUT:?}; closing");
+            }
+        }
+        // Over the limit, or the visitor's side still open after the app finished: cut.
+        Some(Outcome::AppStalled) | None => {}
+    }
     write_app.abort();
     read_app.abort();
     let _ = to_ssh.close().await;
-    outcome
+    outcome.unwrap_or(Outcome::Done)
 }

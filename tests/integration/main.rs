@@ -11,6 +11,7 @@ mod controller;
 mod deploy;
 mod ground;
 mod report;
+mod silent_server;
 mod support;
 mod tunnel_servers;
 mod webhook;
