@@ -527,9 +527,45 @@ async fn replicas_without_load_balancing_one_serves_the_others_stand_by_ready_an
     assert_eq!(body, format!("hello from {holder}\n"), "the holder serves the name");
     println!("GET http://{host}/ -> {body:?}");
 
-    // 1. The serving pod is deleted. Whoever asks first gets the name: a standby at its next
-    // retry (every 3s, jittered), or the pod the Deployment starts in the deleted one's place, if
-    // it is up and asks sooner.
+    // Defect 13 of issue 12: the controller tells the standbys (`standby: true` in their tunnels
+    // files), and a told standby asks sish for nothing -- before, every standby re-requested the
+    // name every 3-4.5 s for the life of the Deployment, each try making and cancelling a random
+    // public name on sish.
+    let told = |p: &Pod| {
+        p.metadata.annotations.as_ref().and_then(|a| a.get("tunnels.pico.sh/tunnels")).is_some_and(|t| {
+            let file: Value = serde_json::from_str(t).unwrap_or(Value::Null);
+            file["tunnels"].as_array().is_some_and(|ts| !ts.is_empty() && ts.iter().all(|t| t["standby"] == true))
+        })
+    };
+    wait_for(
+        "the controller to mark exactly the standbys",
+        Duration::from_secs(30),
+        Duration::from_millis(250),
+        || async {
+            let list = pods.list(&ListParams::default().labels("app=echo")).await.map_err(|e| e.to_string())?;
+            let live: Vec<&Pod> = list.items.iter().filter(|p| p.metadata.deletion_timestamp.is_none()).collect();
+            let marked: Vec<&str> = live.iter().filter(|p| told(p)).map(|p| pod_name(p)).collect();
+            let others: Vec<&str> = live.iter().filter(|p| pod_name(p) != holder).map(|p| pod_name(p)).collect();
+            if marked == others {
+                Ok(Some(()))
+            } else {
+                Err(format!("standby in the files of {marked:?}, want {others:?}"))
+            }
+        },
+    )
+    .await
+    .unwrap();
+    let forwards = |log: &str| log.lines().filter(|l| l.contains("forwarding started")).count();
+    let before = forwards(&stack.sish.log_tail(1_000_000));
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let after = forwards(&stack.sish.log_tail(1_000_000));
+    println!("forwards sish started in 10 s of steady state with 2 standbys: {}", after - before);
+    assert_eq!(after, before, "no standby asked sish for anything:\n{}", stack.sish.log_tail(20));
+
+    // 1. The serving pod is deleted. The controller sees it terminating and hands the name to a
+    // Ready standby (its tunnels file loses `standby`, the kubelet refreshes the file, the agent
+    // asks); the pod the Deployment starts in the deleted one's place may ask sooner, since the
+    // webhook does not know of the others at admission -- whoever sish gives the name keeps it.
     let standbys: Vec<String> = states.iter().map(|s| s.0.clone()).filter(|n| *n != holder).collect();
     let deleted = Instant::now();
     pods.delete(&holder, &DeleteParams::default()).await.unwrap();
