@@ -13,7 +13,7 @@
 # Prints `bench: <metric> ours=<x> baseline=<y> ratio=<ours/baseline>` lines:
 #   controller_converge_seconds       phase 1 convergence vs the same creates with no controller
 #   controller_edit_converge_seconds  phase 2 convergence vs the same edits with no controller
-#   controller_peak_rss_mb            the controller's VmHWM vs the 150 MB target (not a measurement)
+#   controller_peak_rss_mb            the controller's VmHWM, alone (no measured baseline; goal 150 MB)
 #   controller_cpu_share              the controller's CPU seconds in phase 1 vs kube-apiserver +
 #                                     etcd in the same window (the share of the three on stderr)
 # Targets (issue 5): convergence under 60 s, under 150 MB, the apiserver -- not the controller --
