@@ -482,20 +482,25 @@ impl View {
             namespace_filter.is_none_or(|f| ns == Some(f))
                 && scope.as_ref().is_none_or(|s| ns.is_some_and(|ns| s.contains(ns)))
         };
-        let routes = |kind: &str, objs: Vec<(&ObjectMeta, Value)>| -> Vec<RouteModel> {
-            objs.into_iter()
-                .filter(|(meta, _)| {
-                    scope.as_ref().is_none_or(|s| meta.namespace.as_ref().is_some_and(|ns| s.contains(ns)))
-                })
-                .map(|(_, json)| gateway::route_from_json(kind, &json))
-                // A route may live elsewhere and reach this namespace through a ReferenceGrant.
-                .filter(|r| namespace_filter.is_none_or(|f| r.rules.iter().flatten().any(|b| b.namespace == f)))
-                .collect()
-        };
-        let mut all_routes =
-            routes("HTTPRoute", self.http_routes.iter().map(|r| (&r.metadata, json_of(r.as_ref()))).collect());
-        all_routes
-            .extend(routes("TCPRoute", self.tcp_routes.iter().map(|r| (&r.metadata, json_of(r.as_ref()))).collect()));
+        let in_route_scope =
+            |meta: &ObjectMeta| scope.as_ref().is_none_or(|s| meta.namespace.as_ref().is_some_and(|ns| s.contains(ns)));
+        // A route may live elsewhere and reach this namespace through a ReferenceGrant.
+        let reaches =
+            |r: &RouteModel| namespace_filter.is_none_or(|f| r.rules.iter().flatten().any(|b| b.namespace == f));
+        let mut all_routes: Vec<RouteModel> = self
+            .http_routes
+            .iter()
+            .filter(|r| in_route_scope(&r.metadata))
+            .map(|r| gateway::http_route_model(r))
+            .filter(reaches)
+            .collect();
+        all_routes.extend(
+            self.tcp_routes
+                .iter()
+                .filter(|r| in_route_scope(&r.metadata))
+                .map(|r| gateway::tcp_route_model(r))
+                .filter(reaches),
+        );
         Inputs {
             ingress_class: &config.ingress_class,
             ingresses: self
@@ -505,13 +510,9 @@ impl View {
                 .filter(|i| in_scope(i.metadata.namespace.as_deref()))
                 .collect(),
             our_gateway_classes: self.our_gateway_classes(config),
-            gateways: self
-                .gateways
-                .iter()
-                .map(|g| gateway::gateway_from_json(&json_of(g.as_ref())))
-                .collect::<Vec<GatewayModel>>(),
+            gateways: self.gateways.iter().map(|g| gateway::gateway_model(g)).collect::<Vec<GatewayModel>>(),
             routes: all_routes,
-            grants: self.grants.iter().map(|g| gateway::grant_from_json(&json_of(g.as_ref()))).collect(),
+            grants: self.grants.iter().map(|g| gateway::grant_model(g)).collect(),
             namespace_labels: self
                 .namespaces
                 .iter()

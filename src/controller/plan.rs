@@ -231,7 +231,7 @@ pub fn plan(view: &View, resolution: &ClusterResolution, config: &ResolveConfig,
         let Some(attached) = g.attached.get(&key) else { continue };
         let regarding = typed_ref(gw.as_ref());
         let gw_doc = json_of(gw.as_ref());
-        let model = crate::resolve::gateway::gateway_from_json(&gw_doc);
+        let model = crate::resolve::gateway::gateway_model(gw);
         let mut facts = Vec::new();
         let mut all_missing = BTreeSet::new();
         for l in &model.listeners {
@@ -249,6 +249,8 @@ pub fn plan(view: &View, resolution: &ClusterResolution, config: &ResolveConfig,
                 protocol: &l.protocol,
                 attached: attached.get(&l.name).copied().unwrap_or(0),
                 problems,
+                refs: g.listener_refs.get(&key).and_then(|m| m.get(&l.name)).map_or(&[], Vec::as_slice),
+                supported_kinds: g.listener_kinds.get(&key).and_then(|m| m.get(&l.name)).map_or(&[], Vec::as_slice),
                 addresses: status::published(&reports, pods.iter().copied(), &names),
                 missing_sidecars: missing.len(),
                 conflict,
@@ -320,8 +322,8 @@ pub fn plan(view: &View, resolution: &ClusterResolution, config: &ResolveConfig,
             }
             let generation = meta.generation.unwrap_or(0);
             let have = &doc["status"];
-            let wanted =
-                status::route_parents(parents, route_problems, &config.gateway_controller, generation, have, now);
+            let ours = status::route_parents(parents, route_problems, &config.gateway_controller, generation, now);
+            let wanted = status::merge_route_parents(have, ours, &config.gateway_controller);
             if !status::already(&wanted, have) {
                 out.writes.push(Planned {
                     write: Write::GatewayStatus { kind, namespace: Some(ns), name, status: wanted },

@@ -13,18 +13,12 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::core::api;
-use crate::resolve::gateway::ParentStatus;
+use crate::resolve::gateway::{self, ParentRef, ParentStatus, RouteGroupKind, listener};
 use crate::resolve::ownership::{DOMAIN_NOT_ALLOWED, TUNNEL_CONFLICT};
 use crate::resolve::{PodKey, Problem};
 
-/// Route condition types and reasons (the gateway-api crate has constants for Gateways and
-/// listeners only).
-pub mod route {
-    pub const ACCEPTED: &str = "Accepted";
-    pub const RESOLVED_REFS: &str = "ResolvedRefs";
-    pub const PARTIALLY_INVALID: &str = "PartiallyInvalid";
-    pub const UNSUPPORTED_VALUE: &str = "UnsupportedValue";
-}
+/// Route condition types and reasons (resolve owns them; re-exported for the writers).
+pub use crate::resolve::gateway::route;
 
 /// What a sidecar says of one tunnel (the pod's `tunnels.pico.sh/addresses` annotation).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
@@ -87,12 +81,11 @@ pub fn host_of(address: &str) -> String {
     }
 }
 
-/// An Ingress's `status.loadBalancer`: one hostname per published address.
+/// An Ingress's `status` (`{"loadBalancer": {"ingress": [{"hostname": ..}, ..]}}`): one hostname
+/// per published address, `[]` when none (an empty list, not null, so that the document is also a
+/// server-side-apply body).
 pub fn ingress_status(addresses: &BTreeSet<String>) -> Value {
     let hosts: BTreeSet<String> = addresses.iter().map(|a| host_of(a)).collect();
-    if hosts.is_empty() {
-        return json!({"loadBalancer": {"ingress": null}});
-    }
     json!({"loadBalancer": {"ingress": hosts.into_iter().map(|h| json!({"hostname": h})).collect::<Vec<_>>()}})
 }
 
@@ -166,11 +159,17 @@ pub fn gateway_class_status(generation: i64, existing: &Value, now: &str) -> Val
 }
 
 /// Everything known about one listener, to build its status.
+#[derive(Default)]
 pub struct ListenerFacts<'a> {
     pub name: &'a str,
     pub protocol: &'a str,
     pub attached: i32,
+    /// Why the listener is not Accepted (GatewayResolution::listener_problems).
     pub problems: &'a [Problem],
+    /// References that do not resolve (GatewayResolution::listener_refs): ResolvedRefs=False.
+    pub refs: &'a [Problem],
+    /// The route kinds it serves (GatewayResolution::listener_kinds).
+    pub supported_kinds: &'a [RouteGroupKind],
     pub addresses: BTreeSet<String>,
     /// Pods that should carry this listener's tunnels but have no sidecar.
     pub missing_sidecars: usize,
@@ -178,17 +177,58 @@ pub struct ListenerFacts<'a> {
     pub conflict: Option<&'a Problem>,
 }
 
-/// A Gateway's status: Accepted, Programmed, addresses (the hosts sidecars reported) and one
-/// entry per listener.
+/// A listener's Programmed condition, per the contract: True once its tunnels are handed to the
+/// backing pods (every one of them carries the sidecar) or there is nothing to hand; the message
+/// says what is still awaited. Not served (not Accepted, certificateRefs that do not resolve, a
+/// hostname or port someone else owns): False, Invalid.
+fn listener_programmed(l: &ListenerFacts<'_>, accepted: &Cond) -> Cond {
+    let t = ListenerConditionType::Programmed;
+    let certificates = [listener::INVALID_CERTIFICATE_REF, listener::REF_NOT_PERMITTED];
+    if !accepted.ok {
+        return Cond::new(t, false, ListenerConditionReason::Invalid, accepted.message.clone());
+    }
+    if let Some(p) = l.refs.iter().find(|p| certificates.contains(&p.reason)) {
+        return Cond::new(t, false, ListenerConditionReason::Invalid, p.message.clone());
+    }
+    if let Some(c) = l.conflict {
+        return Cond::new(t, false, ListenerConditionReason::Invalid, c.message.clone());
+    }
+    if l.missing_sidecars > 0 {
+        return Cond::new(
+            t,
+            false,
+            ListenerConditionReason::Pending,
+            format!(
+                "{} backing pod(s) have no picotun sidecar: label their namespace tunnels.pico.sh/injection=enabled and restart them",
+                l.missing_sidecars
+            ),
+        );
+    }
+    let message = if l.attached == 0 {
+        "no route attached yet: nothing to publish".to_string()
+    } else if l.addresses.is_empty() {
+        "the tunnels are handed to the backing pods; no sidecar has reported an address yet".to_string()
+    } else {
+        let list: Vec<&str> = l.addresses.iter().map(String::as_str).collect();
+        format!("published at {}", list.join(", "))
+    };
+    Cond::new(t, true, ListenerConditionReason::Programmed, message)
+}
+
+/// A Gateway's `status`: `{"addresses": [{"type": "Hostname", "value": ..}, ..], "conditions":
+/// [Accepted, Programmed], "listeners": [{"name", "supportedKinds", "attachedRoutes",
+/// "conditions": [Accepted, ResolvedRefs, Programmed, Conflicted]}, ..]}`. Addresses are the hosts
+/// sidecars reported (`[]` until then). Every condition carries `generation`. Usable as a
+/// server-side-apply body (no nulls).
 pub fn gateway_status(listeners: &[ListenerFacts<'_>], generation: i64, existing: &Value, now: &str) -> Value {
     let old_listeners = existing["listeners"].as_array().cloned().unwrap_or_default();
     let mut all_addresses = BTreeSet::new();
     let mut listener_status = Vec::new();
     let mut valid = 0;
     let mut conflicted: Vec<&str> = Vec::new();
+    let mut pending: Vec<(&str, usize)> = Vec::new();
     for l in listeners {
         let old = old_listeners.iter().find(|o| o["name"] == l.name).cloned().unwrap_or(Value::Null);
-        let kind = if l.protocol == "TCP" { "TCPRoute" } else { "HTTPRoute" };
         let accepted = match l.problems.first() {
             None => {
                 valid += 1;
@@ -199,50 +239,23 @@ pub fn gateway_status(listeners: &[ListenerFacts<'_>], generation: i64, existing
         if accepted.ok && l.conflict.is_some() {
             conflicted.push(l.name);
         }
-        let programmed = if !accepted.ok {
-            Cond::new(
-                ListenerConditionType::Programmed,
-                false,
-                ListenerConditionReason::Invalid,
-                accepted.message.clone(),
-            )
-        } else if let Some(c) = l.conflict {
-            Cond::new(ListenerConditionType::Programmed, false, ListenerConditionReason::Invalid, c.message.clone())
-        } else if l.attached == 0 {
-            Cond::new(
-                ListenerConditionType::Programmed,
-                true,
-                ListenerConditionReason::Programmed,
-                "no route attached yet: nothing to publish",
-            )
-        } else if l.addresses.is_empty() {
-            let why = if l.missing_sidecars > 0 {
-                format!(
-                    "{} backing pod(s) have no picotun sidecar: label their namespace tunnels.pico.sh/injection=enabled and restart them",
-                    l.missing_sidecars
-                )
-            } else {
-                "waiting for a sidecar to report the address the tunnel server assigned".to_string()
-            };
-            Cond::new(ListenerConditionType::Programmed, false, ListenerConditionReason::Pending, why)
-        } else {
-            let list: Vec<&str> = l.addresses.iter().map(String::as_str).collect();
-            Cond::new(
-                ListenerConditionType::Programmed,
-                true,
-                ListenerConditionReason::Programmed,
-                format!("published at {}", list.join(", ")),
-            )
-        };
+        let programmed = listener_programmed(l, &accepted);
+        if accepted.ok && !programmed.ok && programmed.reason == ListenerConditionReason::Pending.to_string() {
+            pending.push((l.name, l.missing_sidecars));
+        }
         all_addresses.extend(l.addresses.iter().map(|a| host_of(a)));
-        let conds = [
-            accepted,
-            Cond::new(
+        let resolved_refs = match l.refs.first() {
+            None => Cond::new(
                 ListenerConditionType::ResolvedRefs,
                 true,
                 ListenerConditionReason::ResolvedRefs,
-                "no references to resolve",
+                "every reference resolves",
             ),
+            Some(p) => Cond::new(ListenerConditionType::ResolvedRefs, false, p.reason, messages(l.refs)),
+        };
+        let conds = [
+            accepted,
+            resolved_refs,
             programmed,
             match l.conflict {
                 None => Cond::new(
@@ -254,9 +267,10 @@ pub fn gateway_status(listeners: &[ListenerFacts<'_>], generation: i64, existing
                 Some(c) => Cond::new(ListenerConditionType::Conflicted, true, c.reason, c.message.clone()),
             },
         ];
+        let kinds: Vec<Value> = l.supported_kinds.iter().map(|k| json!({"group": k.group, "kind": k.kind})).collect();
         listener_status.push(json!({
             "name": l.name,
-            "supportedKinds": [{"group": "gateway.networking.k8s.io", "kind": kind}],
+            "supportedKinds": kinds,
             "attachedRoutes": l.attached,
             "conditions": conditions(&conds, generation, &old["conditions"], now),
         }));
@@ -283,50 +297,86 @@ pub fn gateway_status(listeners: &[ListenerFacts<'_>], generation: i64, existing
             "no listener can be served: see the listeners' conditions",
         )
     };
-    let programmed = if !all_addresses.is_empty() {
+    let programmed = if !accepted.ok {
+        Cond::new(
+            GatewayConditionType::Programmed,
+            false,
+            GatewayConditionReason::Invalid,
+            "the Gateway is not Accepted: see its Accepted condition",
+        )
+    } else if !pending.is_empty() {
+        let pods: usize = pending.iter().map(|(_, n)| n).sum();
+        let names: Vec<&str> = pending.iter().map(|(n, _)| *n).collect();
+        Cond::new(
+            GatewayConditionType::Programmed,
+            false,
+            GatewayConditionReason::Pending,
+            format!(
+                "waiting for {pods} backing pod(s) without the picotun sidecar (listener(s) {}): see the listeners' Programmed conditions",
+                names.join(", ")
+            ),
+        )
+    } else if all_addresses.is_empty() {
+        let attached: i32 = listeners.iter().map(|l| l.attached).sum();
+        Cond::new(
+            GatewayConditionType::Programmed,
+            true,
+            GatewayConditionReason::Programmed,
+            if attached == 0 {
+                "no route attached yet: nothing to publish"
+            } else {
+                "the tunnels are handed to the backing pods; no sidecar has reported an address yet (status.addresses fills as they do)"
+            },
+        )
+    } else {
         Cond::new(
             GatewayConditionType::Programmed,
             true,
             GatewayConditionReason::Programmed,
             "tunnels are open; status.addresses lists the public hosts",
         )
-    } else {
-        Cond::new(
-            GatewayConditionType::Programmed,
-            false,
-            GatewayConditionReason::AddressNotAssigned,
-            "no tunnel is open yet: see the listeners' Programmed conditions",
-        )
     };
     let addresses: Vec<Value> = all_addresses.into_iter().map(|h| json!({"type": "Hostname", "value": h})).collect();
     json!({
-        "addresses": if addresses.is_empty() { Value::Null } else { Value::Array(addresses) },
+        "addresses": addresses,
         "conditions": conditions(&[accepted, programmed], generation, &existing["conditions"], now),
         "listeners": listener_status,
     })
 }
 
-/// A route's `status.parents`: entries of other controllers kept, ours replaced.
+/// A parentRef as status writes it: every field the route's parentRef had (group and kind are
+/// defaulted by the CRD, so they are always there).
+pub fn parent_ref_json(p: &ParentRef) -> Value {
+    let mut out = json!({
+        "group": p.group.as_deref().unwrap_or(gateway::GROUP),
+        "kind": p.kind.as_deref().unwrap_or("Gateway"),
+        "name": p.name,
+    });
+    if let Some(ns) = &p.namespace {
+        out["namespace"] = json!(ns);
+    }
+    if let Some(s) = &p.section {
+        out["sectionName"] = json!(s);
+    }
+    if let Some(port) = p.port {
+        out["port"] = json!(port);
+    }
+    out
+}
+
+/// picotun's entries of a route's `status.parents`, one per parentRef to a Gateway of ours:
+/// `{"parentRef": {..as the route wrote it..}, "controllerName": .., "conditions": [Accepted,
+/// ResolvedRefs, PartiallyInvalid?]}`, each condition at `generation` and `now` (merge keeps the
+/// times of conditions that did not change: [`merge_route_parents`]).
 pub fn route_parents(
     parents: &[ParentStatus],
     route_problems: &[Problem],
     controller_name: &str,
     generation: i64,
-    existing: &Value,
     now: &str,
-) -> Value {
-    let old = existing["parents"].as_array().cloned().unwrap_or_default();
-    let mut out: Vec<Value> = old.iter().filter(|p| p["controllerName"] != controller_name).cloned().collect();
+) -> Vec<Value> {
+    let mut out = Vec::new();
     for p in parents {
-        let mut parent_ref = json!({"group": "gateway.networking.k8s.io", "kind": "Gateway", "namespace": p.gateway.0, "name": p.gateway.1});
-        if let Some(s) = &p.section {
-            parent_ref["sectionName"] = json!(s);
-        }
-        let previous = old
-            .iter()
-            .find(|o| o["controllerName"] == controller_name && o["parentRef"] == parent_ref)
-            .map(|o| o["conditions"].clone())
-            .unwrap_or(Value::Null);
         let mut conds = vec![
             match &p.accepted {
                 Ok(()) => Cond::new(route::ACCEPTED, true, route::ACCEPTED, "attached"),
@@ -349,13 +399,71 @@ pub fn route_parents(
             };
             conds.push(Cond::new(route::PARTIALLY_INVALID, true, reason, messages(route_problems)));
         }
-        out.push(json!({
-            "parentRef": parent_ref,
+        let entry = json!({
+            "parentRef": parent_ref_json(&p.parent_ref),
             "controllerName": controller_name,
-            "conditions": conditions(&conds, generation, &previous, now),
-        }));
+            "conditions": conditions(&conds, generation, &Value::Null, now),
+        });
+        // A route naming one parent twice gets one entry.
+        if !out.iter().any(|o: &Value| o["parentRef"] == entry["parentRef"]) {
+            out.push(entry);
+        }
     }
-    json!({"parents": out})
+    out
+}
+
+/// The parentRef fields that identify a parent, defaults filled (an entry written by another
+/// version may spell the defaults out or leave them away).
+fn same_parent(a: &Value, b: &Value) -> bool {
+    let norm = |v: &Value| {
+        (
+            v["group"].as_str().unwrap_or(gateway::GROUP).to_string(),
+            v["kind"].as_str().unwrap_or("Gateway").to_string(),
+            v["namespace"].as_str().map(str::to_string),
+            v["name"].as_str().map(str::to_string),
+            v["sectionName"].as_str().map(str::to_string),
+            v["port"].as_i64(),
+        )
+    };
+    norm(a) == norm(b)
+}
+
+/// A route's new `status` from a fresh read of it (`fresh_status`: the route's `status`, from a
+/// GET, not the cache) and picotun's entries (`ours`, from [`route_parents`]): every entry of
+/// another controller kept as it is, in its place; ours replaced by `ours` (a parent no longer
+/// attached loses its entry); the lastTransitionTime of a condition whose status did not change
+/// kept. Returns the whole `status` document (`{"parents": [..], ..every other field of
+/// fresh_status..}`), to be written with the fresh resourceVersion (`status.parents` is atomic).
+pub fn merge_route_parents(fresh_status: &Value, ours: Vec<Value>, controller_name: &str) -> Value {
+    let old = fresh_status["parents"].as_array().cloned().unwrap_or_default();
+    let mut parents: Vec<Value> = old.iter().filter(|p| p["controllerName"] != controller_name).cloned().collect();
+    for mut entry in ours {
+        let previous = old
+            .iter()
+            .find(|o| o["controllerName"] == controller_name && same_parent(&o["parentRef"], &entry["parentRef"]));
+        if let (Some(previous), Some(conds)) = (previous, entry["conditions"].as_array_mut()) {
+            for c in conds {
+                let since = previous["conditions"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .find(|e| e["type"] == c["type"] && e["status"] == c["status"])
+                    .and_then(|e| e["lastTransitionTime"].as_str());
+                if let Some(since) = since {
+                    c["lastTransitionTime"] = json!(since);
+                }
+            }
+        }
+        parents.push(entry);
+    }
+    // The API allows 32 parents per route.
+    parents.truncate(32);
+    let mut out = match fresh_status {
+        Value::Object(_) => fresh_status.clone(),
+        _ => json!({}),
+    };
+    out["parents"] = Value::Array(parents);
+    out
 }
 
 /// True when every field `want` sets already has that value in `have` (arrays compared whole,
@@ -428,67 +536,181 @@ mod tests {
         assert!(published(&reports, [&p2], &names).is_empty());
     }
 
+    fn http_kinds() -> Vec<RouteGroupKind> {
+        vec![RouteGroupKind { group: gateway::GROUP.into(), kind: "HTTPRoute".into() }]
+    }
+
     #[test]
     fn gateway_status_reports_listeners_and_addresses() {
         let bad = [Problem { reason: "PortUnavailable", message: "listener x: port 8080".into() }];
+        let kinds = http_kinds();
         let listeners = [
             ListenerFacts {
                 name: "web-test",
                 protocol: "HTTP",
                 attached: 1,
-                problems: &[],
+                supported_kinds: &kinds,
                 addresses: BTreeSet::from(["https://alice-web-test.tuns.sh".to_string()]),
-                missing_sidecars: 0,
-                conflict: None,
+                ..Default::default()
             },
-            ListenerFacts {
-                name: "tcp",
-                protocol: "TCP",
-                attached: 1,
-                problems: &[],
-                addresses: BTreeSet::new(),
-                missing_sidecars: 2,
-                conflict: None,
-            },
-            ListenerFacts {
-                name: "x",
-                protocol: "HTTP",
-                attached: 0,
-                problems: &bad,
-                addresses: BTreeSet::new(),
-                missing_sidecars: 0,
-                conflict: None,
-            },
+            ListenerFacts { name: "tcp", protocol: "TCP", attached: 1, missing_sidecars: 2, ..Default::default() },
+            ListenerFacts { name: "x", protocol: "HTTP", problems: &bad, ..Default::default() },
         ];
         let s = gateway_status(&listeners, 3, &Value::Null, "T");
         assert_eq!(s["addresses"], json!([{"type": "Hostname", "value": "alice-web-test.tuns.sh"}]));
         assert_eq!(s["conditions"][1]["type"], "Programmed");
-        assert_eq!(s["conditions"][1]["status"], "True");
+        assert_eq!(s["conditions"][1]["status"], "False", "the tcp listener's pods lack the sidecar: {s}");
+        assert_eq!(s["conditions"][1]["reason"], "Pending");
         assert_eq!(s["listeners"][1]["conditions"][2]["reason"], "Pending");
         assert!(s["listeners"][1]["conditions"][2]["message"].as_str().unwrap().contains("2 backing pod(s)"));
         assert_eq!(s["listeners"][2]["conditions"][0]["reason"], "PortUnavailable");
+        assert_eq!(s["listeners"][2]["conditions"][2]["reason"], "Invalid");
         assert_eq!(s["listeners"][0]["attachedRoutes"], 1);
+        assert_eq!(
+            s["listeners"][0]["supportedKinds"],
+            json!([{"group": "gateway.networking.k8s.io", "kind": "HTTPRoute"}])
+        );
     }
 
+    /// Contract decision 2 (issue 12, conformance: GatewayObservedGenerationBump, the suite's
+    /// Setup): a Gateway whose tunnels are handed to pods that all carry the sidecar is
+    /// Programmed before any sidecar reports an address (before: False AddressNotAssigned), and
+    /// one with no routes is Programmed; addresses stay `[]` until reported; every condition of
+    /// the Gateway and its listeners carries the current generation.
     #[test]
-    fn route_parents_keep_other_controllers_entries() {
-        let existing = json!({"parents": [
-            {"controllerName": "example.com/other", "parentRef": {"name": "g2"}, "conditions": []},
-            {"controllerName": "ours", "parentRef": {"name": "stale"}, "conditions": []},
-        ]});
-        let parents = [ParentStatus {
+    fn a_gateway_is_programmed_once_its_tunnels_are_handed_out() {
+        let kinds = http_kinds();
+        let waiting = [ListenerFacts {
+            name: "web",
+            protocol: "HTTP",
+            attached: 1,
+            supported_kinds: &kinds,
+            ..Default::default()
+        }];
+        let s = gateway_status(&waiting, 7, &Value::Null, "T");
+        assert_eq!(s["conditions"][1]["status"], "True", "{s}");
+        assert_eq!(s["conditions"][1]["reason"], "Programmed");
+        assert!(s["conditions"][1]["message"].as_str().unwrap().contains("no sidecar has reported"), "{s}");
+        assert_eq!(s["listeners"][0]["conditions"][2]["status"], "True");
+        assert_eq!(s["addresses"], json!([]), "an empty list, not null: the document is an apply body");
+        let empty = [ListenerFacts { name: "web", protocol: "HTTP", supported_kinds: &kinds, ..Default::default() }];
+        let s2 = gateway_status(&empty, 8, &s, "T2");
+        assert_eq!(s2["conditions"][1]["status"], "True");
+        let mut all = s2["conditions"].as_array().unwrap().clone();
+        all.extend(s2["listeners"][0]["conditions"].as_array().unwrap().iter().cloned());
+        assert_eq!(all.len(), 6);
+        assert!(all.iter().all(|c| c["observedGeneration"] == 8), "{all:?}");
+        assert!(!status_has_null(&s2), "{s2}");
+    }
+
+    fn status_has_null(v: &Value) -> bool {
+        match v {
+            Value::Null => true,
+            Value::Array(a) => a.iter().any(status_has_null),
+            Value::Object(o) => o.values().any(status_has_null),
+            _ => false,
+        }
+    }
+
+    /// Issue 12, defect 7 / contract decisions 5 and 6 (conformance GatewayInvalidRouteKind,
+    /// GatewaySecret*ReferenceGrant): listener references that do not resolve are
+    /// ResolvedRefs=False with the resolver's reason (before: always True); supportedKinds lists
+    /// only the kinds served (`[]` when none); a certificateRef that does not resolve leaves the
+    /// listener Programmed=False Invalid.
+    #[test]
+    fn listener_refs_set_resolved_refs_and_supported_kinds() {
+        let kinds_problem = [Problem { reason: listener::INVALID_ROUTE_KINDS, message: "kinds".into() }];
+        let cert_problem = [Problem { reason: listener::REF_NOT_PERMITTED, message: "secret".into() }];
+        let kinds = http_kinds();
+        let listeners = [
+            ListenerFacts { name: "only-invalid", protocol: "HTTP", refs: &kinds_problem, ..Default::default() },
+            ListenerFacts {
+                name: "https",
+                protocol: "HTTPS",
+                refs: &cert_problem,
+                supported_kinds: &kinds,
+                ..Default::default()
+            },
+        ];
+        let s = gateway_status(&listeners, 1, &Value::Null, "T");
+        let l0 = &s["listeners"][0];
+        assert_eq!(l0["supportedKinds"], json!([]));
+        assert_eq!(
+            (l0["conditions"][1]["type"].as_str(), l0["conditions"][1]["status"].as_str()),
+            (Some("ResolvedRefs"), Some("False"))
+        );
+        assert_eq!(l0["conditions"][1]["reason"], "InvalidRouteKinds");
+        assert_eq!(l0["conditions"][2]["status"], "True", "route kinds alone do not stop the listener");
+        let l1 = &s["listeners"][1];
+        assert_eq!(l1["conditions"][1]["reason"], "RefNotPermitted");
+        assert_eq!(
+            (l1["conditions"][2]["status"].as_str(), l1["conditions"][2]["reason"].as_str()),
+            (Some("False"), Some("Invalid"))
+        );
+    }
+
+    fn parent(section: Option<&str>, port: Option<i32>) -> ParentStatus {
+        ParentStatus {
             gateway: ("ns".into(), "g".into()),
-            section: Some("web".into()),
+            parent_ref: ParentRef {
+                group: Some(gateway::GROUP.into()),
+                kind: Some("Gateway".into()),
+                namespace: None,
+                name: "g".into(),
+                section: section.map(str::to_string),
+                port,
+            },
             accepted: Ok(()),
             resolved_refs: Err(Problem { reason: "BackendNotFound", message: "Service ns/x does not exist".into() }),
-        }];
+        }
+    }
+
+    /// Issue 12, defect 6: picotun's route parent entries copy the route's parentRef whole
+    /// (before: `port` was dropped and a namespace the route left out was added), and only
+    /// picotun's own entries are produced.
+    #[test]
+    fn route_parents_are_ours_with_the_parent_ref_whole() {
         let weights = [Problem { reason: "WeightsUnsupported", message: "weights".into() }];
-        let s = route_parents(&parents, &weights, "ours", 1, &existing, "T");
+        let list = route_parents(&[parent(Some("web"), Some(443))], &weights, "ours", 1, "T");
+        assert_eq!(list.len(), 1);
+        assert_eq!(
+            list[0]["parentRef"],
+            json!({"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": "g", "sectionName": "web", "port": 443})
+        );
+        assert_eq!(list[0]["controllerName"], "ours");
+        assert_eq!(list[0]["conditions"][1]["reason"], "BackendNotFound");
+        assert_eq!(list[0]["conditions"][2]["type"], "PartiallyInvalid");
+        assert!(list[0]["conditions"].as_array().unwrap().iter().all(|c| c["observedGeneration"] == 1));
+    }
+
+    /// Issue 12, defect 6 / contract decision 8: merging into a fresh read keeps other
+    /// controllers' entries untouched and in place, replaces ours, drops ours whose parentRef is
+    /// no longer attached (before: never removed), keeps the lastTransitionTime of conditions
+    /// whose status did not change, and keeps the status's other fields.
+    #[test]
+    fn merge_route_parents_replaces_only_ours() {
+        let theirs = json!({"controllerName": "example.com/other", "parentRef": {"name": "g2"},
+            "conditions": [{"type": "Accepted", "status": "True", "lastTransitionTime": "T0"}]});
+        let fresh = json!({"parents": [
+            theirs,
+            {"controllerName": "ours", "parentRef": {"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": "stale"}, "conditions": []},
+            {"controllerName": "ours", "parentRef": {"name": "g", "sectionName": "web", "port": 443}, "conditions": [
+                {"type": "Accepted", "status": "True", "reason": "Accepted", "lastTransitionTime": "T1"},
+                {"type": "ResolvedRefs", "status": "True", "reason": "ResolvedRefs", "lastTransitionTime": "T1"}]},
+        ], "futureField": 1});
+        let ours = route_parents(&[parent(Some("web"), Some(443))], &[], "ours", 2, "T2");
+        let s = merge_route_parents(&fresh, ours, "ours");
         let list = s["parents"].as_array().unwrap();
-        assert_eq!(list.len(), 2);
-        assert_eq!(list[0]["controllerName"], "example.com/other");
-        assert_eq!(list[1]["parentRef"]["sectionName"], "web");
-        assert_eq!(list[1]["conditions"][1]["reason"], "BackendNotFound");
-        assert_eq!(list[1]["conditions"][2]["type"], "PartiallyInvalid");
+        assert_eq!(list.len(), 2, "{s}");
+        assert_eq!(list[0], theirs, "another controller's entry, untouched");
+        assert_eq!(list[1]["parentRef"]["name"], "g");
+        assert_eq!(list[1]["conditions"][0]["lastTransitionTime"], "T1", "Accepted stayed True");
+        assert_eq!(list[1]["conditions"][1]["lastTransitionTime"], "T2", "ResolvedRefs became False");
+        assert_eq!(list[1]["conditions"][0]["observedGeneration"], 2);
+        assert_eq!(s["futureField"], 1);
+        // Detached from every Gateway of ours: only the other controller's entry stays.
+        let s = merge_route_parents(&fresh, Vec::new(), "ours");
+        assert_eq!(s["parents"], json!([theirs]));
+        assert_eq!(merge_route_parents(&Value::Null, Vec::new(), "ours"), json!({"parents": []}));
     }
 }

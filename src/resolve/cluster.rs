@@ -392,16 +392,16 @@ mod tests {
     }
 
     fn tcp_gateway(ns: &str, port: u16) -> GatewayModel {
-        gateway::gateway_from_json(&json!({"metadata": {"name": "gw", "namespace": ns}, "spec": {
+        gateway::fixtures::gateway(json!({"metadata": {"name": "gw", "namespace": ns}, "spec": {
             "gatewayClassName": "pico", "listeners": [
                 {"name": "tcp", "protocol": "TCP", "port": port},
                 {"name": "web", "protocol": "HTTP", "port": 80, "hostname": "web"}]}}))
     }
 
     fn route_at(kind: &str, ns: &str, name: &str, created: &str, section: &str) -> RouteModel {
-        gateway::route_from_json(
+        gateway::fixtures::route(
             kind,
-            &json!({"metadata": {"name": name, "namespace": ns, "creationTimestamp": created}, "spec": {
+            json!({"metadata": {"name": name, "namespace": ns, "creationTimestamp": created}, "spec": {
             "parentRefs": [{"name": "gw", "sectionName": section}],
             "rules": [{"backendRefs": [{"name": "web", "port": 80}]}]}}),
         )
@@ -442,6 +442,45 @@ mod tests {
         // x keeps its port.
         let (file, problems) = pod_tunnels_file(&pods[1], &[], &r.ownership);
         assert_eq!((file.tunnels.len(), problems.len()), (1, 0));
+    }
+
+    /// Issue 12, defect 13 (routes) / contract decision 4: two HTTPRoutes asking one
+    /// hostname-less listener for the same hostname, with different backends: the older gets
+    /// it; the other's parent is Accepted=False TunnelConflict naming the winner, its pods get
+    /// no tunnel for it, and attachedRoutes counts only the winner. (This pure side already held
+    /// on the base of issue 12, through resolve::ownership; the test pins it.)
+    #[test]
+    fn two_routes_with_one_hostname_on_one_listener_the_older_wins() {
+        let gw = gateway::fixtures::gateway(json!({"metadata": {"name": "gw", "namespace": "g"}, "spec": {
+            "gatewayClassName": "pico", "listeners": [{"name": "web", "protocol": "HTTP", "port": 80}]}}));
+        let route = |name: &str, created: &str, backend: &str| {
+            gateway::fixtures::route(
+                "HTTPRoute",
+                json!({"metadata": {"name": name, "namespace": "g", "creationTimestamp": created}, "spec": {
+                "parentRefs": [{"name": "gw"}], "hostnames": ["demo"],
+                "rules": [{"backendRefs": [{"name": backend, "port": 80}]}]}}),
+            )
+        };
+        let mut other = web_service("g");
+        other.metadata.name = Some("other".into());
+        other.spec.as_mut().unwrap().selector = Some(BTreeMap::from([("app".to_string(), "other".to_string())]));
+        let services = [web_service("g"), other];
+        let mut pods =
+            [pod_at("g", "web-1", "2024-02-01T00:00:00Z", None), pod_at("g", "other-1", "2024-02-01T00:00:00Z", None)];
+        pods[1].metadata.labels = Some(BTreeMap::from([("app".to_string(), "other".to_string())]));
+        let domains = DomainPolicy::default();
+        let routes =
+            vec![route("newer", "2024-06-01T00:00:00Z", "other"), route("older", "2024-01-01T00:00:00Z", "web")];
+        let r = resolve_all(&inputs(&[], &services, &pods, vec![gw], routes, &domains));
+        assert_eq!(hosts_of(&r, &key("g", "web-1")), ["demo"]);
+        assert!(hosts_of(&r, &key("g", "other-1")).is_empty(), "the loser's pods serve nothing");
+        let status =
+            |name: &str| r.gateway.routes[&("HTTPRoute".to_string(), "g".to_string(), name.to_string())][0].clone();
+        assert!(status("older").accepted.is_ok());
+        let lost = status("newer").accepted.unwrap_err();
+        assert_eq!(lost.reason, TUNNEL_CONFLICT);
+        assert!(lost.message.contains("HTTPRoute g/older"), "{}", lost.message);
+        assert_eq!(r.gateway.attached[&key("g", "gw")]["web"], 1);
     }
 
     #[test]

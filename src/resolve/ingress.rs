@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::networking::v1::{Ingress, IngressServiceBackend};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use super::{Problem, Resolution, Snapshot, service_port, target_port, tunnel_name};
+use super::{Problem, Resolution, Snapshot, backing_pods, service_port, tunnel_name};
 use crate::core::tunnel::{TunnelKind, TunnelSpec, is_dns_name};
 
 /// The IngressClass picotun ships, and its controller name.
@@ -135,24 +135,20 @@ pub fn resolve(ingress: &Ingress, snapshot: &Snapshot<'_>) -> Resolution {
             );
             continue;
         };
-        let Some(pods) = snapshot.selected_pods(service) else {
+        if snapshot.selected_pods(service).is_none() {
             problem(
                 "NoSelector",
                 format!("host {host}: Service {} has no selector, so no pods picotun can give a tunnel", backend.name),
             );
             continue;
-        };
+        }
+        let (pods, missing) = backing_pods(snapshot, service, port);
+        if let Some(p) = missing {
+            problem(p.reason, format!("host {host}: {}", p.message));
+        }
         let tunnel = tunnel_name(&["ing", &name, &host]);
-        for pod in pods {
-            let pod_name = pod.metadata.name.clone().unwrap_or_default();
-            let Some(target) = target_port(port, pod) else {
-                problem(
-                    "TargetPortNotFound",
-                    format!("host {host}: pod {pod_name} has no container port named {:?}", port.target_port),
-                );
-                continue;
-            };
-            out.tunnels.entry((namespace.clone(), pod_name)).or_default().push(TunnelSpec {
+        for (pod, target) in pods {
+            out.tunnels.entry(pod).or_default().push(TunnelSpec {
                 name: tunnel.clone(),
                 kind: TunnelKind::Http,
                 host: Some(host.clone()),

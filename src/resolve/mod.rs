@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{Pod, Service, ServicePort};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::core::{Selector, SelectorExt};
 
 use crate::core::tunnel::TunnelSpec;
 
@@ -71,7 +72,9 @@ impl<'a> Snapshot<'a> {
     /// (its endpoints are managed by hand: nothing picotun can inject into).
     pub fn selected_pods(&self, service: &Service) -> Option<Vec<&'a Pod>> {
         let selector = service.spec.as_ref()?.selector.as_ref().filter(|s| !s.is_empty())?;
+        let selector: Selector = selector.clone().into_iter().collect();
         let namespace = service.metadata.namespace.as_deref().unwrap_or_default();
+        let no_labels = BTreeMap::new();
         Some(
             self.pods
                 .get(namespace)
@@ -79,10 +82,7 @@ impl<'a> Snapshot<'a> {
                 .flatten()
                 .copied()
                 .filter(|p| p.metadata.deletion_timestamp.is_none())
-                .filter(|p| {
-                    let labels = p.metadata.labels.as_ref();
-                    selector.iter().all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v))
-                })
+                .filter(|p| selector.matches(p.metadata.labels.as_ref().unwrap_or(&no_labels)))
                 .collect(),
         )
     }
@@ -108,6 +108,42 @@ pub fn target_port(port: &ServicePort, pod: &Pod) -> Option<u16> {
             })
         }
     }
+}
+
+/// The pods behind a Service port, each with the container port its targetPort means; the pods
+/// that lack that port are named in a `TargetPortNotFound` problem (they get no tunnel).
+pub fn backing_pods(
+    snapshot: &Snapshot<'_>,
+    service: &Service,
+    port: &ServicePort,
+) -> (Vec<(PodKey, u16)>, Option<Problem>) {
+    let mut pods = Vec::new();
+    let mut missing = Vec::new();
+    for pod in snapshot.selected_pods(service).unwrap_or_default() {
+        let key = (pod.metadata.namespace.clone().unwrap_or_default(), pod.metadata.name.clone().unwrap_or_default());
+        match target_port(port, pod) {
+            Some(target) => pods.push((key, target)),
+            None => missing.push(key.1),
+        }
+    }
+    let problem = (!missing.is_empty()).then(|| {
+        let target = match &port.target_port {
+            Some(IntOrString::String(name)) => format!("{name:?}"),
+            Some(IntOrString::Int(n)) => n.to_string(),
+            None => port.port.to_string(),
+        };
+        Problem {
+            reason: gateway::reason::TARGET_PORT_NOT_FOUND,
+            message: format!(
+                "Service {}/{} port {}: pod(s) {} have no container port {target}, so they get no tunnel",
+                service.metadata.namespace.as_deref().unwrap_or_default(),
+                service.metadata.name.as_deref().unwrap_or_default(),
+                port.name.as_deref().map_or_else(|| port.port.to_string(), str::to_string),
+                missing.join(", ")
+            ),
+        }
+    });
+    (pods, problem)
 }
 
 /// A tunnel name from parts: a DNS label of at most 63 characters, unique per input (a hash

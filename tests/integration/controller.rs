@@ -21,6 +21,7 @@ use kube::api::{
 };
 use kube::core::ApiResource;
 use picotun::apiserver::index::GatewayKind;
+use picotun::resolve::tunnel_name;
 use picotun_testground::{ControlPlane, Existing, Proc, free_port, http, random_suffix, wait_for};
 use serde_json::{Value, json};
 
@@ -360,14 +361,18 @@ async fn gateway_walkthrough_http_and_tcp_listeners() {
     )
     .await;
 
-    // Every pod opens both: the HTTP name and the TCP port, relayed to the echo server.
+    // Every pod opens both: the HTTP name and the TCP port, relayed to the echo server. Tunnel
+    // names carry the Gateway's namespace (issue 12, contract decision 3).
+    let tcp_name = tunnel_name(&["gw", &ns, "tcp-echo-gateway", "tcp"]);
+    let web_name = tunnel_name(&["gw", &ns, "tcp-echo-gateway", "web-test", "web-test"]);
     let want = json!({"tunnels": [
-        {"name": "gw-tcp-echo-gateway-tcp", "kind": "tcp", "remotePort": 59123, "targetPort": 5678},
-        {"name": "gw-tcp-echo-gateway-web-test-web-test", "kind": "http", "host": "web-test", "targetPort": 5678},
+        {"name": tcp_name, "kind": "tcp", "remotePort": 59123, "targetPort": 5678},
+        {"name": web_name, "kind": "http", "host": "web-test", "targetPort": 5678},
     ]});
     let carrying = pods_carry(&pods, "tcp-echo-server", 3, &want).await;
 
-    // Status before any sidecar reports: accepted and attached, not yet programmed.
+    // Status before any sidecar reports: accepted, attached, and Programmed -- the tunnels are
+    // handed to pods that all carry the sidecar (issue 12, contract decision 2); no addresses yet.
     let class_status =
         wait_for("GatewayClass Accepted", Duration::from_secs(30), Duration::from_millis(200), || async {
             let s = status_of(GatewayKind::GatewayClass, None, &client, &class).await;
@@ -383,7 +388,10 @@ async fn gateway_walkthrough_http_and_tcp_listeners() {
     .await
     .unwrap();
     assert_eq!(condition(&gw["conditions"], "Accepted")["status"], "True", "{gw}");
-    assert_eq!(condition(&gw["conditions"], "Programmed")["status"], "False", "{gw}");
+    let programmed = condition(&gw["conditions"], "Programmed");
+    assert_eq!(programmed["status"], "True", "{gw}");
+    assert!(programmed["message"].as_str().unwrap().contains("no sidecar has reported"), "{gw}");
+    assert!(gw["addresses"].as_array().is_none_or(|a| a.is_empty()), "{gw}");
     let listener =
         |s: &Value, name: &str| s["listeners"].as_array().unwrap().iter().find(|l| l["name"] == name).cloned().unwrap();
     assert_eq!(listener(&gw, "web-test")["attachedRoutes"], 1);
@@ -407,13 +415,18 @@ async fn gateway_walkthrough_http_and_tcp_listeners() {
 
     // Sidecars report: the Gateway is programmed at the addresses the server assigned.
     let names: Vec<String> = carrying.iter().map(|p| p.metadata.name.clone().unwrap()).collect();
-    report(&pods, &names[0], json!({
-        "gw-tcp-echo-gateway-tcp": {"state": "established", "publicAddress": "tuns.test:59123"},
-        "gw-tcp-echo-gateway-web-test-web-test": {"state": "established", "publicAddress": "https://alice-web-test.tuns.test"},
-    })).await;
-    let gw = wait_for("Gateway Programmed", Duration::from_secs(30), Duration::from_millis(200), || async {
+    report(
+        &pods,
+        &names[0],
+        json!({
+            tcp_name.clone(): {"state": "established", "publicAddress": "tuns.test:59123"},
+            web_name.clone(): {"state": "established", "publicAddress": "https://alice-web-test.tuns.test"},
+        }),
+    )
+    .await;
+    let gw = wait_for("Gateway addresses", Duration::from_secs(30), Duration::from_millis(200), || async {
         let s = status_of(GatewayKind::Gateway, g, &client, "tcp-echo-gateway").await;
-        Ok((condition(&s["conditions"], "Programmed")["status"] == "True").then_some(s))
+        Ok(s["addresses"].as_array().is_some_and(|a| a.len() == 2).then_some(s))
     })
     .await
     .unwrap();
@@ -444,7 +457,7 @@ async fn gateway_walkthrough_http_and_tcp_listeners() {
     // Deleting the TCPRoute takes the TCP tunnel off every pod, in place.
     dynamic(GatewayKind::TCPRoute, g, &client).delete("tcp-echo-route", &DeleteParams::default()).await.unwrap();
     let want_http = json!({"tunnels": [
-        {"name": "gw-tcp-echo-gateway-web-test-web-test", "kind": "http", "host": "web-test", "targetPort": 5678},
+        {"name": web_name, "kind": "http", "host": "web-test", "targetPort": 5678},
     ]});
     let after = pods_carry(&pods, "tcp-echo-server", 3, &want_http).await;
     assert_eq!(uids(&carrying), uids(&after), "no pod was replaced");
@@ -549,7 +562,7 @@ async fn a_name_belongs_to_the_oldest_claimant_across_namespaces() {
     // The owner goes: the later claimant takes the name over.
     ingresses.delete("web", &DeleteParams::default()).await.unwrap();
     let started = Instant::now();
-    let taken = json!({"tunnels": [{"name": "gw-gw-web-demo", "kind": "http", "host": "demo", "targetPort": 5678}]});
+    let taken = json!({"tunnels": [{"name": tunnel_name(&["gw", &newer, "gw", "web", "demo"]), "kind": "http", "host": "demo", "targetPort": 5678}]});
     pods_carry(&newer_pods, "web", 2, &taken).await;
     println!("the newer claimant's pods carried demo {} ms after the owner was deleted", started.elapsed().as_millis());
     wait_for("the route Accepted", Duration::from_secs(30), Duration::from_millis(200), || async {
