@@ -12,7 +12,7 @@ pub mod restart;
 pub mod status;
 pub mod sync_key;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -76,10 +76,11 @@ pub struct ControllerArgs {
     pub sync_key_secret: bool,
     #[arg(long, env = "PICOTUN_KEY_SECRET_NAME", default_value = crate::core::api::DEFAULT_KEY_SECRET)]
     pub key_secret_name: String,
-    /// Serve only namespaces with these labels (`key=value,...`; default: every namespace), so
-    /// several controllers can share a cluster.
-    #[arg(long, env = "PICOTUN_NAMESPACE_SELECTOR", value_parser = parse_selector, default_value = "")]
-    pub namespace_selector: BTreeMap<String, String>,
+    /// Serve only the namespaces this label selector selects, written as `kubectl -l` takes it
+    /// (`team=web`, `env!=prod`, `team in (a,b)`, `owned`, `!legacy`, comma-separated; default:
+    /// every namespace), so several controllers can share a cluster.
+    #[arg(long, env = "PICOTUN_NAMESPACE_SELECTOR", value_parser = crate::core::api::parse_label_selector, default_value = "")]
+    pub namespace_selector: kube::core::Selector,
     /// Resolve everything at least this often, even when nothing changed.
     #[arg(long, env = "PICOTUN_RESYNC_INTERVAL", value_parser = humantime::parse_duration, default_value = "5m")]
     pub resync_interval: Duration,
