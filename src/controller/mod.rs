@@ -29,7 +29,6 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
-use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, info_span, warn};
 
@@ -227,25 +226,19 @@ pub async fn run(args: ControllerArgs, shutdown: CancellationToken) -> Result<()
         shutdown.clone(),
     ));
 
-    // Without election this replica always leads; the sender is kept so `changed()` waits
-    // rather than returning at once (a dropped sender would make the loop spin).
-    let (_always_leader, mut leader) = if args.leader_election {
-        (
-            None,
-            lease::spawn(
-                client.clone(),
-                lease::LeaseConfig {
-                    namespace: args.namespace.clone(),
-                    name: args.lease_name.clone(),
-                    identity: identity.clone(),
-                    duration: args.lease_duration,
-                },
-                shutdown.clone(),
-            ),
+    let mut leader = if args.leader_election {
+        lease::spawn(
+            client.clone(),
+            lease::LeaseConfig {
+                namespace: args.namespace.clone(),
+                name: args.lease_name.clone(),
+                identity: identity.clone(),
+                duration: args.lease_duration,
+            },
+            shutdown.clone(),
         )
     } else {
-        let (tx, rx) = watch::channel(true);
-        (Some(tx), rx)
+        lease::Leadership::always()
     };
     info!(%identity, leader_election = args.leader_election, "picotun controller starting");
 
@@ -273,7 +266,7 @@ pub async fn run(args: ControllerArgs, shutdown: CancellationToken) -> Result<()
     // the source is compared every few seconds instead.
     let wake_every = if key_sync.is_some() { args.resync_interval.min(sync_key::EVERY) } else { args.resync_interval };
     loop {
-        let is_leader = *leader.borrow_and_update();
+        let is_leader = leader.may_write();
         metrics.leader.set(i64::from(is_leader));
         let started = Instant::now();
         let span = info_span!("reconcile", leader = is_leader);
@@ -308,6 +301,8 @@ pub async fn run(args: ControllerArgs, shutdown: CancellationToken) -> Result<()
         // Coalesce a burst of watch events (a rollout, an apply of many objects) into one pass.
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // The pass above has finished its writes: only now may another replica take over.
+    leader.release().await;
     info!("picotun controller stopped");
     Ok(())
 }

@@ -10,6 +10,7 @@ mod certificates;
 mod controller;
 mod deploy;
 mod ground;
+mod lease;
 mod report;
 mod support;
 mod tunnel_servers;
