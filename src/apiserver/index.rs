@@ -346,7 +346,11 @@ impl Index {
         for w in waits {
             index.track(w);
         }
-        tokio::spawn(index.clone().discover(client, starters, shutdown));
+        let ask = move |wanted: Vec<GatewayKind>| {
+            let client = client.clone();
+            async move { installed_gateway_kinds(&client, &wanted).await }
+        };
+        tokio::spawn(index.clone().discover(ask, REDISCOVER_EVERY, starters, shutdown));
         index
     }
 
@@ -364,17 +368,21 @@ impl Index {
     /// Gateway API discovery: retried with backoff until it succeeds (a transient error at start
     /// must not turn Gateway API support off), then repeated every [`REDISCOVER_EVERY`] while a
     /// kind is missing, so CRDs installed later are served without a restart.
-    async fn discover(
+    async fn discover<F, Fut>(
         self,
-        client: kube::Client,
+        mut ask: F,
+        every: Duration,
         mut starters: BTreeMap<GatewayKind, Starter>,
         shutdown: CancellationToken,
-    ) {
+    ) where
+        F: FnMut(Vec<GatewayKind>) -> Fut,
+        Fut: std::future::Future<Output = Result<BTreeSet<GatewayKind>, kube::Error>>,
+    {
         let mut backoff = DiscoveryBackoff::default();
         let mut warned = BTreeSet::new();
         while !starters.is_empty() {
             let wanted: Vec<GatewayKind> = starters.keys().copied().collect();
-            let wait = match installed_gateway_kinds(&client, &wanted).await {
+            let wait = match ask(wanted).await {
                 Ok(installed) => {
                     for kind in installed {
                         if let Some(start) = starters.remove(&kind) {
@@ -391,7 +399,7 @@ impl Index {
                             kind = %resource.kind, version = %resource.api_version,
                             "Gateway API CRD not installed: {} objects are not served (install the Gateway API \
                              experimental channel CRDs; they are picked up within {}s)",
-                            resource.kind, REDISCOVER_EVERY.as_secs()
+                            resource.kind, every.as_secs().max(1)
                         );
                     }
                     // Counted only after the found kinds' watches: /ready never sees a
@@ -400,7 +408,7 @@ impl Index {
                         self.changed.notify_one();
                     }
                     backoff.reset();
-                    REDISCOVER_EVERY
+                    every
                 }
                 Err(e) => {
                     let wait = backoff.next();
@@ -837,6 +845,55 @@ mod tests {
         assert!(!index.is_synced(), "a kind found later is watched but not listed yet");
         index.synced.fetch_add(1, Ordering::SeqCst);
         assert!(index.is_synced());
+    }
+
+    /// Defect 9: discovery that fails is retried (with backoff), and a kind missing once is
+    /// looked for again: each kind's watch starts when it is found, and the index counts as
+    /// discovered from the first success on.
+    #[tokio::test]
+    async fn discovery_retries_after_an_error_and_picks_up_kinds_installed_later() {
+        let index = offline_index("", &[], &[]);
+        let answers = Arc::new(std::sync::Mutex::new(std::collections::VecDeque::from([
+            Err("connection refused"),
+            Ok(vec![GatewayKind::GatewayClass, GatewayKind::Gateway]),
+            Ok(vec![]),
+            Ok(vec![GatewayKind::HTTPRoute, GatewayKind::TCPRoute, GatewayKind::ReferenceGrant]),
+        ])));
+        let asked = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (a, q) = (answers.clone(), asked.clone());
+        let ask = move |wanted: Vec<GatewayKind>| {
+            q.lock().unwrap().push(wanted.clone());
+            let answer = a.lock().unwrap().pop_front().expect("asked once too often");
+            async move {
+                match answer {
+                    Err(e) => Err(kube::Error::Service(e.into())),
+                    Ok(found) => Ok(found.into_iter().filter(|k| wanted.contains(k)).collect()),
+                }
+            }
+        };
+        let started = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let starters: BTreeMap<GatewayKind, Starter> = GatewayKind::ALL
+            .into_iter()
+            .map(|kind| {
+                let started = started.clone();
+                let start: Starter = Box::new(move || {
+                    started.lock().unwrap().push(kind);
+                    Box::pin(async {})
+                });
+                (kind, start)
+            })
+            .collect();
+        let run = index.clone().discover(ask, Duration::from_millis(20), starters, CancellationToken::new());
+        tokio::time::timeout(Duration::from_secs(5), run).await.expect("ends once every kind is watched");
+        let asked = asked.lock().unwrap().clone();
+        assert_eq!(asked.len(), 4, "{asked:?}");
+        assert_eq!(asked[0], GatewayKind::ALL, "after the error, everything is asked again");
+        assert_eq!(asked[2], [GatewayKind::HTTPRoute, GatewayKind::TCPRoute, GatewayKind::ReferenceGrant]);
+        assert_eq!(started.lock().unwrap().len(), 5);
+        assert!(GatewayKind::ALL.iter().all(|k| index.gateway.is_watched(*k)));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(index.is_synced());
+        assert_eq!(index.watches.load(Ordering::SeqCst), 5);
     }
 
     #[test]
