@@ -87,6 +87,19 @@ impl Leadership {
         self.term.borrow().may_write(Instant::now())
     }
 
+    /// How long writes may still go on without another renew: zero when [`Leadership::may_write`]
+    /// is false, `Duration::MAX` without election. Bound each write's timeout by it, so no write
+    /// can land after a follower could have taken over.
+    pub fn remaining(&self) -> Duration {
+        let t = *self.term.borrow();
+        let now = Instant::now();
+        match t.fence {
+            _ if !t.may_write(now) => Duration::ZERO,
+            None => Duration::MAX,
+            Some(f) => f - now,
+        }
+    }
+
     /// Whether this replica holds the Lease (as last seen; writing needs [`Leadership::may_write`]).
     pub fn holds(&self) -> bool {
         self.term.borrow().held
@@ -394,11 +407,14 @@ mod tests {
         let (tx, rx) = watch::channel(Term { held: true, fence: Some(Instant::now() + Duration::from_millis(150)) });
         let mut l = Leadership { term: rx, release: None, _always: None };
         assert!(l.may_write());
+        assert!(l.remaining() > Duration::ZERO && l.remaining() <= Duration::from_millis(150));
         tokio::time::timeout(Duration::from_secs(2), l.changed()).await.expect("woken at the fence");
         assert!(!l.may_write());
+        assert_eq!(l.remaining(), Duration::ZERO);
         drop(tx);
         let mut always = Leadership::always();
         assert!(always.may_write());
+        assert_eq!(always.remaining(), Duration::MAX);
         assert!(tokio::time::timeout(Duration::from_millis(100), always.changed()).await.is_err(), "never changes");
         always.release().await;
     }
