@@ -7,7 +7,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Debug;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
 
 use futures::StreamExt;
 use gateway_api::apis::experimental::{
@@ -18,7 +19,7 @@ use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use k8s_openapi::api::networking::v1::Ingress;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::Api;
-use kube::core::{ApiResource, PartialObjectMeta, Resource};
+use kube::core::{ApiResource, PartialObjectMeta, Resource, Selector, SelectorExt};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use serde_json::Value;
@@ -37,9 +38,9 @@ use crate::resolve::{PodKey, Snapshot};
 pub struct ResolveConfig {
     pub ingress_class: String,
     pub gateway_controller: String,
-    /// Only namespaces whose labels include all of these are served (empty: every namespace).
-    /// Lets several controllers share a cluster, each with its own namespaces.
-    pub namespace_selector: BTreeMap<String, String>,
+    /// Only namespaces whose labels match are served (empty: every namespace). Lets several
+    /// controllers share a cluster, each with its own namespaces.
+    pub namespace_selector: Selector,
     /// Which namespaces may use which custom domains (`--custom-domain-allow`; empty: all).
     pub custom_domains: DomainPolicy,
 }
@@ -49,7 +50,7 @@ impl Default for ResolveConfig {
         ResolveConfig {
             ingress_class: crate::resolve::ingress::INGRESS_CLASS.into(),
             gateway_controller: gateway::GATEWAY_CONTROLLER.into(),
-            namespace_selector: BTreeMap::new(),
+            namespace_selector: Selector::default(),
             custom_domains: DomainPolicy::default(),
         }
     }
@@ -97,56 +98,72 @@ pub struct Index {
     /// Without the Pod cache, the pods' metadata (name, creation time, expose annotation): who
     /// owns which name depends on the expose annotations of every namespace.
     pub pod_metadata: Option<Store<PartialObjectMeta<Pod>>>,
-    /// Only the kinds whose CRDs are installed.
+    /// The Gateway API caches: empty until their CRDs are discovered (and then watched).
     pub gateway: GatewayStores,
+    /// With a namespace selector: Gateways outside the selected namespaces are left out of every
+    /// [`View`], as routes and pods are left out of resolution.
+    scope: Option<Relevance>,
     changed: Arc<Notify>,
+    /// Watches that have listed their objects once.
     synced: Arc<AtomicUsize>,
-    watches: usize,
+    /// Watches started; grows when a Gateway API CRD is discovered after start.
+    watches: Arc<AtomicUsize>,
+    /// Whether Gateway API discovery has succeeded once (until then the index is not synced:
+    /// which kinds exist is not known).
+    discovered: Arc<AtomicBool>,
 }
 
-/// The Gateway API caches, each present only when its CRD is installed.
-#[derive(Clone, Default)]
+/// The Gateway API caches, one per kind, each filled once its CRD is discovered: at start, or
+/// by the rediscovery every [`REDISCOVER_EVERY`] while a kind is missing.
+#[derive(Clone)]
 pub struct GatewayStores {
-    pub classes: Option<Store<GatewayClass>>,
-    pub gateways: Option<Store<Gateway>>,
-    pub http_routes: Option<Store<HttpRoute>>,
-    pub tcp_routes: Option<Store<TcpRoute>>,
-    pub grants: Option<Store<ReferenceGrant>>,
+    pub classes: Store<GatewayClass>,
+    pub gateways: Store<Gateway>,
+    pub http_routes: Store<HttpRoute>,
+    pub tcp_routes: Store<TcpRoute>,
+    pub grants: Store<ReferenceGrant>,
+    /// The kinds whose watches run.
+    watched: Arc<std::sync::Mutex<BTreeSet<GatewayKind>>>,
 }
 
 impl GatewayStores {
-    fn count(&self) -> usize {
-        [
-            self.classes.is_some(),
-            self.gateways.is_some(),
-            self.http_routes.is_some(),
-            self.tcp_routes.is_some(),
-            self.grants.is_some(),
-        ]
-        .iter()
-        .filter(|b| **b)
-        .count()
+    /// Whether `kind`'s CRD was discovered and its objects are watched.
+    pub fn is_watched(&self, kind: GatewayKind) -> bool {
+        self.watched.lock().is_ok_and(|w| w.contains(&kind))
     }
 }
+
+/// How often discovery looks again for Gateway API CRDs that were not installed (one request
+/// per API group version, only while a kind is missing).
+pub const REDISCOVER_EVERY: Duration = Duration::from_secs(30);
 
 /// Whether a change in a namespace can matter to resolution: with a namespace selector (a
 /// controller sharing the cluster), changes to namespaced objects outside the selected namespaces
 /// do not wake the loop -- they are filtered out of every pass anyway.
 #[derive(Clone)]
 struct Relevance {
-    selector: BTreeMap<String, String>,
+    selector: Selector,
     namespaces: Store<Namespace>,
 }
 
 impl Relevance {
     fn matters(&self, namespace: Option<&str>) -> bool {
-        let Some(ns) = namespace.filter(|_| !self.selector.is_empty()) else { return true };
+        let Some(ns) = namespace.filter(|_| !self.selector.selects_all()) else { return true };
         // A namespace not cached yet might be in scope: wake.
-        self.namespaces.get(&ObjectRef::new(ns)).is_none_or(|n| {
-            let labels = n.metadata.labels.as_ref();
-            self.selector.iter().all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v))
-        })
+        self.namespaces.get(&ObjectRef::new(ns)).is_none_or(|n| namespace_selected(&self.selector, &n))
     }
+
+    /// Strictly: the namespace is cached and selected (a cluster-scoped object always is).
+    fn selects(&self, namespace: Option<&str>) -> bool {
+        let Some(ns) = namespace.filter(|_| !self.selector.selects_all()) else { return true };
+        self.namespaces.get(&ObjectRef::new(ns)).is_some_and(|n| namespace_selected(&self.selector, &n))
+    }
+}
+
+/// Whether `selector` selects namespace `n` by its labels.
+fn namespace_selected(selector: &Selector, n: &Namespace) -> bool {
+    static NONE: BTreeMap<String, String> = BTreeMap::new();
+    selector.matches(n.metadata.labels.as_ref().unwrap_or(&NONE))
 }
 
 fn watch<K>(
@@ -230,26 +247,31 @@ fn watch_pod_metadata(
     reader
 }
 
+/// What starts one Gateway API kind's watch once its CRD is found: the watch, and a future that
+/// resolves when it has listed its objects.
+type Starter = Box<dyn FnOnce() -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> + Send>;
+
 impl Index {
-    /// Starts the watches. Gateway API kinds whose CRDs are not installed are skipped with a
-    /// warning (Ingress still works); `with_pods` adds a Pod cache (the controller's), otherwise
-    /// a cache of the pods' metadata is kept for name ownership (the webhook's).
+    /// Starts the watches. Gateway API kinds whose CRDs are not installed are watched once
+    /// discovery finds them (Ingress works meanwhile); `with_pods` adds a Pod cache (the
+    /// controller's), otherwise a cache of the pods' metadata is kept for name ownership (the
+    /// webhook's).
     pub async fn start(client: kube::Client, with_pods: bool, shutdown: CancellationToken) -> Index {
-        Self::start_scoped(client, with_pods, BTreeMap::new(), shutdown).await
+        Self::start_scoped(client, with_pods, Selector::default(), shutdown).await
     }
 
-    /// As [`Index::start`], for a controller serving only the namespaces labeled with all of
-    /// `selector`: changes elsewhere to Ingresses, Services, Pods and routes (which resolution
-    /// filters out) do not wake [`Index::changed`]. Namespaces, classes, Gateways and
-    /// ReferenceGrants always do (in-scope routes may use those of other namespaces).
+    /// As [`Index::start`], for a controller serving only the namespaces `selector` selects:
+    /// changes elsewhere to Ingresses, Services, Pods and routes (which resolution filters out)
+    /// do not wake [`Index::changed`], and Gateways elsewhere are left out of the [`View`].
+    /// Namespaces, classes, Gateways and ReferenceGrants always wake it (in-scope routes may use
+    /// the grants of other namespaces).
     pub async fn start_scoped(
         client: kube::Client,
         with_pods: bool,
-        selector: BTreeMap<String, String>,
+        selector: Selector,
         shutdown: CancellationToken,
     ) -> Index {
         let changed = Arc::new(Notify::new());
-        let mut watches = 3;
         let (namespaces, w) = reflector::store();
         watch(Api::<Namespace>::all(client.clone()), w, changed.clone(), shutdown.clone(), "Namespace".into(), None);
         let scoped = Some(Relevance { selector, namespaces: namespaces.clone() });
@@ -259,32 +281,13 @@ impl Index {
         let (services, w) = reflector::store();
         let (c, s) = (changed.clone(), shutdown.clone());
         watch(Api::<Service>::all(client.clone()), w, c, s, "Service".into(), scoped.clone());
-        let pods = if with_pods {
-            watches += 1;
+        let pods = with_pods.then(|| {
             let (pods, w) = reflector::store();
             watch(Api::<Pod>::all(client.clone()), w, changed.clone(), shutdown.clone(), "Pod".into(), scoped.clone());
-            Some(pods)
-        } else {
-            None
-        };
-        let pod_metadata = if with_pods {
-            None
-        } else {
-            watches += 1;
-            Some(watch_pod_metadata(client.clone(), changed.clone(), shutdown.clone()))
-        };
-        let installed = installed_gateway_kinds(&client).await;
-        for kind in GatewayKind::ALL {
-            if !installed.contains(&kind) {
-                let resource = kind.api_resource();
-                warn!(
-                    kind = %resource.kind, version = %resource.api_version,
-                    "Gateway API CRD not installed: {} objects are not served (install the Gateway API experimental channel CRDs and restart)",
-                    resource.kind
-                );
-            }
-        }
-        let mut gateway = GatewayStores::default();
+            pods
+        });
+        let pod_metadata = (!with_pods).then(|| watch_pod_metadata(client.clone(), changed.clone(), shutdown.clone()));
+
         // Routes are namespaced objects users edit: only those in scope wake the loop. Classes,
         // Gateways and grants always do (in-scope routes may use those of other namespaces).
         fn typed<K>(
@@ -292,32 +295,34 @@ impl Index {
             changed: &Arc<Notify>,
             shutdown: &CancellationToken,
             relevance: Option<Relevance>,
-        ) -> Store<K>
+        ) -> (Store<K>, Starter)
         where
             K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + Debug + Send + Sync + 'static,
         {
             let (store, w) = reflector::store();
-            let what = K::kind(&()).to_string();
-            watch(Api::<K>::all(client.clone()), w, changed.clone(), shutdown.clone(), what, relevance);
-            store
+            let (client, changed, shutdown, reader) =
+                (client.clone(), changed.clone(), shutdown.clone(), store.clone());
+            let start: Starter = Box::new(move || {
+                let what = K::kind(&()).to_string();
+                watch(Api::<K>::all(client), w, changed, shutdown, what, relevance);
+                wait_ready(reader)
+            });
+            (store, start)
         }
         let (c, s) = (&changed, &shutdown);
-        if installed.contains(&GatewayKind::GatewayClass) {
-            gateway.classes = Some(typed(&client, c, s, None));
-        }
-        if installed.contains(&GatewayKind::Gateway) {
-            gateway.gateways = Some(typed(&client, c, s, None));
-        }
-        if installed.contains(&GatewayKind::HTTPRoute) {
-            gateway.http_routes = Some(typed(&client, c, s, scoped.clone()));
-        }
-        if installed.contains(&GatewayKind::TCPRoute) {
-            gateway.tcp_routes = Some(typed(&client, c, s, scoped.clone()));
-        }
-        if installed.contains(&GatewayKind::ReferenceGrant) {
-            gateway.grants = Some(typed(&client, c, s, None));
-        }
-        watches += gateway.count();
+        let (classes, start_classes) = typed(&client, c, s, None);
+        let (gateways, start_gateways) = typed(&client, c, s, None);
+        let (http_routes, start_http) = typed(&client, c, s, scoped.clone());
+        let (tcp_routes, start_tcp) = typed(&client, c, s, scoped.clone());
+        let (grants, start_grants) = typed(&client, c, s, None);
+        let starters: BTreeMap<GatewayKind, Starter> = BTreeMap::from([
+            (GatewayKind::GatewayClass, start_classes),
+            (GatewayKind::Gateway, start_gateways),
+            (GatewayKind::HTTPRoute, start_http),
+            (GatewayKind::TCPRoute, start_tcp),
+            (GatewayKind::ReferenceGrant, start_grants),
+        ]);
+        let gateway = GatewayStores { classes, gateways, http_routes, tcp_routes, grants, watched: Arc::default() };
         let index = Index {
             ingresses,
             services,
@@ -325,53 +330,111 @@ impl Index {
             pods,
             pod_metadata,
             gateway,
+            scope: scoped,
             changed,
             synced: Arc::default(),
-            watches,
+            watches: Arc::default(),
+            discovered: Arc::default(),
         };
-        index.count_synced();
+        let mut waits = vec![
+            wait_ready(index.ingresses.clone()),
+            wait_ready(index.services.clone()),
+            wait_ready(index.namespaces.clone()),
+        ];
+        waits.extend(index.pods.clone().map(wait_ready));
+        waits.extend(index.pod_metadata.clone().map(wait_ready));
+        for w in waits {
+            index.track(w);
+        }
+        let ask = move |wanted: Vec<GatewayKind>| {
+            let client = client.clone();
+            async move { installed_gateway_kinds(&client, &wanted).await }
+        };
+        tokio::spawn(index.clone().discover(ask, REDISCOVER_EVERY, starters, shutdown));
         index
     }
 
-    fn count_synced(&self) {
-        let mut waits: Vec<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>> = vec![
-            wait_ready(self.ingresses.clone()),
-            wait_ready(self.services.clone()),
-            wait_ready(self.namespaces.clone()),
-        ];
-        if let Some(p) = &self.pods {
-            waits.push(wait_ready(p.clone()));
-        }
-        if let Some(p) = &self.pod_metadata {
-            waits.push(wait_ready(p.clone()));
-        }
-        let g = &self.gateway;
-        waits.extend(g.classes.clone().map(wait_ready));
-        waits.extend(g.gateways.clone().map(wait_ready));
-        waits.extend(g.http_routes.clone().map(wait_ready));
-        waits.extend(g.tcp_routes.clone().map(wait_ready));
-        waits.extend(g.grants.clone().map(wait_ready));
-        for w in waits {
-            let synced = self.synced.clone();
-            let changed = self.changed.clone();
-            tokio::spawn(async move {
-                w.await;
-                synced.fetch_add(1, Ordering::SeqCst);
-                changed.notify_one();
-            });
+    /// Counts a started watch, synced once `ready` resolves.
+    fn track(&self, ready: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>) {
+        self.watches.fetch_add(1, Ordering::SeqCst);
+        let (synced, changed) = (self.synced.clone(), self.changed.clone());
+        tokio::spawn(async move {
+            ready.await;
+            synced.fetch_add(1, Ordering::SeqCst);
+            changed.notify_one();
+        });
+    }
+
+    /// Gateway API discovery: retried with backoff until it succeeds (a transient error at start
+    /// must not turn Gateway API support off), then repeated every [`REDISCOVER_EVERY`] while a
+    /// kind is missing, so CRDs installed later are served without a restart.
+    async fn discover<F, Fut>(
+        self,
+        mut ask: F,
+        every: Duration,
+        mut starters: BTreeMap<GatewayKind, Starter>,
+        shutdown: CancellationToken,
+    ) where
+        F: FnMut(Vec<GatewayKind>) -> Fut,
+        Fut: std::future::Future<Output = Result<BTreeSet<GatewayKind>, kube::Error>>,
+    {
+        let mut backoff = DiscoveryBackoff::default();
+        let mut warned = BTreeSet::new();
+        while !starters.is_empty() {
+            let wanted: Vec<GatewayKind> = starters.keys().copied().collect();
+            let wait = match ask(wanted).await {
+                Ok(installed) => {
+                    for kind in installed {
+                        if let Some(start) = starters.remove(&kind) {
+                            info!(kind = %kind.api_resource().kind, "Gateway API CRD found: watching");
+                            if let Ok(mut w) = self.gateway.watched.lock() {
+                                w.insert(kind);
+                            }
+                            self.track(start());
+                        }
+                    }
+                    for kind in starters.keys().filter(|k| warned.insert(**k)) {
+                        let resource = kind.api_resource();
+                        warn!(
+                            kind = %resource.kind, version = %resource.api_version,
+                            "Gateway API CRD not installed: {} objects are not served (install the Gateway API \
+                             experimental channel CRDs; they are picked up within {}s)",
+                            resource.kind, every.as_secs().max(1)
+                        );
+                    }
+                    // Counted only after the found kinds' watches: /ready never sees a
+                    // discovered index without them.
+                    if !self.discovered.swap(true, Ordering::SeqCst) {
+                        self.changed.notify_one();
+                    }
+                    backoff.reset();
+                    every
+                }
+                Err(e) => {
+                    let wait = backoff.next();
+                    warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "cannot discover the Gateway API; retrying");
+                    wait
+                }
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.cancelled() => return,
+            }
         }
     }
 
-    /// True once every watch has listed its objects (the caches are complete).
+    /// True once Gateway API discovery has succeeded and every watch has listed its objects
+    /// (the caches are complete).
     pub fn is_synced(&self) -> bool {
-        self.synced.load(Ordering::SeqCst) >= self.watches
+        self.discovered.load(Ordering::SeqCst)
+            && self.synced.load(Ordering::SeqCst) >= self.watches.load(Ordering::SeqCst)
     }
 
     pub async fn wait_synced(&self) {
         while !self.is_synced() {
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
-        info!(watches = self.watches, "caches synced");
+        info!(watches = self.watches.load(Ordering::SeqCst), "caches synced");
     }
 
     /// Resolves when something in a cache changed since the last call.
@@ -382,18 +445,38 @@ impl Index {
     /// A consistent copy of the caches to resolve over.
     pub fn view(&self) -> View {
         let g = &self.gateway;
+        let selected = |ns: Option<&str>| self.scope.as_ref().is_none_or(|s| s.selects(ns));
         View {
             ingresses: self.ingresses.state(),
             services: self.services.state(),
             namespaces: self.namespaces.state(),
             pods: self.pods.as_ref().map(|p| p.state()).unwrap_or_default(),
             pod_metadata: self.pod_metadata.as_ref().map(|p| p.state()).unwrap_or_default(),
-            gateway_classes: g.classes.as_ref().map(|s| s.state()).unwrap_or_default(),
-            gateways: g.gateways.as_ref().map(|s| s.state()).unwrap_or_default(),
-            http_routes: g.http_routes.as_ref().map(|s| s.state()).unwrap_or_default(),
-            tcp_routes: g.tcp_routes.as_ref().map(|s| s.state()).unwrap_or_default(),
-            grants: g.grants.as_ref().map(|s| s.state()).unwrap_or_default(),
+            gateway_classes: g.classes.state(),
+            gateways: g.gateways.state().into_iter().filter(|g| selected(g.metadata.namespace.as_deref())).collect(),
+            http_routes: g.http_routes.state(),
+            tcp_routes: g.tcp_routes.state(),
+            grants: g.grants.state(),
         }
+    }
+}
+
+/// Jittered exponential backoff for discovery: 1 s doubling to 30 s.
+#[derive(Default)]
+struct DiscoveryBackoff {
+    failures: u32,
+}
+
+impl DiscoveryBackoff {
+    fn next(&mut self) -> Duration {
+        let base = Duration::from_secs(1).saturating_mul(1 << self.failures.min(5)).min(Duration::from_secs(30));
+        self.failures += 1;
+        let jitter = rand::random::<f64>() * 0.25;
+        base.mul_f64(1.0 + jitter).min(Duration::from_secs(30))
+    }
+
+    fn reset(&mut self) {
+        self.failures = 0;
     }
 }
 
@@ -407,19 +490,39 @@ where
     })
 }
 
-async fn installed_gateway_kinds(client: &kube::Client) -> BTreeSet<GatewayKind> {
+/// Which of `wanted` the apiserver serves. An API group version that is not there at all (404)
+/// is an answer (none of its kinds); any other error means discovery did not succeed.
+async fn installed_gateway_kinds(
+    client: &kube::Client,
+    wanted: &[GatewayKind],
+) -> Result<BTreeSet<GatewayKind>, kube::Error> {
     let mut out = BTreeSet::new();
-    for kind in GatewayKind::ALL {
+    let mut versions: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for kind in wanted {
         let ar = kind.api_resource();
-        match client.list_api_group_resources(&ar.api_version).await {
-            Ok(list) if list.resources.iter().any(|r| r.kind == ar.kind) => {
-                out.insert(kind);
+        let listed = match versions.get(&ar.api_version) {
+            Some(l) => l.clone(),
+            None => {
+                let call = client.list_api_group_resources(&ar.api_version);
+                let kinds = match tokio::time::timeout(Duration::from_secs(10), call).await {
+                    Ok(Ok(list)) => list.resources.into_iter().map(|r| r.kind).collect(),
+                    Ok(Err(kube::Error::Api(s))) if s.code == 404 => Vec::new(),
+                    Ok(Err(e)) => return Err(e),
+                    Err(_) => {
+                        return Err(kube::Error::Service(
+                            format!("discovery of {} timed out after 10s", ar.api_version).into(),
+                        ));
+                    }
+                };
+                versions.insert(ar.api_version.clone(), kinds.clone());
+                kinds
             }
-            Ok(_) => {}
-            Err(e) => warn!(group = %ar.api_version, error = %e, "cannot discover the Gateway API"),
+        };
+        if listed.contains(&ar.kind) {
+            out.insert(*kind);
         }
     }
-    out
+    Ok(out)
 }
 
 /// A copy of the caches, taken at one moment.
@@ -455,19 +558,25 @@ impl View {
 
     /// The namespaces the controller serves; None for all of them.
     pub fn scope(&self, config: &ResolveConfig) -> Option<BTreeSet<String>> {
-        if config.namespace_selector.is_empty() {
+        if config.namespace_selector.selects_all() {
             return None;
         }
         Some(
             self.namespaces
                 .iter()
-                .filter(|n| {
-                    let labels = n.metadata.labels.as_ref();
-                    config.namespace_selector.iter().all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v))
-                })
+                .filter(|n| namespace_selected(&config.namespace_selector, n))
                 .filter_map(|n| n.metadata.name.clone())
                 .collect(),
         )
+    }
+
+    /// Whether objects in `namespace` are served under `config`'s namespace selector
+    /// (cluster-scoped objects always are).
+    pub fn in_scope(&self, config: &ResolveConfig, namespace: Option<&str>) -> bool {
+        let Some(ns) = namespace.filter(|_| !config.namespace_selector.selects_all()) else { return true };
+        self.namespaces
+            .iter()
+            .any(|n| n.metadata.name.as_deref() == Some(ns) && namespace_selected(&config.namespace_selector, n))
     }
 
     fn inputs<'a>(
@@ -661,6 +770,145 @@ mod tests {
         assert!(owners.check_claim(&me, &crate::resolve::ownership::Claim::Name("demo".into())).is_err());
     }
 
+    /// An index over hand-filled stores (no apiserver), scoped by `selector`.
+    fn offline_index(selector: &str, namespaces: &[(&str, Value)], gateways: &[(&str, &str)]) -> Index {
+        let (ns_store, mut w) = reflector::store::<Namespace>();
+        for (name, labels) in namespaces {
+            let ns = serde_json::from_value(json!({"metadata": {"name": name, "labels": labels}})).unwrap();
+            w.apply_watcher_event(&watcher::Event::Apply(ns));
+        }
+        let (gw_store, mut w) = reflector::store::<Gateway>();
+        for (ns, name) in gateways {
+            let gw = serde_json::from_value(json!({"metadata": {"name": name, "namespace": ns},
+                "spec": {"gatewayClassName": "pico", "listeners": []}}))
+            .unwrap();
+            w.apply_watcher_event(&watcher::Event::Apply(gw));
+        }
+        let selector = crate::core::api::parse_label_selector(selector).unwrap();
+        Index {
+            ingresses: reflector::store().0,
+            services: reflector::store().0,
+            namespaces: ns_store.clone(),
+            pods: None,
+            pod_metadata: None,
+            gateway: GatewayStores {
+                classes: reflector::store().0,
+                gateways: gw_store,
+                http_routes: reflector::store().0,
+                tcp_routes: reflector::store().0,
+                grants: reflector::store().0,
+                watched: Arc::default(),
+            },
+            scope: Some(Relevance { selector, namespaces: ns_store }),
+            changed: Arc::default(),
+            synced: Arc::default(),
+            watches: Arc::default(),
+            discovered: Arc::default(),
+        }
+    }
+
+    /// Defect 6 (first clause): a scoped controller sees only the Gateways of its namespaces, as
+    /// it sees only their routes and pods -- it never writes status on another's Gateway.
+    #[test]
+    fn gateways_outside_the_selected_namespaces_are_not_in_the_view() {
+        let index = offline_index(
+            "team in (a, b), !legacy",
+            &[
+                ("mine", json!({"team": "a"})),
+                ("old", json!({"team": "a", "legacy": "1"})),
+                ("theirs", json!({"team": "c"})),
+            ],
+            &[("mine", "gw"), ("old", "gw"), ("theirs", "gw"), ("not-cached", "gw")],
+        );
+        let view = index.view();
+        let namespaces: Vec<_> = view.gateways.iter().filter_map(|g| g.metadata.namespace.as_deref()).collect();
+        assert_eq!(namespaces, ["mine"]);
+        let config = ResolveConfig { namespace_selector: index.scope.clone().unwrap().selector, ..Default::default() };
+        assert!(view.in_scope(&config, Some("mine")));
+        assert!(!view.in_scope(&config, Some("old")));
+        assert!(!view.in_scope(&config, Some("not-cached")));
+        assert!(view.in_scope(&config, None), "cluster-scoped objects");
+        assert_eq!(view.scope(&config), Some(BTreeSet::from(["mine".to_string()])));
+
+        let everything = offline_index("", &[("theirs", json!({}))], &[("theirs", "gw"), ("not-cached", "gw")]);
+        assert_eq!(everything.view().gateways.len(), 2);
+    }
+
+    /// Defect 9: until Gateway API discovery has succeeded once, the index is not synced (/ready
+    /// stays false) even when every watch started so far has listed.
+    #[test]
+    fn the_index_is_not_synced_before_discovery_succeeds() {
+        let index = offline_index("", &[], &[]);
+        assert!(!index.is_synced(), "no discovery yet");
+        index.discovered.store(true, Ordering::SeqCst);
+        assert!(index.is_synced());
+        index.watches.fetch_add(1, Ordering::SeqCst);
+        assert!(!index.is_synced(), "a kind found later is watched but not listed yet");
+        index.synced.fetch_add(1, Ordering::SeqCst);
+        assert!(index.is_synced());
+    }
+
+    /// Defect 9: discovery that fails is retried (with backoff), and a kind missing once is
+    /// looked for again: each kind's watch starts when it is found, and the index counts as
+    /// discovered from the first success on.
+    #[tokio::test]
+    async fn discovery_retries_after_an_error_and_picks_up_kinds_installed_later() {
+        let index = offline_index("", &[], &[]);
+        let answers = Arc::new(std::sync::Mutex::new(std::collections::VecDeque::from([
+            Err("connection refused"),
+            Ok(vec![GatewayKind::GatewayClass, GatewayKind::Gateway]),
+            Ok(vec![]),
+            Ok(vec![GatewayKind::HTTPRoute, GatewayKind::TCPRoute, GatewayKind::ReferenceGrant]),
+        ])));
+        let asked = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (a, q) = (answers.clone(), asked.clone());
+        let ask = move |wanted: Vec<GatewayKind>| {
+            q.lock().unwrap().push(wanted.clone());
+            let answer = a.lock().unwrap().pop_front().expect("asked once too often");
+            async move {
+                match answer {
+                    Err(e) => Err(kube::Error::Service(e.into())),
+                    Ok(found) => Ok(found.into_iter().filter(|k| wanted.contains(k)).collect()),
+                }
+            }
+        };
+        let started = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let starters: BTreeMap<GatewayKind, Starter> = GatewayKind::ALL
+            .into_iter()
+            .map(|kind| {
+                let started = started.clone();
+                let start: Starter = Box::new(move || {
+                    started.lock().unwrap().push(kind);
+                    Box::pin(async {})
+                });
+                (kind, start)
+            })
+            .collect();
+        let run = index.clone().discover(ask, Duration::from_millis(20), starters, CancellationToken::new());
+        tokio::time::timeout(Duration::from_secs(5), run).await.expect("ends once every kind is watched");
+        let asked = asked.lock().unwrap().clone();
+        assert_eq!(asked.len(), 4, "{asked:?}");
+        assert_eq!(asked[0], GatewayKind::ALL, "after the error, everything is asked again");
+        assert_eq!(asked[2], [GatewayKind::HTTPRoute, GatewayKind::TCPRoute, GatewayKind::ReferenceGrant]);
+        assert_eq!(started.lock().unwrap().len(), 5);
+        assert!(GatewayKind::ALL.iter().all(|k| index.gateway.is_watched(*k)));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(index.is_synced());
+        assert_eq!(index.watches.load(Ordering::SeqCst), 5);
+    }
+
+    #[test]
+    fn discovery_backs_off_from_a_second_to_half_a_minute() {
+        let mut b = DiscoveryBackoff::default();
+        let waits: Vec<Duration> = (0..8).map(|_| b.next()).collect();
+        assert!(waits[0] >= Duration::from_secs(1) && waits[0] < Duration::from_millis(1300), "{waits:?}");
+        assert!(waits[1] >= Duration::from_secs(2), "{waits:?}");
+        assert!(waits.iter().all(|w| *w <= Duration::from_secs(30)), "{waits:?}");
+        assert!(waits[7] >= Duration::from_secs(30) * 3 / 4, "{waits:?}");
+        b.reset();
+        assert!(b.next() < Duration::from_millis(1300));
+    }
+
     #[test]
     fn a_scoped_controller_is_woken_only_by_its_namespaces() {
         let (namespaces, mut writer) = reflector::store::<Namespace>();
@@ -668,13 +916,13 @@ mod tests {
             let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": name, "labels": labels}})).unwrap();
             writer.apply_watcher_event(&watcher::Event::Apply(ns));
         }
-        let scoped =
-            Relevance { selector: BTreeMap::from([("team".into(), "a".into())]), namespaces: namespaces.clone() };
+        let selector = crate::core::api::parse_label_selector("team in (a)").unwrap();
+        let scoped = Relevance { selector, namespaces: namespaces.clone() };
         assert!(scoped.matters(Some("mine")));
         assert!(!scoped.matters(Some("theirs")));
         assert!(scoped.matters(Some("not-cached-yet")), "it might be in scope");
         assert!(scoped.matters(None), "cluster-scoped objects");
-        let everything = Relevance { selector: BTreeMap::new(), namespaces };
+        let everything = Relevance { selector: Selector::default(), namespaces };
         assert!(everything.matters(Some("theirs")));
     }
 }

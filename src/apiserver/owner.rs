@@ -4,14 +4,14 @@
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet, StatefulSet};
-use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::batch::v1::{CronJob, Job};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::Api;
 
 use crate::core::pod::Workload;
 
 /// The workload that owns a pod being created: ReplicaSet -> Deployment, StatefulSet,
-/// DaemonSet, Job. Metadata only, with a short timeout: admission must stay fast.
+/// DaemonSet, Job -> CronJob (as `explain` reads it: users annotate the CronJob). Metadata only, with a short timeout: admission must stay fast.
 pub async fn owner_workload(
     client: &kube::Client,
     namespace: &str,
@@ -24,12 +24,10 @@ pub async fn owner_workload(
         let meta = match owner.kind.as_str() {
             "ReplicaSet" => {
                 let rs = Api::<ReplicaSet>::namespaced(client.clone(), namespace).get_metadata(&owner.name).await?;
-                let deployment =
-                    rs.metadata.owner_references.as_ref().and_then(|os| os.iter().find(|o| o.kind == "Deployment"));
-                match deployment {
+                match next_owner(&rs.metadata.owner_references, "Deployment") {
                     Some(d) => (
                         "Deployment",
-                        Api::<Deployment>::namespaced(client.clone(), namespace).get_metadata(&d.name).await?.metadata,
+                        Api::<Deployment>::namespaced(client.clone(), namespace).get_metadata(d).await?.metadata,
                     ),
                     None => ("ReplicaSet", rs.metadata),
                 }
@@ -43,7 +41,14 @@ pub async fn owner_workload(
                 Api::<DaemonSet>::namespaced(client.clone(), namespace).get_metadata(&owner.name).await?.metadata,
             ),
             "Job" => {
-                ("Job", Api::<Job>::namespaced(client.clone(), namespace).get_metadata(&owner.name).await?.metadata)
+                let job = Api::<Job>::namespaced(client.clone(), namespace).get_metadata(&owner.name).await?;
+                match next_owner(&job.metadata.owner_references, "CronJob") {
+                    Some(c) => (
+                        "CronJob",
+                        Api::<CronJob>::namespaced(client.clone(), namespace).get_metadata(c).await?.metadata,
+                    ),
+                    None => ("Job", job.metadata),
+                }
             }
             _ => return Ok::<_, kube::Error>(None),
         };
@@ -57,5 +62,35 @@ pub async fn owner_workload(
         Ok(Ok(w)) => Ok(w),
         Ok(Err(e)) => Err(e.to_string()),
         Err(_) => Err("timed out after 2s".into()),
+    }
+}
+
+/// The name of the owner of `kind` one hop up (its controller first).
+fn next_owner<'a>(owners: &'a Option<Vec<OwnerReference>>, kind: &str) -> Option<&'a str> {
+    let owners = owners.as_deref().unwrap_or(&[]);
+    let of_kind = |o: &&OwnerReference| o.kind == kind;
+    owners
+        .iter()
+        .filter(of_kind)
+        .find(|o| o.controller == Some(true))
+        .or_else(|| owners.iter().find(of_kind))
+        .map(|o| o.name.as_str())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn owner(kind: &str, name: &str, controller: bool) -> OwnerReference {
+        OwnerReference { kind: kind.into(), name: name.into(), controller: Some(controller), ..Default::default() }
+    }
+
+    #[test]
+    fn the_next_hop_is_the_controlling_owner_of_that_kind() {
+        let owners = Some(vec![owner("CronJob", "other", false), owner("CronJob", "nightly", true)]);
+        assert_eq!(next_owner(&owners, "CronJob"), Some("nightly"));
+        assert_eq!(next_owner(&Some(vec![owner("CronJob", "only", false)]), "CronJob"), Some("only"));
+        assert_eq!(next_owner(&owners, "Deployment"), None);
+        assert_eq!(next_owner(&None, "CronJob"), None);
     }
 }

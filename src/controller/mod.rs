@@ -12,7 +12,7 @@ pub mod restart;
 pub mod status;
 pub mod sync_key;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -29,7 +29,6 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
-use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, info_span, warn};
 
@@ -76,10 +75,11 @@ pub struct ControllerArgs {
     pub sync_key_secret: bool,
     #[arg(long, env = "PICOTUN_KEY_SECRET_NAME", default_value = crate::core::api::DEFAULT_KEY_SECRET)]
     pub key_secret_name: String,
-    /// Serve only namespaces with these labels (`key=value,...`; default: every namespace), so
-    /// several controllers can share a cluster.
-    #[arg(long, env = "PICOTUN_NAMESPACE_SELECTOR", value_parser = parse_selector, default_value = "")]
-    pub namespace_selector: BTreeMap<String, String>,
+    /// Serve only the namespaces this label selector selects, written as `kubectl -l` takes it
+    /// (`team=web`, `env!=prod`, `team in (a,b)`, `owned`, `!legacy`, comma-separated; default:
+    /// every namespace), so several controllers can share a cluster.
+    #[arg(long, env = "PICOTUN_NAMESPACE_SELECTOR", value_parser = crate::core::api::parse_label_selector, default_value = "")]
+    pub namespace_selector: kube::core::Selector,
     /// Resolve everything at least this often, even when nothing changed.
     #[arg(long, env = "PICOTUN_RESYNC_INTERVAL", value_parser = humantime::parse_duration, default_value = "5m")]
     pub resync_interval: Duration,
@@ -226,25 +226,19 @@ pub async fn run(args: ControllerArgs, shutdown: CancellationToken) -> Result<()
         shutdown.clone(),
     ));
 
-    // Without election this replica always leads; the sender is kept so `changed()` waits
-    // rather than returning at once (a dropped sender would make the loop spin).
-    let (_always_leader, mut leader) = if args.leader_election {
-        (
-            None,
-            lease::spawn(
-                client.clone(),
-                lease::LeaseConfig {
-                    namespace: args.namespace.clone(),
-                    name: args.lease_name.clone(),
-                    identity: identity.clone(),
-                    duration: args.lease_duration,
-                },
-                shutdown.clone(),
-            ),
+    let mut leader = if args.leader_election {
+        lease::spawn(
+            client.clone(),
+            lease::LeaseConfig {
+                namespace: args.namespace.clone(),
+                name: args.lease_name.clone(),
+                identity: identity.clone(),
+                duration: args.lease_duration,
+            },
+            shutdown.clone(),
         )
     } else {
-        let (tx, rx) = watch::channel(true);
-        (Some(tx), rx)
+        lease::Leadership::always()
     };
     info!(%identity, leader_election = args.leader_election, "picotun controller starting");
 
@@ -272,7 +266,7 @@ pub async fn run(args: ControllerArgs, shutdown: CancellationToken) -> Result<()
     // the source is compared every few seconds instead.
     let wake_every = if key_sync.is_some() { args.resync_interval.min(sync_key::EVERY) } else { args.resync_interval };
     loop {
-        let is_leader = *leader.borrow_and_update();
+        let is_leader = leader.may_write();
         metrics.leader.set(i64::from(is_leader));
         let started = Instant::now();
         let span = info_span!("reconcile", leader = is_leader);
@@ -307,6 +301,8 @@ pub async fn run(args: ControllerArgs, shutdown: CancellationToken) -> Result<()
         // Coalesce a burst of watch events (a rollout, an apply of many objects) into one pass.
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // The pass above has finished its writes: only now may another replica take over.
+    leader.release().await;
     info!("picotun controller stopped");
     Ok(())
 }

@@ -133,9 +133,150 @@ pub fn parse_selector(s: &str) -> Result<std::collections::BTreeMap<String, Stri
         .collect()
 }
 
+/// A label selector as `kubectl -l` writes it -> kube's [`Selector`](kube::core::Selector):
+/// requirements separated by commas, each `key=value` (or `==`), `key!=value`,
+/// `key in (a,b)`, `key notin (a,b)`, `key` (exists) or `!key` (does not exist). Empty selects
+/// everything. Errors name the requirement and what to fix.
+pub fn parse_label_selector(s: &str) -> Result<kube::core::Selector, String> {
+    use kube::core::Expression;
+    let mut parts = Vec::new();
+    let (mut depth, mut start) = (0usize, 0usize);
+    for (i, c) in s.char_indices() {
+        match c {
+            '(' => depth += 1,
+            ')' => depth = depth.checked_sub(1).ok_or_else(|| format!("{s:?}: a `)` without its `(`"))?,
+            ',' if depth == 0 => {
+                parts.push(&s[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    if depth != 0 {
+        return Err(format!("{s:?}: a `(` without its `)` (write key in (a,b))"));
+    }
+    parts.push(&s[start..]);
+    let mut exprs = Vec::new();
+    for part in parts.into_iter().map(str::trim).filter(|p| !p.is_empty()) {
+        let key = |k: &str| -> Result<String, String> {
+            let k = k.trim();
+            check_label_key(k).map_err(|why| format!("{part:?}: label key {k:?} {why}"))?;
+            Ok(k.to_string())
+        };
+        let value = |v: &str| -> Result<String, String> {
+            let v = v.trim();
+            check_label_value(v).map_err(|why| format!("{part:?}: label value {v:?} {why}"))?;
+            Ok(v.to_string())
+        };
+        let set = |rest: &str| -> Result<std::collections::BTreeSet<String>, String> {
+            let inner = rest
+                .trim()
+                .strip_prefix('(')
+                .and_then(|r| r.strip_suffix(')'))
+                .ok_or_else(|| format!("{part:?}: the values go in parentheses (key in (a,b))"))?;
+            inner.split(',').map(value).collect()
+        };
+        let expr = if let Some(k) = part.strip_prefix('!') {
+            Expression::DoesNotExist(key(k)?)
+        } else if let Some((k, v)) = part.split_once("!=") {
+            Expression::NotEqual(key(k)?, value(v)?)
+        } else if let Some((k, v)) = part.split_once("==").or_else(|| part.split_once('=')) {
+            Expression::Equal(key(k)?, value(v)?)
+        } else if let Some((k, rest)) = part.split_once(" notin ") {
+            Expression::NotIn(key(k)?, set(rest)?)
+        } else if let Some((k, rest)) = part.split_once(" in ") {
+            Expression::In(key(k)?, set(rest)?)
+        } else if part.contains(['(', ')', ' ']) {
+            return Err(format!(
+                "{part:?} is not a label requirement: write key=value, key!=value, key in (a,b), key notin (a,b), key or !key"
+            ));
+        } else {
+            Expression::Exists(key(part)?)
+        };
+        exprs.push(expr);
+    }
+    Ok(exprs.into_iter().collect())
+}
+
+/// A label key: an optional DNS-subdomain prefix and `/`, then a name of 1-63 characters
+/// (alphanumerics, `-`, `_`, `.`, starting and ending alphanumeric).
+fn check_label_key(k: &str) -> Result<(), &'static str> {
+    let (prefix, name) = match k.rsplit_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, k),
+    };
+    if let Some(p) = prefix {
+        let dns = !p.is_empty()
+            && p.len() <= 253
+            && p.split('.').all(|l| {
+                !l.is_empty()
+                    && l.len() <= 63
+                    && l.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                    && !l.starts_with('-')
+                    && !l.ends_with('-')
+            });
+        if !dns {
+            return Err("has a prefix that is not a DNS subdomain (e.g. example.com/team)");
+        }
+    }
+    if name.is_empty() {
+        return Err("is empty (write key=value)");
+    }
+    check_label_value(name)
+}
+
+fn check_label_value(v: &str) -> Result<(), &'static str> {
+    if v.len() > 63 {
+        return Err("is longer than 63 characters");
+    }
+    let ok = |b: u8| b.is_ascii_alphanumeric();
+    let valid = v.bytes().all(|b| ok(b) || matches!(b, b'-' | b'_' | b'.'))
+        && v.bytes().next().is_some_and(ok)
+        && v.bytes().last().is_some_and(ok);
+    if !v.is_empty() && !valid {
+        return Err("may hold only letters, digits, `-`, `_` and `.`, starting and ending with a letter or digit");
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn label_selectors_parse_as_kubectl_writes_them() {
+        use kube::core::SelectorExt;
+        let labels = |pairs: &[(&str, &str)]| -> std::collections::BTreeMap<String, String> {
+            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        };
+        let sel = parse_label_selector("team in (a, b),env!=prod,example.com/owned,!legacy").unwrap();
+        assert!(sel.matches(&labels(&[("team", "a"), ("env", "dev"), ("example.com/owned", "")])));
+        assert!(!sel.matches(&labels(&[("team", "c"), ("example.com/owned", "")])), "team not in the set");
+        assert!(!sel.matches(&labels(&[("team", "a"), ("env", "prod"), ("example.com/owned", "")])));
+        assert!(!sel.matches(&labels(&[("team", "a")])), "example.com/owned must exist");
+        assert!(!sel.matches(&labels(&[("team", "b"), ("example.com/owned", "x"), ("legacy", "1")])));
+        let eq = parse_label_selector("picotun.dev/controller-test=x, tier==web").unwrap();
+        assert!(eq.matches(&labels(&[("picotun.dev/controller-test", "x"), ("tier", "web")])));
+        assert!(!eq.matches(&labels(&[("picotun.dev/controller-test", "x")])));
+        assert!(parse_label_selector(" ").unwrap().selects_all());
+        assert!(parse_label_selector("t notin (a)").unwrap().matches(&labels(&[])));
+    }
+
+    #[test]
+    fn label_selector_errors_say_what_to_fix() {
+        for (value, want) in [
+            ("team in (a,b", "without its `)`"),
+            ("team in a,b", "in parentheses"),
+            ("=web", "is empty"),
+            ("Team_=x", "starting and ending"),
+            ("team=a b", "may hold only"),
+            ("Ex.com/team=x", "not a DNS subdomain"),
+            ("team is web", "not a label requirement"),
+        ] {
+            let err = parse_label_selector(value).unwrap_err();
+            assert!(err.contains(want), "{value}: {err}");
+        }
+    }
 
     fn ports(name: &str) -> Option<u16> {
         (name == "web").then_some(8080)

@@ -30,6 +30,8 @@ pub enum SkipReason {
     AlreadyInjected,
     OptedOut,
     NotOptedIn,
+    /// The pod has a volume of its own named like one picotun adds (admitted without the sidecar).
+    VolumeConflict,
 }
 
 impl SkipReason {
@@ -41,6 +43,7 @@ impl SkipReason {
             SkipReason::AlreadyInjected => "already_injected",
             SkipReason::OptedOut => "opted_out",
             SkipReason::NotOptedIn => "not_opted_in",
+            SkipReason::VolumeConflict => "volume_conflict",
         }
     }
 }

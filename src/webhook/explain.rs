@@ -10,6 +10,7 @@ use k8s_openapi::api::core::v1::{Namespace, Pod, PodTemplateSpec};
 use kube::Client;
 use kube::api::Api;
 
+use crate::apiserver::index::ResolveConfig;
 use crate::apiserver::owner::owner_workload;
 use crate::core::api;
 use crate::core::pod::{self, Decision, SkipReason, Workload};
@@ -29,12 +30,61 @@ pub struct ExplainArgs {
     /// As the webhook's switch of the same name.
     #[arg(long, env = "PICOTUN_INJECT_ROUTE_BACKENDS")]
     pub inject_route_backends: bool,
+    /// The IngressClass picotun serves (as the webhook's and controller's flag).
+    #[arg(long, env = "PICOTUN_INGRESS_CLASS", default_value = crate::resolve::ingress::INGRESS_CLASS)]
+    pub ingress_class: String,
+    /// GatewayClasses with this controllerName are served (as the webhook's and controller's flag).
+    #[arg(long, env = "PICOTUN_GATEWAY_CONTROLLER_NAME", default_value = crate::resolve::gateway::GATEWAY_CONTROLLER)]
+    pub gateway_controller_name: String,
+    #[command(flatten)]
+    pub domains: crate::resolve::ownership::DomainArgs,
+}
+
+impl ExplainArgs {
+    /// Routes resolve as the webhook resolves them at admission: the same flags.
+    pub fn resolve_config(&self) -> ResolveConfig {
+        ResolveConfig {
+            ingress_class: self.ingress_class.clone(),
+            gateway_controller: self.gateway_controller_name.clone(),
+            custom_domains: self.domains.policy(),
+            ..Default::default()
+        }
+    }
+}
+
+/// The kinds `explain` reads, by the names kubectl accepts for them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Pod,
+    Deployment,
+    StatefulSet,
+    DaemonSet,
+    ReplicaSet,
+    Job,
+    CronJob,
+}
+
+/// `sts`, `statefulset`, `statefulsets`, `StatefulSet`, `statefulsets.apps`, ...: the singular,
+/// plural and short names of every supported kind, any case, with or without the API group.
+fn parse_kind(kind: &str) -> Option<Kind> {
+    let kind = kind.to_ascii_lowercase();
+    let name = kind.split_once('.').map_or(kind.as_str(), |(k, _)| k);
+    Some(match name {
+        "po" | "pod" | "pods" => Kind::Pod,
+        "deploy" | "deployment" | "deployments" => Kind::Deployment,
+        "sts" | "statefulset" | "statefulsets" => Kind::StatefulSet,
+        "ds" | "daemonset" | "daemonsets" => Kind::DaemonSet,
+        "rs" | "replicaset" | "replicasets" => Kind::ReplicaSet,
+        "job" | "jobs" => Kind::Job,
+        "cj" | "cronjob" | "cronjobs" => Kind::CronJob,
+        _ => return None,
+    })
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExplainError {
     #[error(
-        "{0:?} is not KIND/NAME with KIND one of pod, deployment, statefulset, daemonset, job, cronjob, replicaset"
+        "{0:?} is not KIND/NAME with KIND one of pod (po), deployment (deploy), statefulset (sts), daemonset (ds), replicaset (rs), job, cronjob (cj)"
     )]
     BadObject(String),
     #[error("{what} not found in namespace {namespace}")]
@@ -64,48 +114,48 @@ pub async fn explain(client: &Client, args: &ExplainArgs) -> Result<String, Expl
         labels: meta.labels.clone().unwrap_or_default(),
         annotations: meta.annotations.clone().unwrap_or_default(),
     };
-    let (pod, workload) = match kind.to_lowercase().trim_end_matches('s') {
-        "pod" | "po" => {
+    let kind = parse_kind(kind).ok_or_else(|| ExplainError::BadObject(args.object.clone()))?;
+    let (pod, workload) = match kind {
+        Kind::Pod => {
             let pod = Api::<Pod>::namespaced(client.clone(), ns).get_opt(name).await?.ok_or_else(not_found)?;
             let owners = pod.metadata.owner_references.clone().unwrap_or_default();
             let workload = owner_workload(client, ns, &owners).await.unwrap_or(None);
             (pod, workload)
         }
-        "deployment" | "deploy" => {
+        Kind::Deployment => {
             let d = Api::<Deployment>::namespaced(client.clone(), ns).get_opt(name).await?.ok_or_else(not_found)?;
             (
                 pod_from_template(d.spec.map(|s| s.template)),
                 Some(workload_of(format!("Deployment/{name}"), &d.metadata)),
             )
         }
-        "statefulset" | "sts" => {
+        Kind::StatefulSet => {
             let s = Api::<StatefulSet>::namespaced(client.clone(), ns).get_opt(name).await?.ok_or_else(not_found)?;
             (
                 pod_from_template(s.spec.map(|s| s.template)),
                 Some(workload_of(format!("StatefulSet/{name}"), &s.metadata)),
             )
         }
-        "daemonset" | "d" => {
+        Kind::DaemonSet => {
             let d = Api::<DaemonSet>::namespaced(client.clone(), ns).get_opt(name).await?.ok_or_else(not_found)?;
             (pod_from_template(d.spec.map(|s| s.template)), Some(workload_of(format!("DaemonSet/{name}"), &d.metadata)))
         }
-        "replicaset" | "r" => {
+        Kind::ReplicaSet => {
             let r = Api::<ReplicaSet>::namespaced(client.clone(), ns).get_opt(name).await?.ok_or_else(not_found)?;
             (
                 pod_from_template(r.spec.and_then(|s| s.template)),
                 Some(workload_of(format!("ReplicaSet/{name}"), &r.metadata)),
             )
         }
-        "job" => {
+        Kind::Job => {
             let j = Api::<Job>::namespaced(client.clone(), ns).get_opt(name).await?.ok_or_else(not_found)?;
             (pod_from_template(j.spec.map(|s| s.template)), Some(workload_of(format!("Job/{name}"), &j.metadata)))
         }
-        "cronjob" | "cj" => {
+        Kind::CronJob => {
             let c = Api::<CronJob>::namespaced(client.clone(), ns).get_opt(name).await?.ok_or_else(not_found)?;
             let t = c.spec.job_template.spec.map(|s| s.template);
             (pod_from_template(t), Some(workload_of(format!("CronJob/{name}"), &c.metadata)))
         }
-        _ => return Err(ExplainError::BadObject(args.object.clone())),
     };
 
     let mut out = String::new();
@@ -133,7 +183,7 @@ pub async fn explain(client: &Client, args: &ExplainArgs) -> Result<String, Expl
         let _ = writeln!(out, "  workload: {}", w.reference);
     }
     let config = InjectConfig { own_namespace: args.own_namespace.clone(), ..Default::default() };
-    let route_tunnels = route_tunnels(client, &pod, ns).await;
+    let route_tunnels = route_tunnels(client, &pod, ns, &args.resolve_config()).await;
     let decision = inject::decide(&pod, ns, workload.as_ref(), &route_tunnels, args.inject_route_backends, &config);
     let would = if labelled { "would be" } else { "would be (once the namespace is labeled)" };
     match &decision {
@@ -172,21 +222,18 @@ pub async fn explain(client: &Client, args: &ExplainArgs) -> Result<String, Expl
     Ok(out)
 }
 
-/// The tunnels the routes picotun serves give this pod, resolved as the webhook and controller
-/// do (default class names); none when the routes cannot be read within a few seconds.
+/// The tunnels the routes picotun serves give this pod, resolved as the webhook does (with
+/// `config` from the same flags); none when the routes cannot be read within a few seconds.
 async fn route_tunnels(
     client: &Client,
     pod: &k8s_openapi::api::core::v1::Pod,
     ns: &str,
+    config: &ResolveConfig,
 ) -> Vec<crate::core::tunnel::TunnelSpec> {
     let stop = tokio_util::sync::CancellationToken::new();
     let index = crate::apiserver::index::Index::start(client.clone(), false, stop.clone()).await;
     let synced = tokio::time::timeout(std::time::Duration::from_secs(10), index.wait_synced()).await.is_ok();
-    let tunnels = if synced {
-        index.view().route_tunnels_for(&crate::apiserver::index::ResolveConfig::default(), pod, ns)
-    } else {
-        Vec::new()
-    };
+    let tunnels = if synced { index.view().route_tunnels_for(config, pod, ns) } else { Vec::new() };
     stop.cancel();
     tunnels
 }
@@ -239,5 +286,58 @@ fn describe_tunnels(out: &mut String, file: &TunnelsFile) {
     for t in &file.tunnels {
         let requested = crate::core::report::requested_label(t);
         let _ = writeln!(out, "  tunnel {}: {} {requested} -> port {}", t.name, t.kind, t.target_port);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    /// Defect 11: `explain sts/x` failed (the plural trimmed to "st"); every kubectl name works.
+    #[test]
+    fn every_kind_by_its_kubectl_names() {
+        for (names, kind) in [
+            (&["po", "pod", "pods", "Pod"][..], Kind::Pod),
+            (&["deploy", "deployment", "deployments", "deployments.apps"], Kind::Deployment),
+            (&["sts", "statefulset", "statefulsets", "StatefulSet"], Kind::StatefulSet),
+            (&["ds", "daemonset", "daemonsets"], Kind::DaemonSet),
+            (&["rs", "replicaset", "replicasets"], Kind::ReplicaSet),
+            (&["job", "jobs", "jobs.batch"], Kind::Job),
+            (&["cj", "cronjob", "cronjobs"], Kind::CronJob),
+        ] {
+            for name in names {
+                assert_eq!(parse_kind(name), Some(kind), "{name}");
+            }
+        }
+        for bad in ["st", "d", "r", "service", ""] {
+            assert_eq!(parse_kind(bad), None, "{bad}");
+        }
+    }
+
+    /// Defect 11: explain resolves routes with the flags the webhook resolves them with.
+    #[test]
+    fn explain_resolves_with_the_ingress_class_it_is_given() {
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            explain: ExplainArgs,
+        }
+        let cli = Cli::parse_from([
+            "explain",
+            "sts/web",
+            "--ingress-class",
+            "pico-team-a",
+            "--gateway-controller-name",
+            "example.com/gw",
+            "--custom-domain-allow",
+            "team-a=*.example.com",
+        ]);
+        let config = cli.explain.resolve_config();
+        assert_eq!(config.ingress_class, "pico-team-a");
+        assert_eq!(config.gateway_controller, "example.com/gw");
+        assert_eq!(format!("{:?}", config.custom_domains), format!("{:?}", cli.explain.domains.policy()));
+        let defaults = Cli::parse_from(["explain", "po/x"]).explain.resolve_config();
+        assert_eq!(defaults.ingress_class, crate::resolve::ingress::INGRESS_CLASS);
     }
 }

@@ -242,6 +242,22 @@ pub fn mutate_owned(
     };
     let tunnels = owned_tunnels(pod, namespace, workload, route_tunnels, owners, &mut warnings);
     let mut injected = inject(pod, &tunnels, config, &mut warnings);
+    let conflicts = volume_conflicts(&injected);
+    if !conflicts.is_empty() {
+        let because = format!(
+            "the pod has its own volume{} named {}, as picotun names the sidecar's; rename {} in the pod \
+             (template) and recreate it to get the sidecar",
+            if conflicts.len() > 1 { "s" } else { "" },
+            conflicts.join(", "),
+            if conflicts.len() > 1 { "them" } else { "it" },
+        );
+        warnings.push(format!("not injected: {because}"));
+        // Admitted as it came (never a pod the apiserver would reject for a duplicate volume
+        // name). The pod is handed back unchanged rather than None so the admission answer
+        // carries the warning: the patch is empty.
+        let decision = Decision::Skip { reason: SkipReason::VolumeConflict, because };
+        return Outcome { decision, pod: Some(pod.clone()), tunnels: Vec::new(), warnings };
+    }
     if let Some(value) = config.ticket_key.as_ref().and_then(|key| key.ticket(&injected, namespace)) {
         injected.metadata.annotations.get_or_insert_with(BTreeMap::new).insert(api::INJECTED.into(), value);
     }
@@ -259,6 +275,21 @@ pub fn mutate_owned(
         injected.metadata.annotations.get_or_insert_with(BTreeMap::new).insert(api::EXPOSE.into(), expose.clone());
     }
     Outcome { decision, pod: Some(injected), tunnels, warnings }
+}
+
+/// The names of volumes that appear more than once in `injected`: a volume of the pod's own named
+/// like one [`inject`] added. The apiserver would reject such a pod.
+pub fn volume_conflicts(injected: &Pod) -> Vec<String> {
+    let mut seen = std::collections::BTreeSet::new();
+    let mut twice: Vec<String> = injected
+        .spec
+        .iter()
+        .flat_map(|s| s.volumes.iter().flatten())
+        .filter(|v| !seen.insert(v.name.as_str()))
+        .map(|v| v.name.clone())
+        .collect();
+    twice.dedup();
+    twice
 }
 
 /// Where the apiserver's ServiceAccount plugin mounts a pod's API token into its containers.
@@ -641,6 +672,44 @@ mod tests {
             labels: BTreeMap::new(),
             annotations: annotations.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
         }
+    }
+
+    /// Defect 11: a pod with its own volume named like one picotun adds is admitted as it came,
+    /// with a warning naming the volume and the fix -- not patched into a pod the apiserver
+    /// rejects for a duplicate volume name. picotun's own volumes (re-invocation) are no conflict.
+    #[test]
+    fn a_volume_named_like_picotuns_is_a_warning_not_a_broken_pod() {
+        let mut p = app(json!({"tunnels.pico.sh/inject": "true"}), json!({}));
+        p.spec.as_mut().unwrap().volumes = Some(vec![
+            Volume { name: "data".into(), ..Default::default() },
+            Volume { name: TUNNELS_VOLUME.into(), ..Default::default() },
+        ]);
+        let out = mutate(&p, "apps", None, &[], false, &cfg());
+        assert!(
+            matches!(out.decision, Decision::Skip { reason: SkipReason::VolumeConflict, .. }),
+            "{:?}",
+            out.decision
+        );
+        assert_eq!(out.pod.as_ref(), Some(&p), "admitted unchanged");
+        assert!(patch(&p, out.pod.as_ref().unwrap()).0.is_empty());
+        let warning = out.warnings.join("\n");
+        assert!(warning.contains("picotun-tunnels") && warning.contains("rename it"), "{warning}");
+
+        // The volume picotun did not add in this mode (no report token without reporting) is
+        // the pod's to name.
+        p.spec.as_mut().unwrap().volumes.as_mut().unwrap()[1].name = REPORT_TOKEN_VOLUME.into();
+        let out = mutate(&p, "apps", None, &[], false, &cfg());
+        assert!(matches!(out.decision, Decision::Inject { .. }), "{:?}", out.decision);
+        assert!(volume_conflicts(out.pod.as_ref().unwrap()).is_empty());
+
+        // Injected once, injected again (re-invocation): picotun's own volumes, no conflict.
+        let plain = app(json!({"tunnels.pico.sh/inject": "true"}), json!({}));
+        let once = mutate(&plain, "apps", None, &[], false, &cfg()).pod.unwrap();
+        let key = ticket::TicketKey::from_bytes(&[7; 32]).unwrap();
+        let keyed = InjectConfig { ticket_key: Some(key), ..cfg() };
+        let again = mutate(&once, "apps", None, &[], false, &keyed);
+        assert!(matches!(again.decision, Decision::Inject { .. }), "{:?}", again.decision);
+        assert!(volume_conflicts(again.pod.as_ref().unwrap()).is_empty());
     }
 
     #[test]

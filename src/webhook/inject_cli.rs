@@ -86,7 +86,8 @@ pub fn inject_documents(
         let outcome = if kind == "Pod" {
             let pod: Pod = serde_json::from_value(value.clone()).map_err(|e| err(e.to_string()))?;
             let outcome = inject::mutate(&pod, &namespace, None, &[], false, config);
-            if let Some(p) = &outcome.pod {
+            // Only an injected pod is written back (a skipped one may come back unchanged).
+            if let (Decision::Inject { .. }, Some(p)) = (&outcome.decision, &outcome.pod) {
                 value = serde_json::to_value(p).map_err(|e| err(e.to_string()))?;
             }
             Some(outcome)
@@ -103,7 +104,7 @@ pub fn inject_documents(
             let template: PodTemplateSpec = serde_json::from_value(slot.clone()).map_err(|e| err(e.to_string()))?;
             let pod = Pod { metadata: template.metadata.unwrap_or_default(), spec: template.spec, status: None };
             let outcome = inject::mutate(&pod, &namespace, Some(&workload), &[], false, config);
-            if let Some(p) = &outcome.pod {
+            if let (Decision::Inject { .. }, Some(p)) = (&outcome.decision, &outcome.pod) {
                 let injected = PodTemplateSpec { metadata: Some(p.metadata.clone()), spec: p.spec.clone() };
                 *slot = serde_json::to_value(injected).map_err(|e| err(e.to_string()))?;
             }
@@ -133,6 +134,21 @@ pub fn inject_documents(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A template with its own volume named like picotun's is passed through unchanged (the
+    /// warning goes to stderr), never written out as a pod the apiserver would reject.
+    #[test]
+    fn a_template_with_a_volume_named_like_picotuns_is_left_as_it_is() {
+        let input = r#"
+{apiVersion: apps/v1, kind: Deployment, metadata: {name: web, annotations: {tunnels.pico.sh/inject: "true"}},
+ spec: {selector: {matchLabels: {app: web}}, template: {metadata: {labels: {app: web}}, spec: {
+   containers: [{name: web, image: nginx}], volumes: [{name: picotun-tunnels, emptyDir: {}}]}}}}
+"#;
+        let out = inject_documents(input, "default", &inject::InjectConfig::default()).unwrap();
+        let doc: Value = serde_yaml::from_str(&out).unwrap();
+        let want: Value = serde_yaml::from_str(input).unwrap();
+        assert_eq!(doc, want);
+    }
 
     #[test]
     fn injects_workload_templates_and_passes_the_rest() {

@@ -10,6 +10,7 @@ mod certificates;
 mod controller;
 mod deploy;
 mod ground;
+mod lease;
 mod report;
 mod silent_server;
 mod support;

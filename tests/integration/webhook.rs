@@ -6,8 +6,9 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::batch::v1::{CronJob, Job};
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, DeleteParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use picotun_testground::pki::{Ca, CertAndKey};
 use picotun_testground::{ControlPlane, Existing, wait_for};
 use serde_json::{Value, json};
@@ -800,4 +801,83 @@ async fn mutate_and_the_sidecar_endpoints_are_each_served_only_on_their_own_port
     assert!(body(&text).contains("/mutate is on --listen"), "{text}");
     assert_eq!(webhook.metric("picotun_webhook_requests_total{result=\"injected\"}").await, 1, "one admission only");
     assert!(webhook.proc.is_running());
+}
+
+/// A fresh namespace labeled for injection, and a webhook registered for it and in effect.
+async fn injecting(prefix: &str) -> (&'static ControlPlane, kube::Client, picotun_testground::TestNamespace, Webhook) {
+    let ground = ControlPlane::shared(Existing::Allowed).await.unwrap();
+    let client = ground.client().await.unwrap();
+    let ns = ground.namespace(prefix).await.unwrap();
+    label_for_injection(&client, ns.name()).await;
+    let mut webhook = Webhook::start(ground, false).await;
+    webhook.register(&client, &[ns.name()], true).await;
+    wait_active(&Api::namespaced(client.clone(), ns.name())).await;
+    (ground, client, ns, webhook)
+}
+
+/// Defect 11: a Job a CronJob owns makes pods that are injected because the CronJob opts in (as
+/// `picotun explain` reads it); before, the webhook's owner lookup stopped at the Job.
+#[tokio::test]
+#[ignore = "needs the test ground (scripts/build-testground)"]
+async fn a_cronjobs_pods_are_injected_from_the_cronjobs_annotation() {
+    let (_, client, ns, webhook) = injecting("cronjob").await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns.name());
+
+    let template = json!({"metadata": {"labels": {"app": "nightly"}}, "spec": {"restartPolicy": "Never",
+        "containers": [{"name": "job", "image": "registry.example/job:1"}]}});
+    // Suspended: the test makes the CronJob's Job itself, as the CronJob controller would (with
+    // the controller owner reference), rather than waiting for the schedule.
+    let cronjob: CronJob = serde_json::from_value(json!({
+        "metadata": {"name": "nightly", "annotations": {"tunnels.pico.sh/inject": "true"}},
+        "spec": {"schedule": "@daily", "suspend": true, "jobTemplate": {"spec": {"template": template}}},
+    }))
+    .unwrap();
+    let pp = PostParams::default();
+    let cronjob = Api::<CronJob>::namespaced(client.clone(), ns.name()).create(&pp, &cronjob).await.unwrap();
+    let job: Job = serde_json::from_value(json!({
+        "metadata": {"name": "nightly-1", "ownerReferences": [{"apiVersion": "batch/v1", "kind": "CronJob",
+            "name": "nightly", "uid": cronjob.metadata.uid, "controller": true, "blockOwnerDeletion": true}]},
+        "spec": {"template": template},
+    }))
+    .unwrap();
+    Api::<Job>::namespaced(client.clone(), ns.name()).create(&pp, &job).await.unwrap();
+    let pod = wait_for("the Job's pod", Duration::from_secs(60), Duration::from_millis(250), || async {
+        let list = pods.list(&ListParams::default().labels("app=nightly")).await.map_err(|e| e.to_string())?;
+        Ok(list.items.into_iter().next())
+    })
+    .await
+    .unwrap();
+    assert!(sidecar_of(&pod).is_some(), "the CronJob's opt-in reaches its pods: {:?}", pod.spec);
+    webhook.unregister(&client).await;
+}
+
+/// Defect 11: a pod with a volume of its own named like one picotun adds is created and runs
+/// without the sidecar, with an admission warning that names the volume and the fix -- before,
+/// the patch gave the pod the volume name twice and the apiserver rejected the pod.
+#[tokio::test]
+#[ignore = "needs the test ground (scripts/build-testground)"]
+async fn a_pod_with_a_volume_named_like_picotuns_runs_uninjected_with_a_warning() {
+    let (ground, client, ns, webhook) = injecting("volumes").await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns.name());
+
+    let pod = json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "clash", "namespace": ns.name(), "labels": {"tunnels.pico.sh/inject": "true"}},
+        "spec": {"containers": [{"name": "app", "image": "registry.example/app:1",
+            "volumeMounts": [{"name": "picotun-tunnels", "mountPath": "/data"}]}],
+            "volumes": [{"name": "picotun-tunnels", "emptyDir": {}}]}});
+    let (created, warnings) = kubectl_create(ground, &pod);
+    assert!(sidecar_of(&created).is_none(), "not injected");
+    assert!(
+        warnings.contains("volume named picotun-tunnels") && warnings.contains("rename it"),
+        "the warning names the volume and the fix: {warnings}"
+    );
+    wait_for("the pod Running", Duration::from_secs(60), Duration::from_millis(250), || async {
+        let p = pods.get("clash").await.map_err(|e| e.to_string())?;
+        Ok((p.status.and_then(|s| s.phase).as_deref() == Some("Running")).then_some(()))
+    })
+    .await
+    .unwrap();
+    let metrics = webhook.metrics().await;
+    assert!(metrics.contains("picotun_webhook_skips_total{reason=\"volume_conflict\"} 1"), "{metrics}");
+    webhook.unregister(&client).await;
 }
