@@ -42,6 +42,13 @@ pub const LOG_LEVEL: &str = "tunnels.pico.sh/log-level";
 /// Set by kubectl; picotun points it at the app so `kubectl logs/exec` land there.
 pub const DEFAULT_CONTAINER: &str = "kubectl.kubernetes.io/default-container";
 
+/// The volumes picotun adds; no other container may mount them, and a pod of its own with one of
+/// these names cannot be injected (the apiserver would refuse a duplicate volume name).
+pub const TUNNELS_VOLUME: &str = "picotun-tunnels";
+pub const KEY_VOLUME: &str = "picotun-ssh-key";
+pub const REPORT_TOKEN_VOLUME: &str = "picotun-report-token";
+pub const SIDECAR_VOLUMES: [&str; 3] = [TUNNELS_VOLUME, KEY_VOLUME, REPORT_TOKEN_VOLUME];
+
 /// The name of the injected container.
 pub const SIDECAR_NAME: &str = "picotun-agent";
 

@@ -130,7 +130,9 @@ pub fn opted_in(
 }
 
 /// [`never_injected`], then [`opted_in`]: whether a pod should carry the sidecar. The controller
-/// asks this of pods without one before it calls the sidecar missing.
+/// asks this of pods without one before it calls the sidecar missing (and, if asked to, restarts
+/// their workload) -- so a pod the webhook left alone for a volume named like picotun's is not
+/// expected to carry it either: a restart would only bring the same pod back.
 pub fn expects_sidecar(
     pod: &Pod,
     namespace: &str,
@@ -139,8 +141,21 @@ pub fn expects_sidecar(
     route_tunnels: &[TunnelSpec],
     inject_route_backends: bool,
 ) -> Decision {
-    never_injected(pod, namespace, own_namespace)
-        .unwrap_or_else(|| opted_in(pod, workload, route_tunnels, inject_route_backends))
+    if let Some(never) = never_injected(pod, namespace, own_namespace) {
+        return never;
+    }
+    let own: Vec<&str> = pod
+        .spec
+        .iter()
+        .flat_map(|s| s.volumes.iter().flatten())
+        .map(|v| v.name.as_str())
+        .filter(|n| !is_injected(pod) && api::SIDECAR_VOLUMES.contains(n))
+        .collect();
+    if !own.is_empty() {
+        let because = format!("the pod has its own volume named {}, as picotun names the sidecar's", own.join(", "));
+        return Decision::Skip { reason: SkipReason::VolumeConflict, because };
+    }
+    opted_in(pod, workload, route_tunnels, inject_route_backends)
 }
 
 /// True if a container named like the sidecar is there (re-invocation, a pod injected by `picotun
@@ -261,5 +276,17 @@ mod tests {
         assert!(matches!(d, Decision::Skip { reason: SkipReason::OptedOut, .. }), "{d:?}");
         let d = expects_sidecar(&Pod::default(), "kube-system", "pico-sh-system", None, &routes, true);
         assert!(matches!(d, Decision::Skip { reason: SkipReason::SystemNamespace, .. }), "{d:?}");
+        // The webhook leaves a pod with its own volume named like picotun's alone: not missing.
+        let mut clash = Pod::default();
+        clash.metadata.labels = Some([(api::INJECT.to_string(), "true".to_string())].into());
+        clash.spec = Some(k8s_openapi::api::core::v1::PodSpec {
+            volumes: Some(vec![k8s_openapi::api::core::v1::Volume {
+                name: api::TUNNELS_VOLUME.into(),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        });
+        let d = expects_sidecar(&clash, "apps", "pico-sh-system", None, &routes, true);
+        assert!(matches!(d, Decision::Skip { reason: SkipReason::VolumeConflict, .. }), "{d:?}");
     }
 }

@@ -79,8 +79,20 @@ pub fn answer(
     let outcome =
         inject::mutate_owned(&pod, &namespace, workload, route_tunnels, owners, inject_route_backends, config);
     warnings.extend(outcome.warnings);
+    let with_warnings = |mut response: AdmissionResponse, warnings: Vec<String>| {
+        if !warnings.is_empty() {
+            response.warnings = Some(warnings.into_iter().map(|w| format!("picotun: {w}")).collect());
+        }
+        response
+    };
     let Some(injected) = outcome.pod else {
-        return Answer { response: allow, result: "skipped", decision: Some(outcome.decision) };
+        // A skipped pod may still carry a warning worth the user's eyes (a volume named like
+        // picotun's): it goes back with the unchanged pod.
+        return Answer {
+            response: with_warnings(allow, warnings),
+            result: "skipped",
+            decision: Some(outcome.decision),
+        };
     };
     let patch = inject::patch(&pod, &injected);
     let mut response = if patch.0.is_empty() {
@@ -94,9 +106,7 @@ pub fn answer(
             }
         }
     };
-    if !warnings.is_empty() {
-        response.warnings = Some(warnings.into_iter().map(|w| format!("picotun: {w}")).collect());
-    }
+    response = with_warnings(response, warnings);
     Answer { response, result: "injected", decision: Some(outcome.decision) }
 }
 
