@@ -114,13 +114,14 @@ pub enum NotInjected {
 pub fn check_namespace(
     namespace: &str,
     labels: Option<&std::collections::BTreeMap<String, String>>,
-    selector: &std::collections::BTreeMap<String, String>,
+    selector: &kube::core::Selector,
 ) -> Result<(), NotInjected> {
-    if selector.iter().all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v)) {
+    use kube::core::SelectorExt;
+    let none = std::collections::BTreeMap::new();
+    if selector.matches(labels.unwrap_or(&none)) {
         Ok(())
     } else {
-        let wanted = selector.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",");
-        Err(NotInjected::NamespaceNotEnabled(namespace.to_string(), wanted))
+        Err(NotInjected::NamespaceNotEnabled(namespace.to_string(), selector.to_string()))
     }
 }
 
@@ -249,14 +250,11 @@ pub struct Verifier {
     reviews: Mutex<Expiring<Vec<u8>, PodIdentity>>,
     ticket_key: Option<TicketKey>,
     /// The labels a namespace needs for its pods to be served ([`check_namespace`]).
-    namespace_selector: std::collections::BTreeMap<String, String>,
+    namespace_selector: kube::core::Selector,
 }
 
 impl Verifier {
-    pub fn new(
-        ticket_key: Option<TicketKey>,
-        namespace_selector: std::collections::BTreeMap<String, String>,
-    ) -> Verifier {
+    pub fn new(ticket_key: Option<TicketKey>, namespace_selector: kube::core::Selector) -> Verifier {
         Verifier {
             hash_key: rand::rng().random(),
             reviews: Mutex::new(Expiring::new(REVIEW_TTL)),
@@ -477,7 +475,7 @@ mod tests {
 
     #[test]
     fn only_namespaces_labeled_for_injection_are_served() {
-        let selector = api::parse_selector("tunnels.pico.sh/injection=enabled").unwrap();
+        let selector = api::parse_label_selector("tunnels.pico.sh/injection=enabled").unwrap();
         let labeled =
             std::collections::BTreeMap::from([(api::NAMESPACE_INJECTION_LABEL.to_string(), "enabled".into())]);
         assert_eq!(check_namespace("team-a", Some(&labeled), &selector), Ok(()));

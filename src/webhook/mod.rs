@@ -123,10 +123,10 @@ pub struct WebhookArgs {
     #[arg(
         long,
         env = "PICOTUN_INJECTION_NAMESPACE_SELECTOR",
-        value_parser = crate::core::api::parse_selector,
+        value_parser = crate::core::api::parse_label_selector,
         default_value = "tunnels.pico.sh/injection=enabled"
     )]
-    pub injection_namespace_selector: std::collections::BTreeMap<String, String>,
+    pub injection_namespace_selector: kube::core::Selector,
     /// The domains the tunnel server names public addresses under (repeatable, or comma-separated):
     /// a reported address outside them (and not the custom domain its tunnel asked for) is dropped.
     /// Default: --server itself when it is a DNS name (a regional tuns.sh host adds tuns.sh).
