@@ -31,8 +31,8 @@ const (
 	ReasonMatching = "request matching beyond the host is not claimed: a tunnel server routes whole hosts " +
 		"(every request for a name reaches the pods holding that tunnel), so path/header/method/query " +
 		"matching between rules or routes cannot be honoured"
-	ReasonRedirect = "the RequestRedirect filter is not claimed: a tunnel server passes requests through " +
-		"unchanged, nothing on the path can answer with a redirect"
+	ReasonFilters = "HTTPRoute filters (RequestRedirect, RequestHeaderModifier) are not claimed: a tunnel " +
+		"server passes requests through unchanged, nothing on the path can redirect or rewrite them"
 	ReasonWeight = "backendRef weights are not claimed: a tunnel name is served by one pod at a time, or spread " +
 		"evenly by a load-balancing server (picotun reports WeightsUnsupported)"
 	ReasonHTTPSCert = "TLS with the listener's certificateRefs is not claimable: the tunnel server terminates " +
@@ -64,7 +64,8 @@ var SkipTests = map[string]string{
 	"HTTPRouteMatching":              ReasonMatching,
 	"HTTPRouteMatchingAcrossRoutes":  ReasonMatching,
 	"HTTPRoutePathMatchOrder":        ReasonMatching,
-	"HTTPRouteRedirectHostAndStatus": ReasonRedirect,
+	"HTTPRouteRedirectHostAndStatus": ReasonFilters,
+	"HTTPRouteRequestHeaderModifier": ReasonFilters,
 	"HTTPRouteWeight":                ReasonWeight,
 	"HTTPRouteHTTPSListener":         ReasonHTTPSCert,
 	// Traffic tests a tunnel implementation can pass once the data plane runs on the ground.
@@ -138,7 +139,7 @@ func SubtestsSkipped(test string) []SubtestSkip {
 // Reasons, in the order the report explains them, with a short key for its tables.
 var Reasons = []struct{ Key, Text string }{
 	{"matching", ReasonMatching},
-	{"redirect", ReasonRedirect},
+	{"filters", ReasonFilters},
 	{"weights", ReasonWeight},
 	{"https-cert", ReasonHTTPSCert},
 	{"echo-backend", ReasonEchoBackend},

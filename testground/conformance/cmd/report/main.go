@@ -8,6 +8,7 @@ package main
 
 import (
 	"bufio"
+	"bytes"
 	"encoding/json"
 	"flag"
 	"fmt"
@@ -73,8 +74,14 @@ func main() {
 		sc.Buffer(make([]byte, 1<<20), 16<<20)
 		for sc.Scan() {
 			var e event
-			if json.Unmarshal(sc.Bytes(), &e) != nil {
-				continue
+			line := sc.Bytes()
+			if json.Unmarshal(line, &e) != nil {
+				// test2json at times loses the tail of a long output line, running the next
+				// event into it: keep that next event.
+				i := bytes.LastIndex(line, []byte(`{"Time":`))
+				if i <= 0 || json.Unmarshal(line[i:], &e) != nil {
+					continue
+				}
 			}
 			if e.Test == "" {
 				if e.Action == "output" {
@@ -153,7 +160,7 @@ func main() {
 	}
 
 	w("\n## Status/validation tests\n\n")
-	w("| test | result | first failure (subtest: message -- last observed state) |\n|---|---|---|\n")
+	w("| test | result | first failure (subtest: message; the state last observed is in [the details](#failures-in-detail)) |\n|---|---|---|\n")
 	for _, e := range run {
 		n := nodes[top+e.Name]
 		result, why := "no result", "the driver stopped before this test"
@@ -168,11 +175,7 @@ func main() {
 			}
 		case "fail":
 			result = "**failed**"
-			msg, observed := whyFailed(nodes, order, n.name)
-			why = msg
-			if observed != "" {
-				why += " -- " + observed
-			}
+			why, _ = whyFailed(nodes, order, n.name)
 		case "skip":
 			result = "skipped"
 			why = lastLine(n.output)
@@ -218,7 +221,7 @@ func main() {
 		msg, observed := failureOf(n)
 		w("- `%s`: %s", strings.TrimPrefix(name, top), code(msg))
 		if observed != "" {
-			w("; last observed: %s", code(observed))
+			w("\n  last observed: %s", code(clip(observed, 1200)))
 		}
 		w("\n")
 	}
@@ -312,7 +315,7 @@ func failureOf(n *node) (string, string) {
 				continue // the line before a testify block
 			}
 			if m[2] != "" { // tlog: a wait's progress
-				if text != "Conditions matched expectations" {
+				if text != "Conditions matched expectations" && !strings.Contains(text, "context deadline exceeded") {
 					observed = text
 				}
 				continue
@@ -346,10 +349,11 @@ func lastLine(lines []string) string {
 	return ""
 }
 
-func cell(s string) string {
-	s = strings.ReplaceAll(s, "|", "\\|")
-	if len(s) > 400 {
-		s = s[:400] + " ..."
+func cell(s string) string { return clip(strings.ReplaceAll(s, "|", "\\|"), 400) }
+
+func clip(s string, n int) string {
+	if len(s) > n {
+		return s[:n] + " ..."
 	}
 	return s
 }
