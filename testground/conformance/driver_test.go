@@ -158,6 +158,38 @@ func podsReady(t *testing.T, c client.Client, timeout time.Duration, namespaces 
 	}
 }
 
+func logGateways(t *testing.T, c client.Client, test string) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	list := &gatewayv1.GatewayList{}
+	if err := c.List(ctx, list, client.InNamespace("gateway-conformance-infra")); err != nil {
+		t.Logf("%s%s: listing Gateways: %v", StatePrefix, test, err)
+		return
+	}
+	for _, gw := range list.Items {
+		var conds []string
+		for _, cd := range gw.Status.Conditions {
+			conds = append(conds, fmt.Sprintf("%s=%s %s (gen %d/%d)", cd.Type, cd.Status, cd.Reason, cd.ObservedGeneration, gw.Generation))
+		}
+		var addrs []string
+		for _, a := range gw.Status.Addresses {
+			addrs = append(addrs, a.Value)
+		}
+		var listeners []string
+		for _, l := range gw.Status.Listeners {
+			var lc []string
+			for _, cd := range l.Conditions {
+				if cd.Status != metav1.ConditionTrue || cd.Type == "Programmed" {
+					lc = append(lc, fmt.Sprintf("%s=%s %s", cd.Type, cd.Status, cd.Reason))
+				}
+			}
+			listeners = append(listeners, fmt.Sprintf("%s attachedRoutes=%d %s", l.Name, l.AttachedRoutes, strings.Join(lc, " ")))
+		}
+		t.Logf("%s%s: Gateway %s: %s; addresses [%s]; listeners: %s", StatePrefix, test, gw.Name,
+			strings.Join(conds, ", "), strings.Join(addrs, ", "), strings.Join(listeners, "; "))
+	}
+}
+
 func TestConformance(t *testing.T) {
 	log.SetLogger(zap.New(zap.WriteTo(os.Stderr), zap.UseDevMode(false)))
 	cfg, err := config.GetConfig()
@@ -221,8 +253,24 @@ func TestConformance(t *testing.T) {
 	if err != nil {
 		t.Fatalf("NewConformanceTestSuite: %v", err)
 	}
-	all := tests.ConformanceTests
+	all := slices.Clone(tests.ConformanceTests)
 	writePlan(t, all)
+	// After a failed test, log the status of the Gateways left in the suite's namespace (the
+	// base ones): what the suite's address waits never print.
+	failed := map[string]bool{}
+	for i := range all {
+		name, run := all[i].ShortName, all[i].Test
+		all[i].Test = func(t *testing.T, s *suite.ConformanceTestSuite) {
+			// After the parallel subtests too.
+			t.Cleanup(func() { failed[name] = t.Failed() })
+			run(t, s)
+		}
+	}
+	cSuite.Hook = func(t *testing.T, ct suite.ConformanceTest, s *suite.ConformanceTestSuite) {
+		if failed[ct.ShortName] {
+			logGateways(t, c, ct.ShortName)
+		}
+	}
 
 	// The stock Setup: GatewayClass Accepted, base manifests and Secrets applied, then every base
 	// Gateway Accepted and Programmed and every pod Ready. Where the last wait fails, go on

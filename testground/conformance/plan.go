@@ -103,6 +103,9 @@ var SkipSubtests = []SubtestSkip{
 // TopTest is the driver's test; the suite's tests are its subtests.
 const TopTest = "TestConformance"
 
+// StatePrefix starts the driver's log line "STATE <test>: <gateway status>" after a failed test.
+const StatePrefix = "STATE "
+
 // SkipPattern is the -test.skip expression for SkipSubtests (Go's syntax: alternatives joined
 // by '|', each a '/'-separated regexp per name level, unanchored, so anchored here).
 func SkipPattern() string {

@@ -166,6 +166,8 @@ func main() {
 		result, why := "no result", "the driver stopped before this test"
 		if n != nil && n.result != "" {
 			result, why = n.result, ""
+		} else if n != nil && !isLeafFailure(nodes, order, n.name) {
+			result = "fail" // its own end event is missing, a subtest's failure is not
 		}
 		switch result {
 		case "pass":
@@ -209,8 +211,23 @@ func main() {
 		w("| %s | %s |\n", e.Name, strings.Join(e.Missing, ", "))
 	}
 
+	// The driver's hook logs, after each failed test, the Gateways left in the suite's namespace.
+	states := map[string][]string{}
+	if n := nodes[driver.TopTest]; n != nil {
+		for _, l := range n.output {
+			if m := logLine.FindStringSubmatch(l); m != nil {
+				if name, text, ok := strings.Cut(m[3], ": "); ok && strings.HasPrefix(name, driver.StatePrefix) {
+					name = strings.TrimPrefix(name, driver.StatePrefix)
+					states[name] = append(states[name], text)
+				}
+			}
+		}
+	}
+
 	// Every failing subtest, for the people fixing the controller.
 	w("\n## Failures in detail\n\n")
+	w("Per failing subtest: the suite's message; the last state its wait logged; after the test, the\n" +
+		"status of the Gateways left in gateway-conformance-infra (the base ones; a test's own are deleted by then).\n\n")
 	any := false
 	for _, name := range order {
 		n := nodes[name]
@@ -224,6 +241,14 @@ func main() {
 			w("\n  last observed: %s", code(clip(observed, 1200)))
 		}
 		w("\n")
+	}
+	for _, e := range run {
+		if st := states[e.Name]; len(st) > 0 {
+			w("- after `%s`:\n", e.Name)
+			for _, l := range st {
+				w("  - %s\n", code(clip(l, 600)))
+			}
+		}
 	}
 	if !any {
 		w("None.\n")
@@ -314,8 +339,10 @@ func failureOf(n *node) (string, string) {
 			if text == "" {
 				continue // the line before a testify block
 			}
-			if m[2] != "" { // tlog: a wait's progress
-				if text != "Conditions matched expectations" && !strings.Contains(text, "context deadline exceeded") {
+			if m[2] != "" { // tlog: a wait's progress (the suite's own lines say what runs, not what it saw)
+				file := m[1][:strings.IndexByte(m[1], ':')]
+				if file != "suite.go" && file != "apply.go" && file != "conformance.go" && text != "Conditions matched expectations" &&
+					!strings.Contains(text, "context deadline exceeded") {
 					observed = text
 				}
 				continue
@@ -324,6 +351,10 @@ func failureOf(n *node) (string, string) {
 				plain = text // t.Fatalf and friends
 			}
 		}
+	}
+	// A wait that ran out: the error is the deadline (or the last poll it cut short).
+	if strings.Contains(errText, "context deadline exceeded") {
+		errText = "timed out"
 	}
 	msg := plain
 	switch {
