@@ -158,13 +158,37 @@ func podsReady(t *testing.T, c client.Client, timeout time.Duration, namespaces 
 	}
 }
 
-func logGateways(t *testing.T, c client.Client, test string) {
+// logState logs the status of the Gateways and HTTPRoutes in the suite's namespaces: what the
+// suite's address waits never print.
+func logState(t *testing.T, c client.Client, test string) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	list := &gatewayv1.GatewayList{}
 	if err := c.List(ctx, list, client.InNamespace("gateway-conformance-infra")); err != nil {
 		t.Logf("%s%s: listing Gateways: %v", StatePrefix, test, err)
 		return
+	}
+	routes := &gatewayv1.HTTPRouteList{}
+	if err := c.List(ctx, routes); err != nil {
+		t.Logf("%s%s: listing HTTPRoutes: %v", StatePrefix, test, err)
+	}
+	for _, r := range routes.Items {
+		var parents []string
+		for _, p := range r.Status.Parents {
+			var conds []string
+			for _, cd := range p.Conditions {
+				conds = append(conds, fmt.Sprintf("%s=%s %s (gen %d/%d): %s", cd.Type, cd.Status, cd.Reason, cd.ObservedGeneration, r.Generation, cd.Message))
+			}
+			section := ""
+			if p.ParentRef.SectionName != nil {
+				section = "/" + string(*p.ParentRef.SectionName)
+			}
+			parents = append(parents, fmt.Sprintf("parent %s%s: %s", p.ParentRef.Name, section, strings.Join(conds, ", ")))
+		}
+		if len(parents) == 0 {
+			parents = []string{"no parent status"}
+		}
+		t.Logf("%s%s: HTTPRoute %s/%s: %s", StatePrefix, test, r.Namespace, r.Name, strings.Join(parents, "; "))
 	}
 	for _, gw := range list.Items {
 		var conds []string
@@ -257,18 +281,17 @@ func TestConformance(t *testing.T) {
 	writePlan(t, all)
 	// After a failed test, log the status of the Gateways left in the suite's namespace (the
 	// base ones): what the suite's address waits never print.
-	failed := map[string]bool{}
 	for i := range all {
 		name, run := all[i].ShortName, all[i].Test
 		all[i].Test = func(t *testing.T, s *suite.ConformanceTestSuite) {
-			// After the parallel subtests too.
-			t.Cleanup(func() { failed[name] = t.Failed() })
+			// On a failure, while the test's own objects still exist (its cleanup comes later).
+			// Tests whose subtests run in parallel fail after this; their waits log what they saw.
+			defer func() {
+				if t.Failed() {
+					logState(t, c, name)
+				}
+			}()
 			run(t, s)
-		}
-	}
-	cSuite.Hook = func(t *testing.T, ct suite.ConformanceTest, s *suite.ConformanceTestSuite) {
-		if failed[ct.ShortName] {
-			logGateways(t, c, ct.ShortName)
 		}
 	}
 

@@ -213,12 +213,12 @@ func main() {
 
 	// The driver's hook logs, after each failed test, the Gateways left in the suite's namespace.
 	states := map[string][]string{}
-	if n := nodes[driver.TopTest]; n != nil {
-		for _, l := range n.output {
+	for _, name := range order {
+		for _, l := range nodes[name].output {
 			if m := logLine.FindStringSubmatch(l); m != nil {
-				if name, text, ok := strings.Cut(m[3], ": "); ok && strings.HasPrefix(name, driver.StatePrefix) {
-					name = strings.TrimPrefix(name, driver.StatePrefix)
-					states[name] = append(states[name], text)
+				if test, text, ok := strings.Cut(m[3], ": "); ok && strings.HasPrefix(test, driver.StatePrefix) {
+					test = strings.TrimPrefix(test, driver.StatePrefix)
+					states[test] = append(states[test], text)
 				}
 			}
 		}
@@ -226,8 +226,9 @@ func main() {
 
 	// Every failing subtest, for the people fixing the controller.
 	w("\n## Failures in detail\n\n")
-	w("Per failing subtest: the suite's message; the last state its wait logged; after the test, the\n" +
-		"status of the Gateways left in gateway-conformance-infra (the base ones; a test's own are deleted by then).\n\n")
+	w("Per failing subtest: the suite's message and the last state its wait logged. Then, per failed test\n" +
+		"whose subtests are not parallel, the status the driver read when it failed (before the test's cleanup):\n" +
+		"its HTTPRoutes, and the Gateways of gateway-conformance-infra where they differ from the previous dump.\n\n")
 	any := false
 	for _, name := range order {
 		n := nodes[name]
@@ -242,12 +243,22 @@ func main() {
 		}
 		w("\n")
 	}
+	lastGateway := map[string]string{}
 	for _, e := range run {
-		if st := states[e.Name]; len(st) > 0 {
-			w("- after `%s`:\n", e.Name)
-			for _, l := range st {
-				w("  - %s\n", code(clip(l, 600)))
+		st := states[e.Name]
+		if len(st) == 0 {
+			continue
+		}
+		w("\n`%s` when it failed:\n\n", e.Name)
+		for _, l := range st {
+			if name, ok := strings.CutPrefix(l, "Gateway "); ok {
+				name, _, _ = strings.Cut(name, ":")
+				if lastGateway[name] == l {
+					continue
+				}
+				lastGateway[name] = l
 			}
+			w("- %s\n", code(clip(l, 900)))
 		}
 	}
 	if !any {
@@ -336,7 +347,7 @@ func failureOf(n *node) (string, string) {
 		}
 		if m := logLine.FindStringSubmatch(l); m != nil {
 			text := strings.TrimSpace(m[3])
-			if text == "" {
+			if text == "" || strings.HasPrefix(text, driver.StatePrefix) {
 				continue // the line before a testify block
 			}
 			if m[2] != "" { // tlog: a wait's progress (the suite's own lines say what runs, not what it saw)
