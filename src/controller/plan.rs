@@ -549,3 +549,134 @@ fn tunnel_pods(resolution: &ClusterResolution) -> BTreeMap<String, BTreeSet<PodK
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use k8s_openapi::api::networking::v1::Ingress;
+
+    fn ingress() -> Arc<Ingress> {
+        Arc::new(
+            serde_json::from_value(json!({"metadata": {"name": "web", "namespace": "apps", "resourceVersion": "7",
+                "creationTimestamp": "2026-01-01T00:00:00Z"},
+                "spec": {"ingressClassName": "pico-tunnel", "rules": [{"host": "demo", "http": {"paths": [
+                    {"path": "/", "pathType": "Prefix", "backend": {"service": {"name": "web", "port": {"number": 80}}}}]}}]}}))
+            .unwrap(),
+        )
+    }
+
+    fn service() -> Arc<k8s_openapi::api::core::v1::Service> {
+        Arc::new(
+            serde_json::from_value(json!({"metadata": {"name": "web", "namespace": "apps"},
+                "spec": {"selector": {"app": "web"}, "ports": [{"port": 80, "targetPort": 8080}]}}))
+            .unwrap(),
+        )
+    }
+
+    /// A pod behind the Service: `sidecar` says whether it carries the sidecar, `labels` adds
+    /// to `app: web`.
+    fn pod(name: &str, created: &str, sidecar: bool, labels: Value, ready: bool) -> Arc<Pod> {
+        let mut l = json!({"app": "web"});
+        l.as_object_mut().unwrap().extend(labels.as_object().cloned().unwrap_or_default());
+        let mut containers = vec![json!({"name": "app", "image": "x", "ports": [{"containerPort": 8080}]})];
+        if sidecar {
+            containers.push(json!({"name": api::SIDECAR_NAME, "image": "picotun"}));
+        }
+        Arc::new(
+            serde_json::from_value(json!({
+                "metadata": {"name": name, "namespace": "apps", "uid": format!("uid-{name}"), "labels": l,
+                    "creationTimestamp": created, "resourceVersion": "1"},
+                "spec": {"containers": containers},
+                "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }}]},
+            }))
+            .unwrap(),
+        )
+    }
+
+    fn plan_of(pods: Vec<Arc<Pod>>, opts: &Options) -> Plan {
+        let view = View { ingresses: vec![ingress()], services: vec![service()], pods, ..Default::default() };
+        let config = ResolveConfig::default();
+        let resolution = view.resolve(&config);
+        plan(&view, &resolution, &config, opts, "2026-01-01T00:00:00Z")
+    }
+
+    fn reasons_on(plan: &Plan, name: &str) -> Vec<String> {
+        plan.problems.iter().filter(|n| n.regarding.name == name).map(|n| n.reason.clone()).collect()
+    }
+
+    /// Defect 2 of issue 12: a pod that opted out, or never opted in, was SidecarMissing (and
+    /// restarted with --restart-uninjected, which restarts plan.missing_sidecars).
+    #[test]
+    fn only_pods_that_ask_for_the_sidecar_are_missing_it() {
+        let created = "2026-01-01T00:00:00Z";
+        let pods = vec![
+            pod("asks", created, false, json!({api::INJECT: "true"}), true),
+            pod("optout", created, false, json!({api::INJECT: "false"}), true),
+            pod("plain", created, false, json!({}), true),
+        ];
+        let p = plan_of(pods.clone(), &Options::default());
+        let missing: Vec<&str> = p.missing_sidecars.keys().map(|k| k.1.as_str()).collect();
+        assert_eq!(missing, ["asks"]);
+        let not_injected: Vec<&str> = p.not_injected.iter().map(|k| k.1.as_str()).collect();
+        assert_eq!(not_injected, ["plain"], "opting out is a choice, not something to fix");
+        assert_eq!(reasons_on(&p, "asks"), [SIDECAR_MISSING]);
+        assert!(reasons_on(&p, "optout").is_empty() && reasons_on(&p, "plain").is_empty());
+        let on_ingress = reasons_on(&p, "web");
+        assert!(on_ingress.contains(&BACKEND_NOT_INJECTED.to_string()), "{on_ingress:?}");
+        let note = p.problems.iter().find(|n| n.reason == BACKEND_NOT_INJECTED).unwrap();
+        assert!(note.message.contains("plain") && note.message.contains("tunnels.pico.sh/inject=true"), "{note:?}");
+
+        // With --inject-route-backends the route itself opts them in: missing (but the opted-out
+        // pod still not).
+        let p = plan_of(pods, &Options { inject_route_backends: true, ..Default::default() });
+        let missing: Vec<&str> = p.missing_sidecars.keys().map(|k| k.1.as_str()).collect();
+        assert_eq!(missing, ["asks", "plain"]);
+        // Pods in picotun's own namespace are never expected to carry it.
+        let p = plan_of(
+            vec![pod("asks", created, false, json!({api::INJECT: "true"}), true)],
+            &Options { own_namespace: "apps".into(), ..Default::default() },
+        );
+        assert!(p.missing_sidecars.is_empty());
+    }
+
+    fn file_of(plan: &Plan, pod: &str) -> Option<TunnelsFile> {
+        plan.writes.iter().find_map(|w| match &w.write {
+            Write::PodTunnels { name, tunnels, .. } if name == pod => Some(TunnelsFile::parse(tunnels).unwrap()),
+            _ => None,
+        })
+    }
+
+    /// Contract 10 of issue 12: without load balancing one pod holds the name, the others' files
+    /// say standby; with it nobody stands by.
+    #[test]
+    fn one_pod_holds_each_name_unless_the_server_load_balances() {
+        let pods = vec![
+            pod("young", "2026-01-01T00:00:09Z", true, json!({}), true),
+            pod("old", "2026-01-01T00:00:01Z", true, json!({}), true),
+            pod("older-not-ready", "2026-01-01T00:00:00Z", true, json!({}), false),
+        ];
+        let p = plan_of(pods.clone(), &Options::default());
+        let standby = |pod: &str| file_of(&p, pod).unwrap().tunnels[0].standby;
+        assert!(!standby("old"), "the oldest Ready pod holds it");
+        assert!(standby("young") && standby("older-not-ready"));
+        let Write::PodTunnels { uid, .. } = &p.writes.iter().find(|w| w.write.key() == "Pod/apps/old").unwrap().write
+        else {
+            unreachable!()
+        };
+        assert_eq!(uid, "uid-old", "sent as the patch's precondition");
+        assert_eq!(p.tunnel_states.get("standby"), Some(&2));
+
+        let p = plan_of(pods, &Options { server_load_balancing: true, ..Default::default() });
+        for pod in ["young", "old", "older-not-ready"] {
+            assert!(!file_of(&p, pod).unwrap().tunnels[0].standby, "{pod}");
+        }
+    }
+
+    #[test]
+    fn writes_carry_the_resource_version_the_plan_saw() {
+        let p = plan_of(vec![pod("a", "2026-01-01T00:00:00Z", true, json!({}), true)], &Options::default());
+        assert!(p.writes.iter().all(|w| w.seen.is_some()), "{:?}", p.writes);
+    }
+}
