@@ -1202,3 +1202,87 @@ async fn gateway_status_keeps_the_conditions_of_other_field_managers() {
     assert_eq!(s["listeners"].as_array().map(Vec::len), Some(2), "{s}");
     let _ = dynamic(GatewayKind::GatewayClass, None, &client).delete(&class, &DeleteParams::default()).await;
 }
+
+/// Contracts 8 and 6 of issue 12: a route's status.parents is one atomic list. picotun reads it
+/// fresh and replaces only its own entries, so another implementation's entry stays; and its own
+/// entry goes once the route no longer attaches to a Gateway of its own (it stayed forever).
+#[tokio::test]
+#[ignore = "needs the test ground (scripts/build-testground)"]
+async fn route_parents_of_others_stay_and_ours_go_when_the_route_detaches() {
+    let ground = ControlPlane::shared(Existing::Allowed).await.unwrap();
+    let client = ground.client().await.unwrap();
+    let scope = random_suffix();
+    let ns = scoped_namespace(ground, &client, "ctl-parents", &scope).await;
+    let class = format!("pico-{scope}");
+    let ours = format!("tunnels.pico.sh/gw-{scope}");
+    create_dynamic(
+        GatewayKind::GatewayClass,
+        None,
+        &client,
+        json!({"metadata": {"name": class}, "spec": {"controllerName": ours}}),
+    )
+    .await;
+    let controller = Controller::start(ground, &scope, "c1", &ns).await;
+    let g = Some(ns.as_str());
+    create_dynamic(
+        GatewayKind::Gateway,
+        g,
+        &client,
+        json!({"metadata": {"name": "gw"}, "spec": {"gatewayClassName": class,
+            "listeners": [{"name": "web", "protocol": "HTTP", "port": 80, "hostname": "web"}]}}),
+    )
+    .await;
+    // Another implementation's Gateway (a class picotun does not serve).
+    create_dynamic(
+        GatewayKind::Gateway,
+        g,
+        &client,
+        json!({"metadata": {"name": "theirs"}, "spec": {"gatewayClassName": format!("other-{scope}"),
+            "listeners": [{"name": "web", "protocol": "HTTP", "port": 80}]}}),
+    )
+    .await;
+    create_dynamic(
+        GatewayKind::HTTPRoute,
+        g,
+        &client,
+        json!({"metadata": {"name": "route"}, "spec": {
+            "parentRefs": [{"name": "gw", "sectionName": "web"}, {"name": "theirs"}],
+            "rules": [{"backendRefs": [{"name": "web", "port": 80}]}]}}),
+    )
+    .await;
+    let parents_by = |s: &Value| -> Vec<String> {
+        s["parents"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|p| p["controllerName"].as_str().map(String::from))
+            .collect()
+    };
+    let routes = dynamic(GatewayKind::HTTPRoute, g, &client);
+    wait_for("our parent entry", Duration::from_secs(30), Duration::from_millis(200), || async {
+        let s = status_of(GatewayKind::HTTPRoute, g, &client, "route").await;
+        Ok(parents_by(&s).contains(&ours).then_some(()))
+    })
+    .await
+    .unwrap();
+    // Another implementation serves the route's other parent and writes its own entry.
+    let mut route = routes.get_status("route").await.unwrap();
+    route.data["status"]["parents"].as_array_mut().unwrap().push(json!({
+        "parentRef": {"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": "theirs"},
+        "controllerName": "example.com/other",
+        "conditions": [{"type": "Accepted", "status": "True", "reason": "Accepted", "message": "theirs",
+            "lastTransitionTime": "2026-01-01T00:00:00Z", "observedGeneration": 1}]}));
+    routes.replace_status("route", &PostParams::default(), &route).await.unwrap();
+
+    // The route leaves our Gateway: our entry goes, theirs stays.
+    let patch = json!({"spec": {"parentRefs": [{"name": "theirs"}]}});
+    routes.patch("route", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    let s = wait_for("our entry to go", Duration::from_secs(30), Duration::from_millis(200), || async {
+        let s = status_of(GatewayKind::HTTPRoute, g, &client, "route").await;
+        Ok((!parents_by(&s).contains(&ours)).then_some(s))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {}", controller.proc.log_tail(40)));
+    assert_eq!(parents_by(&s), ["example.com/other"], "{s}");
+    let _ = dynamic(GatewayKind::GatewayClass, None, &client).delete(&class, &DeleteParams::default()).await;
+}
