@@ -406,14 +406,15 @@ async fn publish_events(
     }
 }
 
-/// A status document without its nulls: in a server-side apply a field left out is one we do
-/// not (or no longer) own, which is what a null meant in the merge patch.
-pub fn without_nulls(v: &Value) -> Value {
+/// A status document for server-side apply. The builders write null for a list that is empty
+/// (an Ingress's `loadBalancer.ingress`, a Gateway's `addresses`); applied as `[]`, picotun owns
+/// the emptiness, so it also clears values an older version merge-patched there (left out, the
+/// field would stay with whoever set it).
+pub fn nulls_as_empty_lists(v: &Value) -> Value {
     match v {
-        Value::Object(m) => {
-            Value::Object(m.iter().filter(|(_, v)| !v.is_null()).map(|(k, v)| (k.clone(), without_nulls(v))).collect())
-        }
-        Value::Array(a) => Value::Array(a.iter().map(without_nulls).collect()),
+        Value::Null => Value::Array(Vec::new()),
+        Value::Object(m) => Value::Object(m.iter().map(|(k, v)| (k.clone(), nulls_as_empty_lists(v))).collect()),
+        Value::Array(a) => Value::Array(a.iter().map(nulls_as_empty_lists).collect()),
         v => v.clone(),
     }
 }
@@ -424,7 +425,7 @@ pub fn apply_body(api_version: &str, kind: &str, namespace: Option<&str>, name: 
     if let Some(ns) = namespace {
         metadata["namespace"] = json!(ns);
     }
-    json!({"apiVersion": api_version, "kind": kind, "metadata": metadata, "status": without_nulls(status)})
+    json!({"apiVersion": api_version, "kind": kind, "metadata": metadata, "status": nulls_as_empty_lists(status)})
 }
 
 /// Stand-in for `status::merge_route_parents` (contract 8) until it lands there, with its
@@ -616,9 +617,9 @@ mod tests {
     }
 
     #[test]
-    fn apply_documents_leave_out_what_is_null() {
+    fn apply_documents_own_empty_lists() {
         let body = apply_body("v1", "Ingress", Some("ns"), "web", &json!({"loadBalancer": {"ingress": null}}));
-        assert_eq!(body["status"], json!({"loadBalancer": {}}));
+        assert_eq!(body["status"], json!({"loadBalancer": {"ingress": []}}));
         assert_eq!(body["metadata"], json!({"name": "web", "namespace": "ns"}));
     }
 }
