@@ -2,27 +2,28 @@
 //!
 //! Level-triggered: every change in the caches (Ingresses, Gateway API objects, Services, Pods,
 //! Namespaces) wakes one loop that resolves the whole cluster (pure, `resolve::cluster`), plans
-//! the writes that differ from the caches (pure, `plan`), and -- on the leader only -- applies
-//! them with bounded concurrency and publishes Events. No finalizers: deleting a route simply
+//! the writes that differ from the caches (pure, `plan`), and -- on the leader only -- hands them
+//! to the writer's work queue (`writer`) without waiting for them. No finalizers: deleting a route simply
 //! resolves to fewer tunnels, so nothing can be left stuck when picotun is uninstalled.
 
+pub mod assign;
 pub mod lease;
 pub mod plan;
 pub mod restart;
 pub mod status;
 pub mod sync_key;
+pub mod writer;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::Router;
-use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::networking::v1::Ingress;
-use kube::api::{Api, DynamicObject, Patch, PatchParams};
-use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
+use kube::api::Api;
+use kube::runtime::events::{Recorder, Reporter};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -30,11 +31,11 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, info_span, warn};
+use tracing::{debug, info, info_span};
 
 use crate::admin;
 use crate::apiserver::index::{Index, ResolveConfig};
-use plan::{Note, Plan, Planned, Write};
+use plan::{Note, Plan};
 
 /// `picotun controller` flags.
 #[derive(Clone, Debug, clap::Args)]
@@ -83,9 +84,18 @@ pub struct ControllerArgs {
     /// Resolve everything at least this often, even when nothing changed.
     #[arg(long, env = "PICOTUN_RESYNC_INTERVAL", value_parser = humantime::parse_duration, default_value = "5m")]
     pub resync_interval: Duration,
-    /// Writes in flight at once.
+    /// Writes in flight at once (the writer's workers).
     #[arg(long, env = "PICOTUN_WRITE_CONCURRENCY", default_value_t = 32)]
     pub write_concurrency: usize,
+    /// Pods a route picotun serves selects are injected without opting in (the webhook's flag of
+    /// the same name; give both the same value). Off: such pods are said on the route
+    /// (BackendNotInjected), never called SidecarMissing, never restarted.
+    #[arg(long, env = "PICOTUN_INJECT_ROUTE_BACKENDS", default_value_t = false, action = clap::ArgAction::Set)]
+    pub inject_route_backends: bool,
+    /// The tunnel server shares one name among several connections (load balancing). Off
+    /// (tuns.sh): one pod holds each name and the others' tunnels files say standby.
+    #[arg(long, env = "PICOTUN_SERVER_LOAD_BALANCING", default_value_t = false, action = clap::ArgAction::Set)]
+    pub server_load_balancing: bool,
     #[command(flatten)]
     pub domains: crate::resolve::ownership::DomainArgs,
 }
@@ -130,6 +140,9 @@ pub struct Metrics {
     problems: Family<ReasonLabels, Gauge>,
     leader: Gauge,
     restarts: Counter,
+    queue_depth: Gauge,
+    retries: Counter,
+    repeats: Counter,
 }
 
 impl Metrics {
@@ -143,15 +156,33 @@ impl Metrics {
             problems: Family::default(),
             leader: Gauge::default(),
             restarts: Counter::default(),
+            queue_depth: Gauge::default(),
+            retries: Counter::default(),
+            repeats: Counter::default(),
         };
         let r = registry.sub_registry_with_prefix("picotun_controller");
         r.register("reconciles", "Passes over the whole cluster", m.reconciles.clone());
         r.register("reconcile_duration_seconds", "Time to resolve, plan and apply one pass", m.duration.clone());
-        r.register("writes", "Patches by object kind and result (ok, failed)", m.writes.clone());
-        r.register("errors", "Errors by reason (pod_patch, status_patch, event, restart, key_sync)", m.errors.clone());
+        r.register(
+            "writes",
+            "Write calls by object kind and result (ok, unchanged, gone, conflict, failed, timeout)",
+            m.writes.clone(),
+        );
+        r.register(
+            "errors",
+            "Errors by reason (pod_patch, status_patch, event, event_dropped, restart, key_sync)",
+            m.errors.clone(),
+        );
+        r.register("write_queue_depth", "Objects waiting to be written (not in flight)", m.queue_depth.clone());
+        r.register("write_retries", "Writes queued again after a failure, timeout or conflict", m.retries.clone());
+        r.register(
+            "write_repeats",
+            "Writes of the value last written to the same object (someone else changed it meanwhile)",
+            m.repeats.clone(),
+        );
         r.register(
             "tunnels",
-            "Tunnels routes give pods, by state: established (a sidecar reported it), pending, missing_sidecar",
+            "Tunnels routes give pods, by state: established (a sidecar reported it), pending, standby (another replica holds the name), missing_sidecar",
             m.tunnels.clone(),
         );
         r.register("problems", "Standing problems reported on users' objects, by reason", m.problems.clone());
@@ -165,7 +196,7 @@ impl Metrics {
     }
 
     fn observe(&self, plan: &Plan) {
-        for state in ["established", "pending", "missing_sidecar"] {
+        for state in ["established", "pending", "standby", "missing_sidecar"] {
             self.tunnels
                 .get_or_create(&StateLabels { state: state.into() })
                 .set(plan.tunnel_states.get(state).copied().unwrap_or(0));
@@ -176,9 +207,6 @@ impl Metrics {
         }
     }
 }
-
-/// `key=value,key2=value2` (matchLabels); empty selects everything.
-pub use crate::core::api::parse_selector;
 
 fn default_identity() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
@@ -250,14 +278,28 @@ pub async fn run(args: ControllerArgs, shutdown: CancellationToken) -> Result<()
         client.clone(),
         Reporter { controller: "picotun-controller".into(), instance: Some(identity.clone()) },
     );
-    let mut writer = Writer {
-        client: client.clone(),
-        recorder,
-        metrics: metrics.clone(),
-        concurrency: args.write_concurrency.max(1),
-        recent: HashMap::new(),
-        published: BTreeSet::new(),
+    // Asked before every write: fenced by the Lease's expiry (lease::Leadership::may_write).
+    let may_write: writer::MayWrite = {
+        let leader = leader.clone();
+        Arc::new(move || leader.may_write().then(|| leader.remaining()))
     };
+    let stop_writing = CancellationToken::new();
+    let (writer, writer_tasks) = writer::Writer::start(
+        client.clone(),
+        recorder,
+        args.gateway_controller_name.clone(),
+        may_write,
+        metrics.clone(),
+        args.write_concurrency,
+        stop_writing.clone(),
+    );
+    let opts = plan::Options {
+        own_namespace: args.namespace.clone(),
+        inject_route_backends: args.inject_route_backends,
+        server_load_balancing: args.server_load_balancing,
+    };
+    // Standing problems already published as Events (while they last).
+    let mut published: BTreeSet<Note> = BTreeSet::new();
     let mut restarter = restart::Restarter::new(client.clone(), args.restart_cooldown);
     let key_sync =
         args.sync_key_secret.then(|| sync_key::KeySync::new(client.clone(), &args.namespace, &args.key_secret_name));
@@ -274,11 +316,20 @@ pub async fn run(args: ControllerArgs, shutdown: CancellationToken) -> Result<()
         let view = index.view();
         let resolution = view.resolve(&config);
         let now = k8s_openapi::jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string();
-        let plan = plan::plan(&view, &resolution, &config, &now);
+        let plan = plan::plan(&view, &resolution, &config, &opts, &now);
         metrics.observe(&plan);
         drop(_enter);
         if is_leader {
-            writer.apply(&plan).await;
+            let writes = plan.writes.len();
+            writer.offer(plan.writes.clone());
+            // Standing problems: published when they appear, forgotten when they go.
+            let current: BTreeSet<Note> = plan.problems.iter().cloned().collect();
+            published.retain(|n| current.contains(n));
+            for n in current.difference(&published) {
+                writer.note(n.clone());
+            }
+            published.extend(current);
+            debug!(writes, "plan handed to the writer");
             if args.restart_uninjected {
                 restarter.step(&plan, &view, &metrics).await;
             }
@@ -301,115 +352,14 @@ pub async fn run(args: ControllerArgs, shutdown: CancellationToken) -> Result<()
         // Coalesce a burst of watch events (a rollout, an apply of many objects) into one pass.
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    // The pass above has finished its writes: only now may another replica take over.
+    // Stop taking new writes; let the calls under way end (each within its timeout). Only then
+    // may another replica take over: released after the drain, never beside it.
+    stop_writing.cancel();
+    writer.drain(writer::CALL_TIMEOUT).await;
+    for t in writer_tasks {
+        t.abort();
+    }
     leader.release().await;
     info!("picotun controller stopped");
     Ok(())
-}
-
-/// Applies plans: patches with bounded concurrency, Events once per standing problem.
-struct Writer {
-    client: kube::Client,
-    recorder: Recorder,
-    metrics: Metrics,
-    concurrency: usize,
-    /// What was written recently, by object: the caches lag behind our own writes, and the next
-    /// pass must not write the same thing again.
-    recent: HashMap<String, (Write, Instant)>,
-    /// Problems already published as Events (while they last).
-    published: BTreeSet<Note>,
-}
-
-const RECENT: Duration = Duration::from_secs(10);
-
-impl Writer {
-    async fn apply(&mut self, plan: &Plan) {
-        self.recent.retain(|_, (_, at)| at.elapsed() < RECENT);
-        let todo: Vec<&Planned> =
-            plan.writes.iter().filter(|p| self.recent.get(&p.write.key()).is_none_or(|(w, _)| *w != p.write)).collect();
-        if !todo.is_empty() {
-            info!(writes = todo.len(), "applying");
-        }
-        let client = self.client.clone();
-        let results: Vec<(&Planned, Result<(), kube::Error>)> = futures::stream::iter(todo)
-            .map(|p| {
-                let client = client.clone();
-                async move { (p, write(&client, &p.write).await) }
-            })
-            .buffer_unordered(self.concurrency)
-            .collect()
-            .await;
-        let mut notes = Vec::new();
-        for (p, result) in results {
-            let kind = match &p.write {
-                Write::PodTunnels { .. } => "Pod".to_string(),
-                Write::IngressStatus { .. } => "Ingress".to_string(),
-                Write::GatewayStatus { kind, .. } => format!("{kind:?}"),
-            };
-            match result {
-                Ok(()) => {
-                    self.metrics.writes.get_or_create(&WriteLabels { kind, result: "ok".into() }).inc();
-                    self.recent.insert(p.write.key(), (p.write.clone(), Instant::now()));
-                    notes.extend(p.note.clone());
-                }
-                Err(kube::Error::Api(s)) if s.code == 404 => {} // gone meanwhile: the next pass knows
-                Err(e) => {
-                    self.metrics
-                        .writes
-                        .get_or_create(&WriteLabels { kind: kind.clone(), result: "failed".into() })
-                        .inc();
-                    self.metrics.error(if kind == "Pod" { "pod_patch" } else { "status_patch" });
-                    warn!(object = %p.write.key(), error = %e, "write failed; retried on the next pass");
-                }
-            }
-        }
-        // Standing problems: published when they appear, forgotten when they go.
-        let current: BTreeSet<Note> = plan.problems.iter().cloned().collect();
-        self.published.retain(|n| current.contains(n));
-        notes.extend(current.difference(&self.published).cloned().collect::<Vec<_>>());
-        self.published.extend(current);
-        let recorder = &self.recorder;
-        let failures: usize = futures::stream::iter(notes)
-            .map(|n| async move {
-                let event = KubeEvent {
-                    type_: if n.warning { EventType::Warning } else { EventType::Normal },
-                    reason: n.reason.clone(),
-                    note: Some(n.message.clone()),
-                    action: "Reconcile".into(),
-                    secondary: None,
-                };
-                recorder.publish(&event, &n.regarding.to_reference()).await.err().map(|e| (n, e))
-            })
-            .buffer_unordered(self.concurrency)
-            .filter_map(|r| async move { r })
-            .map(|(n, e)| {
-                warn!(object = %n.regarding.name, reason = %n.reason, error = %e, "cannot publish an Event");
-            })
-            .count()
-            .await;
-        for _ in 0..failures {
-            self.metrics.error("event");
-        }
-    }
-}
-
-async fn write(client: &kube::Client, w: &Write) -> Result<(), kube::Error> {
-    let params = PatchParams::default();
-    let body = Patch::Merge(plan::patch_body(w));
-    match w {
-        Write::PodTunnels { namespace, name, .. } => {
-            Api::<Pod>::namespaced(client.clone(), namespace).patch(name, &params, &body).await.map(drop)
-        }
-        Write::IngressStatus { namespace, name, .. } => {
-            Api::<Ingress>::namespaced(client.clone(), namespace).patch_status(name, &params, &body).await.map(drop)
-        }
-        Write::GatewayStatus { kind, namespace, name, .. } => {
-            let ar = kind.api_resource();
-            let api: Api<DynamicObject> = match namespace {
-                Some(ns) => Api::namespaced_with(client.clone(), ns, &ar),
-                None => Api::all_with(client.clone(), &ar),
-            };
-            api.patch_status(name, &params, &body).await.map(drop)
-        }
-    }
 }

@@ -8,10 +8,13 @@ use k8s_openapi::api::core::v1::{ObjectReference, Pod};
 use kube::Resource;
 use serde_json::{Value, json};
 
+use super::assign::{self, Candidate};
 use super::status::{self, ListenerFacts, Reports};
 use crate::apiserver::index::{GatewayKind, ResolveConfig, View, json_of};
 use crate::core::api;
-use crate::core::pod;
+use crate::core::pod::{self, Decision, SkipReason};
+use crate::core::report::ForwardState;
+use crate::core::tunnel::TunnelsFile;
 use crate::resolve::cluster::{ClusterResolution, pod_tunnels_file};
 use crate::resolve::{PodKey, Problem};
 
@@ -19,10 +22,12 @@ use crate::resolve::{PodKey, Problem};
 #[derive(Clone, Debug, PartialEq)]
 pub enum Write {
     /// The pod's tunnels file annotation (the sidecar picks it up through the downward API).
-    PodTunnels { namespace: String, name: String, tunnels: String },
+    /// Sent with the pod's uid as a precondition.
+    PodTunnels { namespace: String, name: String, uid: String, tunnels: String },
     /// `status` of an Ingress.
     IngressStatus { namespace: String, name: String, status: Value },
-    /// `status` of a Gateway API object (GatewayClass: no namespace).
+    /// `status` of a Gateway API object (GatewayClass: no namespace). For a route, only
+    /// picotun's own `parents` entries: the writer merges them into a fresh read.
     GatewayStatus { kind: GatewayKind, namespace: Option<String>, name: String, status: Value },
 }
 
@@ -35,6 +40,15 @@ impl Write {
             Write::GatewayStatus { kind, namespace, name, .. } => {
                 format!("{kind:?}/{}/{name}", namespace.as_deref().unwrap_or(""))
             }
+        }
+    }
+
+    /// The kind written, as the metrics label it.
+    pub fn kind_label(&self) -> String {
+        match self {
+            Write::PodTunnels { .. } => "Pod".into(),
+            Write::IngressStatus { .. } => "Ingress".into(),
+            Write::GatewayStatus { kind, .. } => format!("{kind:?}"),
         }
     }
 }
@@ -86,7 +100,31 @@ impl ObjectReferenceKey {
 pub struct Planned {
     pub write: Write,
     pub note: Option<Note>,
+    /// The resourceVersion of the object as the plan saw it in the cache.
+    pub seen: Option<String>,
 }
+
+/// What planning needs beyond the resolution's config.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// picotun's own namespace (its pods are never injected).
+    pub own_namespace: String,
+    /// `--inject-route-backends`: pods a route selects are injected without opting in.
+    pub inject_route_backends: bool,
+    /// `--server-load-balancing`: the server shares a name among replicas, nobody stands by.
+    pub server_load_balancing: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options { own_namespace: "pico-sh-system".into(), inject_route_backends: false, server_load_balancing: false }
+    }
+}
+
+/// The Warning Event reason for routes whose backing pods did not opt in to the sidecar.
+pub const BACKEND_NOT_INJECTED: &str = "BackendNotInjected";
+/// The Warning Event reason for pods that should carry the sidecar but don't.
+pub const SIDECAR_MISSING: &str = "SidecarMissing";
 
 #[derive(Debug, Default)]
 pub struct Plan {
@@ -95,6 +133,9 @@ pub struct Plan {
     pub problems: Vec<Note>,
     /// Pods a route selects that have no sidecar, with the objects that want them.
     pub missing_sidecars: BTreeMap<PodKey, Vec<String>>,
+    /// Pods a route selects that did not opt in to the sidecar (never restarted, never
+    /// SidecarMissing).
+    pub not_injected: BTreeSet<PodKey>,
     /// Tunnels by state, for the metrics: established, pending, missing_sidecar.
     pub tunnel_states: BTreeMap<&'static str, i64>,
     /// Current problems by reason, for the metrics.
@@ -114,7 +155,7 @@ fn problem_note(regarding: &ObjectReferenceKey, p: &Problem) -> Note {
 }
 
 /// Plans every write and Event for one pass. `now` is the RFC 3339 time for new conditions.
-pub fn plan(view: &View, resolution: &ClusterResolution, config: &ResolveConfig, now: &str) -> Plan {
+pub fn plan(view: &View, resolution: &ClusterResolution, config: &ResolveConfig, opts: &Options, now: &str) -> Plan {
     let mut out = Plan::default();
     let scope = view.scope(config);
     let pods: BTreeMap<PodKey, &Pod> = view
@@ -132,12 +173,22 @@ pub fn plan(view: &View, resolution: &ClusterResolution, config: &ResolveConfig,
 
     // Pods: the tunnels file of every injected pod.
     let no_tunnels = Vec::new();
+    let mut files = Vec::new();
     for (key, pod) in &pods {
         let routes = resolution.route_tunnels.get(key).unwrap_or(&no_tunnels);
         if !pod::is_injected(pod) {
             if !routes.is_empty() && live(pod) {
-                out.missing_sidecars.insert(key.clone(), Vec::new());
-                *out.tunnel_states.entry("missing_sidecar").or_default() += routes.len() as i64;
+                match pod::expects_sidecar(pod, &key.0, &opts.own_namespace, None, routes, opts.inject_route_backends) {
+                    Decision::Inject { .. } => {
+                        out.missing_sidecars.insert(key.clone(), Vec::new());
+                        *out.tunnel_states.entry("missing_sidecar").or_default() += routes.len() as i64;
+                    }
+                    // Not asked for: said on the route, never restarted.
+                    Decision::Skip { reason: SkipReason::NotOptedIn, .. } => {
+                        out.not_injected.insert(key.clone());
+                    }
+                    Decision::Skip { .. } => {}
+                }
             }
             continue;
         }
@@ -147,27 +198,51 @@ pub fn plan(view: &View, resolution: &ClusterResolution, config: &ResolveConfig,
         let (file, problems) = pod_tunnels_file(pod, routes, &resolution.ownership);
         let pod_ref = ObjectReferenceKey::of(pod.object_ref(&()));
         out.problems.extend(problems.iter().map(|p| problem_note(&pod_ref, p)));
+        files.push((key, *pod, file, pod_ref));
+    }
+    let standby = if opts.server_load_balancing { BTreeMap::new() } else { standing_by(&files, &reports) };
+    for (key, pod, mut file, pod_ref) in files {
+        if let Some(names) = standby.get(key) {
+            for t in &mut file.tunnels {
+                t.standby = names.contains(&t.name);
+            }
+        }
         let reported = reports.get(key);
         for t in &file.tunnels {
             let up = reported.and_then(|r| r.get(&t.name)).is_some_and(|r| r.state == "established");
-            *out.tunnel_states.entry(if up { "established" } else { "pending" }).or_default() += 1;
+            let state = if t.standby {
+                "standby"
+            } else if up {
+                "established"
+            } else {
+                "pending"
+            };
+            *out.tunnel_states.entry(state).or_default() += 1;
         }
         let wanted = file.to_json();
         let current = pod.metadata.annotations.as_ref().and_then(|a| a.get(api::TUNNELS));
         if current != Some(&wanted) {
-            let names: Vec<&str> = file.tunnels.iter().map(|t| t.name.as_str()).collect();
+            let names: Vec<&str> = file.tunnels.iter().filter(|t| !t.standby).map(|t| t.name.as_str()).collect();
+            let standing: Vec<&str> = file.tunnels.iter().filter(|t| t.standby).map(|t| t.name.as_str()).collect();
+            let mut message = if file.tunnels.is_empty() {
+                "no tunnels: no route picotun serves selects this pod any more".to_string()
+            } else if names.is_empty() {
+                "the sidecar opens no tunnel".to_string()
+            } else {
+                format!("the sidecar now opens {}", names.join(", "))
+            };
+            if !standing.is_empty() {
+                message.push_str(&format!("; stands by for {} (another replica holds them)", standing.join(", ")));
+            }
             out.writes.push(Planned {
-                write: Write::PodTunnels { namespace: key.0.clone(), name: key.1.clone(), tunnels: wanted },
-                note: Some(Note {
-                    regarding: pod_ref,
-                    warning: false,
-                    reason: "TunnelsUpdated".into(),
-                    message: if names.is_empty() {
-                        "no tunnels: no route picotun serves selects this pod any more".into()
-                    } else {
-                        format!("the sidecar now opens {}", names.join(", "))
-                    },
-                }),
+                write: Write::PodTunnels {
+                    namespace: key.0.clone(),
+                    name: key.1.clone(),
+                    uid: pod.metadata.uid.clone().unwrap_or_default(),
+                    tunnels: wanted,
+                },
+                note: Some(Note { regarding: pod_ref, warning: false, reason: "TunnelsUpdated".into(), message }),
+                seen: pod.metadata.resource_version.clone(),
             });
         }
     }
@@ -186,6 +261,10 @@ pub fn plan(view: &View, resolution: &ClusterResolution, config: &ResolveConfig,
         if !missing.is_empty() {
             out.problems.push(missing_note(&regarding, &missing));
         }
+        let not_injected: Vec<&PodKey> = r.tunnels.keys().filter(|k| out.not_injected.contains(*k)).collect();
+        if !not_injected.is_empty() {
+            out.problems.push(not_injected_note(&regarding, &not_injected));
+        }
         let addresses = status::published(&reports, r.tunnels.keys(), &names);
         let wanted = status::ingress_status(&addresses);
         let have = serde_json::to_value(&ing.status).unwrap_or(Value::Null);
@@ -199,6 +278,7 @@ pub fn plan(view: &View, resolution: &ClusterResolution, config: &ResolveConfig,
             out.writes.push(Planned {
                 write: Write::IngressStatus { namespace: key.0.clone(), name: key.1.clone(), status: wanted },
                 note,
+                seen: ing.metadata.resource_version.clone(),
             });
         }
     }
@@ -218,6 +298,7 @@ pub fn plan(view: &View, resolution: &ClusterResolution, config: &ResolveConfig,
             out.writes.push(Planned {
                 write: Write::GatewayStatus { kind: GatewayKind::GatewayClass, namespace: None, name, status: wanted },
                 note: None,
+                seen: class.metadata.resource_version.clone(),
             });
         }
     }
@@ -234,6 +315,7 @@ pub fn plan(view: &View, resolution: &ClusterResolution, config: &ResolveConfig,
         let model = crate::resolve::gateway::gateway_model(gw);
         let mut facts = Vec::new();
         let mut all_missing = BTreeSet::new();
+        let mut all_not_injected = BTreeSet::new();
         for l in &model.listeners {
             let problems = g.listener_problems.get(&key).and_then(|m| m.get(&l.name)).unwrap_or(&no_problems);
             out.problems.extend(problems.iter().map(|p| problem_note(&regarding, p)));
@@ -244,6 +326,7 @@ pub fn plan(view: &View, resolution: &ClusterResolution, config: &ResolveConfig,
             let missing: Vec<&PodKey> =
                 pods.iter().copied().filter(|k| out.missing_sidecars.contains_key(*k)).collect();
             all_missing.extend(missing.iter().copied());
+            all_not_injected.extend(pods.iter().copied().filter(|k| out.not_injected.contains(*k)));
             facts.push(ListenerFacts {
                 name: &l.name,
                 protocol: &l.protocol,
@@ -262,6 +345,9 @@ pub fn plan(view: &View, resolution: &ClusterResolution, config: &ResolveConfig,
                 out.missing_sidecars.entry((*pod).clone()).or_default().push(format!("Gateway {}/{}", key.0, key.1));
             }
             out.problems.push(missing_note(&regarding, &missing));
+        }
+        if !all_not_injected.is_empty() {
+            out.problems.push(not_injected_note(&regarding, &all_not_injected.into_iter().collect::<Vec<_>>()));
         }
         let generation = gw.metadata.generation.unwrap_or(0);
         let have = &gw_doc["status"];
@@ -285,6 +371,7 @@ pub fn plan(view: &View, resolution: &ClusterResolution, config: &ResolveConfig,
                     status: wanted,
                 },
                 note,
+                seen: gw.metadata.resource_version.clone(),
             });
         }
     }
@@ -299,7 +386,20 @@ pub fn plan(view: &View, resolution: &ClusterResolution, config: &ResolveConfig,
         for (meta, regarding, doc) in objs {
             let (ns, name) = key_of(meta);
             let rkey = (kind_name.clone(), ns.clone(), name.clone());
-            let Some(parents) = g.routes.get(&rkey) else { continue };
+            let Some(parents) = g.routes.get(&rkey) else {
+                // Detached from every Gateway of ours: our old entries go.
+                let ours = doc["status"]["parents"]
+                    .as_array()
+                    .is_some_and(|ps| ps.iter().any(|p| p["controllerName"] == config.gateway_controller.as_str()));
+                if ours {
+                    out.writes.push(Planned {
+                        write: Write::GatewayStatus { kind, namespace: Some(ns), name, status: json!({"parents": []}) },
+                        note: None,
+                        seen: meta.resource_version.clone(),
+                    });
+                }
+                continue;
+            };
             let route_problems = g.route_problems.get(&rkey).unwrap_or(&no_problems);
             out.problems.extend(route_problems.iter().map(|p| problem_note(&regarding, p)));
             for p in parents {
@@ -308,16 +408,16 @@ pub fn plan(view: &View, resolution: &ClusterResolution, config: &ResolveConfig,
                 }
             }
             if let Some(names) = g.route_tunnels.get(&rkey) {
-                let missing: Vec<&PodKey> = names
-                    .iter()
-                    .filter_map(|n| tunnel_pods.get(n))
-                    .flatten()
-                    .filter(|k| out.missing_sidecars.contains_key(*k))
-                    .collect::<BTreeSet<_>>()
-                    .into_iter()
-                    .collect();
+                let backing: BTreeSet<&PodKey> = names.iter().filter_map(|n| tunnel_pods.get(n)).flatten().collect();
+                let missing: Vec<&PodKey> =
+                    backing.iter().copied().filter(|k| out.missing_sidecars.contains_key(*k)).collect();
                 if !missing.is_empty() {
                     out.problems.push(missing_note(&regarding, &missing));
+                }
+                let not_injected: Vec<&PodKey> =
+                    backing.iter().copied().filter(|k| out.not_injected.contains(*k)).collect();
+                if !not_injected.is_empty() {
+                    out.problems.push(not_injected_note(&regarding, &not_injected));
                 }
             }
             let generation = meta.generation.unwrap_or(0);
@@ -325,9 +425,19 @@ pub fn plan(view: &View, resolution: &ClusterResolution, config: &ResolveConfig,
             let ours = status::route_parents(parents, route_problems, &config.gateway_controller, generation, now);
             let wanted = status::merge_route_parents(have, ours, &config.gateway_controller);
             if !status::already(&wanted, have) {
+                // Only our entries: status.parents is atomic, the writer merges them into a
+                // fresh read so other implementations' entries are never lost.
+                let ours: Vec<Value> = wanted["parents"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|p| p["controllerName"] == config.gateway_controller.as_str())
+                    .cloned()
+                    .collect();
                 out.writes.push(Planned {
-                    write: Write::GatewayStatus { kind, namespace: Some(ns), name, status: wanted },
+                    write: Write::GatewayStatus { kind, namespace: Some(ns), name, status: json!({"parents": ours}) },
                     note: None,
+                    seen: meta.resource_version.clone(),
                 });
             }
         }
@@ -346,7 +456,7 @@ pub fn plan(view: &View, resolution: &ClusterResolution, config: &ResolveConfig,
             out.problems.push(Note {
                 regarding: ObjectReferenceKey::of(p.object_ref(&())),
                 warning: true,
-                reason: "SidecarMissing".into(),
+                reason: SIDECAR_MISSING.into(),
                 message: format!(
                     "backs {} but has no picotun sidecar (created before its namespace was labeled {}=enabled, or while the webhook was unavailable): restart it",
                     if wanted_by.is_empty() { "a route".to_string() } else { wanted_by.join(", ") },
@@ -368,7 +478,7 @@ fn missing_note(regarding: &ObjectReferenceKey, missing: &[&PodKey]) -> Note {
     Note {
         regarding: regarding.clone(),
         warning: true,
-        reason: "SidecarMissing".into(),
+        reason: SIDECAR_MISSING.into(),
         message: format!(
             "{} backing pod(s) have no picotun sidecar ({}{}): label the namespace {}=enabled and restart them",
             missing.len(),
@@ -377,6 +487,58 @@ fn missing_note(regarding: &ObjectReferenceKey, missing: &[&PodKey]) -> Note {
             api::NAMESPACE_INJECTION_LABEL
         ),
     }
+}
+
+fn not_injected_note(regarding: &ObjectReferenceKey, pods: &[&PodKey]) -> Note {
+    let names: Vec<&str> = pods.iter().take(5).map(|k| k.1.as_str()).collect();
+    Note {
+        regarding: regarding.clone(),
+        warning: true,
+        reason: BACKEND_NOT_INJECTED.into(),
+        message: format!(
+            "{} backing pod(s) did not opt in to the picotun sidecar and open no tunnel ({}{}): label their pod template {}=true (or run the webhook and controller with --inject-route-backends) and restart them",
+            pods.len(),
+            names.join(", "),
+            if pods.len() > names.len() { ", ..." } else { "" },
+            api::INJECT
+        ),
+    }
+}
+
+/// The tunnels (by pod) that stand by: every public claim two or more pods ask for is held by
+/// one of them (`assign::holder`).
+fn standing_by(
+    files: &[(&PodKey, &Pod, TunnelsFile, ObjectReferenceKey)],
+    reports: &Reports,
+) -> BTreeMap<PodKey, BTreeSet<String>> {
+    let mut claims: BTreeMap<String, Vec<Candidate>> = BTreeMap::new();
+    let mut asks: Vec<(&PodKey, &str, String)> = Vec::new();
+    for (key, pod, file, _) in files {
+        let held = assign::held_claims(pod.metadata.annotations.as_ref().and_then(|a| a.get(api::TUNNELS)));
+        let reported = reports.get(*key);
+        for t in &file.tunnels {
+            let Some(claim) = t.public_claim() else { continue };
+            let state = reported.and_then(|r| r.get(&t.name)).map(|r| r.state.as_str());
+            claims.entry(claim.clone()).or_default().push(Candidate {
+                key: (*key).clone(),
+                created: pod.metadata.creation_timestamp.as_ref().map(|t| t.0),
+                live: true,
+                ready: assign::is_ready(pod),
+                holds: held.contains(&claim),
+                established: state == Some(ForwardState::Established.as_str()),
+                failed: state == Some(ForwardState::Failed.as_str()),
+            });
+            asks.push((key, t.name.as_str(), claim));
+        }
+    }
+    let holders = assign::holders(&claims);
+    let mut out: BTreeMap<PodKey, BTreeSet<String>> = BTreeMap::new();
+    for (key, name, claim) in asks {
+        if holders.get(&claim).is_some_and(|h| h != key) {
+            out.entry(key.clone()).or_default().insert(name.to_string());
+        }
+    }
+    out
 }
 
 /// Tunnel name -> the pods that carry it.
@@ -390,10 +552,133 @@ fn tunnel_pods(resolution: &ClusterResolution) -> BTreeMap<String, BTreeSet<PodK
     out
 }
 
-/// The merge patch for a write.
-pub fn patch_body(write: &Write) -> Value {
-    match write {
-        Write::PodTunnels { tunnels, .. } => json!({"metadata": {"annotations": {api::TUNNELS: tunnels}}}),
-        Write::IngressStatus { status, .. } | Write::GatewayStatus { status, .. } => json!({"status": status}),
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use k8s_openapi::api::networking::v1::Ingress;
+
+    fn ingress() -> Arc<Ingress> {
+        Arc::new(
+            serde_json::from_value(json!({"metadata": {"name": "web", "namespace": "apps", "resourceVersion": "7",
+                "creationTimestamp": "2026-01-01T00:00:00Z"},
+                "spec": {"ingressClassName": "pico-tunnel", "rules": [{"host": "demo", "http": {"paths": [
+                    {"path": "/", "pathType": "Prefix", "backend": {"service": {"name": "web", "port": {"number": 80}}}}]}}]}}))
+            .unwrap(),
+        )
+    }
+
+    fn service() -> Arc<k8s_openapi::api::core::v1::Service> {
+        Arc::new(
+            serde_json::from_value(json!({"metadata": {"name": "web", "namespace": "apps"},
+                "spec": {"selector": {"app": "web"}, "ports": [{"port": 80, "targetPort": 8080}]}}))
+            .unwrap(),
+        )
+    }
+
+    /// A pod behind the Service: `sidecar` says whether it carries the sidecar, `labels` adds
+    /// to `app: web`.
+    fn pod(name: &str, created: &str, sidecar: bool, labels: Value, ready: bool) -> Arc<Pod> {
+        let mut l = json!({"app": "web"});
+        l.as_object_mut().unwrap().extend(labels.as_object().cloned().unwrap_or_default());
+        let mut containers = vec![json!({"name": "app", "image": "x", "ports": [{"containerPort": 8080}]})];
+        if sidecar {
+            containers.push(json!({"name": api::SIDECAR_NAME, "image": "picotun"}));
+        }
+        Arc::new(
+            serde_json::from_value(json!({
+                "metadata": {"name": name, "namespace": "apps", "uid": format!("uid-{name}"), "labels": l,
+                    "creationTimestamp": created, "resourceVersion": "1"},
+                "spec": {"containers": containers},
+                "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }}]},
+            }))
+            .unwrap(),
+        )
+    }
+
+    fn plan_of(pods: Vec<Arc<Pod>>, opts: &Options) -> Plan {
+        let view = View { ingresses: vec![ingress()], services: vec![service()], pods, ..Default::default() };
+        let config = ResolveConfig::default();
+        let resolution = view.resolve(&config);
+        plan(&view, &resolution, &config, opts, "2026-01-01T00:00:00Z")
+    }
+
+    fn reasons_on(plan: &Plan, name: &str) -> Vec<String> {
+        plan.problems.iter().filter(|n| n.regarding.name == name).map(|n| n.reason.clone()).collect()
+    }
+
+    /// Defect 2 of issue 12: a pod that opted out, or never opted in, was SidecarMissing (and
+    /// restarted with --restart-uninjected, which restarts plan.missing_sidecars).
+    #[test]
+    fn only_pods_that_ask_for_the_sidecar_are_missing_it() {
+        let created = "2026-01-01T00:00:00Z";
+        let pods = vec![
+            pod("asks", created, false, json!({api::INJECT: "true"}), true),
+            pod("optout", created, false, json!({api::INJECT: "false"}), true),
+            pod("plain", created, false, json!({}), true),
+        ];
+        let p = plan_of(pods.clone(), &Options::default());
+        let missing: Vec<&str> = p.missing_sidecars.keys().map(|k| k.1.as_str()).collect();
+        assert_eq!(missing, ["asks"]);
+        let not_injected: Vec<&str> = p.not_injected.iter().map(|k| k.1.as_str()).collect();
+        assert_eq!(not_injected, ["plain"], "opting out is a choice, not something to fix");
+        assert_eq!(reasons_on(&p, "asks"), [SIDECAR_MISSING]);
+        assert!(reasons_on(&p, "optout").is_empty() && reasons_on(&p, "plain").is_empty());
+        let on_ingress = reasons_on(&p, "web");
+        assert!(on_ingress.contains(&BACKEND_NOT_INJECTED.to_string()), "{on_ingress:?}");
+        let note = p.problems.iter().find(|n| n.reason == BACKEND_NOT_INJECTED).unwrap();
+        assert!(note.message.contains("plain") && note.message.contains("tunnels.pico.sh/inject=true"), "{note:?}");
+
+        // With --inject-route-backends the route itself opts them in: missing (but the opted-out
+        // pod still not).
+        let p = plan_of(pods, &Options { inject_route_backends: true, ..Default::default() });
+        let missing: Vec<&str> = p.missing_sidecars.keys().map(|k| k.1.as_str()).collect();
+        assert_eq!(missing, ["asks", "plain"]);
+        // Pods in picotun's own namespace are never expected to carry it.
+        let p = plan_of(
+            vec![pod("asks", created, false, json!({api::INJECT: "true"}), true)],
+            &Options { own_namespace: "apps".into(), ..Default::default() },
+        );
+        assert!(p.missing_sidecars.is_empty());
+    }
+
+    fn file_of(plan: &Plan, pod: &str) -> Option<TunnelsFile> {
+        plan.writes.iter().find_map(|w| match &w.write {
+            Write::PodTunnels { name, tunnels, .. } if name == pod => Some(TunnelsFile::parse(tunnels).unwrap()),
+            _ => None,
+        })
+    }
+
+    /// Contract 10 of issue 12: without load balancing one pod holds the name, the others' files
+    /// say standby; with it nobody stands by.
+    #[test]
+    fn one_pod_holds_each_name_unless_the_server_load_balances() {
+        let pods = vec![
+            pod("young", "2026-01-01T00:00:09Z", true, json!({}), true),
+            pod("old", "2026-01-01T00:00:01Z", true, json!({}), true),
+            pod("older-not-ready", "2026-01-01T00:00:00Z", true, json!({}), false),
+        ];
+        let p = plan_of(pods.clone(), &Options::default());
+        let standby = |pod: &str| file_of(&p, pod).unwrap().tunnels[0].standby;
+        assert!(!standby("old"), "the oldest Ready pod holds it");
+        assert!(standby("young") && standby("older-not-ready"));
+        let Write::PodTunnels { uid, .. } = &p.writes.iter().find(|w| w.write.key() == "Pod/apps/old").unwrap().write
+        else {
+            unreachable!()
+        };
+        assert_eq!(uid, "uid-old", "sent as the patch's precondition");
+        assert_eq!(p.tunnel_states.get("standby"), Some(&2));
+
+        let p = plan_of(pods, &Options { server_load_balancing: true, ..Default::default() });
+        for pod in ["young", "old", "older-not-ready"] {
+            assert!(!file_of(&p, pod).unwrap().tunnels[0].standby, "{pod}");
+        }
+    }
+
+    #[test]
+    fn writes_carry_the_resource_version_the_plan_saw() {
+        let p = plan_of(vec![pod("a", "2026-01-01T00:00:00Z", true, json!({}), true)], &Options::default());
+        assert!(p.writes.iter().all(|w| w.seen.is_some()), "{:?}", p.writes);
     }
 }

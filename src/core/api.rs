@@ -128,18 +128,6 @@ pub fn parse_expose(value: &str, named_port: impl Fn(&str) -> Option<u16>) -> Re
     Ok(file.tunnels)
 }
 
-/// `key=value,key2=value2` -> the labels a selector requires (empty: everything matches).
-pub fn parse_selector(s: &str) -> Result<std::collections::BTreeMap<String, String>, String> {
-    s.split(',')
-        .map(str::trim)
-        .filter(|p| !p.is_empty())
-        .map(|pair| match pair.split_once('=') {
-            Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.trim().to_string())),
-            _ => Err(format!("{pair:?} is not key=value (e.g. team=web)")),
-        })
-        .collect()
-}
-
 /// A label selector as `kubectl -l` writes it -> kube's [`Selector`](kube::core::Selector):
 /// requirements separated by commas, each `key=value` (or `==`), `key!=value`,
 /// `key in (a,b)`, `key notin (a,b)`, `key` (exists) or `!key` (does not exist). Empty selects

@@ -812,7 +812,8 @@ async fn the_controller_in_restart_mode_works_with_what_its_component_grants() {
     let deployment: Deployment = serde_json::from_value(json!({
         "metadata": {"name": "web"},
         "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "web"}}, "template": {
-            "metadata": {"labels": {"app": "web"}},
+            // It asks for the sidecar: only such pods are restarted (defect 2 of issue 12).
+            "metadata": {"labels": {"app": "web", "tunnels.pico.sh/inject": "true"}},
             "spec": {"containers": [{"name": "app", "image": "registry.example/app:1", "ports": [{"name": "http", "containerPort": 8080}]}]}}},
     }))
     .unwrap();
