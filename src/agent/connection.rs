@@ -481,6 +481,8 @@ async fn serve(
     }
 
     let mut held: BTreeMap<String, Held> = BTreeMap::new();
+    // Tunnels told to stand by, logged once per connection (and again after a change).
+    let mut told: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
     // Tunnels waiting for their next attempt, and when.
     let mut retry_at: BTreeMap<String, Instant> = BTreeMap::new();
     let mut forward_backoff: BTreeMap<String, Backoff> = BTreeMap::new();
@@ -518,6 +520,7 @@ async fn serve(
             info!(tunnel = %name, "forward cancelled (configuration changed)");
         }
         retry_at.retain(|name, _| desired.iter().any(|d| &d.name == name));
+        told.retain(|name| desired.iter().any(|d| &d.name == name && d.standby));
 
         // Open what is wanted and due.
         let now = Instant::now();
@@ -533,6 +536,9 @@ async fn serve(
                 // load-balance: asking would only make the server assign (and us cancel) a random
                 // name, again and again. Wait for the controller to clear the flag.
                 state.set_state(&spec.name, ForwardState::StandingBy, None, Some(TOLD_TO_STAND_BY.into()));
+                if told.insert(spec.name.clone()) {
+                    info!(tunnel = %spec.name, "standing by: the controller gave this name to another pod (standby in the tunnels file)");
+                }
                 continue;
             }
             let target = SocketAddr::new(settings.target_host, spec.target_port);

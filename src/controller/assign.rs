@@ -28,6 +28,9 @@ pub struct Candidate {
     pub established: bool,
     /// Its sidecar reports the tunnel failed.
     pub failed: bool,
+    /// Its sidecar has not reported this tunnel's outcome yet (no report, or still connecting,
+    /// requesting or waiting for the app).
+    pub unreported: bool,
 }
 
 impl Candidate {
@@ -40,23 +43,39 @@ impl Candidate {
     }
 }
 
-/// The pod that holds one claim: the current holder while it is live, Ready and not failed
-/// (one with the name established first, should several files say they hold it); else the
-/// oldest Ready live pod (creationTimestamp, then namespace/name); else the oldest live pod.
-pub fn holder(candidates: &[Candidate]) -> Option<&PodKey> {
-    let current = candidates
-        .iter()
-        .filter(|c| c.holds && c.eligible())
-        .min_by(|a, b| (!a.established, a.age()).cmp(&(!b.established, b.age())));
-    current
+/// Who holds one claim.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Holder<'a> {
+    /// This pod; every other pod stands by.
+    Pod(&'a PodKey),
+    /// Several pods were told to hold it (at admission the webhook tells every new pod so), one of
+    /// them may have it on the server, and their sidecars have not said which yet: nothing
+    /// changes until they have, so the pod that got the name is never told to give it up.
+    Undecided,
+    /// Nobody is live.
+    Nobody,
+}
+
+/// The pod that holds one claim, among the live, Ready, not failed pods whose file says they
+/// hold it: the one whose sidecar has the name established; else, while more than one of them
+/// has not reported yet, [`Holder::Undecided`]; else the oldest of them. With none: the oldest
+/// Ready live pod (creationTimestamp, then namespace/name), else the oldest live pod.
+pub fn holder(candidates: &[Candidate]) -> Holder<'_> {
+    let holding = || candidates.iter().filter(|c| c.holds && c.eligible());
+    let established = holding().filter(|c| c.established).min_by(|a, b| a.age().cmp(&b.age()));
+    if established.is_none() && holding().filter(|c| c.unreported).count() > 0 && holding().count() > 1 {
+        return Holder::Undecided;
+    }
+    established
+        .or_else(|| holding().min_by(|a, b| a.age().cmp(&b.age())))
         .or_else(|| candidates.iter().filter(|c| c.eligible()).min_by(|a, b| a.age().cmp(&b.age())))
         .or_else(|| candidates.iter().filter(|c| c.live).min_by(|a, b| a.age().cmp(&b.age())))
-        .map(|c| &c.key)
+        .map_or(Holder::Nobody, |c| Holder::Pod(&c.key))
 }
 
 /// Holders of every claim: `claims` maps a public claim to the pods asking for it.
-pub fn holders(claims: &BTreeMap<String, Vec<Candidate>>) -> BTreeMap<String, PodKey> {
-    claims.iter().filter_map(|(claim, c)| Some((claim.clone(), holder(c)?.clone()))).collect()
+pub fn holders(claims: &BTreeMap<String, Vec<Candidate>>) -> BTreeMap<String, Holder<'_>> {
+    claims.iter().map(|(claim, c)| (claim.clone(), holder(c))).collect()
 }
 
 /// The pod's Ready condition is True.
@@ -89,8 +108,11 @@ mod tests {
         }
     }
 
-    fn name(k: Option<&PodKey>) -> Option<&str> {
-        k.map(|k| k.1.as_str())
+    fn name(h: Holder<'_>) -> Option<&str> {
+        match h {
+            Holder::Pod(k) => Some(k.1.as_str()),
+            _ => None,
+        }
     }
 
     #[test]
@@ -140,7 +162,7 @@ mod tests {
         b.live = false;
         assert_eq!(name(holder(&[a.clone(), b.clone()])), Some("a"));
         a.live = false;
-        assert_eq!(holder(&[a, b]), None);
+        assert_eq!(holder(&[a, b]), Holder::Nobody);
     }
 
     #[test]
@@ -152,6 +174,28 @@ mod tests {
         new.holds = true;
         new.established = true;
         assert_eq!(name(holder(&[old, new])), Some("new"));
+    }
+
+    /// At admission every replica's file holds the name; one of them gets it on the server, and
+    /// until the sidecars have reported nobody is told to give it up (on the real node the pod
+    /// that had the name was told to stand by when the controller chose by age alone).
+    #[test]
+    fn while_several_files_hold_it_and_a_sidecar_has_not_reported_nothing_changes() {
+        let mut old = pod("old", "2026-01-01T00:00:01Z");
+        let mut new = pod("new", "2026-01-01T00:00:09Z");
+        old.holds = true;
+        new.holds = true;
+        new.unreported = true;
+        assert_eq!(holder(&[old.clone(), new.clone()]), Holder::Undecided);
+        new.unreported = false;
+        new.established = true;
+        assert_eq!(name(holder(&[old.clone(), new.clone()])), Some("new"));
+        // Reported, nobody has it (both stand by on their own, say): the oldest holds.
+        new.established = false;
+        assert_eq!(name(holder(&[old.clone(), new])), Some("old"));
+        // One file alone holds it, not reported yet: that one, no need to wait.
+        old.unreported = true;
+        assert_eq!(name(holder(&[old, pod("other", "2026-01-01T00:00:00Z")])), Some("old"));
     }
 
     #[test]

@@ -8,12 +8,11 @@ use k8s_openapi::api::core::v1::{ObjectReference, Pod};
 use kube::Resource;
 use serde_json::{Value, json};
 
-use super::assign::{self, Candidate};
+use super::assign::{self, Candidate, Holder};
 use super::status::{self, ListenerFacts, Reports};
 use crate::apiserver::index::{GatewayKind, ResolveConfig, View, json_of};
 use crate::core::api;
 use crate::core::pod::{self, Decision, SkipReason};
-use crate::core::report::ForwardState;
 use crate::core::tunnel::TunnelsFile;
 use crate::resolve::cluster::{ClusterResolution, pod_tunnels_file};
 use crate::resolve::{PodKey, Problem};
@@ -525,8 +524,9 @@ fn standing_by(
                 live: true,
                 ready: assign::is_ready(pod),
                 holds: held.contains(&claim),
-                established: state == Some(ForwardState::Established.as_str()),
-                failed: state == Some(ForwardState::Failed.as_str()),
+                established: state == Some("established"),
+                failed: state == Some("failed"),
+                unreported: !matches!(state, Some("established" | "failed" | "standingBy")),
             });
             asks.push((key, t.name.as_str(), claim));
         }
@@ -534,7 +534,13 @@ fn standing_by(
     let holders = assign::holders(&claims);
     let mut out: BTreeMap<PodKey, BTreeSet<String>> = BTreeMap::new();
     for (key, name, claim) in asks {
-        if holders.get(&claim).is_some_and(|h| h != key) {
+        let stand_by = match holders.get(&claim) {
+            Some(Holder::Pod(h)) => *h != key,
+            // Until the sidecars have said who has it, each keeps what its file says.
+            Some(Holder::Undecided) => claims[&claim].iter().any(|c| c.key == *key && !c.holds),
+            _ => false,
+        };
+        if stand_by {
             out.entry(key.clone()).or_default().insert(name.to_string());
         }
     }
