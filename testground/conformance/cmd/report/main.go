@@ -144,7 +144,7 @@ func main() {
 	w("\n## Summary\n\n")
 	w("- Stock Setup (every base Gateway Accepted and Programmed, every pod Ready): **%s**\n", setupResult)
 	w("- Status/validation tests run: %d, **%d passed, %d failed**\n", len(run), passed, len(run)-passed)
-	w("- Traffic tests skipped by name: %d; request subtests of run tests skipped by name: %d\n", len(skipped), len(driver.SkipSubtests))
+	w("- Tests skipped by name (traffic tests, and status tests picotun answers differently on purpose or this ground cannot set up): %d; subtests of run tests skipped by name: %d\n", len(skipped), len(driver.SkipSubtests))
 	w("- Tests for features picotun does not claim (not run by the suite): %d\n", len(notClaimed))
 
 	if setup != nil && setupResult != "passed" {
@@ -173,7 +173,7 @@ func main() {
 		case "pass":
 			result = "passed"
 			if len(driver.SubtestsSkipped(e.Name)) > 0 {
-				why = "request subtests skipped (below)"
+				why = "subtests skipped (below)"
 			}
 		case "fail":
 			result = "**failed**"
@@ -188,12 +188,12 @@ func main() {
 		w("| %s | %s | %s |\n", e.Name, result, cell(why))
 	}
 
-	w("\n## Traffic tests skipped by name\n\n")
+	w("\n## Tests skipped by name\n\n")
 	w("| test | reason |\n|---|---|\n")
 	for _, e := range skipped {
 		w("| %s | [%s](#reasons) |\n", e.Name, driver.ReasonKey(e.Reason))
 	}
-	w("\n### Request subtests of run tests, skipped by name\n\n")
+	w("\n### Subtests of run tests, skipped by name\n\n")
 	w("| test | subtest | reason |\n|---|---|---|\n")
 	for _, s := range driver.SkipSubtests {
 		w("| %s | %s | [%s](#reasons) |\n", s.Test, cell(strings.Join(s.Path, " / ")), driver.ReasonKey(s.Reason))
