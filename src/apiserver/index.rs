@@ -45,6 +45,37 @@ pub struct ResolveConfig {
     pub custom_domains: DomainPolicy,
 }
 
+/// The flags that decide how routes resolve, shared by the webhook, the controller and `explain`
+/// (give the webhook and the controller the same values: `picotun-config` does).
+#[derive(Clone, Debug, clap::Args)]
+pub struct ResolveArgs {
+    /// Pods that back an Ingress or route picotun serves count as asking for the sidecar, without
+    /// an opt-in of their own: the webhook injects them, the controller calls them SidecarMissing
+    /// when they lack it. Off: the controller says BackendNotInjected on the route instead.
+    #[arg(long, env = "PICOTUN_INJECT_ROUTE_BACKENDS")]
+    pub inject_route_backends: bool,
+    /// The IngressClass picotun serves.
+    #[arg(long, env = "PICOTUN_INGRESS_CLASS", default_value = crate::resolve::ingress::INGRESS_CLASS)]
+    pub ingress_class: String,
+    /// GatewayClasses with this controllerName are served.
+    #[arg(long, env = "PICOTUN_GATEWAY_CONTROLLER_NAME", default_value = crate::resolve::gateway::GATEWAY_CONTROLLER)]
+    pub gateway_controller_name: String,
+    #[command(flatten)]
+    pub domains: crate::resolve::ownership::DomainArgs,
+}
+
+impl ResolveArgs {
+    /// The resolution these flags ask for, over every namespace.
+    pub fn config(&self) -> ResolveConfig {
+        ResolveConfig {
+            ingress_class: self.ingress_class.clone(),
+            gateway_controller: self.gateway_controller_name.clone(),
+            custom_domains: self.domains.policy(),
+            ..Default::default()
+        }
+    }
+}
+
 impl Default for ResolveConfig {
     fn default() -> Self {
         ResolveConfig {

@@ -46,12 +46,9 @@ pub struct ControllerArgs {
     /// The admin port: /live, /ready (after every cache has synced), /metrics.
     #[arg(long, env = "PICOTUN_ADMIN_ADDR", default_value = "0.0.0.0:9903")]
     pub admin_addr: SocketAddr,
-    /// The IngressClass name picotun serves.
-    #[arg(long, env = "PICOTUN_INGRESS_CLASS", default_value = crate::resolve::ingress::INGRESS_CLASS)]
-    pub ingress_class: String,
-    /// GatewayClasses with this controllerName are served.
-    #[arg(long, env = "PICOTUN_GATEWAY_CONTROLLER_NAME", default_value = crate::resolve::gateway::GATEWAY_CONTROLLER)]
-    pub gateway_controller_name: String,
+    /// How routes resolve (the webhook and `explain` take the same flags).
+    #[command(flatten)]
+    pub resolve: crate::apiserver::index::ResolveArgs,
     /// Elect one leader among replicas with a Lease; only the leader writes.
     #[arg(long, env = "PICOTUN_LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
     pub leader_election: bool,
@@ -87,17 +84,10 @@ pub struct ControllerArgs {
     /// Writes in flight at once (the writer's workers).
     #[arg(long, env = "PICOTUN_WRITE_CONCURRENCY", default_value_t = 32)]
     pub write_concurrency: usize,
-    /// Pods a route picotun serves selects are injected without opting in (the webhook's flag of
-    /// the same name; give both the same value). Off: such pods are said on the route
-    /// (BackendNotInjected), never called SidecarMissing, never restarted.
-    #[arg(long, env = "PICOTUN_INJECT_ROUTE_BACKENDS", default_value_t = false, action = clap::ArgAction::Set)]
-    pub inject_route_backends: bool,
     /// The tunnel server shares one name among several connections (load balancing). Off
     /// (tuns.sh): one pod holds each name and the others' tunnels files say standby.
     #[arg(long, env = "PICOTUN_SERVER_LOAD_BALANCING", default_value_t = false, action = clap::ArgAction::Set)]
     pub server_load_balancing: bool,
-    #[command(flatten)]
-    pub domains: crate::resolve::ownership::DomainArgs,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -233,10 +223,10 @@ pub async fn run(args: ControllerArgs, shutdown: CancellationToken) -> Result<()
     }
     let identity = args.identity.clone().unwrap_or_else(default_identity);
     let config = ResolveConfig {
-        ingress_class: args.ingress_class.clone(),
-        gateway_controller: args.gateway_controller_name.clone(),
+        ingress_class: args.resolve.ingress_class.clone(),
+        gateway_controller: args.resolve.gateway_controller_name.clone(),
         namespace_selector: args.namespace_selector.clone(),
-        custom_domains: args.domains.policy(),
+        custom_domains: args.resolve.domains.policy(),
     };
     let index = Index::start_scoped(client.clone(), true, args.namespace_selector.clone(), shutdown.clone()).await;
 
@@ -287,7 +277,7 @@ pub async fn run(args: ControllerArgs, shutdown: CancellationToken) -> Result<()
     let (writer, writer_tasks) = writer::Writer::start(
         client.clone(),
         recorder,
-        args.gateway_controller_name.clone(),
+        args.resolve.gateway_controller_name.clone(),
         may_write,
         metrics.clone(),
         args.write_concurrency,
@@ -295,7 +285,7 @@ pub async fn run(args: ControllerArgs, shutdown: CancellationToken) -> Result<()
     );
     let opts = plan::Options {
         own_namespace: args.namespace.clone(),
-        inject_route_backends: args.inject_route_backends,
+        inject_route_backends: args.resolve.inject_route_backends,
         server_load_balancing: args.server_load_balancing,
     };
     // Standing problems already published as Events (while they last).

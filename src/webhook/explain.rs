@@ -27,28 +27,14 @@ pub struct ExplainArgs {
     /// picotun's own namespace (never injected).
     #[arg(long, env = "POD_NAMESPACE", default_value = "pico-sh-system")]
     pub own_namespace: String,
-    /// As the webhook's switch of the same name.
-    #[arg(long, env = "PICOTUN_INJECT_ROUTE_BACKENDS")]
-    pub inject_route_backends: bool,
-    /// The IngressClass picotun serves (as the webhook's and controller's flag).
-    #[arg(long, env = "PICOTUN_INGRESS_CLASS", default_value = crate::resolve::ingress::INGRESS_CLASS)]
-    pub ingress_class: String,
-    /// GatewayClasses with this controllerName are served (as the webhook's and controller's flag).
-    #[arg(long, env = "PICOTUN_GATEWAY_CONTROLLER_NAME", default_value = crate::resolve::gateway::GATEWAY_CONTROLLER)]
-    pub gateway_controller_name: String,
+    /// Routes resolve as the webhook resolves them at admission: the same flags.
     #[command(flatten)]
-    pub domains: crate::resolve::ownership::DomainArgs,
+    pub resolve: crate::apiserver::index::ResolveArgs,
 }
 
 impl ExplainArgs {
-    /// Routes resolve as the webhook resolves them at admission: the same flags.
     pub fn resolve_config(&self) -> ResolveConfig {
-        ResolveConfig {
-            ingress_class: self.ingress_class.clone(),
-            gateway_controller: self.gateway_controller_name.clone(),
-            custom_domains: self.domains.policy(),
-            ..Default::default()
-        }
+        self.resolve.config()
     }
 }
 
@@ -184,7 +170,8 @@ pub async fn explain(client: &Client, args: &ExplainArgs) -> Result<String, Expl
     }
     let config = InjectConfig { own_namespace: args.own_namespace.clone(), ..Default::default() };
     let route_tunnels = route_tunnels(client, &pod, ns, &args.resolve_config()).await;
-    let decision = inject::decide(&pod, ns, workload.as_ref(), &route_tunnels, args.inject_route_backends, &config);
+    let decision =
+        inject::decide(&pod, ns, workload.as_ref(), &route_tunnels, args.resolve.inject_route_backends, &config);
     let would = if labelled { "would be" } else { "would be (once the namespace is labeled)" };
     match &decision {
         Decision::Inject { because } => {
@@ -336,7 +323,7 @@ mod tests {
         let config = cli.explain.resolve_config();
         assert_eq!(config.ingress_class, "pico-team-a");
         assert_eq!(config.gateway_controller, "example.com/gw");
-        assert_eq!(format!("{:?}", config.custom_domains), format!("{:?}", cli.explain.domains.policy()));
+        assert_eq!(format!("{:?}", config.custom_domains), format!("{:?}", cli.explain.resolve.domains.policy()));
         let defaults = Cli::parse_from(["explain", "po/x"]).explain.resolve_config();
         assert_eq!(defaults.ingress_class, crate::resolve::ingress::INGRESS_CLASS);
     }

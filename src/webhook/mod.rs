@@ -101,16 +101,10 @@ pub struct WebhookArgs {
     pub namespace: String,
     #[command(flatten)]
     pub sidecar: SidecarArgs,
-    /// Inject pods that back an Ingress or route picotun serves, without an opt-in of their own.
-    /// (Resolved through the same index the controller uses.)
-    #[arg(long, env = "PICOTUN_INJECT_ROUTE_BACKENDS")]
-    pub inject_route_backends: bool,
-    /// The IngressClass the controller serves (the webhook resolves routes the same way, so a
-    /// pod created after its route exists starts with the right tunnels).
-    #[arg(long, env = "PICOTUN_INGRESS_CLASS", default_value = crate::resolve::ingress::INGRESS_CLASS)]
-    pub ingress_class: String,
-    #[arg(long, env = "PICOTUN_GATEWAY_CONTROLLER_NAME", default_value = crate::resolve::gateway::GATEWAY_CONTROLLER)]
-    pub gateway_controller_name: String,
+    /// How routes resolve: the controller's flags (the webhook resolves routes the same way, so
+    /// a pod created after its route exists starts with the right tunnels).
+    #[command(flatten)]
+    pub resolve: crate::apiserver::index::ResolveArgs,
     #[command(flatten)]
     pub certificates: CertificateArgs,
     /// The ticket HMAC key (at least 32 bytes) as a file, instead of the Secret
@@ -132,10 +126,6 @@ pub struct WebhookArgs {
     /// Default: --server itself when it is a DNS name (a regional tuns.sh host adds tuns.sh).
     #[arg(long = "server-domain", env = "PICOTUN_SERVER_DOMAIN", value_delimiter = ',')]
     pub server_domains: Vec<String>,
-    // --custom-domain-allow: the controller's allow-list, asked at admission too (a pod's expose
-    // tunnel for a domain its namespace may not use is not injected).
-    #[command(flatten)]
-    pub domains: crate::resolve::ownership::DomainArgs,
     #[command(flatten)]
     pub server: ListenerArgs,
 }
@@ -542,15 +532,15 @@ pub async fn run(args: WebhookArgs, shutdown: CancellationToken) -> Result<(), W
         None => None,
     };
     let resolve = ResolveConfig {
-        ingress_class: args.ingress_class.clone(),
-        gateway_controller: args.gateway_controller_name.clone(),
-        custom_domains: args.domains.policy(),
+        ingress_class: args.resolve.ingress_class.clone(),
+        gateway_controller: args.resolve.gateway_controller_name.clone(),
+        custom_domains: args.resolve.domains.policy(),
         ..Default::default()
     };
     let state = Arc::new(AppState {
         secrets: SecretCache::default(),
         config,
-        inject_route_backends: args.inject_route_backends,
+        inject_route_backends: args.resolve.inject_route_backends,
         client,
         index,
         resolve,
