@@ -116,13 +116,13 @@ impl Route {
     }
 
     /// The tunnel picotun names for this route (src/resolve: `tunnel_name(["ing", ingress, host])`
-    /// and `tunnel_name(["gw", gateway, listener, host])`). Every part here is already lowercase
-    /// letters, digits and single '-', so the name is the parts joined.
+    /// and `tunnel_name(["gw", gateway namespace, gateway, listener, host])`). Every part here is
+    /// already lowercase letters, digits and single '-', and short, so the name is the parts joined.
     fn tunnel(&self) -> String {
         if self.ingress {
             format!("ing-{}-{}", self.name(), self.host)
         } else {
-            format!("gw-{GATEWAY}-{LISTENER}-{}", self.host)
+            format!("gw-{}-{GATEWAY}-{LISTENER}-{}", self.ns, self.host)
         }
     }
 
