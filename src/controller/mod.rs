@@ -222,12 +222,7 @@ pub async fn run(args: ControllerArgs, shutdown: CancellationToken) -> Result<()
         }
     }
     let identity = args.identity.clone().unwrap_or_else(default_identity);
-    let config = ResolveConfig {
-        ingress_class: args.resolve.ingress_class.clone(),
-        gateway_controller: args.resolve.gateway_controller_name.clone(),
-        namespace_selector: args.namespace_selector.clone(),
-        custom_domains: args.resolve.domains.policy(),
-    };
+    let config = ResolveConfig { namespace_selector: args.namespace_selector.clone(), ..args.resolve.config() };
     let index = Index::start_scoped(client.clone(), true, args.namespace_selector.clone(), shutdown.clone()).await;
 
     let mut registry = Registry::default();

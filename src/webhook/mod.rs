@@ -531,12 +531,7 @@ pub async fn run(args: WebhookArgs, shutdown: CancellationToken) -> Result<(), W
         Some(c) => Some(Index::start(c.clone(), false, internal.clone()).await),
         None => None,
     };
-    let resolve = ResolveConfig {
-        ingress_class: args.resolve.ingress_class.clone(),
-        gateway_controller: args.resolve.gateway_controller_name.clone(),
-        custom_domains: args.resolve.domains.policy(),
-        ..Default::default()
-    };
+    let resolve = args.resolve.config();
     let state = Arc::new(AppState {
         secrets: SecretCache::default(),
         config,
