@@ -52,9 +52,43 @@ pub struct Settings {
     pub address_timeout: Duration,
     pub grace: Duration,
     pub window_size: u32,
+    /// Bytes read from the server's socket at once (see `connect`); 0: unbuffered.
+    pub read_buffer: usize,
     /// Open forwards without waiting for the app's port (the startup gate holds the app until
     /// the tunnels are up, so waiting for it would wait forever).
     pub open_before_app: bool,
+}
+
+/// russh's keepalive settings for "the server is dead after `interval` x `max` without a word
+/// from it, with a probe every `interval` to draw one".
+///
+/// russh counts each `keepalive_interval` of silence, probing each time, and gives up on the
+/// count *after* `keepalive_max` -- at (max + 1) x interval, which is also what OpenSSH's
+/// ServerAliveCountMax does. Passing our max straight through detected a silent server with
+/// `--keepalive-interval 5s --keepalive-max 3` after 20 s instead of 15. russh's max of 0 means
+/// "never give up", so a max of 1 probes twice as often instead.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct RusshKeepalive {
+    interval: Option<Duration>,
+    max: usize,
+}
+
+impl RusshKeepalive {
+    fn for_silence(interval: Duration, max: usize) -> Self {
+        match max {
+            // --keepalive-max 0: probe, never give up (the server's own keepalives or TCP decide).
+            0 => Self { interval: Some(interval), max: 0 },
+            1 => Self { interval: Some(interval / 2), max: 1 },
+            n => Self { interval: Some(interval), max: n - 1 },
+        }
+    }
+
+    /// When russh gives up on a server that went silent just after its last word.
+    #[cfg(test)]
+    fn gives_up_after(self) -> Option<Duration> {
+        let interval = self.interval?;
+        (self.max > 0).then(|| interval * (self.max as u32 + 1))
+    }
 }
 
 /// Why a connection attempt or a live connection ended.
@@ -316,11 +350,10 @@ async fn connect(
     state: &Arc<AgentState>,
 ) -> Result<Handle<Handler>, ConnError> {
     let addr = format!("{}:{}", settings.server_host, settings.server_port);
+    let probes = RusshKeepalive::for_silence(settings.keepalive_interval, settings.keepalive_max);
     let config = Arc::new(client::Config {
-        keepalive_interval: Some(settings.keepalive_interval),
-        keepalive_max: settings.keepalive_max,
-        // Without it every new visitor connection pays Nagle's delay on the SSH hop.
-        nodelay: true,
+        keepalive_interval: probes.interval,
+        keepalive_max: probes.max,
         inactivity_timeout: None,
         window_size: settings.window_size,
         channel_buffer_size: 1024,
@@ -343,7 +376,17 @@ async fn connect(
         state: state.clone(),
         host_key_problem: host_key_problem.clone(),
     };
-    let connecting = client::connect(config, (settings.server_host.as_str(), settings.server_port), handler);
+    let connecting = async {
+        let tcp = tokio::net::TcpStream::connect((settings.server_host.as_str(), settings.server_port)).await?;
+        // Without it every new visitor connection pays Nagle's delay on the SSH hop.
+        tcp.set_nodelay(true)?;
+        // russh reads each packet with two exact reads (its length, then the rest): straight
+        // from the socket that is two syscalls per packet. A read buffer takes what the kernel
+        // holds in one. 0: unbuffered, as russh's own connect (a 1-byte buffer is never used:
+        // every read asks for at least a byte and goes straight to the socket).
+        let stream = tokio::io::BufReader::with_capacity(settings.read_buffer.max(1), tcp);
+        client::connect_stream(config, stream, handler).await
+    };
     let mut handle = match tokio::time::timeout(settings.connect_timeout, connecting).await {
         Err(_) => {
             return Err(ConnError::Unreachable {
@@ -749,4 +792,25 @@ async fn drain(
     }
     let _ = handle.disconnect(Disconnect::ByApplication, "picotun agent shutting down", "en").await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_silent_server_is_given_up_on_after_interval_times_max() {
+        let s = Duration::from_secs;
+        for (interval, max) in [(s(5), 3), (s(1), 2), (s(5), 1), (s(30), 10)] {
+            let probes = RusshKeepalive::for_silence(interval, max);
+            assert_eq!(probes.gives_up_after(), Some(interval * max as u32), "interval {interval:?} max {max}");
+        }
+    }
+
+    #[test]
+    fn keepalive_max_zero_probes_and_never_gives_up() {
+        let probes = RusshKeepalive::for_silence(Duration::from_secs(5), 0);
+        assert_eq!(probes.interval, Some(Duration::from_secs(5)));
+        assert_eq!(probes.gives_up_after(), None);
+    }
 }

@@ -5,8 +5,9 @@
 //! it is consumed -- so SSH flow control cannot hold back a visitor whose app is not reading. The
 //! relay therefore never lets the channel wait on the app: a reader task drains the channel at
 //! once into a bounded per-connection buffer, a writer task feeds the app from it, and a
-//! connection whose app leaves more than `max_buffered` bytes unread is closed (reason
-//! `app_stalled`) instead of stalling every other connection of the pod.
+//! connection whose app leaves more than `max_buffered` bytes unread for longer than
+//! `STALL_GRACE` is closed (reason `app_stalled`) instead of stalling every other connection of
+//! the pod.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -39,23 +40,52 @@ const CHUNK: usize = 32 * 1024;
 /// it before the connection is closed anyway (an app that never reads must not keep it forever).
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long the app may leave `max_buffered` bytes unread before its connection is cut. A
+/// reading app falls that far behind for a moment whenever it is not scheduled: at 500 MB/s,
+/// 4 MiB is 8 ms, less than one time slice on a busy node. Meanwhile russh's per-channel queue
+/// holds what arrives (`channel_buffer_size` messages), so the session loop does not wait.
+const STALL_GRACE: Duration = Duration::from_secs(1);
+
 /// The bytes received from the visitor and not yet written to the app, counted in bytes: SSH
 /// messages range from a few bytes to a whole packet, so a count of messages would cut a
 /// connection of small messages long before its bytes reach the limit (and let large ones
 /// past it).
 #[derive(Default)]
-struct Buffered(AtomicUsize);
+struct Buffered {
+    held: AtomicUsize,
+    /// Woken whenever the writer hands bytes to the app.
+    room: tokio::sync::Notify,
+}
 
 impl Buffered {
     /// Takes `n` more bytes; false (and nothing taken) when that would exceed `max`.
     fn take(&self, n: usize, max: usize) -> bool {
-        self.0
+        self.held
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| held.checked_add(n).filter(|t| *t <= max))
             .is_ok()
     }
 
+    /// Takes `n` more bytes, waiting up to `grace` for the writer to make room; false when the
+    /// app did not read enough within it.
+    async fn take_within(&self, n: usize, max: usize, grace: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + grace;
+        loop {
+            // Registered before the check, so a release between the two is not missed.
+            let room = self.room.notified();
+            tokio::pin!(room);
+            room.as_mut().enable();
+            if self.take(n, max) {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, room).await.is_err() {
+                return false;
+            }
+        }
+    }
+
     fn release(&self, n: usize) {
-        self.0.fetch_sub(n, Ordering::AcqRel);
+        self.held.fetch_sub(n, Ordering::AcqRel);
+        self.room.notify_waiters();
     }
 }
 
@@ -143,7 +173,9 @@ async fn pump(channel: Channel<Msg>, tcp: TcpStream, relay: &Relay, state: &Arc<
                 Some(ChannelMsg::Data { data }) => {
                     st.add_bytes(&tunnel, Direction::In, data.len() as u64);
                     let Some(tx) = &buf_tx else { continue };
-                    if !held.take(data.len(), max_buffered) {
+                    if !held.take(data.len(), max_buffered)
+                        && !held.take_within(data.len(), max_buffered, STALL_GRACE).await
+                    {
                         return Outcome::AppStalled;
                     }
                     if let Err(mpsc::error::SendError(data)) = tx.send(data) {
