@@ -6,12 +6,16 @@
 #   throughput (MB/s, higher is better) into and out of the "pod", 1 stream and 8 in parallel;
 #   64-byte round trip p50/p99 and new-connection setup p50/p99 (microseconds, lower is better);
 #   client RSS idle and peak under load (MB, lower is better);
-#   throughput with 100 ms of added round-trip time on the SSH hop (a userspace delay relay).
+#   throughput with 100 ms of added round-trip time on the SSH hop (a userspace delay relay);
+#   seconds until a server gone silent is noticed (keepalive), the agent vs ssh with the same
+#   probe interval and count.
 # Everything runs on 127.0.0.1 and is stopped by PID when the script exits, however it exits.
 #
 #   bench/agent.sh            full run (about 2 minutes)
 #   BENCH_MIB=64 bench/agent.sh   smaller transfers
 #   BENCH_AGENT_ARGS="--ssh-window-bytes 2097152" bench/agent.sh   try agent settings
+#   BENCH_AGENT_BIN=~/.cache/picotun/image/picotun bench/agent.sh   another build as ours
+#   BENCH_ONLY=idle bench/agent.sh   only the idle RSS (bench/image-variants.sh uses it)
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
@@ -20,10 +24,14 @@ delay_mib=${BENCH_DELAY_MIB:-64}
 cipher=aes256-gcm@openssh.com
 
 "$repo/scripts/install-deps"
-echo "[bench] building release binaries" >&2
-cargo build --release --locked --quiet -p picotun -p picotun-bench --bin picotun --bin loadgen
-agent_bin=$repo/target/release/picotun
 loadgen=$repo/target/release/loadgen
+# BENCH_AGENT_BIN: another picotun binary as "ours" (e.g. the image's, from scripts/build-image);
+# then the load generator already built is used as it is.
+agent_bin=${BENCH_AGENT_BIN:-$repo/target/release/picotun}
+if [[ -z ${BENCH_AGENT_BIN:-} || ! -x $loadgen ]]; then
+  echo "[bench] building release binaries" >&2
+  cargo build --release --locked --quiet -p picotun -p picotun-bench --bin picotun --bin loadgen
+fi
 
 source "$repo/bench/lib.sh"
 rss_mb() { awk -v f="$2" '$1 == f":" { printf "%.1f", $2 / 1024 }' "/proc/$1/status"; }
@@ -64,6 +72,7 @@ wait_port "$echo_port"
 
 # --- ours and the baseline, each holding three public ports on sshd ---
 # start_pair <label> <ssh port>: sets O_SINK O_SOURCE O_ECHO B_SINK B_SOURCE B_ECHO AGENT_PID SSH_PID
+# AGENT_ADMIN
 start_pair() {
   local label=$1 port=$2
   echo "[$label-known_hosts]" >/dev/null
@@ -77,6 +86,7 @@ start_pair() {
  {"name":"echo","kind":"tcp","remotePort":$O_ECHO,"targetPort":$echo_port}]}
 EOF
   local admin; admin=$(free_port)
+  AGENT_ADMIN=127.0.0.1:$admin
   start "agent-$label" "$agent_bin" --log-filter warn agent --tunnels-file "$work/tunnels_$label.json" \
     --server 127.0.0.1 --server-port "$port" --user "$user" --key-file "$work/client" \
     --known-hosts "$work/known_hosts_$label" --dialect openssh --openssh-bind-address 127.0.0.1 \
@@ -99,21 +109,52 @@ EOF
 start_pair direct "$sshd_port"
 sleep 1
 agent_idle=$(rss_mb "$AGENT_PID" VmRSS); ssh_idle=$(rss_mb "$SSH_PID" VmRSS)
+# Where the idle RSS is: anonymous (heap, stacks, pages written at start -- relocations) vs
+# file-backed (the binary's and libraries' pages read, shared with every process mapping them).
+rss_split() { awk '/^Rss:/ {r = $2} /^Anonymous:/ {a = $2} END { printf "anonymous %.1f MB, file-backed %.1f MB", a / 1024, (r - a) / 1024 }' "/proc/$1/smaps_rollup"; }
+echo "[bench] idle RSS: agent $agent_idle MB ($(rss_split "$AGENT_PID")), ssh $ssh_idle MB ($(rss_split "$SSH_PID"))" >&2
+# BENCH_SMAPS=FILE: the idle agent's /proc/PID/smaps, mapping by mapping.
+[[ -z ${BENCH_SMAPS:-} ]] || cp "/proc/$AGENT_PID/smaps" "$BENCH_SMAPS"
+[[ -z ${BENCH_HOOK:-} ]] || $BENCH_HOOK "$AGENT_PID"
+if [[ ${BENCH_ONLY:-} == idle ]]; then
+  emit rss_idle_MB "$agent_idle" "$ssh_idle"
+  exit 0
+fi
 echo "[bench] agent $(${agent_bin} --version), OpenSSH $(ssh -V 2>&1 | cut -d, -f1), cipher $cipher, ${mib} MiB transfers" >&2
 
 measure() { "$loadgen" measure "$@"; }
-# BENCH_PERF=FILE: record a CPU profile of the agent during its first transfer into the pod.
+# BENCH_PERF=FILE: record a CPU profile of the agent during its first transfer into the pod, and
+# BENCH_PERF.ssh: the same of ssh, for the baseline.
 if [[ -n ${BENCH_PERF:-} ]]; then
   perf record -q -g -p "$AGENT_PID" -o "$BENCH_PERF" -- sleep 2 >/dev/null 2>&1 &
   perf_pid=$!
   measure in "127.0.0.1:$O_SINK" "$mib" >/dev/null
   wait "$perf_pid" || true
+  perf record -q -g -p "$SSH_PID" -o "$BENCH_PERF.ssh" -- sleep 2 >/dev/null 2>&1 &
+  perf_pid=$!
+  measure in "127.0.0.1:$B_SINK" "$mib" >/dev/null
+  wait "$perf_pid" || true
 fi
+# A transfer takes well under a second, so one is at the mercy of whatever else the two cores
+# run: each figure is the median of BENCH_REPEAT transfers (default 5), ours and the baseline
+# taking turns.
+repeat=${BENCH_REPEAT:-5}
+median() { sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
+# throughput_pair METRIC DIR OURS_PORT BASELINE_PORT MIB [STREAMS]
+throughput_pair() {
+  local metric=$1 dir=$2 port_o=$3 port_b=$4 n=$5 streams=${6:-1} ours=() base=() i
+  for ((i = 0; i < repeat; i++)); do
+    ours+=("$(measure "$dir" "127.0.0.1:$port_o" "$n" "$streams")")
+    base+=("$(measure "$dir" "127.0.0.1:$port_b" "$n" "$streams")")
+  done
+  echo "[bench] $metric: ours ${ours[*]}, baseline ${base[*]}" >&2
+  emit "$metric" "$(printf '%s\n' "${ours[@]}" | median)" "$(printf '%s\n' "${base[@]}" | median)"
+}
 for dir in in out; do
   port_o=$O_SINK; port_b=$B_SINK
   [[ $dir == out ]] && { port_o=$O_SOURCE; port_b=$B_SOURCE; }
-  emit "throughput_${dir}_1stream_MBps" "$(measure "$dir" "127.0.0.1:$port_o" "$mib")" "$(measure "$dir" "127.0.0.1:$port_b" "$mib")"
-  emit "throughput_${dir}_8streams_MBps" "$(measure "$dir" "127.0.0.1:$port_o" "$mib" 8)" "$(measure "$dir" "127.0.0.1:$port_b" "$mib" 8)"
+  throughput_pair "throughput_${dir}_1stream_MBps" "$dir" "$port_o" "$port_b" "$mib"
+  throughput_pair "throughput_${dir}_8streams_MBps" "$dir" "$port_o" "$port_b" "$mib" 8
 done
 read -r o50 o99 < <(measure rtt "127.0.0.1:$O_ECHO" 2000)
 read -r b50 b99 < <(measure rtt "127.0.0.1:$B_ECHO" 2000)
@@ -131,5 +172,40 @@ delay_port=$(free_port)
 start delay "$loadgen" delay "127.0.0.1:$delay_port" "127.0.0.1:$sshd_port" 50
 wait_port "$delay_port"
 start_pair delayed "$delay_port"
-emit throughput_in_100ms_rtt_MBps "$(measure in "127.0.0.1:$O_SINK" "$delay_mib")" "$(measure in "127.0.0.1:$B_SINK" "$delay_mib")"
-emit throughput_out_100ms_rtt_MBps "$(measure out "127.0.0.1:$O_SOURCE" "$delay_mib")" "$(measure out "127.0.0.1:$B_SOURCE" "$delay_mib")"
+repeat=1 # seconds per transfer already: the delay, not the cores, decides
+throughput_pair throughput_in_100ms_rtt_MBps in "$O_SINK" "$B_SINK" "$delay_mib"
+throughput_pair throughput_out_100ms_rtt_MBps out "$O_SOURCE" "$B_SOURCE" "$delay_mib"
+
+# --- keepalive: a server that goes silent ---
+# Both clients probe every 5 s and give up after 3 probes' worth of silence (the agent's
+# defaults; ServerAliveInterval=5 ServerAliveCountMax=3 for ssh). They reach sshd through a relay
+# that is then stopped (SIGSTOP): the TCP connection stays up, the kernel still takes the bytes,
+# and not one SSH message comes back -- a silent server, as a frozen VM or a dropped route shows
+# it. Measured: stop -> the agent's tunnel leaves `established` / ssh exits. The goal is
+# interval x max + 1 s (16 s); the relay starts again before the next run.
+freeze_port=$(free_port)
+start freeze "$loadgen" delay "127.0.0.1:$freeze_port" "127.0.0.1:$sshd_port" 0
+freeze_pid=${pids[-1]}
+wait_port "$freeze_port"
+BENCH_AGENT_ARGS="${BENCH_AGENT_ARGS:-} --keepalive-interval 5s --keepalive-max 3" start_pair frozen "$freeze_port"
+sleep 1
+kill -STOP "$freeze_pid"
+froze=$(date +%s.%N)
+agent_seen="" ssh_seen=""
+while [[ -z $agent_seen || -z $ssh_seen ]]; do
+  now=$(date +%s.%N)
+  if [[ -z $agent_seen ]] && ! curl -fs "$AGENT_ADMIN/status" | grep -q '"state":"established"'; then
+    agent_seen=$(awk -v a="$now" -v b="$froze" 'BEGIN { printf "%.1f", a - b }')
+  fi
+  if [[ -z $ssh_seen ]] && ! kill -0 "$SSH_PID" 2>/dev/null; then
+    ssh_seen=$(awk -v a="$now" -v b="$froze" 'BEGIN { printf "%.1f", a - b }')
+  fi
+  if awk -v a="$now" -v b="$froze" 'BEGIN { exit !(a - b > 60) }'; then
+    echo "[bench] keepalive: after 60 s of silence agent=${agent_seen:-not yet} ssh=${ssh_seen:-not yet}" >&2
+    break
+  fi
+  sleep 0.1
+done
+kill -CONT "$freeze_pid"
+emit keepalive_silent_server_detected_s "${agent_seen:-60}" "${ssh_seen:-60}"
+echo "[bench] keepalive: goal interval x max + 1 s = 16 s (5 s x 3)" >&2

@@ -11,7 +11,7 @@ cleanup() {
   for p in "${all[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
   sleep 0.3
   for p in "${all[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
-  rm -rf "$work"
+  [[ -n ${BENCH_KEEP:-} ]] && echo "[bench] kept $work" >&2 || rm -rf "$work"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
