@@ -14,7 +14,7 @@
 #   bench/agent.sh            full run (about 2 minutes)
 #   BENCH_MIB=64 bench/agent.sh   smaller transfers
 #   BENCH_AGENT_ARGS="--ssh-window-bytes 2097152" bench/agent.sh   try agent settings
-#   BENCH_AGENT_BIN=~/.cache/picotun/image/picotun bench/agent.sh   another build as ours
+#   BENCH_AGENT_BIN=target/release/picotun bench/agent.sh   another build as ours
 #   BENCH_ONLY=idle bench/agent.sh   only the idle RSS (bench/image-variants.sh uses it)
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -24,14 +24,16 @@ delay_mib=${BENCH_DELAY_MIB:-64}
 cipher=aes256-gcm@openssh.com
 
 "$repo/scripts/install-deps"
-loadgen=$repo/target/release/loadgen
-# BENCH_AGENT_BIN: another picotun binary as "ours" (e.g. the image's, from scripts/build-image);
-# then the load generator already built is used as it is.
-agent_bin=${BENCH_AGENT_BIN:-$repo/target/release/picotun}
-if [[ -z ${BENCH_AGENT_BIN:-} || ! -x $loadgen ]]; then
-  echo "[bench] building release binaries" >&2
-  cargo build --release --locked --quiet -p picotun -p picotun-bench --bin picotun --bin loadgen
+# Ours is the binary the sidecar runs: the image's (scripts/build-image: static musl, the release
+# profile), or BENCH_AGENT_BIN.
+agent_bin=${BENCH_AGENT_BIN:-}
+if [[ -z $agent_bin ]]; then
+  echo "[bench] building the image's binary (scripts/build-image)" >&2
+  agent_bin=$("$repo/scripts/build-image" 2>/dev/null | tail -n1)
 fi
+echo "[bench] building the load generator" >&2
+cargo build --release --locked --quiet -p picotun-bench --bin loadgen
+loadgen=$repo/target/release/loadgen
 
 source "$repo/bench/lib.sh"
 rss_mb() { awk -v f="$2" '$1 == f":" { printf "%.1f", $2 / 1024 }' "/proc/$1/status"; }
@@ -107,7 +109,9 @@ EOF
 }
 
 start_pair direct "$sshd_port"
-sleep 1
+# Idle: 5 s after both are up (the agent hands back its start-up pages once its tunnels are up;
+# what it touches again while idle comes back within a few seconds).
+sleep 5
 agent_idle=$(rss_mb "$AGENT_PID" VmRSS); ssh_idle=$(rss_mb "$SSH_PID" VmRSS)
 # Where the idle RSS is: anonymous (heap, stacks, pages written at start -- relocations) vs
 # file-backed (the binary's and libraries' pages read, shared with every process mapping them).

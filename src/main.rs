@@ -3,6 +3,11 @@
 use clap::Parser;
 use picotun::cli::{Cli, Command};
 
+/// The image's binary is static musl, whose malloc costs the relay a third of its throughput.
+#[cfg(target_env = "musl")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     picotun::telemetry::init(&cli.log_filter, cli.log_format);
