@@ -12,6 +12,10 @@
 //!                                      POST BODY to https://ADDR/mutate over keep-alive TLS
 //!                                      connections (CA verifies the server), closed loop or paced
 //!                                      at RATE requests/s in total: "rps p50_us p99_us errors"
+//! loadgen noop-webhook LISTEN CERT KEY an admission webhook that answers every AdmissionReview
+//!                                      "allowed", no patch, over TLS (HTTP/1.1 keep-alive, as
+//!                                      picotun's webhook is served to the apiserver): the floor
+//!                                      bench/src/podcreate.rs measures injection against
 //! ```
 //! The source app sends as many bytes as the first 8 bytes (big-endian) it reads ask for.
 
@@ -26,7 +30,8 @@ const MIB: u64 = 1024 * 1024;
 
 fn usage() -> ! {
     eprintln!(
-        "usage: loadgen apps SINK SOURCE ECHO | delay LISTEN UPSTREAM MS | measure in|out|rtt|setup ADDR N [STREAMS]"
+        "usage: loadgen apps SINK SOURCE ECHO | delay LISTEN UPSTREAM MS | measure in|out|rtt|setup ADDR N [STREAMS] \
+         | admission ADDR CA BODY CONCURRENCY SECONDS [RATE] | noop-webhook LISTEN CERT KEY"
     );
     std::process::exit(2)
 }
@@ -53,6 +58,7 @@ async fn main() {
             .await;
             println!("{rps:.0} {p50} {p99} {errors}");
         }
+        ["noop-webhook", listen_addr, cert, key] => noop_webhook(listen_addr, cert, key).await,
         ["measure", kind, addr, n, rest @ ..] => {
             let n: u64 = n.parse().unwrap_or_else(|_| usage());
             let streams: usize = rest.first().map(|s| s.parse().unwrap_or_else(|_| usage())).unwrap_or(1);
@@ -296,7 +302,7 @@ async fn admission(
                 let mut errors = 0usize;
                 let interval = rate.map(|r| Duration::from_secs_f64(concurrency as f64 / r));
                 let mut i = 0u32;
-                let mut buf = vec![0u8; 64 * 1024];
+                let mut reader = Reader::new();
                 while Instant::now() < deadline {
                     if let Some(iv) = interval {
                         // Workers are spread over the interval so the total rate is even.
@@ -306,27 +312,8 @@ async fn admission(
                     }
                     let t = Instant::now();
                     tls.write_all(&request).await.expect("write");
-                    let mut got = Vec::new();
-                    let (head_end, content_length) = loop {
-                        let n = tls.read(&mut buf).await.expect("read");
-                        assert!(n > 0, "server closed the connection");
-                        got.extend_from_slice(&buf[..n]);
-                        if let Some(pos) = got.windows(4).position(|w| w == b"\r\n\r\n") {
-                            let head = String::from_utf8_lossy(&got[..pos]).to_lowercase();
-                            let len = head
-                                .lines()
-                                .find_map(|l| {
-                                    l.strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap_or(0))
-                                })
-                                .unwrap_or(0);
-                            break (pos + 4, len);
-                        }
-                    };
-                    while got.len() < head_end + content_length {
-                        let n = tls.read(&mut buf).await.expect("read");
-                        got.extend_from_slice(&buf[..n]);
-                    }
-                    if !got.starts_with(b"HTTP/1.1 200") {
+                    let (head, _) = read_message(&mut tls, &mut reader).await.expect("server closed the connection");
+                    if !head.starts_with("HTTP/1.1 200") {
                         errors += 1;
                     }
                     samples.push(t.elapsed().as_micros());
@@ -346,4 +333,135 @@ async fn admission(
     let count = samples.len();
     let (p50, p99) = percentiles(samples);
     (count as f64 / elapsed, p50, p99, errors)
+}
+
+/// A connection's read side: bytes read past one HTTP/1.1 message stay for the next.
+struct Reader {
+    pending: Vec<u8>,
+    buf: Vec<u8>,
+}
+
+impl Reader {
+    fn new() -> Reader {
+        Reader { pending: Vec::new(), buf: vec![0u8; 64 * 1024] }
+    }
+}
+
+/// One HTTP/1.1 message from `stream`: its head (request or status line and headers) and its
+/// body, by Content-Length or chunked. None when the peer closes the connection first.
+async fn read_message<S: tokio::io::AsyncRead + Unpin>(
+    stream: &mut S,
+    reader: &mut Reader,
+) -> Option<(String, Vec<u8>)> {
+    let Reader { pending, buf } = reader;
+    let mut fill = async |pending: &mut Vec<u8>| -> Option<()> {
+        let n = stream.read(buf).await.ok()?;
+        (n > 0).then(|| pending.extend_from_slice(&buf[..n]))
+    };
+    let head_end = loop {
+        if let Some(pos) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+            break pos + 4;
+        }
+        fill(pending).await?;
+    };
+    let head = String::from_utf8_lossy(&pending[..head_end]).to_string();
+    pending.drain(..head_end);
+    let lower = head.to_ascii_lowercase();
+    let header = |name: &str| lower.lines().find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_string()));
+    let mut body = Vec::new();
+    if header("transfer-encoding:").is_some_and(|v| v.contains("chunked")) {
+        loop {
+            let line_end = loop {
+                if let Some(pos) = pending.windows(2).position(|w| w == b"\r\n") {
+                    break pos;
+                }
+                fill(pending).await?;
+            };
+            let size_text = String::from_utf8_lossy(&pending[..line_end]).to_string();
+            let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16).ok()?;
+            // The chunk and its CRLF (the last, empty chunk: the final CRLF; no trailers expected).
+            while pending.len() < line_end + 2 + size + 2 {
+                fill(pending).await?;
+            }
+            body.extend_from_slice(&pending[line_end + 2..line_end + 2 + size]);
+            pending.drain(..line_end + 2 + size + 2);
+            if size == 0 {
+                break;
+            }
+        }
+    } else {
+        let length = header("content-length:").and_then(|v| v.parse::<usize>().ok()).unwrap_or(0);
+        while pending.len() < length {
+            fill(pending).await?;
+        }
+        body.extend(pending.drain(..length));
+    }
+    Some((head, body))
+}
+
+/// `noop-webhook`: answers every AdmissionReview "allowed" with no patch -- the least any
+/// webhook can do (read the request, echo its uid). Says so on stdout after the first answer, so
+/// the benchmark knows the apiserver calls it.
+async fn noop_webhook(listen_addr: &str, cert: &str, key: &str) {
+    use rustls::pki_types::pem::PemObject;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let certs = rustls::pki_types::CertificateDer::pem_file_iter(cert)
+        .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+        .unwrap_or_else(|e| panic!("certificate {cert}: {e}"));
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_file(key).unwrap_or_else(|e| panic!("key {key}: {e}"));
+    let config = rustls::ServerConfig::builder().with_no_client_auth().with_single_cert(certs, key).expect("TLS");
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = listen(listen_addr).await;
+    let answered = Arc::new(AtomicBool::new(false));
+    while let Ok((tcp, _)) = listener.accept().await {
+        let (acceptor, answered) = (acceptor.clone(), answered.clone());
+        tokio::spawn(async move {
+            let _ = tcp.set_nodelay(true);
+            let Ok(mut tls) = acceptor.accept(tcp).await else { return };
+            let mut reader = Reader::new();
+            while let Some((_, body)) = read_message(&mut tls, &mut reader).await {
+                let uid = serde_json::from_slice::<serde_json::Value>(&body)
+                    .ok()
+                    .and_then(|v| v["request"]["uid"].as_str().map(str::to_string))
+                    .unwrap_or_default();
+                let answer = serde_json::json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+                    "response": {"uid": uid, "allowed": true}})
+                .to_string();
+                let response = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{answer}",
+                    answer.len()
+                );
+                if tls.write_all(response.as_bytes()).await.is_err() {
+                    return;
+                }
+                if !answered.swap(true, Ordering::Relaxed) {
+                    println!("noop-webhook: answered its first admission request");
+                }
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn reads_messages_by_length_and_chunked_one_after_another() {
+        let wire = b"POST /mutate HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello\
+            POST /mutate HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2;x=y\r\nde\r\n0\r\n\r\n\
+            HTTP/1.1 200 OK\r\n\r\n";
+        let (mut stream, mut reader) = (&wire[..], Reader::new());
+        let (head, body) = read_message(&mut stream, &mut reader).await.unwrap();
+        assert!(head.starts_with("POST /mutate"));
+        assert_eq!(body, b"hello");
+        assert_eq!(read_message(&mut stream, &mut reader).await.unwrap().1, b"abcde");
+        let (head, body) = read_message(&mut stream, &mut reader).await.unwrap();
+        assert!(head.starts_with("HTTP/1.1 200") && body.is_empty());
+        assert!(read_message(&mut stream, &mut reader).await.is_none(), "closed");
+        let (mut cut, mut reader) = (&b"POST / HTTP/1.1\r\nContent-Length: 9\r\n\r\nshort"[..], Reader::new());
+        assert!(read_message(&mut cut, &mut reader).await.is_none(), "closed before the body ends");
+    }
 }

@@ -22,6 +22,8 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::OnceCell;
 
+use crate::support::shipped_webhook::shipped_match_conditions;
+
 pub(crate) const SYSTEM_NAMESPACE: &str = "pico-sh-system";
 
 /// `kubectl` of the ground's version, acting as the holder of `kubeconfig`.
@@ -141,7 +143,7 @@ async fn every_manifest_is_accepted_by_server_side_apply() {
         docs
     };
     // Each opt-in mode as users would install it: deploy/ plus its components.
-    for mode in [Mode::KeySecret, Mode::SyncKey, Mode::Restart] {
+    for mode in [Mode::KeySecret, Mode::SyncKey, Mode::Restart, Mode::RouteBackends] {
         let docs = render_mode("deploy", mode);
         let env = |deployment: &str, container: &str, name: &str| {
             let d = doc(&docs, "Deployment", deployment);
@@ -152,12 +154,31 @@ async fn every_manifest_is_accepted_by_server_side_apply() {
         let (auth, sync, restart) = match mode {
             Mode::KeySecret => ("key", "false", "false"),
             Mode::SyncKey => ("key", "true", "false"),
-            _ => ("certificate", "false", "true"),
+            Mode::Restart => ("certificate", "false", "true"),
+            _ => ("certificate", "false", "false"),
         };
         assert_eq!(env("picotun-webhook", "webhook", "PICOTUN_SIDECAR_AUTH"), auth, "{mode:?}");
         assert_eq!(env("picotun-controller", "controller", "PICOTUN_SYNC_KEY_SECRET"), sync, "{mode:?}");
         assert_eq!(env("picotun-controller", "controller", "PICOTUN_RESTART_UNINJECTED"), restart, "{mode:?}");
+        // Route-backed mode: both know, and the apiserver sends every pod again (only the
+        // webhook can tell which pods a route selects).
+        let route_backends = if mode == Mode::RouteBackends { "true" } else { "false" };
+        assert_eq!(env("picotun-controller", "controller", "PICOTUN_INJECT_ROUTE_BACKENDS"), route_backends);
+        if mode == Mode::RouteBackends {
+            assert_eq!(env("picotun-webhook", "webhook", "PICOTUN_INJECT_ROUTE_BACKENDS"), "true");
+        }
+        let conditions =
+            &doc(&docs, "MutatingWebhookConfiguration", "picotun-webhook")["webhooks"][0]["matchConditions"];
+        assert_eq!(conditions, &shipped_match_conditions(mode == Mode::RouteBackends), "{mode:?}");
     }
+    // The conditions the tests register (read from deploy/ by support.rs) are what kustomize
+    // renders; each has a name, and route-backed mode keeps all but the opt-in one.
+    let hook = &doc(&with_cert_manager, "MutatingWebhookConfiguration", "picotun-webhook")["webhooks"][0];
+    assert_eq!(hook["matchConditions"], shipped_match_conditions(false));
+    let names =
+        |c: &Value| c.as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap().to_string()).collect::<Vec<_>>();
+    assert_eq!(names(&hook["matchConditions"]), ["not-host-network", "not-opted-out-by-annotation", "may-opt-in"]);
+    assert_eq!(names(&shipped_match_conditions(true)), ["not-host-network", "not-opted-out-by-annotation"]);
     // The default install: certificate mode, the CA mounted (optional), no Secret rule outside
     // picotun's namespace, the NetworkPolicy and the admission policies.
     let webhook_pod = &doc(&with_cert_manager, "Deployment", "picotun-webhook")["spec"]["template"]["spec"];
@@ -176,6 +197,7 @@ async fn every_manifest_is_accepted_by_server_side_apply() {
         ("deploy/ + components/key-secret", render_mode("deploy", Mode::KeySecret)),
         ("deploy/ + components/key-secret + sync-key-secret", render_mode("deploy", Mode::SyncKey)),
         ("deploy/ + components/restart-uninjected", render_mode("deploy", Mode::Restart)),
+        ("deploy/ + components/inject-route-backends", render_mode("deploy", Mode::RouteBackends)),
         ("examples/ingress/", example("ingress")),
         ("examples/gateway-api/", example("gateway-api")),
         ("examples/annotations-only/", example("annotations-only")),
@@ -259,6 +281,8 @@ pub(crate) enum Mode {
     /// sync-key needs key mode: both components.
     SyncKey,
     Restart,
+    /// Route-backed injection (no grants of its own: not in `Every`).
+    RouteBackends,
     /// Every component at once: the union of what any mode grants.
     Every,
 }
@@ -270,6 +294,7 @@ impl Mode {
             Mode::KeySecret => &["key-secret"],
             Mode::SyncKey => &["key-secret", "sync-key-secret"],
             Mode::Restart => &["restart-uninjected"],
+            Mode::RouteBackends => &["inject-route-backends"],
             Mode::Every => &["key-secret", "sync-key-secret", "restart-uninjected"],
         }
     }

@@ -12,6 +12,9 @@ use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use picotun_testground::pki::Ca;
 use picotun_testground::{ControlPlane, Proc, free_port, http, wait_for};
 
+#[path = "../common/shipped_webhook.rs"]
+pub mod shipped_webhook;
+
 /// `picotun webhook` serving HTTPS on loopback with a certificate from a test CA, ready: the
 /// admission port (`--listen`, /mutate) and the sidecars' port (`--agent-listen`, /report and
 /// /certificate).
@@ -28,6 +31,9 @@ pub struct Webhook {
     pub cert_file: PathBuf,
     pub key_file: PathBuf,
     pub config_name: String,
+    /// Started with --inject-route-backends: registered without the matchCondition
+    /// deploy/components/inject-route-backends removes.
+    pub route_backends: bool,
     _dir: tempfile::TempDir,
 }
 
@@ -150,6 +156,7 @@ impl Webhook {
             cert_file,
             key_file,
             config_name: String::new(),
+            route_backends: options.args.iter().any(|a| a == "--inject-route-backends"),
             _dir: dir,
         }
     }
@@ -161,32 +168,50 @@ impl Webhook {
     }
 
     /// Registers the webhook for pods in `namespaces`; with `require_label`, only where the
-    /// namespace carries the injection label (as deploy/ registers it).
+    /// namespace carries the injection label (as deploy/ registers it). With the matchConditions
+    /// deploy/ ships (read from deploy/), so every test of injection through the apiserver runs
+    /// through them.
     pub async fn register(&mut self, client: &kube::Client, namespaces: &[&str], require_label: bool) {
-        self.config_name = format!("picotun-test-{}", picotun_testground::random_suffix());
         let mut selector = serde_json::json!({"matchExpressions": [{"key": "kubernetes.io/metadata.name", "operator": "In", "values": namespaces}]});
         if require_label {
             selector["matchLabels"] = serde_json::json!({"tunnels.pico.sh/injection": "enabled"});
         }
-        let config: MutatingWebhookConfiguration = serde_json::from_value(serde_json::json!({
-            "metadata": {"name": self.config_name},
-            "webhooks": [{
-                "name": "inject.tunnels.pico.sh",
-                "clientConfig": {
-                    "url": format!("https://127.0.0.1:{}/mutate", self.port),
-                    "caBundle": base64::engine::general_purpose::STANDARD.encode(self.ca.cert_pem()),
-                },
-                "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"], "scope": "Namespaced"}],
-                "namespaceSelector": selector,
-                "sideEffects": "None",
-                "admissionReviewVersions": ["v1"],
-                // Fail, so a webhook error shows up in the test instead of a silently plain pod.
-                "failurePolicy": "Fail",
-                "reinvocationPolicy": "IfNeeded",
-                "timeoutSeconds": 5,
-            }],
-        }))
-        .unwrap();
+        let hook = serde_json::json!({
+            "name": "inject.tunnels.pico.sh",
+            "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"], "scope": "Namespaced"}],
+            "namespaceSelector": selector,
+            "sideEffects": "None",
+            "admissionReviewVersions": ["v1"],
+            "reinvocationPolicy": "IfNeeded",
+            "timeoutSeconds": 5,
+        });
+        self.register_hook(client, hook).await;
+    }
+
+    /// Registers the webhook exactly as deploy/ does -- its namespaceSelector (narrowed to
+    /// `namespaces` as well), objectSelector, matchConditions, re-invocation -- but pointed at
+    /// this process.
+    pub async fn register_as_shipped(&mut self, client: &kube::Client, namespaces: &[&str]) {
+        let mut hook = shipped_webhook::shipped_webhook();
+        let scope = serde_json::json!({"key": "kubernetes.io/metadata.name", "operator": "In", "values": namespaces});
+        hook["namespaceSelector"]["matchExpressions"].as_array_mut().unwrap().push(scope);
+        self.register_hook(client, hook).await;
+    }
+
+    /// `hook` pointed at this webhook, with the matchConditions deploy/ ships for its mode.
+    async fn register_hook(&mut self, client: &kube::Client, mut hook: serde_json::Value) {
+        self.config_name = format!("picotun-test-{}", picotun_testground::random_suffix());
+        hook["clientConfig"] = serde_json::json!({
+            "url": format!("https://127.0.0.1:{}/mutate", self.port),
+            "caBundle": base64::engine::general_purpose::STANDARD.encode(self.ca.cert_pem()),
+        });
+        hook["matchConditions"] = shipped_webhook::shipped_match_conditions(self.route_backends);
+        // Fail, so a webhook error -- or a condition the apiserver cannot evaluate on some pod --
+        // shows up in the test instead of a silently plain pod.
+        hook["failurePolicy"] = "Fail".into();
+        let config: MutatingWebhookConfiguration =
+            serde_json::from_value(serde_json::json!({"metadata": {"name": self.config_name}, "webhooks": [hook]}))
+                .unwrap();
         Api::<MutatingWebhookConfiguration>::all(client.clone())
             .create(&kube::api::PostParams::default(), &config)
             .await

@@ -5,6 +5,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::{CronJob, Job};
 use k8s_openapi::api::core::v1::Pod;
@@ -879,5 +880,292 @@ async fn a_pod_with_a_volume_named_like_picotuns_runs_uninjected_with_a_warning(
     .unwrap();
     let metrics = webhook.metrics().await;
     assert!(metrics.contains("picotun_webhook_skips_total{reason=\"volume_conflict\"} 1"), "{metrics}");
+    webhook.unregister(&client).await;
+}
+
+/// Admission requests the webhook has answered (its own count, from /metrics).
+async fn calls(webhook: &Webhook) -> u64 {
+    webhook.metric("picotun_webhook_duration_seconds_count").await
+}
+
+/// A pod for the matchConditions tests: `owner`, an ownerReference; `host_network` as said.
+fn conditions_pod(name: &str, labels: Value, annotations: Value, owner: Option<&Value>, host_network: bool) -> Pod {
+    let mut pod = crate::support::pod_json(name, labels, annotations);
+    pod.metadata.owner_references = owner.map(|o| vec![serde_json::from_value(o.clone()).unwrap()]);
+    pod.spec.as_mut().unwrap().host_network = host_network.then_some(true);
+    pod
+}
+
+/// A Deployment of no replicas (the pods it owns are the test's own, made by hand) and its
+/// ReplicaSet, made by the controller-manager: (the pods' ownerReference, the workload the
+/// webhook finds through it).
+async fn owning_deployment(
+    client: &kube::Client,
+    ns: &str,
+    name: &str,
+    annotations: Value,
+) -> (Value, picotun::core::pod::Workload) {
+    let mut d = deployment(name, annotations.clone(), json!({}), json!({}));
+    d.spec.as_mut().unwrap().replicas = Some(0);
+    Api::<Deployment>::namespaced(client.clone(), ns).create(&PostParams::default(), &d).await.unwrap();
+    let sets: Api<k8s_openapi::api::apps::v1::ReplicaSet> = Api::namespaced(client.clone(), ns);
+    let rs = wait_for("the Deployment's ReplicaSet", Duration::from_secs(30), Duration::from_millis(100), || async {
+        let list = sets.list(&ListParams::default().labels(&format!("app={name}"))).await.map_err(|e| e.to_string())?;
+        Ok(list.items.into_iter().next())
+    })
+    .await
+    .unwrap();
+    let owner = json!({"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": rs.metadata.name,
+                       "uid": rs.metadata.uid, "controller": true});
+    let workload = picotun::core::pod::Workload {
+        reference: format!("Deployment/{name}"),
+        labels: Default::default(),
+        annotations: serde_json::from_value(annotations).unwrap(),
+    };
+    (owner, workload)
+}
+
+/// The matchConditions deploy/ ships (issue 13): the apiserver sends picotun only the pods it
+/// could inject -- so a pod that does not opt in is created as if no webhook were registered --
+/// and the webhook still decides for those it is sent. Each pod below is created in a namespace
+/// labeled for injection, the whole shipped webhook registered (selectors and conditions);
+/// whether the apiserver called the webhook is the webhook's own admission count. Every pod not
+/// sent is one the webhook would have left alone (its decision, offline, on the same pod).
+#[tokio::test]
+#[ignore = "needs the test ground (scripts/build-testground)"]
+async fn only_pods_that_can_be_injected_reach_the_webhook() {
+    let ground = ControlPlane::shared(Existing::Allowed).await.unwrap();
+    let client = ground.client().await.unwrap();
+    let ns = ground.namespace("conditions").await.unwrap();
+    label_for_injection(&client, ns.name()).await;
+    let mut webhook = Webhook::start(ground, false).await;
+    webhook.register_as_shipped(&client, &[ns.name()]).await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns.name());
+    wait_active(&pods).await;
+    let (opted, opted_workload) =
+        owning_deployment(&client, ns.name(), "opted", json!({"tunnels.pico.sh/inject": "true"})).await;
+    let (plain, plain_workload) = owning_deployment(&client, ns.name(), "plain", json!({})).await;
+    let no = json!({});
+    let inject = |v: &str| json!({"tunnels.pico.sh/inject": v});
+    let config = picotun::webhook::inject::InjectConfig::default();
+    // What `picotun inject` writes (no ticket: offline), of a pod template and of a bare pod.
+    let pre_injected = |pod: Pod, workload: Option<&picotun::core::pod::Workload>| {
+        picotun::webhook::inject::mutate(&pod, ns.name(), workload, &[], false, &config).pod.expect("injected")
+    };
+    let mut sidecar_only = pre_injected(conditions_pod("x", inject("true"), no.clone(), None, false), None);
+    sidecar_only.metadata.labels = Some([("app".to_string(), "x".to_string())].into());
+
+    // (what, pod, its workload, sent to the webhook, injected)
+    let cases = [
+        (
+            "no opt-in, no owner",
+            conditions_pod("plain", json!({"app": "x"}), json!({"note": "x"}), None, false),
+            None,
+            false,
+            false,
+        ),
+        ("label inject=true", conditions_pod("label", inject("true"), no.clone(), None, false), None, true, true),
+        (
+            "annotation expose",
+            conditions_pod("expose", no.clone(), json!({"tunnels.pico.sh/expose": "tcp:any=8080"}), None, false),
+            None,
+            true,
+            true,
+        ),
+        (
+            "annotation inject=\" true \"",
+            conditions_pod("spaced", no.clone(), inject(" true "), None, false),
+            None,
+            true,
+            true,
+        ),
+        (
+            "label inject=maybe (no meaning), no owner",
+            conditions_pod("maybe", inject("maybe"), no.clone(), None, false),
+            None,
+            false,
+            false,
+        ),
+        (
+            "owned by a Deployment that opts in",
+            conditions_pod("owned", no.clone(), no.clone(), Some(&opted), false),
+            Some(&opted_workload),
+            true,
+            true,
+        ),
+        // Sent: only the webhook can look the workload up. It decides.
+        (
+            "owned by a Deployment that does not",
+            conditions_pod("owned-plain", no.clone(), no.clone(), Some(&plain), false),
+            Some(&plain_workload),
+            true,
+            false,
+        ),
+        // "false" on the pod wins over the Deployment's opt-in: not even sent.
+        (
+            "label inject=false, owned by a Deployment that opts in",
+            conditions_pod("out-label", inject("false"), no.clone(), Some(&opted), false),
+            Some(&opted_workload),
+            false,
+            false,
+        ),
+        (
+            "annotation inject=false, owned by a Deployment that opts in",
+            conditions_pod("out-annotation", no.clone(), inject("false"), Some(&opted), false),
+            Some(&opted_workload),
+            false,
+            false,
+        ),
+        // The label is read first: "true" there opts in whatever the annotation says.
+        (
+            "label inject=true, annotation inject=false",
+            conditions_pod("label-first", inject("true"), inject("false"), None, false),
+            None,
+            true,
+            true,
+        ),
+        (
+            "hostNetwork, label inject=true",
+            conditions_pod("host", inject("true"), no.clone(), None, true),
+            None,
+            false,
+            false,
+        ),
+        // `picotun inject` of a Deployment: the template carries the sidecar but not the opt-in.
+        // Sent (it has an owner), and the webhook puts its own ticketed sidecar in its place.
+        (
+            "picotun inject output, opted in on the Deployment",
+            {
+                let mut p =
+                    pre_injected(conditions_pod("pre", no.clone(), no.clone(), None, false), Some(&opted_workload));
+                p.metadata.owner_references = Some(vec![serde_json::from_value(opted.clone()).unwrap()]);
+                p
+            },
+            Some(&opted_workload),
+            true,
+            true,
+        ),
+        ("a sidecar of its own, no opt-in, no owner", sidecar_only, None, false, false),
+    ];
+    let dry = PostParams { dry_run: true, ..Default::default() };
+    for (i, (what, pod, workload, sent, injected)) in cases.into_iter().enumerate() {
+        let before = calls(&webhook).await;
+        // The first for real (the pod is stored), the rest as server-side dry runs: admission
+        // runs the same, and the owned pods stay away from their ReplicaSet controller.
+        let params = if i == 0 { PostParams::default() } else { dry.clone() };
+        let created = pods.create(&params, &pod).await.unwrap_or_else(|e| panic!("{what}: {e}"));
+        let called = calls(&webhook).await - before;
+        assert_eq!(called > 0, sent, "{what}: sent to the webhook ({called} admission requests answered)");
+        let ticketed =
+            created.metadata.annotations.as_ref().is_some_and(|a| a.contains_key("tunnels.pico.sh/injected"));
+        assert_eq!(ticketed, injected, "{what}: injected by the webhook");
+        assert_eq!(sidecar_count(&created), usize::from(injected || sidecar_of(&pod).is_some()), "{what}");
+        // The webhook's decision stays the authority: offline, on the same pod, it says the same;
+        // and a pod not sent is one it answers "allowed, unchanged, no warning".
+        let offline = picotun::webhook::inject::mutate(&pod, ns.name(), workload, &[], false, &config);
+        let would_inject = matches!(offline.decision, picotun::core::pod::Decision::Inject { .. });
+        if !sent {
+            assert!(
+                !would_inject && offline.warnings.is_empty(),
+                "{what}: not sent, but the webhook would act on it: {:?} {:?}",
+                offline.decision,
+                offline.warnings
+            );
+        } else if sidecar_of(&pod).is_none() {
+            // (Offline there is no ticket key: a pod with a sidecar is taken as it is.)
+            assert_eq!(would_inject, injected, "{what}: {:?}", offline.decision);
+        }
+    }
+    webhook.unregister(&client).await;
+}
+
+/// A mutating webhook of the test's own over TLS on loopback: every pod it is sent gets the
+/// label `label`=`value` (a JSON patch). Returns its clientConfig and the server task.
+async fn labeling_webhook(label: &'static str, value: &'static str) -> (Value, tokio::task::JoinHandle<()>) {
+    use rustls::pki_types::pem::PemObject;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let ca = Ca::new("labeling-webhook-ca").unwrap();
+    let serving = ca.issue_loopback_server(&[]).unwrap();
+    let certs = vec![rustls::pki_types::CertificateDer::from_pem_slice(serving.cert_pem.as_bytes()).unwrap()];
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(serving.key_pem.as_bytes()).unwrap();
+    let tls = rustls::ServerConfig::builder().with_no_client_auth().with_single_cert(certs, key).unwrap();
+    let app = axum::Router::new().route(
+        "/mutate",
+        axum::routing::post(move |axum::Json(review): axum::Json<Value>| async move {
+            let path = format!("/metadata/labels/{}", label.replace('~', "~0").replace('/', "~1"));
+            let patch = json!([{"op": "add", "path": path, "value": value}]);
+            axum::Json(json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "response": {
+                "uid": review["request"]["uid"], "allowed": true, "patchType": "JSONPatch",
+                "patch": base64::engine::general_purpose::STANDARD.encode(patch.to_string())}}))
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("https://{}/mutate", listener.local_addr().unwrap());
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(tls));
+    let task = crate::support::serve_https(listener, acceptor, app);
+    (json!({"url": url, "caBundle": base64::engine::general_purpose::STANDARD.encode(ca.cert_pem())}), task)
+}
+
+/// The conditions are evaluated on the pod as it is when picotun's turn comes, in every round:
+/// an opt-in that a webhook called before picotun's adds is seen, and re-invocation (a webhook
+/// called after picotun's changed the pod) reaches picotun again -- the injected pod still opts
+/// in -- and leaves one sidecar. A pod that never opts in is not sent in either round.
+#[tokio::test]
+#[ignore = "needs the test ground (scripts/build-testground)"]
+async fn conditions_see_earlier_webhooks_opt_ins_and_let_re_invocation_through() {
+    let (_, client, ns, webhook) = injecting("reinvoke").await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns.name());
+    // Configurations are called in name order: "aa-" before picotun's "picotun-test-", "zz-" after.
+    let (earlier, earlier_task) = labeling_webhook("tunnels.pico.sh/inject", "true").await;
+    let (later, later_task) = labeling_webhook("touched", "yes").await;
+    let suffix = picotun_testground::random_suffix();
+    let configs: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    let scope = json!({"matchLabels": {"kubernetes.io/metadata.name": ns.name()}});
+    for (name, client_config, object_selector) in [
+        (format!("aa-opt-in-{suffix}"), earlier, json!({"matchLabels": {"opt-in-by-webhook": "yes"}})),
+        (format!("zz-touch-{suffix}"), later, json!({})),
+    ] {
+        let config: MutatingWebhookConfiguration = serde_json::from_value(json!({
+            "metadata": {"name": name},
+            "webhooks": [{"name": "label.picotun.test", "clientConfig": client_config,
+                "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"]}],
+                "namespaceSelector": scope, "objectSelector": object_selector,
+                "sideEffects": "None", "admissionReviewVersions": ["v1"], "failurePolicy": "Fail", "timeoutSeconds": 5}],
+        }))
+        .unwrap();
+        configs.create(&PostParams::default(), &config).await.unwrap();
+    }
+    let dry = PostParams { dry_run: true, ..Default::default() };
+    let label = |pod: &Pod, key: &str| pod.metadata.labels.as_ref().and_then(|l| l.get(key)).cloned();
+    let mut n = 0;
+    wait_for("both labeling webhooks in effect", Duration::from_secs(30), Duration::from_millis(200), || {
+        n += 1;
+        let (pods, dry) = (pods.clone(), dry.clone());
+        async move {
+            let probe = crate::support::pod_json(&format!("probe-{n}"), json!({"opt-in-by-webhook": "yes"}), json!({}));
+            let p = pods.create(&dry, &probe).await.map_err(|e| e.to_string())?;
+            Ok((label(&p, "touched").is_some() && label(&p, "tunnels.pico.sh/inject").is_some()).then_some(()))
+        }
+    })
+    .await
+    .unwrap();
+
+    for (what, name, labels, sent, injected) in [
+        ("opted in by an earlier webhook", "by-webhook", json!({"opt-in-by-webhook": "yes"}), 2, true),
+        ("opted in by its label", "by-label", json!({"tunnels.pico.sh/inject": "true"}), 2, true),
+        ("never opted in", "never", json!({"app": "c"}), 0, false),
+    ] {
+        let before = calls(&webhook).await;
+        let pod = crate::support::pod_json(name, labels, json!({}));
+        let created = pods.create(&PostParams::default(), &pod).await.unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_eq!(calls(&webhook).await - before, sent, "{what}: admission requests the webhook answered");
+        assert_eq!(label(&created, "touched").as_deref(), Some("yes"), "{what}: the later webhook ran");
+        assert_eq!(sidecar_count(&created), usize::from(injected), "{what}");
+    }
+    for name in [format!("aa-opt-in-{suffix}"), format!("zz-touch-{suffix}")] {
+        let _ = configs.delete(&name, &DeleteParams::default()).await;
+    }
+    earlier_task.abort();
+    later_task.abort();
     webhook.unregister(&client).await;
 }

@@ -19,6 +19,9 @@ use picotun_testground::{
 use serde_json::json;
 use tokio::sync::OnceCell;
 
+#[path = "../common/shipped_webhook.rs"]
+pub mod shipped_webhook;
+
 /// The label that ties a namespace to one test's stack.
 pub const STACK_LABEL: &str = "picotun.dev/node-stack";
 
@@ -227,6 +230,9 @@ pub struct HostWebhook {
     pub port: u16,
     pub admin: String,
     pub certs: PathBuf,
+    /// Started with --inject-route-backends: registered without the matchCondition
+    /// deploy/components/inject-route-backends removes.
+    pub route_backends: bool,
 }
 
 impl HostWebhook {
@@ -262,11 +268,12 @@ impl HostWebhook {
             .env("PICOTUN_LOG", "picotun=debug,info");
         let mut proc = Proc::spawn("picotun-webhook", cmd, &dir.join("webhook.log")).unwrap();
         wait_ready(&mut proc, &admin).await;
-        HostWebhook { proc, port, admin, certs }
+        let route_backends = extra.contains(&"--inject-route-backends");
+        HostWebhook { proc, port, admin, certs, route_backends }
     }
 
-    /// Registers this webhook for pods in namespaces labeled for injection and for `scope`;
-    /// returns the configuration's name.
+    /// Registers this webhook for pods in namespaces labeled for injection and for `scope`, with
+    /// the matchConditions deploy/ ships (read from deploy/); returns the configuration's name.
     pub async fn register(&self, ground: &ControlPlane, scope: &str) -> String {
         let client = ground.client().await.unwrap();
         let name = format!("picotun-node-test-{scope}");
@@ -283,6 +290,7 @@ impl HostWebhook {
                     {"key": "tunnels.pico.sh/injection", "operator": "In", "values": ["enabled"]},
                     {"key": STACK_LABEL, "operator": "In", "values": [scope]},
                 ]},
+                "matchConditions": shipped_webhook::shipped_match_conditions(self.route_backends),
                 "sideEffects": "None", "admissionReviewVersions": ["v1"], "failurePolicy": "Ignore",
                 "reinvocationPolicy": "IfNeeded", "timeoutSeconds": 5,
             }],
