@@ -492,7 +492,7 @@ async fn observe_one_holder(
     count: usize,
 ) -> (String, Vec<(String, bool, Vec<Reported>)>) {
     let what = format!("{count} Ready replicas, one established, {} standing by", count - 1);
-    let found = wait_for(&what, Duration::from_secs(60), Duration::from_millis(250), || async {
+    wait_for(&what, Duration::from_secs(60), Duration::from_millis(250), || async {
         let list = pods.list(&ListParams::default().labels("app=echo")).await.map_err(|e| e.to_string())?;
         let states: Vec<(String, bool, Vec<Reported>)> = list
             .items
@@ -511,8 +511,7 @@ async fn observe_one_holder(
         }
     })
     .await
-    .unwrap_or_else(|e| panic!("{e}\nwebhook log:\n{}", stack.webhook.log_tail(20)));
-    found
+    .unwrap_or_else(|e| panic!("{e}\nwebhook log:\n{}", stack.webhook.log_tail(20)))
 }
 
 /// GETs through sish until a pod other than `holder` answers 200; (that pod, time since
