@@ -400,8 +400,9 @@ async fn read_message<S: tokio::io::AsyncRead + Unpin>(
 }
 
 /// `noop-webhook`: answers every AdmissionReview "allowed" with no patch -- the least any
-/// webhook can do (read the request, echo its uid). Says so on stdout after the first answer, so
-/// the benchmark knows the apiserver calls it.
+/// webhook can do (read the request, echo its uid). Says on stdout when the apiserver opens a
+/// connection and after the first answer, so the benchmark knows it is called and over how many
+/// connections.
 async fn noop_webhook(listen_addr: &str, cert: &str, key: &str) {
     use rustls::pki_types::pem::PemObject;
     use std::sync::Arc;
@@ -415,7 +416,8 @@ async fn noop_webhook(listen_addr: &str, cert: &str, key: &str) {
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let listener = listen(listen_addr).await;
     let answered = Arc::new(AtomicBool::new(false));
-    while let Ok((tcp, _)) = listener.accept().await {
+    while let Ok((tcp, peer)) = listener.accept().await {
+        println!("noop-webhook: connection from {peer}");
         let (acceptor, answered) = (acceptor.clone(), answered.clone());
         tokio::spawn(async move {
             let _ = tcp.set_nodelay(true);

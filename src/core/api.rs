@@ -47,7 +47,10 @@ pub const DEFAULT_CONTAINER: &str = "kubectl.kubernetes.io/default-container";
 pub const TUNNELS_VOLUME: &str = "picotun-tunnels";
 pub const KEY_VOLUME: &str = "picotun-ssh-key";
 pub const REPORT_TOKEN_VOLUME: &str = "picotun-report-token";
-pub const SIDECAR_VOLUMES: [&str; 3] = [TUNNELS_VOLUME, KEY_VOLUME, REPORT_TOKEN_VOLUME];
+/// An empty volume the sidecar mounts where the apiserver's ServiceAccount plugin would mount the
+/// pod's API token (see `webhook::inject::SERVICE_ACCOUNT_TOKEN_PATH`).
+pub const NO_API_TOKEN_VOLUME: &str = "picotun-no-api-token";
+pub const SIDECAR_VOLUMES: [&str; 4] = [TUNNELS_VOLUME, KEY_VOLUME, REPORT_TOKEN_VOLUME, NO_API_TOKEN_VOLUME];
 
 /// The name of the injected container.
 pub const SIDECAR_NAME: &str = "picotun-agent";

@@ -5,9 +5,10 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, DownwardAPIVolumeFile, DownwardAPIVolumeSource, EnvVar, HTTPGetAction,
-    KeyToPath, ObjectFieldSelector, Pod, Probe, ProjectedVolumeSource, ResourceRequirements, SeccompProfile,
-    SecretVolumeSource, SecurityContext, ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
+    Capabilities, Container, ContainerPort, DownwardAPIVolumeFile, DownwardAPIVolumeSource, EmptyDirVolumeSource,
+    EnvVar, HTTPGetAction, KeyToPath, ObjectFieldSelector, Pod, Probe, ProjectedVolumeSource, ResourceRequirements,
+    SeccompProfile, SecretVolumeSource, SecurityContext, ServiceAccountTokenProjection, Volume, VolumeMount,
+    VolumeProjection,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -85,7 +86,7 @@ pub fn certificate_url(report_url: &str) -> Option<String> {
 pub const REPORT_AUDIENCE: &str = "tunnels.pico.sh";
 /// Where that token is mounted in the sidecar.
 pub const REPORT_TOKEN_DIR: &str = "/var/run/secrets/tunnels.pico.sh/report";
-pub use crate::core::api::{KEY_VOLUME, REPORT_TOKEN_VOLUME, TUNNELS_VOLUME};
+pub use crate::core::api::{KEY_VOLUME, NO_API_TOKEN_VOLUME, REPORT_TOKEN_VOLUME, TUNNELS_VOLUME};
 /// The startup gate: the agent's `/tunnels-up` polled every second, for up to five minutes
 /// before the kubelet restarts the sidecar (and tries again).
 pub const STARTUP_GATE_PERIOD_SECONDS: i32 = 1;
@@ -291,7 +292,7 @@ pub fn volume_conflicts(injected: &Pod) -> Vec<String> {
 /// Where the apiserver's ServiceAccount plugin mounts a pod's API token into its containers.
 pub const SERVICE_ACCOUNT_TOKEN_PATH: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
 
-/// `pod` with no API-token mount on the sidecar.
+/// `pod` with no API-token mount on the sidecar (its own empty [`NO_API_TOKEN_VOLUME`] stays).
 fn without_service_account_token(pod: &Pod) -> Pod {
     let mut pod = pod.clone();
     let spec = pod.spec.as_mut();
@@ -299,7 +300,7 @@ fn without_service_account_token(pod: &Pod) -> Pod {
         if c.name == api::SIDECAR_NAME
             && let Some(mounts) = c.volume_mounts.as_mut()
         {
-            mounts.retain(|m| m.mount_path != SERVICE_ACCOUNT_TOKEN_PATH);
+            mounts.retain(|m| m.mount_path != SERVICE_ACCOUNT_TOKEN_PATH || m.name == NO_API_TOKEN_VOLUME);
         }
     }
     pod
@@ -317,7 +318,7 @@ pub fn strip_sidecar(pod: &Pod) -> Pod {
             spec.init_containers = None;
         }
         if let Some(volumes) = spec.volumes.as_mut() {
-            volumes.retain(|v| ![TUNNELS_VOLUME, KEY_VOLUME, REPORT_TOKEN_VOLUME].contains(&v.name.as_str()));
+            volumes.retain(|v| !api::SIDECAR_VOLUMES.contains(&v.name.as_str()));
         }
     }
     if let Some(a) = pod.metadata.annotations.as_mut() {
@@ -541,12 +542,24 @@ pub fn inject(pod: &Pod, tunnels: &[TunnelSpec], config: &InjectConfig, warnings
             seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), ..Default::default() }),
             ..Default::default()
         }),
-        volume_mounts: Some(vec![VolumeMount {
-            name: TUNNELS_VOLUME.into(),
-            mount_path: "/etc/picotun/tunnels".into(),
-            read_only: Some(true),
-            ..Default::default()
-        }]),
+        volume_mounts: Some(vec![
+            VolumeMount {
+                name: TUNNELS_VOLUME.into(),
+                mount_path: "/etc/picotun/tunnels".into(),
+                read_only: Some(true),
+                ..Default::default()
+            },
+            // The agent needs no Kubernetes API access. A mount already at the token's path keeps
+            // the apiserver's ServiceAccount plugin from adding the API token to the sidecar when
+            // it runs again after this webhook changed the pod -- a change that would make the
+            // apiserver call the webhook a second time (re-invocation), for every injected pod.
+            VolumeMount {
+                name: NO_API_TOKEN_VOLUME.into(),
+                mount_path: SERVICE_ACCOUNT_TOKEN_PATH.into(),
+                read_only: Some(true),
+                ..Default::default()
+            },
+        ]),
         // Native sidecar: started before the app, stopped after it, and not holding Jobs open.
         restart_policy: config.native_sidecar.then(|| "Always".to_string()),
         ..Default::default()
@@ -586,6 +599,11 @@ pub fn inject(pod: &Pod, tunnels: &[TunnelSpec], config: &InjectConfig, warnings
             }]),
             ..Default::default()
         }),
+        ..Default::default()
+    });
+    volumes.push(Volume {
+        name: NO_API_TOKEN_VOLUME.into(),
+        empty_dir: Some(EmptyDirVolumeSource::default()),
         ..Default::default()
     });
     if config.auth == SidecarAuth::Key {
@@ -805,7 +823,7 @@ mod tests {
         assert_eq!(file.tunnels[0].target_port, 8080, "named port resolved");
         assert!(a.contains_key("tunnels.pico.sh/status"));
         let volumes: Vec<&str> = spec.volumes.as_ref().unwrap().iter().map(|v| v.name.as_str()).collect();
-        assert_eq!(volumes, vec!["picotun-tunnels", "picotun-ssh-key"]);
+        assert_eq!(volumes, vec!["picotun-tunnels", "picotun-no-api-token", "picotun-ssh-key"]);
         // The patch only adds.
         let p = patch(&p, &injected);
         assert!(p.0.iter().all(|op| matches!(op, json_patch::PatchOperation::Add(_))), "{p:?}");
@@ -947,9 +965,13 @@ mod tests {
         assert!(!env.contains_key("PICOTUN_KEY_FILE"));
         assert_eq!(env["PICOTUN_REPORT_TOKEN_FILE"], "/var/run/secrets/tunnels.pico.sh/report/token");
         let volumes: Vec<&str> = spec.volumes.iter().flatten().map(|v| v.name.as_str()).collect();
-        assert_eq!(volumes, ["picotun-tunnels", "picotun-report-token"], "no key Secret volume");
+        assert_eq!(
+            volumes,
+            ["picotun-tunnels", "picotun-no-api-token", "picotun-report-token"],
+            "no key Secret volume"
+        );
         let mounts: Vec<&str> = sidecar.volume_mounts.iter().flatten().map(|m| m.name.as_str()).collect();
-        assert_eq!(mounts, ["picotun-tunnels", "picotun-report-token"]);
+        assert_eq!(mounts, ["picotun-tunnels", "picotun-no-api-token", "picotun-report-token"]);
         let text = serde_json::to_string(&injected).unwrap();
         assert!(!text.contains("picotun-ssh-key") && !text.contains("ssh-privatekey"), "{text}");
 
@@ -961,7 +983,7 @@ mod tests {
         assert_eq!(env_of(sidecar)["PICOTUN_KEY_FILE"], "/etc/picotun/ssh/id");
         assert!(!env_of(sidecar).contains_key("PICOTUN_CERTIFICATE_URL"));
         let volumes: Vec<&str> = spec.volumes.iter().flatten().map(|v| v.name.as_str()).collect();
-        assert_eq!(volumes, ["picotun-tunnels", "picotun-ssh-key", "picotun-report-token"]);
+        assert_eq!(volumes, ["picotun-tunnels", "picotun-no-api-token", "picotun-ssh-key", "picotun-report-token"]);
 
         // Certificate mode without a report URL cannot work: said, and no key is mounted instead.
         let no_url = InjectConfig { report_url: String::new(), ..certificate_cfg() };
@@ -1024,6 +1046,34 @@ mod tests {
         assert!(out.warnings.iter().any(|w| w.contains("neither \"true\" nor \"false\"")), "{:?}", out.warnings);
     }
 
+    /// Issue 13: the apiserver re-runs its ServiceAccount plugin after the webhook changed a pod;
+    /// a token mount it added to the sidecar changed the pod again and had the webhook called a
+    /// second time for every injected pod. A mount of the sidecar's own at that path (an empty
+    /// volume: the agent needs no API access) keeps the plugin off it.
+    #[test]
+    fn the_sidecar_holds_the_api_token_path_with_an_empty_volume_of_its_own() {
+        for config in [cfg(), certificate_cfg()] {
+            let injected =
+                mutate(&app(json!({"tunnels.pico.sh/inject": "true"}), json!({})), "apps", None, &[], false, &config)
+                    .pod
+                    .unwrap();
+            let sidecar = ticket::agent_container(&injected).unwrap();
+            let mount = sidecar.volume_mounts.iter().flatten().find(|m| m.mount_path == SERVICE_ACCOUNT_TOKEN_PATH);
+            let mount = mount.expect("a mount at the API token's path");
+            assert_eq!((mount.name.as_str(), mount.read_only), (NO_API_TOKEN_VOLUME, Some(true)));
+            let volumes = injected.spec.as_ref().unwrap().volumes.as_ref().unwrap();
+            let volume = volumes.iter().find(|v| v.name == NO_API_TOKEN_VOLUME).unwrap();
+            assert_eq!(volume.empty_dir, Some(EmptyDirVolumeSource::default()));
+            // Only the sidecar mounts it, and stripping the sidecar takes it away.
+            let spec = injected.spec.as_ref().unwrap();
+            assert!(
+                spec.containers.iter().all(|c| c.volume_mounts.iter().flatten().all(|m| m.name != NO_API_TOKEN_VOLUME))
+            );
+            let stripped = strip_sidecar(&injected);
+            assert!(stripped.spec.unwrap().volumes.iter().flatten().all(|v| v.name != NO_API_TOKEN_VOLUME));
+        }
+    }
+
     #[test]
     fn the_webhook_tickets_what_it_injects_and_replaces_what_it_did_not() {
         let config = certificate_cfg();
@@ -1054,7 +1104,7 @@ mod tests {
             Some("ghcr.io/picotun/picotun:latest")
         );
         assert_eq!(key.verify_pod(&replaced, "apps"), Ok(()));
-        assert_eq!(replaced.spec.as_ref().unwrap().volumes.as_ref().unwrap().len(), 2, "no volume twice");
+        assert_eq!(replaced.spec.as_ref().unwrap().volumes.as_ref().unwrap().len(), 3, "no volume twice");
         // Not opted in: left as it is, and without a ticket its sidecar is refused later.
         let mut unasked = forged.clone();
         unasked.metadata.labels.as_mut().unwrap().remove("tunnels.pico.sh/inject");

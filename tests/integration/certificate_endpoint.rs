@@ -116,12 +116,18 @@ async fn a_pod_the_webhook_injected_gets_a_certificate_for_its_own_key() {
     let text = serde_json::to_string(&pod).unwrap();
     assert!(!text.contains("picotun-ssh-key") && !text.contains("ssh-privatekey"), "no key Secret: {text}");
     assert!(pod.metadata.annotations.as_ref().unwrap()["tunnels.pico.sh/injected"].starts_with("v1."));
-    // The apiserver mounts the pod's API token into every container it re-runs its plugins on
-    // (after the webhook changed the pod); the webhook takes it out of the sidecar again.
-    let mounts: Vec<&str> = sidecar.volume_mounts.iter().flatten().map(|m| m.mount_path.as_str()).collect();
+    // The apiserver mounts the pod's API token into every container without a mount at its path
+    // when it re-runs its plugins (after the webhook changed the pod): the sidecar holds that
+    // path with an empty volume of its own, so no API token reaches it.
+    let mounts: Vec<(&str, &str)> =
+        sidecar.volume_mounts.iter().flatten().map(|m| (m.mount_path.as_str(), m.name.as_str())).collect();
     assert_eq!(
         mounts,
-        ["/etc/picotun/tunnels", "/var/run/secrets/tunnels.pico.sh/report"],
+        [
+            ("/etc/picotun/tunnels", "picotun-tunnels"),
+            ("/var/run/secrets/kubernetes.io/serviceaccount", "picotun-no-api-token"),
+            ("/var/run/secrets/tunnels.pico.sh/report", "picotun-report-token")
+        ],
         "no API token in the sidecar"
     );
     // ... and says nothing about it: a pod created as a user does gets no warning.

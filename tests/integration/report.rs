@@ -401,9 +401,12 @@ async fn only_pods_the_webhook_injected_may_report_or_get_a_certificate() {
     // stored, its volumes (the projected token among them), its annotations.
     let genuine_spec = genuine.spec.clone().unwrap();
     let mut sidecar = genuine_spec.init_containers.clone().unwrap();
-    // (Without the API token mount an older webhook left on it: that volume is not copied.)
+    // (Without an API token mount an older webhook left on it: that volume is not copied. The
+    // sidecar's own empty volume at that path is picotun's, and copied.)
     for c in &mut sidecar {
-        c.volume_mounts.as_mut().unwrap().retain(|m| m.mount_path != "/var/run/secrets/kubernetes.io/serviceaccount");
+        c.volume_mounts.as_mut().unwrap().retain(|m| {
+            m.mount_path != "/var/run/secrets/kubernetes.io/serviceaccount" || m.name == "picotun-no-api-token"
+        });
     }
     let volumes: Vec<_> =
         genuine_spec.volumes.clone().unwrap().into_iter().filter(|v| v.name.starts_with("picotun-")).collect();

@@ -1055,7 +1055,9 @@ async fn only_pods_that_can_be_injected_reach_the_webhook() {
         let params = if i == 0 { PostParams::default() } else { dry.clone() };
         let created = pods.create(&params, &pod).await.unwrap_or_else(|e| panic!("{what}: {e}"));
         let called = calls(&webhook).await - before;
-        assert_eq!(called > 0, sent, "{what}: sent to the webhook ({called} admission requests answered)");
+        // Once: nothing after the webhook changes an injected pod (the apiserver's ServiceAccount
+        // plugin finds the sidecar's API-token path taken), so it is not re-invoked.
+        assert_eq!(called, u64::from(sent), "{what}: admission requests the webhook answered");
         let ticketed =
             created.metadata.annotations.as_ref().is_some_and(|a| a.contains_key("tunnels.pico.sh/injected"));
         assert_eq!(ticketed, injected, "{what}: injected by the webhook");
