@@ -3,7 +3,9 @@
 # side in one run, through one local OpenSSH sshd restricted to one cipher so both use the same.
 #
 # Prints `bench: <metric> ours=<x> baseline=<y> ratio=<ours/baseline>` lines:
-#   throughput (MB/s, higher is better) into and out of the "pod", 1 stream and 8 in parallel;
+#   throughput (MB/s, higher is better) into and out of the "pod", 1 stream and 8 in parallel,
+#   and what each costs the client per GiB moved: CPU milliseconds and page faults (lower is
+#   better; unlike MB/s, these hardly depend on what else the two cores are running);
 #   64-byte round trip p50/p99 and new-connection setup p50/p99 (microseconds, lower is better);
 #   client RSS idle and peak under load (MB, lower is better);
 #   throughput with 100 ms of added round-trip time on the SSH hop (a userspace delay relay);
@@ -16,6 +18,7 @@
 #   BENCH_AGENT_ARGS="--ssh-window-bytes 2097152" bench/agent.sh   try agent settings
 #   BENCH_AGENT_BIN=target/release/picotun bench/agent.sh   another build as ours
 #   BENCH_ONLY=idle bench/agent.sh   only the idle RSS (bench/image-variants.sh uses it)
+#   BENCH_ONLY=throughput bench/agent.sh   stop after the throughput figures (and their CPU cost)
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
@@ -145,14 +148,44 @@ fi
 repeat=${BENCH_REPEAT:-5}
 median() { sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
 # throughput_pair METRIC DIR OURS_PORT BASELINE_PORT MIB [STREAMS]
+# CPU time (user + system, clock ticks) and minor page faults a process has used so far: what a
+# transfer costs, whatever else the cores ran meanwhile (throughput alone is at its mercy).
+cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
+minor_faults() { awk '{ print $10 }' "/proc/$1/stat"; }
+tick_hz=$(getconf CLK_TCK)
+# sshd_session_of CLIENT_PID: the sshd process serving that client's connection (found by the
+# client's local port), so the server's share of a transfer's cost is counted too.
+sshd_session_of() {
+  local port
+  port=$(ss -tnpH "dport = :$sshd_port" | grep "pid=$1," | awk '{ sub(/.*:/, "", $4); print $4; exit }')
+  ss -tnpH "sport = :$sshd_port" | awk -v peer="127.0.0.1:$port" '$5 == peer' | grep -o 'pid=[0-9]*' | head -n1 | cut -d= -f2
+}
+srv_ticks() { if [[ -n $1 ]]; then cpu_ticks "$1"; else echo 0; fi; }
+AGENT_SSHD=$(sshd_session_of "$AGENT_PID"); SSH_SSHD=$(sshd_session_of "$SSH_PID")
+[[ -n $AGENT_SSHD && -n $SSH_SSHD && $AGENT_SSHD != "$SSH_SSHD" ]] || { echo "[bench] cannot tell the sshd sessions apart" >&2; exit 1; }
 throughput_pair() {
   local metric=$1 dir=$2 port_o=$3 port_b=$4 n=$5 streams=${6:-1} ours=() base=() i
+  local cpu_o=0 cpu_b=0 flt_o=0 flt_b=0 srv_o=0 srv_b=0 t0 f0 s0
   for ((i = 0; i < repeat; i++)); do
+    t0=$(cpu_ticks "$AGENT_PID"); f0=$(minor_faults "$AGENT_PID"); s0=$(srv_ticks "$AGENT_SSHD")
     ours+=("$(measure "$dir" "127.0.0.1:$port_o" "$n" "$streams")")
+    cpu_o=$((cpu_o + $(cpu_ticks "$AGENT_PID") - t0)); flt_o=$((flt_o + $(minor_faults "$AGENT_PID") - f0))
+    srv_o=$((srv_o + $(srv_ticks "$AGENT_SSHD") - s0))
+    t0=$(cpu_ticks "$SSH_PID"); f0=$(minor_faults "$SSH_PID"); s0=$(srv_ticks "$SSH_SSHD")
     base+=("$(measure "$dir" "127.0.0.1:$port_b" "$n" "$streams")")
+    cpu_b=$((cpu_b + $(cpu_ticks "$SSH_PID") - t0)); flt_b=$((flt_b + $(minor_faults "$SSH_PID") - f0))
+    srv_b=$((srv_b + $(srv_ticks "$SSH_SSHD") - s0))
   done
   echo "[bench] $metric: ours ${ours[*]}, baseline ${base[*]}" >&2
   emit "$metric" "$(printf '%s\n' "${ours[@]}" | median)" "$(printf '%s\n' "${base[@]}" | median)"
+  # Per GiB moved, summed over the turns: CPU milliseconds and page faults of the client alone.
+  local gib; gib=$(awk -v n="$n" -v r="$repeat" 'BEGIN { print n * r / 1024 }')
+  emit "${metric%_MBps}_cpu_ms_per_GiB" "$(awk -v t="$cpu_o" -v h="$tick_hz" -v g="$gib" 'BEGIN { printf "%.0f", t * 1000 / h / g }')" \
+    "$(awk -v t="$cpu_b" -v h="$tick_hz" -v g="$gib" 'BEGIN { printf "%.0f", t * 1000 / h / g }')"
+  [[ -z $AGENT_SSHD ]] || emit "${metric%_MBps}_sshd_cpu_ms_per_GiB" "$(awk -v t="$srv_o" -v h="$tick_hz" -v g="$gib" 'BEGIN { printf "%.0f", t * 1000 / h / g }')" \
+    "$(awk -v t="$srv_b" -v h="$tick_hz" -v g="$gib" 'BEGIN { printf "%.0f", t * 1000 / h / g }')"
+  emit "${metric%_MBps}_page_faults_per_GiB" "$(awk -v f="$flt_o" -v g="$gib" 'BEGIN { printf "%.0f", f / g }')" \
+    "$(awk -v f="$flt_b" -v g="$gib" 'BEGIN { printf "%.0f", f / g }')"
 }
 for dir in in out; do
   port_o=$O_SINK; port_b=$B_SINK
@@ -160,6 +193,7 @@ for dir in in out; do
   throughput_pair "throughput_${dir}_1stream_MBps" "$dir" "$port_o" "$port_b" "$mib"
   throughput_pair "throughput_${dir}_8streams_MBps" "$dir" "$port_o" "$port_b" "$mib" 8
 done
+[[ ${BENCH_ONLY:-} != throughput ]] || exit 0
 read -r o50 o99 < <(measure rtt "127.0.0.1:$O_ECHO" 2000)
 read -r b50 b99 < <(measure rtt "127.0.0.1:$B_ECHO" 2000)
 emit rtt_p50_us "$o50" "$b50"
@@ -176,6 +210,7 @@ delay_port=$(free_port)
 start delay "$loadgen" delay "127.0.0.1:$delay_port" "127.0.0.1:$sshd_port" 50
 wait_port "$delay_port"
 start_pair delayed "$delay_port"
+AGENT_SSHD="" SSH_SSHD="" # behind the relay: the sessions are not told apart; not counted
 repeat=1 # seconds per transfer already: the delay, not the cores, decides
 throughput_pair throughput_in_100ms_rtt_MBps in "$O_SINK" "$B_SINK" "$delay_mib"
 throughput_pair throughput_out_100ms_rtt_MBps out "$O_SOURCE" "$B_SOURCE" "$delay_mib"

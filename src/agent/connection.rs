@@ -59,6 +59,25 @@ pub struct Settings {
     pub open_before_app: bool,
 }
 
+/// The receive window per channel when `--ssh-window-bytes` is not given.
+///
+/// A window is what the server may send before it hears back, so it bounds throughput at
+/// window / round trip, and below that, since russh returns credit only once half the window
+/// is used: over a 100 ms round trip 8 MiB moved 39 MB/s into the pod, 2.1x ssh's. sish (Go's x/crypto/ssh) and sandhole only wait for window credit; they read
+/// no further ahead. OpenSSH's sshd reads ahead into one buffer as far as the window allows and
+/// compacts that buffer as it drains it, so a large window costs sshd CPU with every byte: with
+/// 8 MiB it spent 1.7-2x the CPU per GiB sending to us that it spent sending to ssh (which
+/// offers 2 MiB but returns credit every few packets), and one stream into the pod fell to
+/// 0.72-0.85x of ssh. 4 MiB is the compromise measured (bench/agent.sh,
+/// `*_sshd_cpu_ms_per_GiB`, docs/performance.md): sshd within 1.1x, and a 100 ms round trip at
+/// ssh's throughput, where 2 MiB (sshd even) gave 0.6x of it.
+pub fn default_window_size(dialect: Dialect) -> u32 {
+    match dialect {
+        Dialect::Sish | Dialect::Sandhole => 8 * 1024 * 1024,
+        Dialect::Openssh => 4 * 1024 * 1024,
+    }
+}
+
 /// russh's keepalive settings for "the server is dead after `interval` x `max` without a word
 /// from it, with a probe every `interval` to draw one".
 ///
@@ -796,6 +815,14 @@ async fn drain(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn default_window_is_smaller_for_openssh() {
+        use super::{Dialect, default_window_size};
+        assert_eq!(default_window_size(Dialect::Openssh), 4 * 1024 * 1024, "sshd reads ahead to fill it");
+        assert_eq!(default_window_size(Dialect::Sish), 8 * 1024 * 1024);
+        assert_eq!(default_window_size(Dialect::Sandhole), 8 * 1024 * 1024);
+    }
+
     use super::*;
 
     #[test]

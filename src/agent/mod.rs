@@ -122,8 +122,9 @@ pub struct AgentArgs {
     pub max_buffered_bytes: usize,
     /// The SSH receive window per channel. russh returns window credit only when half of it is
     /// used, so on a long round trip the window, not the link, bounds throughput into the pod.
-    #[arg(long, env = "PICOTUN_SSH_WINDOW_BYTES", default_value_t = 8 * 1024 * 1024)]
-    pub ssh_window_bytes: u32,
+    /// Default: 8 MiB for sish and sandhole, 4 MiB for OpenSSH (see `default_window_size`).
+    #[arg(long, env = "PICOTUN_SSH_WINDOW_BYTES")]
+    pub ssh_window_bytes: Option<u32>,
     /// Bytes read from the SSH connection's socket at once; 0 reads each packet straight from
     /// the socket (two reads per packet).
     #[arg(long, env = "PICOTUN_SSH_READ_BUFFER_BYTES", default_value_t = 64 * 1024)]
@@ -257,7 +258,7 @@ pub async fn run(args: AgentArgs, shutdown: CancellationToken) -> Result<(), Age
         connect_timeout: Duration::from_secs(15),
         address_timeout: Duration::from_secs(5),
         grace: args.grace_period,
-        window_size: args.ssh_window_bytes,
+        window_size: args.ssh_window_bytes.unwrap_or_else(|| connection::default_window_size(server.dialect)),
         read_buffer: args.ssh_read_buffer_bytes,
         open_before_app: args.open_before_app,
     });
