@@ -425,3 +425,67 @@ async fn picotun_pods_meet_podsecurity_restricted_without_a_fixed_uid() {
     let (ok, out, err) = create(&root);
     assert!(!ok && err.contains("violates PodSecurity \"restricted:latest\""), "a root pod: {out}{err}");
 }
+
+/// `helm install`, `helm upgrade` and `helm uninstall` as deploy/README.md says them, on a
+/// control plane of this test's own (the chart's cluster-wide objects under their real names must
+/// not meet other tests' webhooks, and the deploy tests' objects in pico-sh-system would not be
+/// the release's): the chart makes its namespace, a mode's grants exist only while it is on, and
+/// uninstall leaves nothing cluster-wide behind.
+#[tokio::test]
+#[ignore = "needs the test ground (scripts/build-testground)"]
+async fn helm_install_upgrade_and_uninstall_on_a_control_plane() {
+    let ground = ControlPlane::start(picotun_testground::kube_ground::StartOptions::default()).await.unwrap();
+    let kubeconfig = ground.kubeconfig().to_str().unwrap().to_string();
+    let helm_on = |args: &[&str]| {
+        let mut all = vec!["--kubeconfig", kubeconfig.as_str()];
+        all.extend(args);
+        let (ok, out, err) = helm(&all);
+        assert!(ok, "helm {}: {err}\n{out}", args.join(" "));
+        out
+    };
+    let get = |args: &[&str]| {
+        let mut cmd = kubectl(ground.kubeconfig());
+        cmd.args(["get", "-o", "json"]).args(args);
+        let (ok, out, err) = run(&mut cmd, "");
+        ok.then(|| serde_json::from_str::<Value>(&out).unwrap()).ok_or(err)
+    };
+
+    let out = helm_on(&["install", "picotun", CHART, "--set", "user=alice"]);
+    assert!(out.contains("STATUS: deployed") && out.contains("picotun ca create"), "{out}");
+    let namespace = get(&["namespace", "pico-sh-system"]).unwrap();
+    assert_eq!(namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"], "restricted");
+    assert_eq!(namespace["metadata"]["labels"]["app.kubernetes.io/managed-by"], "Helm", "the release's own");
+    let config = get(&["-n", "pico-sh-system", "configmap", "picotun-config"]).unwrap();
+    assert_eq!(config["data"]["PICOTUN_USER"], "alice");
+    let webhook = get(&["-n", "pico-sh-system", "deployment", "picotun-webhook"]).unwrap();
+    assert_eq!(webhook["spec"]["replicas"], 2);
+    assert!(get(&["clusterrole", "picotun-webhook-key-secret"]).is_err(), "no key-mode grant in certificate mode");
+
+    // Key mode on: its grant and the webhook's flag; then off again: the grant goes with it.
+    helm_on(&["upgrade", "picotun", CHART, "--set", "user=alice,auth=key-secret,webhook.replicas=3"]);
+    assert!(get(&["clusterrole", "picotun-webhook-key-secret"]).is_ok());
+    let webhook = get(&["-n", "pico-sh-system", "deployment", "picotun-webhook"]).unwrap();
+    assert_eq!(webhook["spec"]["replicas"], 3);
+    let env = &webhook["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(crate::deploy::env_value(env, "PICOTUN_SIDECAR_AUTH"), "key");
+    helm_on(&["upgrade", "picotun", CHART, "--set", "user=alice"]);
+    assert!(get(&["clusterrole", "picotun-webhook-key-secret"]).is_err(), "the key-mode grant left with the mode");
+
+    helm_on(&["uninstall", "picotun"]);
+    for object in [
+        &["clusterrole", "picotun-controller"][..],
+        &["clusterrolebinding", "picotun-webhook"],
+        &["mutatingwebhookconfiguration", "picotun-webhook"],
+        &["validatingadmissionpolicy", "picotun-pod-writes"],
+        &["ingressclass", "pico-tunnel"],
+        &["gatewayclass", "pico-tunnel"],
+    ] {
+        let err = get(object).expect_err(&format!("{object:?} is left after helm uninstall"));
+        assert!(err.contains("NotFound"), "{object:?}: {err}");
+    }
+    // The namespace goes too (its contents with it, by the namespace controller).
+    if let Ok(ns) = get(&["namespace", "pico-sh-system"]) {
+        assert!(ns["metadata"]["deletionTimestamp"].is_string(), "pico-sh-system is left after helm uninstall");
+    }
+    ground.stop();
+}
