@@ -50,9 +50,12 @@ pub(crate) fn run(cmd: &mut Command, input: &str) -> (bool, String, String) {
 pub(crate) fn render(dir: &Path) -> Vec<Value> {
     let out = Command::new(bin("kubectl").unwrap()).arg("kustomize").arg(dir).output().unwrap();
     assert!(out.status.success(), "kubectl kustomize {}: {}", dir.display(), String::from_utf8_lossy(&out.stderr));
-    serde_yaml::Deserializer::from_str(std::str::from_utf8(&out.stdout).unwrap())
-        .map(|d| Value::deserialize(d).unwrap())
-        .collect()
+    yaml_documents(std::str::from_utf8(&out.stdout).unwrap())
+}
+
+/// A multi-document YAML stream, one JSON value per document (empty documents left out).
+pub(crate) fn yaml_documents(text: &str) -> Vec<Value> {
+    serde_yaml::Deserializer::from_str(text).map(|d| Value::deserialize(d).unwrap()).filter(|d| !d.is_null()).collect()
 }
 
 pub(crate) fn doc<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
@@ -77,7 +80,7 @@ pub(crate) fn apply(kubeconfig: &Path, docs: &[Value], dry_run: bool) -> String 
 }
 
 /// The documents with every namespaced object moved into `namespace`.
-fn into_namespace(docs: Vec<Value>, namespace: &str) -> Vec<Value> {
+pub(crate) fn into_namespace(docs: Vec<Value>, namespace: &str) -> Vec<Value> {
     docs.into_iter()
         .map(|mut d| {
             if d["metadata"].get("namespace").is_some() {
@@ -198,6 +201,7 @@ async fn every_manifest_is_accepted_by_server_side_apply() {
         ("deploy/ + components/key-secret + sync-key-secret", render_mode("deploy", Mode::SyncKey)),
         ("deploy/ + components/restart-uninjected", render_mode("deploy", Mode::Restart)),
         ("deploy/ + components/inject-route-backends", render_mode("deploy", Mode::RouteBackends)),
+        ("deploy/ + components/openshift", render_mode("deploy", Mode::OpenShift)),
         ("examples/ingress/", example("ingress")),
         ("examples/gateway-api/", example("gateway-api")),
         ("examples/annotations-only/", example("annotations-only")),
@@ -285,6 +289,8 @@ pub(crate) enum Mode {
     RouteBackends,
     /// Every component at once: the union of what any mode grants.
     Every,
+    /// OpenShift (no fixed fsGroup; no grants of its own: not in `Every`).
+    OpenShift,
 }
 
 impl Mode {
@@ -296,6 +302,7 @@ impl Mode {
             Mode::Restart => &["restart-uninjected"],
             Mode::RouteBackends => &["inject-route-backends"],
             Mode::Every => &["key-secret", "sync-key-secret", "restart-uninjected"],
+            Mode::OpenShift => &["openshift"],
         }
     }
 }

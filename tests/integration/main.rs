@@ -7,6 +7,7 @@ mod certificate_endpoint;
 
 mod agent;
 mod certificates;
+mod chart;
 mod controller;
 mod deploy;
 mod ground;
