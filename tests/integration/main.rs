@@ -9,6 +9,7 @@ mod agent;
 mod certificates;
 mod controller;
 mod deploy;
+mod docs;
 mod ground;
 mod lease;
 mod report;
