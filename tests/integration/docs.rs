@@ -828,7 +828,12 @@ async fn the_docs_run_on_the_ground() {
 
     let mut summary = vec![format!("[docs] the ground and sish up in {:.1}s", started.elapsed().as_secs_f64())];
     let mut failures = Vec::new();
-    let docs = documents();
+    // PICOTUN_DOCS=PART: only the documents whose path contains PART (while writing one).
+    let only = std::env::var("PICOTUN_DOCS").unwrap_or_default();
+    let docs: Vec<String> = documents().into_iter().filter(|d| d.contains(&only)).collect();
+    if !only.is_empty() {
+        summary.push(format!("[docs] PICOTUN_DOCS={only}: {} of the documents", docs.len()));
+    }
     for (n, file) in docs.iter().enumerate() {
         let text = read_doc(file);
         let blocks = blocks(file, &text).unwrap();
