@@ -777,19 +777,16 @@ async fn remove_new_objects(
     discovery: &Discovery,
     before: &BTreeSet<(String, String, String, String)>,
 ) {
-    let now = cluster_objects(client, discovery).await;
-    let mut namespaces = Vec::new();
-    for (group, version, kind, name) in now.difference(before) {
-        if kind == "Namespace" {
-            namespaces.push(name.clone());
-            continue;
-        }
-        let gvk = kube::api::GroupVersionKind::gvk(group, version, kind);
-        let Some((ar, _)) = discovery.resolve_gvk(&gvk) else { continue };
-        let api: Api<DynamicObject> = Api::all_with(client.clone(), &ar);
-        let _ = api.delete(name, &DeleteParams::background()).await;
-    }
+    // Namespaces first (their Services' cluster-scoped IPAddresses go with them), then the rest.
+    let new = |now: &BTreeSet<(String, String, String, String)>| -> Vec<(String, String, String, String)> {
+        now.difference(before).cloned().collect()
+    };
     let api: Api<Namespace> = Api::all(client.clone());
+    let namespaces: Vec<String> = new(&cluster_objects(client, discovery).await)
+        .into_iter()
+        .filter(|(_, _, kind, _)| kind == "Namespace")
+        .map(|(_, _, _, name)| name)
+        .collect();
     for ns in &namespaces {
         let _ = api.delete(ns, &DeleteParams::background()).await;
     }
@@ -799,6 +796,12 @@ async fn remove_new_objects(
             assert!(Instant::now() < deadline, "namespace {ns}, made by a document, still there after 90 s");
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+    }
+    for (group, version, kind, name) in new(&cluster_objects(client, discovery).await) {
+        let gvk = kube::api::GroupVersionKind::gvk(&group, &version, &kind);
+        let Some((ar, _)) = discovery.resolve_gvk(&gvk) else { continue };
+        let api: Api<DynamicObject> = Api::all_with(client.clone(), &ar);
+        let _ = api.delete(&name, &DeleteParams::background()).await;
     }
 }
 
