@@ -555,6 +555,54 @@ fn every_flag_in_the_docs_is_picotuns() {
     assert!(problems.is_empty(), "the docs and `picotun <mode> --help` disagree:\n{}", problems.join("\n"));
 }
 
+/// `PICOTUN_...` names in `text` (`PICOTUN_<SERVER>_SSH` kept as written).
+fn picotun_variables(text: &str) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    let mut rest = text;
+    while let Some(p) = rest.find("PICOTUN_") {
+        let name: String = rest[p..]
+            .chars()
+            .take_while(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || "_<>".contains(*c))
+            .collect();
+        rest = &rest[p + name.len()..];
+        out.insert(name);
+    }
+    out
+}
+
+#[test]
+fn every_picotun_variable_in_the_docs_exists() {
+    // picotun's own (each flag's environment fallback), and the test ground's exports
+    // (`PICOTUN_{upper}_SSH` in the launcher is `PICOTUN_<SERVER>_SSH` in the docs).
+    let mut all = Vec::new();
+    subcommands(&picotun_command(), "", &mut all);
+    let mut known: BTreeSet<String> = all
+        .iter()
+        .flat_map(|(_, c)| {
+            c.get_arguments().filter_map(|a| a.get_env()).map(|e| e.to_string_lossy().to_string()).collect::<Vec<_>>()
+        })
+        .collect();
+    for dir in ["testground/src", "scripts"] {
+        let out = Command::new("grep")
+            .args(["-rhoE", "PICOTUN_[A-Z0-9_{}a-z]+"])
+            .arg(repo_root().join(dir))
+            .output()
+            .unwrap();
+        known.extend(String::from_utf8_lossy(&out.stdout).lines().map(|l| l.replace("{upper}", "<SERVER>")));
+    }
+    let mut problems = Vec::new();
+    for file in documents() {
+        for (i, line) in read_doc(&file).lines().enumerate() {
+            for name in picotun_variables(line) {
+                if !known.contains(&name) {
+                    problems.push(format!("{file}:{}: {name} is no flag's environment variable (`picotun <mode> --help`) nor the test ground's", i + 1));
+                }
+            }
+        }
+    }
+    assert!(problems.is_empty(), "\n{}", problems.join("\n"));
+}
+
 #[test]
 fn the_checks_catch_what_they_are_for() {
     // The known case: a boolean flag written as a switch.
@@ -580,6 +628,8 @@ fn the_checks_catch_what_they_are_for() {
     let problems = flag_problems("t.md", doc);
     assert_eq!(problems.len(), 1, "{problems:#?}");
     assert!(problems[0].starts_with("t.md:5:") && problems[0].contains("--server-port"), "{}", problems[0]);
+    let names: Vec<String> = picotun_variables("`PICOTUN_<SERVER>_SSH`, PICOTUN_LOG=x").into_iter().collect();
+    assert_eq!(names, ["PICOTUN_<SERVER>_SSH", "PICOTUN_LOG"]);
     // Markers.
     assert!(blocks("t.md", "```sh\nls\n```\n").unwrap()[0].mark == Mark::Unmarked);
     assert!(blocks("t.md", "```sh norun\nls\n```\n").unwrap_err().starts_with("t.md:1:"));
