@@ -603,6 +603,58 @@ fn every_picotun_variable_in_the_docs_exists() {
     assert!(problems.is_empty(), "\n{}", problems.join("\n"));
 }
 
+/// Flags of a mode whose section has a flag table (a row starting with `` | `--flag` ``) and
+/// that the section does not mention; global flags count when the document mentions them anywhere.
+fn undocumented_flags(file: &str, text: &str) -> Vec<String> {
+    let cmd = picotun_command();
+    let globals: BTreeSet<String> = cmd
+        .get_arguments()
+        .filter(|a| a.is_global_set())
+        .filter_map(|a| a.get_long())
+        .map(|l| format!("--{l}"))
+        .collect();
+    let modes: Vec<String> = cmd.get_subcommands().map(|c| c.get_name().to_string()).collect();
+    let section = section_modes(text, &modes);
+    let lines: Vec<&str> = text.lines().collect();
+    let mentioned = |range: &mut dyn Iterator<Item = usize>| -> BTreeSet<String> {
+        range
+            .flat_map(|i| inline_spans(lines[i]))
+            .flat_map(|(s, _)| shell_commands(&s).into_iter().flatten().collect::<Vec<_>>())
+            .filter(|w| w.starts_with("--"))
+            .map(|w| w.split('=').next().unwrap().to_string())
+            .collect()
+    };
+    let everywhere = mentioned(&mut (0..lines.len()));
+    let mut problems = Vec::new();
+    for mode in &modes {
+        let in_section: Vec<usize> =
+            (0..lines.len()).filter(|&i| section[i].as_deref() == Some(mode.as_str())).collect();
+        let has_table = in_section.iter().any(|&i| lines[i].trim_start().starts_with("| `--"));
+        if !has_table {
+            continue;
+        }
+        let here = mentioned(&mut in_section.iter().copied());
+        let sub = cmd.find_subcommand(mode).unwrap();
+        for flag in flags_of(sub).keys() {
+            let documented = here.contains(flag) || (globals.contains(flag) && everywhere.contains(flag));
+            if !documented && !["--help", "--version"].contains(&flag.as_str()) {
+                problems
+                    .push(format!("{file}: `picotun {mode}` has {flag}, which its section's flag table does not list"));
+            }
+        }
+    }
+    problems
+}
+
+#[test]
+fn every_flag_of_a_mode_with_a_flag_table_is_in_it() {
+    let mut problems = Vec::new();
+    for file in documents() {
+        problems.extend(undocumented_flags(&file, &read_doc(&file)));
+    }
+    assert!(problems.is_empty(), "\n{}", problems.join("\n"));
+}
+
 #[test]
 fn the_checks_catch_what_they_are_for() {
     // The known case: a boolean flag written as a switch.
@@ -630,6 +682,11 @@ fn the_checks_catch_what_they_are_for() {
     assert!(problems[0].starts_with("t.md:5:") && problems[0].contains("--server-port"), "{}", problems[0]);
     let names: Vec<String> = picotun_variables("`PICOTUN_<SERVER>_SSH`, PICOTUN_LOG=x").into_iter().collect();
     assert_eq!(names, ["PICOTUN_<SERVER>_SSH", "PICOTUN_LOG"]);
+    let doc = "## The agent (`picotun agent`)\n\n| `--server` | x |\n";
+    let missing = undocumented_flags("t.md", doc);
+    assert!(
+        missing.iter().any(|p| p.contains("has --server-port")) && !missing.iter().any(|p| p.contains("has --server,"))
+    );
     // Markers.
     assert!(blocks("t.md", "```sh\nls\n```\n").unwrap()[0].mark == Mark::Unmarked);
     assert!(blocks("t.md", "```sh norun\nls\n```\n").unwrap_err().starts_with("t.md:1:"));
