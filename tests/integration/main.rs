@@ -10,6 +10,7 @@ mod certificates;
 mod chart;
 mod controller;
 mod deploy;
+mod docs;
 mod ground;
 mod lease;
 mod report;
