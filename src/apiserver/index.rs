@@ -13,7 +13,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use gateway_api::apis::experimental::{
     gatewayclasses::GatewayClass, gateways::Gateway, httproutes::HttpRoute, referencegrants::ReferenceGrant,
-    tcproutes::TcpRoute,
+    tcproutes::TcpRoute, tlsroutes::TlsRoute,
 };
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use k8s_openapi::api::networking::v1::Ingress;
@@ -95,15 +95,17 @@ pub enum GatewayKind {
     Gateway,
     HTTPRoute,
     TCPRoute,
+    TLSRoute,
     ReferenceGrant,
 }
 
 impl GatewayKind {
-    pub const ALL: [GatewayKind; 5] = [
+    pub const ALL: [GatewayKind; 6] = [
         GatewayKind::GatewayClass,
         GatewayKind::Gateway,
         GatewayKind::HTTPRoute,
         GatewayKind::TCPRoute,
+        GatewayKind::TLSRoute,
         GatewayKind::ReferenceGrant,
     ];
 
@@ -113,6 +115,7 @@ impl GatewayKind {
             GatewayKind::Gateway => ApiResource::erase::<Gateway>(&()),
             GatewayKind::HTTPRoute => ApiResource::erase::<HttpRoute>(&()),
             GatewayKind::TCPRoute => ApiResource::erase::<TcpRoute>(&()),
+            GatewayKind::TLSRoute => ApiResource::erase::<TlsRoute>(&()),
             GatewayKind::ReferenceGrant => ApiResource::erase::<ReferenceGrant>(&()),
         }
     }
@@ -152,6 +155,7 @@ pub struct GatewayStores {
     pub gateways: Store<Gateway>,
     pub http_routes: Store<HttpRoute>,
     pub tcp_routes: Store<TcpRoute>,
+    pub tls_routes: Store<TlsRoute>,
     pub grants: Store<ReferenceGrant>,
     /// The kinds whose watches run.
     watched: Arc<std::sync::Mutex<BTreeSet<GatewayKind>>>,
@@ -345,15 +349,18 @@ impl Index {
         let (gateways, start_gateways) = typed(&client, c, s, None);
         let (http_routes, start_http) = typed(&client, c, s, scoped.clone());
         let (tcp_routes, start_tcp) = typed(&client, c, s, scoped.clone());
+        let (tls_routes, start_tls) = typed(&client, c, s, scoped.clone());
         let (grants, start_grants) = typed(&client, c, s, None);
         let starters: BTreeMap<GatewayKind, Starter> = BTreeMap::from([
             (GatewayKind::GatewayClass, start_classes),
             (GatewayKind::Gateway, start_gateways),
             (GatewayKind::HTTPRoute, start_http),
             (GatewayKind::TCPRoute, start_tcp),
+            (GatewayKind::TLSRoute, start_tls),
             (GatewayKind::ReferenceGrant, start_grants),
         ]);
-        let gateway = GatewayStores { classes, gateways, http_routes, tcp_routes, grants, watched: Arc::default() };
+        let gateway =
+            GatewayStores { classes, gateways, http_routes, tcp_routes, tls_routes, grants, watched: Arc::default() };
         let index = Index {
             ingresses,
             services,
@@ -487,6 +494,7 @@ impl Index {
             gateways: g.gateways.state().into_iter().filter(|g| selected(g.metadata.namespace.as_deref())).collect(),
             http_routes: g.http_routes.state(),
             tcp_routes: g.tcp_routes.state(),
+            tls_routes: g.tls_routes.state(),
             grants: g.grants.state(),
         }
     }
@@ -549,11 +557,34 @@ async fn installed_gateway_kinds(
                 kinds
             }
         };
-        if listed.contains(&ar.kind) {
+        if listed.contains(&ar.kind) && may_list(client, &ar).await? {
             out.insert(*kind);
         }
     }
     Ok(out)
+}
+
+/// Whether this identity may list a kind whose CRD is installed. A kind it may not list (a
+/// binary newer than its RBAC, e.g. TLSRoute before the ClusterRole was applied again) is left
+/// unwatched -- and looked for again -- rather than a watch that never lists and keeps the whole
+/// index, and /ready, from syncing.
+async fn may_list(client: &kube::Client, ar: &ApiResource) -> Result<bool, kube::Error> {
+    let api: Api<kube::core::DynamicObject> = Api::all_with(client.clone(), ar);
+    let params = kube::api::ListParams::default().limit(1);
+    let call = api.list_metadata(&params);
+    match tokio::time::timeout(Duration::from_secs(10), call).await {
+        Ok(Ok(_)) => Ok(true),
+        Ok(Err(kube::Error::Api(s))) if s.code == 403 => {
+            warn!(
+                kind = %ar.kind, "the Gateway API CRD is installed but this service account may not list {} \
+                 (apply deploy/ again: its ClusterRole grants list and watch): {} objects are not served",
+                ar.plural, ar.kind
+            );
+            Ok(false)
+        }
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(kube::Error::Service(format!("listing {} timed out after 10s", ar.plural).into())),
+    }
 }
 
 /// A copy of the caches, taken at one moment.
@@ -569,6 +600,7 @@ pub struct View {
     pub gateways: Vec<Arc<Gateway>>,
     pub http_routes: Vec<Arc<HttpRoute>>,
     pub tcp_routes: Vec<Arc<TcpRoute>>,
+    pub tls_routes: Vec<Arc<TlsRoute>>,
     pub grants: Vec<Arc<ReferenceGrant>>,
 }
 
@@ -639,6 +671,13 @@ impl View {
                 .iter()
                 .filter(|r| in_route_scope(&r.metadata))
                 .map(|r| gateway::tcp_route_model(r))
+                .filter(reaches),
+        );
+        all_routes.extend(
+            self.tls_routes
+                .iter()
+                .filter(|r| in_route_scope(&r.metadata))
+                .map(|r| gateway::tls_route_model(r))
                 .filter(reaches),
         );
         Inputs {
@@ -827,6 +866,7 @@ mod tests {
                 gateways: gw_store,
                 http_routes: reflector::store().0,
                 tcp_routes: reflector::store().0,
+                tls_routes: reflector::store().0,
                 grants: reflector::store().0,
                 watched: Arc::default(),
             },
@@ -889,7 +929,7 @@ mod tests {
             Err("connection refused"),
             Ok(vec![GatewayKind::GatewayClass, GatewayKind::Gateway]),
             Ok(vec![]),
-            Ok(vec![GatewayKind::HTTPRoute, GatewayKind::TCPRoute, GatewayKind::ReferenceGrant]),
+            Ok(vec![GatewayKind::HTTPRoute, GatewayKind::TCPRoute, GatewayKind::TLSRoute, GatewayKind::ReferenceGrant]),
         ])));
         let asked = Arc::new(std::sync::Mutex::new(Vec::new()));
         let (a, q) = (answers.clone(), asked.clone());
@@ -920,12 +960,15 @@ mod tests {
         let asked = asked.lock().unwrap().clone();
         assert_eq!(asked.len(), 4, "{asked:?}");
         assert_eq!(asked[0], GatewayKind::ALL, "after the error, everything is asked again");
-        assert_eq!(asked[2], [GatewayKind::HTTPRoute, GatewayKind::TCPRoute, GatewayKind::ReferenceGrant]);
-        assert_eq!(started.lock().unwrap().len(), 5);
+        assert_eq!(
+            asked[2],
+            [GatewayKind::HTTPRoute, GatewayKind::TCPRoute, GatewayKind::TLSRoute, GatewayKind::ReferenceGrant]
+        );
+        assert_eq!(started.lock().unwrap().len(), 6);
         assert!(GatewayKind::ALL.iter().all(|k| index.gateway.is_watched(*k)));
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(index.is_synced());
-        assert_eq!(index.watches.load(Ordering::SeqCst), 5);
+        assert_eq!(index.watches.load(Ordering::SeqCst), 6);
     }
 
     #[test]

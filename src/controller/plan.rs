@@ -378,9 +378,12 @@ pub fn plan(view: &View, resolution: &ClusterResolution, config: &ResolveConfig,
     // Routes attached to our Gateways.
     let http = view.http_routes.iter().map(|r| (&r.metadata, typed_ref(r.as_ref()), json_of(r.as_ref())));
     let tcp = view.tcp_routes.iter().map(|r| (&r.metadata, typed_ref(r.as_ref()), json_of(r.as_ref())));
-    for (kind, objs) in
-        [(GatewayKind::HTTPRoute, http.collect::<Vec<_>>()), (GatewayKind::TCPRoute, tcp.collect::<Vec<_>>())]
-    {
+    let tls = view.tls_routes.iter().map(|r| (&r.metadata, typed_ref(r.as_ref()), json_of(r.as_ref())));
+    for (kind, objs) in [
+        (GatewayKind::HTTPRoute, http.collect::<Vec<_>>()),
+        (GatewayKind::TCPRoute, tcp.collect::<Vec<_>>()),
+        (GatewayKind::TLSRoute, tls.collect::<Vec<_>>()),
+    ] {
         let kind_name = format!("{kind:?}");
         for (meta, regarding, doc) in objs {
             let (ns, name) = key_of(meta);

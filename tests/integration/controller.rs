@@ -475,6 +475,97 @@ async fn gateway_walkthrough_http_and_tcp_listeners() {
     let _ = dynamic(GatewayKind::GatewayClass, None, &client).delete(&class, &DeleteParams::default()).await;
 }
 
+/// Issue 14: a TLS listener in Passthrough mode and a TLSRoute give every backing pod a `tls`
+/// tunnel (the sidecar asks sish for `sni-proxy`); the route is Accepted with ResolvedRefs, the
+/// listener supports TLSRoute and counts it; a TLS listener in Terminate mode is not Accepted,
+/// with a reason that says to use Passthrough.
+#[tokio::test]
+#[ignore = "needs the test ground (scripts/build-testground)"]
+async fn a_tls_route_on_a_passthrough_listener_gives_pods_a_tls_tunnel() {
+    let ground = ControlPlane::shared(Existing::Allowed).await.unwrap();
+    let client = ground.client().await.unwrap();
+    let scope = random_suffix();
+    let ns = scoped_namespace(ground, &client, "ctl-tls", &scope).await;
+    let class = format!("pico-{scope}");
+    create_dynamic(
+        GatewayKind::GatewayClass,
+        None,
+        &client,
+        json!({"metadata": {"name": class}, "spec": {"controllerName": format!("tunnels.pico.sh/gw-{scope}")}}),
+    )
+    .await;
+    let _controller = Controller::start(ground, &scope, "c1", &ns).await;
+    let pp = PostParams::default();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    Api::<Deployment>::namespaced(client.clone(), &ns).create(&pp, &injected_echo("tls-app", 2)).await.unwrap();
+    Api::<Service>::namespaced(client.clone(), &ns).create(&pp, &service("tls-app", 443, json!(5678))).await.unwrap();
+    let g = Some(ns.as_str());
+    create_dynamic(
+        GatewayKind::Gateway,
+        g,
+        &client,
+        json!({"metadata": {"name": "tls-gateway"}, "spec": {
+        "gatewayClassName": class,
+        "listeners": [
+            {"name": "tls", "protocol": "TLS", "port": 443, "hostname": "*.example.test", "tls": {"mode": "Passthrough"}},
+            {"name": "terminate", "protocol": "TLS", "port": 443, "hostname": "other.example.test",
+             "tls": {"mode": "Terminate", "certificateRefs": [{"name": "cert"}]}},
+        ]}}),
+    )
+    .await;
+    create_dynamic(
+        GatewayKind::TLSRoute,
+        g,
+        &client,
+        json!({"metadata": {"name": "secure"}, "spec": {
+        "parentRefs": [{"name": "tls-gateway", "sectionName": "tls"}],
+        "hostnames": ["secure.example.test", "elsewhere.org"],
+        "rules": [{"backendRefs": [{"name": "tls-app", "port": 443}]}]}}),
+    )
+    .await;
+
+    let name = tunnel_name(&["gw", &ns, "tls-gateway", "tls", "secure.example.test"]);
+    let want = json!({"tunnels": [
+        {"name": name, "kind": "tls", "host": "secure.example.test", "targetPort": 5678},
+    ]});
+    pods_carry(&pods, "tls-app", 2, &want).await;
+
+    let route = wait_for("TLSRoute parents", Duration::from_secs(30), Duration::from_millis(200), || async {
+        let s = status_of(GatewayKind::TLSRoute, g, &client, "secure").await;
+        Ok(s["parents"].as_array().is_some_and(|p| !p.is_empty()).then_some(s))
+    })
+    .await
+    .unwrap();
+    let parent = &route["parents"][0];
+    assert_eq!(parent["controllerName"], format!("tunnels.pico.sh/gw-{scope}"));
+    assert_eq!(parent["parentRef"]["sectionName"], "tls", "{route}");
+    assert_eq!(condition(&parent["conditions"], "Accepted")["status"], "True", "{route}");
+    assert_eq!(condition(&parent["conditions"], "ResolvedRefs")["status"], "True", "{route}");
+
+    let gw = wait_for("Gateway listeners", Duration::from_secs(30), Duration::from_millis(200), || async {
+        let s = status_of(GatewayKind::Gateway, g, &client, "tls-gateway").await;
+        Ok(s["listeners"].as_array().is_some_and(|l| l.len() == 2).then_some(s))
+    })
+    .await
+    .unwrap();
+    let listener =
+        |s: &Value, name: &str| s["listeners"].as_array().unwrap().iter().find(|l| l["name"] == name).cloned().unwrap();
+    let tls = listener(&gw, "tls");
+    assert_eq!(tls["attachedRoutes"], 1, "{tls}");
+    assert_eq!(tls["supportedKinds"], json!([{"group": "gateway.networking.k8s.io", "kind": "TLSRoute"}]), "{tls}");
+    assert_eq!(condition(&tls["conditions"], "Accepted")["status"], "True", "{tls}");
+    let terminate = listener(&gw, "terminate");
+    let accepted = condition(&terminate["conditions"], "Accepted");
+    assert_eq!((&accepted["status"], &accepted["reason"]), (&json!("False"), &json!("UnsupportedTLSMode")), "{gw}");
+    assert!(accepted["message"].as_str().unwrap().contains("Passthrough"), "{accepted}");
+    wait_event(&client, &ns, "tls-gateway", "UnsupportedTLSMode").await;
+
+    // Deleting the route takes the tunnel off the pods.
+    dynamic(GatewayKind::TLSRoute, g, &client).delete("secure", &DeleteParams::default()).await.unwrap();
+    pods_carry(&pods, "tls-app", 2, &json!({"tunnels": []})).await;
+    let _ = dynamic(GatewayKind::GatewayClass, None, &client).delete(&class, &DeleteParams::default()).await;
+}
+
 /// Issue 11: "Tunnel names are not owned: conflicts are checked per pod only
 /// (src/resolve/cluster.rs)". Two namespaces ask for `demo`: an Ingress in one, a Gateway
 /// listener and its HTTPRoute in the other, created later. The older keeps its pods' tunnel; the

@@ -9,4 +9,5 @@ mod faults;
 mod ground;
 mod pods;
 mod support;
+mod tls_passthrough;
 mod walkthroughs;
