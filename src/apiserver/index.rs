@@ -43,6 +43,10 @@ pub struct ResolveConfig {
     pub namespace_selector: Selector,
     /// Which namespaces may use which custom domains (`--custom-domain-allow`; empty: all).
     pub custom_domains: DomainPolicy,
+    /// Server options from Kubernetes (GatewayClass / Gateway parametersRefs, the Ingress
+    /// annotation), validated for this dialect: the controller's. None (the webhook, `explain`):
+    /// not read -- the controller writes them into the pods' tunnels files.
+    pub server_options: Option<crate::core::server::Dialect>,
 }
 
 /// The flags that decide how routes resolve, shared by the webhook, the controller and `explain`
@@ -83,6 +87,7 @@ impl Default for ResolveConfig {
             gateway_controller: gateway::GATEWAY_CONTROLLER.into(),
             namespace_selector: Selector::default(),
             custom_domains: DomainPolicy::default(),
+            server_options: None,
         }
     }
 }
@@ -496,6 +501,7 @@ impl Index {
             tcp_routes: g.tcp_routes.state(),
             tls_routes: g.tls_routes.state(),
             grants: g.grants.state(),
+            config_maps: Default::default(),
         }
     }
 }
@@ -602,6 +608,9 @@ pub struct View {
     pub tcp_routes: Vec<Arc<TcpRoute>>,
     pub tls_routes: Vec<Arc<TlsRoute>>,
     pub grants: Vec<Arc<ReferenceGrant>>,
+    /// The ConfigMaps our GatewayClasses' and Gateways' parametersRefs name, as the controller
+    /// last read them ([`View::parameter_config_maps`]); not cached by a watch.
+    pub config_maps: crate::resolve::options::ConfigMaps,
 }
 
 /// An object as the JSON document the apiserver serves.
@@ -617,6 +626,49 @@ impl View {
             .filter(|c| c.spec.controller_name == config.gateway_controller)
             .filter_map(|c| c.metadata.name.clone())
             .collect()
+    }
+
+    /// Our GatewayClasses' parametersRefs, by class name.
+    pub fn class_parameter_refs(
+        &self,
+        config: &ResolveConfig,
+    ) -> BTreeMap<String, Option<crate::resolve::options::ParametersRef>> {
+        self.gateway_classes
+            .iter()
+            .filter(|c| c.spec.controller_name == config.gateway_controller)
+            .filter_map(|c| {
+                let r = c.spec.parameters_ref.as_ref().map(|r| crate::resolve::options::ParametersRef {
+                    group: r.group.clone(),
+                    kind: r.kind.clone(),
+                    namespace: r.namespace.clone(),
+                    name: r.name.clone(),
+                });
+                Some((c.metadata.name.clone()?, r))
+            })
+            .collect()
+    }
+
+    /// The ConfigMaps (namespace, name) that our GatewayClasses' and Gateways' parametersRefs
+    /// name: what the controller reads for server options.
+    pub fn parameter_config_maps(&self, config: &ResolveConfig) -> BTreeSet<(String, String)> {
+        let is_config_map = |group: &str, kind: &str| group.is_empty() && kind == "ConfigMap";
+        let mut out: BTreeSet<(String, String)> = self
+            .class_parameter_refs(config)
+            .into_values()
+            .flatten()
+            .filter(|r| is_config_map(&r.group, &r.kind))
+            .filter_map(|r| Some((r.namespace?, r.name)))
+            .collect();
+        let ours = self.our_gateway_classes(config);
+        for g in self.gateways.iter().filter(|g| ours.contains(&g.spec.gateway_class_name)) {
+            if let (Some(ns), Some(r)) =
+                (g.metadata.namespace.as_ref(), g.spec.infrastructure.as_ref().and_then(|i| i.parameters_ref.as_ref()))
+                && is_config_map(&r.group, &r.kind)
+            {
+                out.insert((ns.clone(), r.name.clone()));
+            }
+        }
+        out
     }
 
     /// The namespaces the controller serves; None for all of them.
@@ -706,6 +758,11 @@ impl View {
                 .filter(|m| scope.as_ref().is_none_or(|s| m.namespace.as_ref().is_some_and(|ns| s.contains(ns))))
                 .collect(),
             domains: &config.custom_domains,
+            server_options: config.server_options.map(|dialect| crate::resolve::cluster::ServerOptionInputs {
+                dialect,
+                class_refs: self.class_parameter_refs(config),
+                config_maps: &self.config_maps,
+            }),
         }
     }
 

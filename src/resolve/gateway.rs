@@ -123,6 +123,11 @@ pub struct GatewayModel {
     pub name: String,
     pub class: String,
     pub listeners: Vec<Listener>,
+    /// `spec.infrastructure.parametersRef` (a LocalParametersReference: the Gateway's namespace).
+    pub parameters_ref: Option<super::options::ParametersRef>,
+    /// The server options every tunnel of this Gateway carries (resolve::options: its class's
+    /// and its own), filled before resolution; empty by default.
+    pub options: super::options::Options,
 }
 
 /// A route's parentRef to a Gateway, as the route wrote it (status copies it whole).
@@ -248,6 +253,15 @@ pub fn gateway_model(g: &Gateway) -> GatewayModel {
         name: g.metadata.name.clone().unwrap_or_default(),
         class: g.spec.gateway_class_name.clone(),
         listeners,
+        parameters_ref: g.spec.infrastructure.as_ref().and_then(|i| i.parameters_ref.as_ref()).map(|r| {
+            super::options::ParametersRef {
+                group: r.group.clone(),
+                kind: r.kind.clone(),
+                namespace: None,
+                name: r.name.clone(),
+            }
+        }),
+        options: Default::default(),
     }
 }
 
@@ -855,7 +869,7 @@ pub fn resolve(
                                 host: Some(h),
                                 remote_port: None,
                                 target_port: 0,
-                                options: Default::default(),
+                                options: g.options.clone(),
                                 standby: false,
                             });
                         }
@@ -866,7 +880,7 @@ pub fn resolve(
                         host: None,
                         remote_port: u16::try_from(l.port).ok(),
                         target_port: 0,
-                        options: Default::default(),
+                        options: g.options.clone(),
                         standby: false,
                     }),
                 }

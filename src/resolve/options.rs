@@ -195,7 +195,11 @@ mod tests {
         assert_eq!(bad.reason, INVALID_PARAMETERS);
         assert!(bad.message.contains("\"proxy-protocol\"") && bad.message.contains("1 or 2"), "{}", bad.message);
         let unknown = validate(Dialect::Sish, &opts(&[("sni-proxy", "true")]), "ConfigMap a/b").unwrap_err();
-        assert!(unknown.message.contains("\"sni-proxy\"") && unknown.message.contains("proxy-protocol"), "{}", unknown.message);
+        assert!(
+            unknown.message.contains("\"sni-proxy\"") && unknown.message.contains("proxy-protocol"),
+            "{}",
+            unknown.message
+        );
         let sandhole = validate(Dialect::Sandhole, &opts(&[("proxy-protocol", "2")]), "x").unwrap_err();
         assert!(sandhole.message.contains("sandhole"), "{}", sandhole.message);
         assert!(validate(Dialect::Sandhole, &opts(&[("force-https", "true")]), "x").is_ok());
@@ -228,7 +232,9 @@ mod tests {
             namespace: ns.map(str::to_string),
             name: name.into(),
         };
-        let from = |x: &ParametersRef, default: Option<&str>| from_ref(Dialect::Sish, "GatewayClass c", Some(x), default, &maps);
+        let from = |x: &ParametersRef, default: Option<&str>| {
+            from_ref(Dialect::Sish, "GatewayClass c", Some(x), default, &maps)
+        };
         assert_eq!(from(&r("ConfigMap", Some("infra"), "opts"), None).unwrap(), opts(&[("proxy-protocol", "2")]));
         assert_eq!(from(&r("ConfigMap", None, "opts"), Some("infra")).unwrap(), opts(&[("proxy-protocol", "2")]));
         let bad = from(&r("ConfigMap", Some("infra"), "bad"), None).unwrap_err();

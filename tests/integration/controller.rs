@@ -566,6 +566,90 @@ async fn a_tls_route_on_a_passthrough_listener_gives_pods_a_tls_tunnel() {
     let _ = dynamic(GatewayKind::GatewayClass, None, &client).delete(&class, &DeleteParams::default()).await;
 }
 
+/// Issue 14: server options from Kubernetes. The GatewayClass's parametersRef names a
+/// ConfigMap (`force-https`), the Gateway's infrastructure.parametersRef one of its own namespace
+/// (`proxy-protocol: "2"`): the pods' tunnels carry both. A key sish does not take from
+/// Kubernetes makes the class Accepted=False InvalidParameters naming it, and the pods keep the
+/// Gateway's options (nothing else is lost); fixing the ConfigMap, with no other change, brings
+/// the class's back.
+#[tokio::test]
+#[ignore = "needs the test ground (scripts/build-testground)"]
+async fn server_options_come_from_parameters_refs() {
+    let ground = ControlPlane::shared(Existing::Allowed).await.unwrap();
+    let client = ground.client().await.unwrap();
+    let scope = random_suffix();
+    let ns = scoped_namespace(ground, &client, "ctl-opts", &scope).await;
+    let pp = PostParams::default();
+    let maps: Api<k8s_openapi::api::core::v1::ConfigMap> = Api::namespaced(client.clone(), &ns);
+    let map = |name: &str, data: Value| -> k8s_openapi::api::core::v1::ConfigMap {
+        serde_json::from_value(json!({"metadata": {"name": name}, "data": data})).unwrap()
+    };
+    maps.create(&pp, &map("class-options", json!({"force-https": "true", "deadline": "1h"}))).await.unwrap();
+    maps.create(&pp, &map("gateway-options", json!({"proxy-protocol": "2"}))).await.unwrap();
+    let class = format!("pico-{scope}");
+    create_dynamic(
+        GatewayKind::GatewayClass,
+        None,
+        &client,
+        json!({"metadata": {"name": class}, "spec": {"controllerName": format!("tunnels.pico.sh/gw-{scope}"),
+            "parametersRef": {"group": "", "kind": "ConfigMap", "namespace": ns, "name": "class-options"}}}),
+    )
+    .await;
+    let _controller = Controller::start(ground, &scope, "c1", &ns).await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    Api::<Deployment>::namespaced(client.clone(), &ns).create(&pp, &injected_echo("opts-app", 1)).await.unwrap();
+    Api::<Service>::namespaced(client.clone(), &ns).create(&pp, &service("opts-app", 80, json!(5678))).await.unwrap();
+    let g = Some(ns.as_str());
+    create_dynamic(
+        GatewayKind::Gateway,
+        g,
+        &client,
+        json!({"metadata": {"name": "opts"}, "spec": {"gatewayClassName": class,
+            "infrastructure": {"parametersRef": {"group": "", "kind": "ConfigMap", "name": "gateway-options"}},
+            "listeners": [{"name": "tcp", "protocol": "TCP", "port": 59200}]}}),
+    )
+    .await;
+    create_dynamic(
+        GatewayKind::TCPRoute,
+        g,
+        &client,
+        json!({"metadata": {"name": "opts"}, "spec": {"parentRefs": [{"name": "opts"}],
+            "rules": [{"backendRefs": [{"name": "opts-app", "port": 80}]}]}}),
+    )
+    .await;
+    let name = tunnel_name(&["gw", &ns, "opts", "tcp"]);
+    let tunnel = |options: Value| json!({"tunnels": [{"name": name, "kind": "tcp", "remotePort": 59200, "targetPort": 5678, "options": options}]});
+    pods_carry(&pods, "opts-app", 1, &tunnel(json!({"proxy-protocol": "2"}))).await;
+    let class_status =
+        wait_for("GatewayClass InvalidParameters", Duration::from_secs(30), Duration::from_millis(200), || async {
+            let s = status_of(GatewayKind::GatewayClass, None, &client, &class).await;
+            Ok((condition(&s["conditions"], "Accepted")["reason"] == "InvalidParameters").then_some(s))
+        })
+        .await
+        .unwrap();
+    let accepted = condition(&class_status["conditions"], "Accepted");
+    assert_eq!(accepted["status"], "False", "{class_status}");
+    let message = accepted["message"].as_str().unwrap();
+    assert!(
+        message.contains("\"deadline\"") && message.contains(&format!("ConfigMap {ns}/class-options")),
+        "{message}"
+    );
+
+    // Fixed: the class's option joins the Gateway's (read again within seconds, not watched).
+    let fixed = json!({"data": {"force-https": "true", "deadline": null}});
+    maps.patch("class-options", &PatchParams::default(), &Patch::Merge(&fixed)).await.unwrap();
+    pods_carry(&pods, "opts-app", 1, &tunnel(json!({"force-https": "true", "proxy-protocol": "2"}))).await;
+    wait_for("GatewayClass Accepted", Duration::from_secs(30), Duration::from_millis(200), || async {
+        let s = status_of(GatewayKind::GatewayClass, None, &client, &class).await;
+        Ok((condition(&s["conditions"], "Accepted")["status"] == "True").then_some(()))
+    })
+    .await
+    .unwrap();
+    let gw = status_of(GatewayKind::Gateway, g, &client, "opts").await;
+    assert_eq!(condition(&gw["conditions"], "Accepted")["status"], "True", "{gw}");
+    let _ = dynamic(GatewayKind::GatewayClass, None, &client).delete(&class, &DeleteParams::default()).await;
+}
+
 /// Issue 11: "Tunnel names are not owned: conflicts are checked per pod only
 /// (src/resolve/cluster.rs)". Two namespaces ask for `demo`: an Ingress in one, a Gateway
 /// listener and its HTTPRoute in the other, created later. The older keeps its pods' tunnel; the
