@@ -440,8 +440,9 @@ impl Index {
                         let resource = kind.api_resource();
                         warn!(
                             kind = %resource.kind, version = %resource.api_version,
-                            "Gateway API CRD not installed: {} objects are not served (install the Gateway API \
-                             experimental channel CRDs; they are picked up within {}s)",
+                            "Gateway API CRD not installed, or this identity may not list it: {} objects are not \
+                             served (install the Gateway API experimental channel CRDs, or apply deploy/ again for \
+                             its RBAC; either is picked up within {}s)",
                             resource.kind, every.as_secs().max(1)
                         );
                     }
@@ -580,14 +581,8 @@ async fn may_list(client: &kube::Client, ar: &ApiResource) -> Result<bool, kube:
     let call = api.list_metadata(&params);
     match tokio::time::timeout(Duration::from_secs(10), call).await {
         Ok(Ok(_)) => Ok(true),
-        Ok(Err(kube::Error::Api(s))) if s.code == 403 => {
-            warn!(
-                kind = %ar.kind, "the Gateway API CRD is installed but this service account may not list {} \
-                 (apply deploy/ again: its ClusterRole grants list and watch): {} objects are not served",
-                ar.plural, ar.kind
-            );
-            Ok(false)
-        }
+        // Said once per kind by `discover`, like a CRD that is not installed.
+        Ok(Err(kube::Error::Api(s))) if s.code == 403 => Ok(false),
         Ok(Err(e)) => Err(e),
         Err(_) => Err(kube::Error::Service(format!("listing {} timed out after 10s", ar.plural).into())),
     }
