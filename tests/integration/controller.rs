@@ -650,6 +650,44 @@ async fn server_options_come_from_parameters_refs() {
     let _ = dynamic(GatewayKind::GatewayClass, None, &client).delete(&class, &DeleteParams::default()).await;
 }
 
+/// Issue 14: an Ingress's `tunnels.pico.sh/options` annotation goes into its tunnels; a value
+/// the server cannot mean is a Warning Event `InvalidParameters` naming the key, and the tunnel
+/// stays, without options.
+#[tokio::test]
+#[ignore = "needs the test ground (scripts/build-testground)"]
+async fn an_ingress_sets_server_options_by_annotation() {
+    let ground = ControlPlane::shared(Existing::Allowed).await.unwrap();
+    let client = ground.client().await.unwrap();
+    let scope = random_suffix();
+    let ns = scoped_namespace(ground, &client, "ctl-ing-opts", &scope).await;
+    let class = format!("pico-{scope}");
+    ingress_class(&client, &class).await;
+    let _controller = Controller::start(ground, &scope, "c1", &ns).await;
+    let pp = PostParams::default();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    Api::<Deployment>::namespaced(client.clone(), &ns).create(&pp, &injected_echo("opts-web", 1)).await.unwrap();
+    Api::<Service>::namespaced(client.clone(), &ns).create(&pp, &service("opts-web", 80, json!("http"))).await.unwrap();
+    let mut ing = ingress("opts-web", &class, "opts", "opts-web", false);
+    ing.metadata.annotations =
+        Some(BTreeMap::from([("tunnels.pico.sh/options".to_string(), "proxy-protocol=2".to_string())]));
+    let ingresses: Api<Ingress> = Api::namespaced(client.clone(), &ns);
+    ingresses.create(&pp, &ing).await.unwrap();
+    let tunnel = |options: Option<Value>| {
+        let mut t = json!({"name": "ing-opts-web-opts", "kind": "http", "host": "opts", "targetPort": 5678});
+        if let Some(o) = options {
+            t["options"] = o;
+        }
+        json!({"tunnels": [t]})
+    };
+    pods_carry(&pods, "opts-web", 1, &tunnel(Some(json!({"proxy-protocol": "2"})))).await;
+    let bad = json!({"metadata": {"annotations": {"tunnels.pico.sh/options": "proxy-protocol=9"}}});
+    ingresses.patch("opts-web", &PatchParams::default(), &Patch::Merge(&bad)).await.unwrap();
+    pods_carry(&pods, "opts-web", 1, &tunnel(None)).await;
+    let note = wait_event(&client, &ns, "opts-web", "InvalidParameters").await;
+    assert!(note.contains("\"proxy-protocol\"") && note.contains("1 or 2"), "{note}");
+    let _ = Api::<IngressClass>::all(client.clone()).delete(&class, &DeleteParams::default()).await;
+}
+
 /// Issue 11: "Tunnel names are not owned: conflicts are checked per pod only
 /// (src/resolve/cluster.rs)". Two namespaces ask for `demo`: an Ingress in one, a Gateway
 /// listener and its HTTPRoute in the other, created later. The older keeps its pods' tunnel; the
