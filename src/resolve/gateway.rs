@@ -58,6 +58,10 @@ pub mod listener {
     pub const INVALID_CERTIFICATE_REF: &str = "InvalidCertificateRef";
     pub const INVALID_ROUTE_KINDS: &str = "InvalidRouteKinds";
     pub const REF_NOT_PERMITTED: &str = "RefNotPermitted";
+    /// The Gateway API's `ListenerReasonUnsupportedValue` (not in the crate's enum): what
+    /// conformance (TLSRouteListenerTerminateNotSupported) asks of a TLS listener in `Terminate`
+    /// mode -- the tunnel server cannot present the Gateway's certificate, only pass TLS through.
+    pub const UNSUPPORTED_VALUE: &str = "UnsupportedValue";
 }
 
 /// picotun's own reasons (implementation-specific, CamelCase as the API asks).
@@ -72,9 +76,6 @@ pub mod reason {
     pub const TARGET_PORT_NOT_FOUND: &str = "TargetPortNotFound";
     /// A wildcard hostname: a tunnel serves one name, not a domain's every name.
     pub const WILDCARD_HOSTNAME_UNSUPPORTED: &str = "WildcardHostnameUnsupported";
-    /// A TLS listener in `Terminate` mode: the tunnel server cannot present the Gateway's
-    /// certificate, only pass TLS through to the pod (mode `Passthrough`).
-    pub const UNSUPPORTED_TLS_MODE: &str = "UnsupportedTLSMode";
 }
 
 /// A route kind, as allowedRoutes.kinds and supportedKinds name it.
@@ -471,7 +472,7 @@ fn listener_kind(l: &Listener) -> Result<TunnelKind, Problem> {
         )),
         "TCP" => Ok(TunnelKind::Tcp),
         "TLS" if l.tls_mode.as_deref() != Some("Passthrough") => Err(problem(
-            reason::UNSUPPORTED_TLS_MODE,
+            listener::UNSUPPORTED_VALUE,
             format!(
                 "listener {}: TLS mode Terminate is not served: the tunnel server cannot present the Gateway's \
                  certificate; set tls.mode: Passthrough (the pod terminates TLS, the server routes by SNI) or use \
@@ -1735,7 +1736,7 @@ mod tests {
         );
         let lp = &r.listener_problems[&("ns".into(), "g".into())];
         for l in ["terminate", "default"] {
-            assert_eq!(lp[l][0].reason, reason::UNSUPPORTED_TLS_MODE, "{l}");
+            assert_eq!(lp[l][0].reason, listener::UNSUPPORTED_VALUE, "{l}");
             assert!(lp[l][0].message.contains("Passthrough"), "says the fix: {}", lp[l][0].message);
         }
         assert_eq!(lp["odd"][0].reason, listener::PORT_UNAVAILABLE);

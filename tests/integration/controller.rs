@@ -556,9 +556,9 @@ async fn a_tls_route_on_a_passthrough_listener_gives_pods_a_tls_tunnel() {
     assert_eq!(condition(&tls["conditions"], "Accepted")["status"], "True", "{tls}");
     let terminate = listener(&gw, "terminate");
     let accepted = condition(&terminate["conditions"], "Accepted");
-    assert_eq!((&accepted["status"], &accepted["reason"]), (&json!("False"), &json!("UnsupportedTLSMode")), "{gw}");
+    assert_eq!((&accepted["status"], &accepted["reason"]), (&json!("False"), &json!("UnsupportedValue")), "{gw}");
     assert!(accepted["message"].as_str().unwrap().contains("Passthrough"), "{accepted}");
-    wait_event(&client, &ns, "tls-gateway", "UnsupportedTLSMode").await;
+    wait_event(&client, &ns, "tls-gateway", "UnsupportedValue").await;
 
     // Deleting the route takes the tunnel off the pods.
     dynamic(GatewayKind::TLSRoute, g, &client).delete("secure", &DeleteParams::default()).await.unwrap();
