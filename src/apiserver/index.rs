@@ -13,7 +13,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use gateway_api::apis::experimental::{
     gatewayclasses::GatewayClass, gateways::Gateway, httproutes::HttpRoute, referencegrants::ReferenceGrant,
-    tcproutes::TcpRoute,
+    tcproutes::TcpRoute, tlsroutes::TlsRoute,
 };
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use k8s_openapi::api::networking::v1::Ingress;
@@ -43,6 +43,10 @@ pub struct ResolveConfig {
     pub namespace_selector: Selector,
     /// Which namespaces may use which custom domains (`--custom-domain-allow`; empty: all).
     pub custom_domains: DomainPolicy,
+    /// Server options from Kubernetes (GatewayClass / Gateway parametersRefs, the Ingress
+    /// annotation), validated for this dialect: the controller's. None (the webhook, `explain`):
+    /// not read -- the controller writes them into the pods' tunnels files.
+    pub server_options: Option<crate::core::server::Dialect>,
 }
 
 /// The flags that decide how routes resolve, shared by the webhook, the controller and `explain`
@@ -83,6 +87,7 @@ impl Default for ResolveConfig {
             gateway_controller: gateway::GATEWAY_CONTROLLER.into(),
             namespace_selector: Selector::default(),
             custom_domains: DomainPolicy::default(),
+            server_options: None,
         }
     }
 }
@@ -95,15 +100,17 @@ pub enum GatewayKind {
     Gateway,
     HTTPRoute,
     TCPRoute,
+    TLSRoute,
     ReferenceGrant,
 }
 
 impl GatewayKind {
-    pub const ALL: [GatewayKind; 5] = [
+    pub const ALL: [GatewayKind; 6] = [
         GatewayKind::GatewayClass,
         GatewayKind::Gateway,
         GatewayKind::HTTPRoute,
         GatewayKind::TCPRoute,
+        GatewayKind::TLSRoute,
         GatewayKind::ReferenceGrant,
     ];
 
@@ -113,6 +120,7 @@ impl GatewayKind {
             GatewayKind::Gateway => ApiResource::erase::<Gateway>(&()),
             GatewayKind::HTTPRoute => ApiResource::erase::<HttpRoute>(&()),
             GatewayKind::TCPRoute => ApiResource::erase::<TcpRoute>(&()),
+            GatewayKind::TLSRoute => ApiResource::erase::<TlsRoute>(&()),
             GatewayKind::ReferenceGrant => ApiResource::erase::<ReferenceGrant>(&()),
         }
     }
@@ -152,6 +160,7 @@ pub struct GatewayStores {
     pub gateways: Store<Gateway>,
     pub http_routes: Store<HttpRoute>,
     pub tcp_routes: Store<TcpRoute>,
+    pub tls_routes: Store<TlsRoute>,
     pub grants: Store<ReferenceGrant>,
     /// The kinds whose watches run.
     watched: Arc<std::sync::Mutex<BTreeSet<GatewayKind>>>,
@@ -345,15 +354,18 @@ impl Index {
         let (gateways, start_gateways) = typed(&client, c, s, None);
         let (http_routes, start_http) = typed(&client, c, s, scoped.clone());
         let (tcp_routes, start_tcp) = typed(&client, c, s, scoped.clone());
+        let (tls_routes, start_tls) = typed(&client, c, s, scoped.clone());
         let (grants, start_grants) = typed(&client, c, s, None);
         let starters: BTreeMap<GatewayKind, Starter> = BTreeMap::from([
             (GatewayKind::GatewayClass, start_classes),
             (GatewayKind::Gateway, start_gateways),
             (GatewayKind::HTTPRoute, start_http),
             (GatewayKind::TCPRoute, start_tcp),
+            (GatewayKind::TLSRoute, start_tls),
             (GatewayKind::ReferenceGrant, start_grants),
         ]);
-        let gateway = GatewayStores { classes, gateways, http_routes, tcp_routes, grants, watched: Arc::default() };
+        let gateway =
+            GatewayStores { classes, gateways, http_routes, tcp_routes, tls_routes, grants, watched: Arc::default() };
         let index = Index {
             ingresses,
             services,
@@ -428,8 +440,9 @@ impl Index {
                         let resource = kind.api_resource();
                         warn!(
                             kind = %resource.kind, version = %resource.api_version,
-                            "Gateway API CRD not installed: {} objects are not served (install the Gateway API \
-                             experimental channel CRDs; they are picked up within {}s)",
+                            "Gateway API CRD not installed, or this identity may not list it: {} objects are not \
+                             served (install the Gateway API experimental channel CRDs, or apply deploy/ again for \
+                             its RBAC; either is picked up within {}s)",
                             resource.kind, every.as_secs().max(1)
                         );
                     }
@@ -487,7 +500,9 @@ impl Index {
             gateways: g.gateways.state().into_iter().filter(|g| selected(g.metadata.namespace.as_deref())).collect(),
             http_routes: g.http_routes.state(),
             tcp_routes: g.tcp_routes.state(),
+            tls_routes: g.tls_routes.state(),
             grants: g.grants.state(),
+            config_maps: Default::default(),
         }
     }
 }
@@ -549,11 +564,28 @@ async fn installed_gateway_kinds(
                 kinds
             }
         };
-        if listed.contains(&ar.kind) {
+        if listed.contains(&ar.kind) && may_list(client, &ar).await? {
             out.insert(*kind);
         }
     }
     Ok(out)
+}
+
+/// Whether this identity may list a kind whose CRD is installed. A kind it may not list (a
+/// binary newer than its RBAC, e.g. TLSRoute before the ClusterRole was applied again) is left
+/// unwatched -- and looked for again -- rather than a watch that never lists and keeps the whole
+/// index, and /ready, from syncing.
+async fn may_list(client: &kube::Client, ar: &ApiResource) -> Result<bool, kube::Error> {
+    let api: Api<kube::core::DynamicObject> = Api::all_with(client.clone(), ar);
+    let params = kube::api::ListParams::default().limit(1);
+    let call = api.list_metadata(&params);
+    match tokio::time::timeout(Duration::from_secs(10), call).await {
+        Ok(Ok(_)) => Ok(true),
+        // Said once per kind by `discover`, like a CRD that is not installed.
+        Ok(Err(kube::Error::Api(s))) if s.code == 403 => Ok(false),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(kube::Error::Service(format!("listing {} timed out after 10s", ar.plural).into())),
+    }
 }
 
 /// A copy of the caches, taken at one moment.
@@ -569,7 +601,11 @@ pub struct View {
     pub gateways: Vec<Arc<Gateway>>,
     pub http_routes: Vec<Arc<HttpRoute>>,
     pub tcp_routes: Vec<Arc<TcpRoute>>,
+    pub tls_routes: Vec<Arc<TlsRoute>>,
     pub grants: Vec<Arc<ReferenceGrant>>,
+    /// The ConfigMaps our GatewayClasses' and Gateways' parametersRefs name, as the controller
+    /// last read them ([`View::parameter_config_maps`]); not cached by a watch.
+    pub config_maps: crate::resolve::options::ConfigMaps,
 }
 
 /// An object as the JSON document the apiserver serves.
@@ -585,6 +621,49 @@ impl View {
             .filter(|c| c.spec.controller_name == config.gateway_controller)
             .filter_map(|c| c.metadata.name.clone())
             .collect()
+    }
+
+    /// Our GatewayClasses' parametersRefs, by class name.
+    pub fn class_parameter_refs(
+        &self,
+        config: &ResolveConfig,
+    ) -> BTreeMap<String, Option<crate::resolve::options::ParametersRef>> {
+        self.gateway_classes
+            .iter()
+            .filter(|c| c.spec.controller_name == config.gateway_controller)
+            .filter_map(|c| {
+                let r = c.spec.parameters_ref.as_ref().map(|r| crate::resolve::options::ParametersRef {
+                    group: r.group.clone(),
+                    kind: r.kind.clone(),
+                    namespace: r.namespace.clone(),
+                    name: r.name.clone(),
+                });
+                Some((c.metadata.name.clone()?, r))
+            })
+            .collect()
+    }
+
+    /// The ConfigMaps (namespace, name) that our GatewayClasses' and Gateways' parametersRefs
+    /// name: what the controller reads for server options.
+    pub fn parameter_config_maps(&self, config: &ResolveConfig) -> BTreeSet<(String, String)> {
+        let is_config_map = |group: &str, kind: &str| group.is_empty() && kind == "ConfigMap";
+        let mut out: BTreeSet<(String, String)> = self
+            .class_parameter_refs(config)
+            .into_values()
+            .flatten()
+            .filter(|r| is_config_map(&r.group, &r.kind))
+            .filter_map(|r| Some((r.namespace?, r.name)))
+            .collect();
+        let ours = self.our_gateway_classes(config);
+        for g in self.gateways.iter().filter(|g| ours.contains(&g.spec.gateway_class_name)) {
+            if let (Some(ns), Some(r)) =
+                (g.metadata.namespace.as_ref(), g.spec.infrastructure.as_ref().and_then(|i| i.parameters_ref.as_ref()))
+                && is_config_map(&r.group, &r.kind)
+            {
+                out.insert((ns.clone(), r.name.clone()));
+            }
+        }
+        out
     }
 
     /// The namespaces the controller serves; None for all of them.
@@ -641,6 +720,13 @@ impl View {
                 .map(|r| gateway::tcp_route_model(r))
                 .filter(reaches),
         );
+        all_routes.extend(
+            self.tls_routes
+                .iter()
+                .filter(|r| in_route_scope(&r.metadata))
+                .map(|r| gateway::tls_route_model(r))
+                .filter(reaches),
+        );
         Inputs {
             ingress_class: &config.ingress_class,
             ingresses: self
@@ -667,6 +753,11 @@ impl View {
                 .filter(|m| scope.as_ref().is_none_or(|s| m.namespace.as_ref().is_some_and(|ns| s.contains(ns))))
                 .collect(),
             domains: &config.custom_domains,
+            server_options: config.server_options.map(|dialect| crate::resolve::cluster::ServerOptionInputs {
+                dialect,
+                class_refs: self.class_parameter_refs(config),
+                config_maps: &self.config_maps,
+            }),
         }
     }
 
@@ -827,6 +918,7 @@ mod tests {
                 gateways: gw_store,
                 http_routes: reflector::store().0,
                 tcp_routes: reflector::store().0,
+                tls_routes: reflector::store().0,
                 grants: reflector::store().0,
                 watched: Arc::default(),
             },
@@ -889,7 +981,7 @@ mod tests {
             Err("connection refused"),
             Ok(vec![GatewayKind::GatewayClass, GatewayKind::Gateway]),
             Ok(vec![]),
-            Ok(vec![GatewayKind::HTTPRoute, GatewayKind::TCPRoute, GatewayKind::ReferenceGrant]),
+            Ok(vec![GatewayKind::HTTPRoute, GatewayKind::TCPRoute, GatewayKind::TLSRoute, GatewayKind::ReferenceGrant]),
         ])));
         let asked = Arc::new(std::sync::Mutex::new(Vec::new()));
         let (a, q) = (answers.clone(), asked.clone());
@@ -920,12 +1012,15 @@ mod tests {
         let asked = asked.lock().unwrap().clone();
         assert_eq!(asked.len(), 4, "{asked:?}");
         assert_eq!(asked[0], GatewayKind::ALL, "after the error, everything is asked again");
-        assert_eq!(asked[2], [GatewayKind::HTTPRoute, GatewayKind::TCPRoute, GatewayKind::ReferenceGrant]);
-        assert_eq!(started.lock().unwrap().len(), 5);
+        assert_eq!(
+            asked[2],
+            [GatewayKind::HTTPRoute, GatewayKind::TCPRoute, GatewayKind::TLSRoute, GatewayKind::ReferenceGrant]
+        );
+        assert_eq!(started.lock().unwrap().len(), 6);
         assert!(GatewayKind::ALL.iter().all(|k| index.gateway.is_watched(*k)));
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(index.is_synced());
-        assert_eq!(index.watches.load(Ordering::SeqCst), 5);
+        assert_eq!(index.watches.load(Ordering::SeqCst), 6);
     }
 
     #[test]

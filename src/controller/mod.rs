@@ -8,6 +8,7 @@
 
 pub mod assign;
 pub mod lease;
+pub mod params;
 pub mod plan;
 pub mod restart;
 pub mod status;
@@ -88,6 +89,10 @@ pub struct ControllerArgs {
     /// (tuns.sh): one pod holds each name and the others' tunnels files say standby.
     #[arg(long, env = "PICOTUN_SERVER_LOAD_BALANCING", default_value_t = false, action = clap::ArgAction::Set)]
     pub server_load_balancing: bool,
+    /// How the tunnel server speaks (give it the webhook's `--dialect`): which server options
+    /// from GatewayClass / Gateway parametersRefs and the Ingress annotation it takes.
+    #[arg(long, env = "PICOTUN_DIALECT", value_enum, default_value = "sish")]
+    pub dialect: crate::core::server::Dialect,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -222,7 +227,12 @@ pub async fn run(args: ControllerArgs, shutdown: CancellationToken) -> Result<()
         }
     }
     let identity = args.identity.clone().unwrap_or_else(default_identity);
-    let config = ResolveConfig { namespace_selector: args.namespace_selector.clone(), ..args.resolve.config() };
+    let config = ResolveConfig {
+        namespace_selector: args.namespace_selector.clone(),
+        server_options: Some(args.dialect),
+        ..args.resolve.config()
+    };
+    let mut parameter_maps = params::ParameterMaps::default();
     let index = Index::start_scoped(client.clone(), true, args.namespace_selector.clone(), shutdown.clone()).await;
 
     let mut registry = Registry::default();
@@ -293,12 +303,15 @@ pub async fn run(args: ControllerArgs, shutdown: CancellationToken) -> Result<()
     // the source is compared every few seconds instead.
     let wake_every = if key_sync.is_some() { args.resync_interval.min(sync_key::EVERY) } else { args.resync_interval };
     loop {
+        let mut view = index.view();
+        // The ConfigMaps parametersRefs name, read (by name) before the pass resolves.
+        parameter_maps.refresh(&client, &view.parameter_config_maps(&config)).await;
+        view.config_maps = parameter_maps.snapshot();
         let is_leader = leader.may_write();
         metrics.leader.set(i64::from(is_leader));
         let started = Instant::now();
         let span = info_span!("reconcile", leader = is_leader);
         let _enter = span.enter();
-        let view = index.view();
         let resolution = view.resolve(&config);
         let now = k8s_openapi::jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string();
         let plan = plan::plan(&view, &resolution, &config, &opts, &now);
@@ -328,6 +341,8 @@ pub async fn run(args: ControllerArgs, shutdown: CancellationToken) -> Result<()
 
         // A rollout in flight is looked at again soon: its end may change nothing we cache.
         let wake = if is_leader && restarter.waiting() { wake_every.min(restart::ROLLOUT_POLL) } else { wake_every };
+        // Referenced ConfigMaps are not watched: look at them again soon.
+        let wake = if parameter_maps.is_empty() { wake } else { wake.min(params::REFRESH) };
         tokio::select! {
             _ = index.changed() => {}
             _ = leader.changed() => {}

@@ -292,7 +292,11 @@ pub fn plan(view: &View, resolution: &ClusterResolution, config: &ResolveConfig,
         let generation = class.metadata.generation.unwrap_or(0);
         let have_doc = json_of(class.as_ref());
         let have = &have_doc["status"];
-        let wanted = status::gateway_class_status(generation, have, now);
+        let parameters = resolution.class_problems.get(&name);
+        if let Some(p) = parameters {
+            out.problems.push(problem_note(&typed_ref(class.as_ref()), p));
+        }
+        let wanted = status::gateway_class_status(generation, have, now, parameters);
         if !status::already(&wanted, have) {
             out.writes.push(Planned {
                 write: Write::GatewayStatus { kind: GatewayKind::GatewayClass, namespace: None, name, status: wanted },
@@ -350,7 +354,9 @@ pub fn plan(view: &View, resolution: &ClusterResolution, config: &ResolveConfig,
         }
         let generation = gw.metadata.generation.unwrap_or(0);
         let have = &gw_doc["status"];
-        let wanted = status::gateway_status(&facts, generation, have, now);
+        let parameters = resolution.gateway_option_problems.get(&key);
+        out.problems.extend(parameters.map(|p| problem_note(&regarding, p)));
+        let wanted = status::gateway_status_with(&facts, parameters, generation, have, now);
         if !status::already(&wanted, have) {
             let published: Vec<String> = facts.iter().flat_map(|f| f.addresses.iter().cloned()).collect();
             let was: BTreeSet<&str> =
@@ -378,9 +384,12 @@ pub fn plan(view: &View, resolution: &ClusterResolution, config: &ResolveConfig,
     // Routes attached to our Gateways.
     let http = view.http_routes.iter().map(|r| (&r.metadata, typed_ref(r.as_ref()), json_of(r.as_ref())));
     let tcp = view.tcp_routes.iter().map(|r| (&r.metadata, typed_ref(r.as_ref()), json_of(r.as_ref())));
-    for (kind, objs) in
-        [(GatewayKind::HTTPRoute, http.collect::<Vec<_>>()), (GatewayKind::TCPRoute, tcp.collect::<Vec<_>>())]
-    {
+    let tls = view.tls_routes.iter().map(|r| (&r.metadata, typed_ref(r.as_ref()), json_of(r.as_ref())));
+    for (kind, objs) in [
+        (GatewayKind::HTTPRoute, http.collect::<Vec<_>>()),
+        (GatewayKind::TCPRoute, tcp.collect::<Vec<_>>()),
+        (GatewayKind::TLSRoute, tls.collect::<Vec<_>>()),
+    ] {
         let kind_name = format!("{kind:?}");
         for (meta, regarding, doc) in objs {
             let (ns, name) = key_of(meta);

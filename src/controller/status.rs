@@ -143,19 +143,24 @@ fn messages(problems: &[Problem]) -> String {
     problems.iter().map(|p| p.message.as_str()).collect::<Vec<_>>().join("; ")
 }
 
-/// A GatewayClass of ours: Accepted.
-pub fn gateway_class_status(generation: i64, existing: &Value, now: &str) -> Value {
-    json!({"conditions": conditions(
-        &[Cond::new(
+/// A GatewayClass of ours: Accepted; with a parametersRef that gives no server options,
+/// Accepted=False InvalidParameters saying why (its Gateways are still served, without them).
+pub fn gateway_class_status(generation: i64, existing: &Value, now: &str, parameters: Option<&Problem>) -> Value {
+    let accepted = match parameters {
+        None => Cond::new(
             GatewayClassConditionType::Accepted,
             true,
             GatewayClassConditionReason::Accepted,
             "picotun serves Gateways of this class through SSH tunnels opened by sidecars in the backing pods",
-        )],
-        generation,
-        &existing["conditions"],
-        now,
-    )})
+        ),
+        Some(p) => Cond::new(
+            GatewayClassConditionType::Accepted,
+            false,
+            GatewayClassConditionReason::InvalidParameters,
+            format!("{}; its Gateways are served without these server options", p.message),
+        ),
+    };
+    json!({"conditions": conditions(&[accepted], generation, &existing["conditions"], now)})
 }
 
 /// Everything known about one listener, to build its status.
@@ -221,6 +226,19 @@ fn listener_programmed(l: &ListenerFacts<'_>, accepted: &Cond) -> Cond {
 /// sidecars reported (`[]` until then). Every condition carries `generation`. Usable as a
 /// server-side-apply body (no nulls).
 pub fn gateway_status(listeners: &[ListenerFacts<'_>], generation: i64, existing: &Value, now: &str) -> Value {
+    gateway_status_with(listeners, None, generation, existing, now)
+}
+
+/// [`gateway_status`], with why the Gateway's `infrastructure.parametersRef` gives no server
+/// options: Accepted=False InvalidParameters naming the bad key -- its tunnels are still
+/// handed out (without those options), so Programmed says how far they are.
+pub fn gateway_status_with(
+    listeners: &[ListenerFacts<'_>],
+    parameters: Option<&Problem>,
+    generation: i64,
+    existing: &Value,
+    now: &str,
+) -> Value {
     let old_listeners = existing["listeners"].as_array().cloned().unwrap_or_default();
     let mut all_addresses = BTreeSet::new();
     let mut listener_status = Vec::new();
@@ -336,6 +354,16 @@ pub fn gateway_status(listeners: &[ListenerFacts<'_>], generation: i64, existing
             "tunnels are open; status.addresses lists the public hosts",
         )
     };
+    let accepted = match parameters {
+        Some(p) => Cond::new(
+            GatewayConditionType::Accepted,
+            false,
+            GatewayConditionReason::InvalidParameters,
+            format!("{}; its tunnels open without these server options", p.message),
+        ),
+        None => accepted,
+    };
+
     let addresses: Vec<Value> = all_addresses.into_iter().map(|h| json!({"type": "Hostname", "value": h})).collect();
     json!({
         "addresses": addresses,
@@ -712,5 +740,31 @@ mod tests {
         let s = merge_route_parents(&fresh, Vec::new(), "ours");
         assert_eq!(s["parents"], json!([theirs]));
         assert_eq!(merge_route_parents(&Value::Null, Vec::new(), "ours"), json!({"parents": []}));
+    }
+
+    /// Issue 14: a parametersRef that gives no server options is Accepted=False
+    /// InvalidParameters on the GatewayClass and on the Gateway, with the message naming the key;
+    /// the Gateway's Programmed still says how far its tunnels are.
+    #[test]
+    fn invalid_parameters_are_said_on_the_class_and_the_gateway() {
+        let p = Problem { reason: "InvalidParameters", message: "ConfigMap a/b: option \"x\" is not one".into() };
+        let s = gateway_class_status(1, &Value::Null, "2026-01-01T00:00:00Z", Some(&p));
+        assert_eq!(s["conditions"][0]["status"], "False");
+        assert_eq!(s["conditions"][0]["reason"], "InvalidParameters");
+        assert!(s["conditions"][0]["message"].as_str().unwrap().contains("\"x\""), "{s}");
+        let kinds = vec![RouteGroupKind { group: gateway::GROUP.into(), kind: "TCPRoute".into() }];
+        let l = [ListenerFacts {
+            name: "tcp",
+            protocol: "TCP",
+            attached: 1,
+            supported_kinds: &kinds,
+            ..Default::default()
+        }];
+        let s = gateway_status_with(&l, Some(&p), 1, &Value::Null, "2026-01-01T00:00:00Z");
+        assert_eq!(
+            (s["conditions"][0]["type"].as_str(), s["conditions"][0]["reason"].as_str()),
+            (Some("Accepted"), Some("InvalidParameters"))
+        );
+        assert_eq!(s["conditions"][1]["status"], "True", "the tunnels are still handed out: {s}");
     }
 }

@@ -479,7 +479,7 @@ async fn write(client: &kube::Client, w: &Write, controller_name: &str) -> Resul
                 None => Api::all_with(client.clone(), &ar),
             };
             match kind {
-                GatewayKind::HTTPRoute | GatewayKind::TCPRoute => {
+                GatewayKind::HTTPRoute | GatewayKind::TCPRoute | GatewayKind::TLSRoute => {
                     // status.parents is atomic: read it fresh, replace our entries, write it back
                     // against that resourceVersion (a 409 means read again).
                     let mut fresh = api.get_status(name).await?;

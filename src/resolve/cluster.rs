@@ -13,9 +13,11 @@ use k8s_openapi::api::networking::v1::Ingress;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use super::gateway::{self, GatewayModel, GatewayResolution, Grant, RouteModel};
+use super::options::{self, ConfigMaps, Options, ParametersRef};
 use super::ownership::{self, Ask, Claim, Claimant, DomainPolicy, Ownership, TUNNEL_CONFLICT};
 use super::{PodKey, Problem, Resolution, Snapshot, ingress};
 use crate::core::pod;
+use crate::core::server::Dialect;
 use crate::core::tunnel::{TunnelSpec, TunnelsFile};
 
 /// Everything resolution reads, borrowed from the caches.
@@ -33,6 +35,19 @@ pub struct Inputs<'a> {
     pub expose_pods: Vec<&'a ObjectMeta>,
     /// Which namespaces may use which custom domains.
     pub domains: &'a DomainPolicy,
+    /// Server options from Kubernetes (resolve::options); None: none are read (the webhook,
+    /// which the controller corrects once it has read the ConfigMaps).
+    pub server_options: Option<ServerOptionInputs<'a>>,
+}
+
+/// What server options are resolved from.
+pub struct ServerOptionInputs<'a> {
+    /// The tunnel server's dialect: which options it takes.
+    pub dialect: Dialect,
+    /// Our GatewayClasses' `spec.parametersRef`, by class name.
+    pub class_refs: BTreeMap<String, Option<ParametersRef>>,
+    /// The ConfigMaps the parametersRefs name, as read.
+    pub config_maps: &'a ConfigMaps,
 }
 
 /// What the cluster should look like.
@@ -49,6 +64,11 @@ pub struct ClusterResolution {
     pub pod_problems: BTreeMap<PodKey, Vec<Problem>>,
     /// Who owns every name, port and domain asked for.
     pub ownership: Ownership,
+    /// GatewayClass name -> why its parametersRef gives no options (InvalidParameters).
+    pub class_problems: BTreeMap<String, Problem>,
+    /// Gateway (namespace, name) -> why its infrastructure.parametersRef gives no options (its
+    /// class's still apply).
+    pub gateway_option_problems: BTreeMap<(String, String), Problem>,
 }
 
 /// Per Ingress: its creation time and the hosts it asks for.
@@ -91,13 +111,20 @@ pub fn resolve_with(inputs: &Inputs<'_>, owners: Option<Ownership>) -> ClusterRe
     let mut out = ClusterResolution::default();
     let mut asked = IngressAsks::new();
     for ing in inputs.ingresses.iter().filter(|i| ingress::is_ours(i, inputs.ingress_class)) {
-        let resolution = ingress::resolve(ing, &inputs.snapshot);
+        let mut resolution = ingress::resolve(ing, &inputs.snapshot);
+        if let Some(o) = &inputs.server_options {
+            ingress_options(o.dialect, ing, &mut resolution);
+        }
         let key = (ing.metadata.namespace.clone().unwrap_or_default(), ing.metadata.name.clone().unwrap_or_default());
         asked.insert(key.clone(), (ing.metadata.creation_timestamp.as_ref().map(|t| t.0), resolution.hosts.clone()));
         out.ingresses.insert(key, resolution);
     }
+    let gateways = match &inputs.server_options {
+        Some(o) => with_options(o, &inputs.gateways, &inputs.our_gateway_classes, &mut out),
+        None => inputs.gateways.clone(),
+    };
     out.gateway = gateway::resolve(
-        &inputs.gateways,
+        &gateways,
         &inputs.our_gateway_classes,
         &inputs.routes,
         &inputs.grants,
@@ -145,6 +172,64 @@ pub fn resolve_with(inputs: &Inputs<'_>, owners: Option<Ownership>) -> ClusterRe
     }
     out.ownership = owners;
     out
+}
+
+/// An Ingress's options annotation onto every tunnel it gives, or a problem saying why not.
+fn ingress_options(dialect: Dialect, ing: &Ingress, resolution: &mut super::Resolution) {
+    let Some(text) = ing.metadata.annotations.as_ref().and_then(|a| a.get(options::OPTIONS_ANNOTATION)) else {
+        return;
+    };
+    let source = format!("annotation {}", options::OPTIONS_ANNOTATION);
+    match options::parse_annotation(text).and_then(|o| options::validate(dialect, &o, &source).map(|()| o)) {
+        Ok(opts) => {
+            for spec in resolution.tunnels.values_mut().flatten() {
+                spec.options = opts.clone();
+            }
+        }
+        Err(p) => resolution.problems.push(p),
+    }
+}
+
+/// Our Gateways with their server options filled in: the class's, overridden key by key by the
+/// Gateway's own; a parametersRef that gives none is said (and the rest still applies).
+fn with_options(
+    o: &ServerOptionInputs<'_>,
+    gateways: &[GatewayModel],
+    ours: &BTreeSet<String>,
+    out: &mut ClusterResolution,
+) -> Vec<GatewayModel> {
+    let mut class_options: BTreeMap<&str, Options> = BTreeMap::new();
+    for (class, r) in &o.class_refs {
+        match options::from_ref(o.dialect, &format!("GatewayClass {class}"), r.as_ref(), None, o.config_maps) {
+            Ok(opts) => {
+                class_options.insert(class, opts);
+            }
+            Err(p) => {
+                out.class_problems.insert(class.clone(), p);
+            }
+        }
+    }
+    gateways
+        .iter()
+        .map(|g| {
+            let mut g = g.clone();
+            if !ours.contains(&g.class) {
+                return g;
+            }
+            let base = class_options.get(g.class.as_str()).cloned().unwrap_or_default();
+            let what = format!("Gateway {}/{}", g.namespace, g.name);
+            g.options =
+                match options::from_ref(o.dialect, &what, g.parameters_ref.as_ref(), Some(&g.namespace), o.config_maps)
+                {
+                    Ok(own) => options::merged(&base, &own),
+                    Err(p) => {
+                        out.gateway_option_problems.insert((g.namespace.clone(), g.name.clone()), p);
+                        base
+                    }
+                };
+            g
+        })
+        .collect()
 }
 
 /// Drops tunnels whose name or public claim an earlier one already has: two routes asking one
@@ -274,6 +359,7 @@ mod tests {
             snapshot: Snapshot::new(&services, &pods),
             expose_pods: pods.iter().map(|p| &p.metadata).collect(),
             domains: &DomainPolicy::default(),
+            server_options: None,
         };
         let r = resolve_all(&inputs);
         assert_eq!(r.ingresses.len(), 1, "only our class");
@@ -331,7 +417,107 @@ mod tests {
             snapshot: Snapshot::new(services, pods),
             expose_pods: pods.iter().map(|p| &p.metadata).collect(),
             domains,
+            server_options: None,
         }
+    }
+
+    /// Issue 14: server options from Kubernetes. The GatewayClass's ConfigMap gives every tunnel
+    /// of its Gateways its options, a Gateway's own ConfigMap overrides them key by key, an
+    /// Ingress's annotation gives its tunnels theirs; a bad key is said naming it (the class's,
+    /// the Gateway's, the Ingress's), and only that set is not used.
+    #[test]
+    fn server_options_come_from_parameters_refs_and_the_ingress_annotation() {
+        let gw = |name: &str, port: u16, params: Option<&str>| {
+            let mut spec =
+                json!({"gatewayClassName": "pico", "listeners": [{"name": "tcp", "protocol": "TCP", "port": port}]});
+            if let Some(p) = params {
+                spec["infrastructure"] = json!({"parametersRef": {"group": "", "kind": "ConfigMap", "name": p}});
+            }
+            gateway::fixtures::gateway(json!({"metadata": {"name": name, "namespace": "a"}, "spec": spec}))
+        };
+        let route = |gw: &str| {
+            gateway::fixtures::route(
+                "TCPRoute",
+                json!({"metadata": {"name": gw, "namespace": "a"}, "spec": {
+                "parentRefs": [{"name": gw}], "rules": [{"backendRefs": [{"name": "web", "port": 80}]}]}}),
+            )
+        };
+        let data = |pairs: &[(&str, &str)]| Some(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect());
+        let maps: ConfigMaps = BTreeMap::from([
+            (("infra".into(), "class".into()), data(&[("proxy-protocol", "1"), ("force-https", "true")])),
+            (("a".into(), "v2".into()), data(&[("proxy-protocol", "2")])),
+            (("a".into(), "bad".into()), data(&[("tcp-alias", "true")])),
+        ]);
+        let mut ing = ingress_at("a", "web", "2024-01-01T00:00:00Z", &["demo"]);
+        ing.metadata.annotations =
+            Some(BTreeMap::from([(options::OPTIONS_ANNOTATION.to_string(), "proxy-protocol=2".into())]));
+        let mut odd = ingress_at("b", "odd", "2024-01-01T00:00:00Z", &["odd"]);
+        odd.metadata.annotations =
+            Some(BTreeMap::from([(options::OPTIONS_ANNOTATION.to_string(), "proxy-protocol=9".into())]));
+        let ingresses = [ing, odd];
+        let services = [web_service("a"), web_service("b")];
+        let pods = [pod_at("a", "a-1", "2025-01-01T00:00:00Z", None), pod_at("b", "b-1", "2025-01-01T00:00:00Z", None)];
+        let domains = DomainPolicy::default();
+        let mut inputs = inputs(
+            &ingresses,
+            &services,
+            &pods,
+            vec![gw("plain", 5000, None), gw("own", 5001, Some("v2")), gw("broken", 5002, Some("bad"))],
+            vec![route("plain"), route("own"), route("broken")],
+            &domains,
+        );
+        // Without server options (the webhook), nothing is read.
+        let r = resolve_all(&inputs);
+        assert!(r.route_tunnels.values().flatten().all(|t| t.options.is_empty()));
+        let class_ref = ParametersRef {
+            group: "".into(),
+            kind: "ConfigMap".into(),
+            namespace: Some("infra".into()),
+            name: "class".into(),
+        };
+        inputs.server_options = Some(ServerOptionInputs {
+            dialect: Dialect::Sish,
+            class_refs: BTreeMap::from([("pico".to_string(), Some(class_ref))]),
+            config_maps: &maps,
+        });
+        let r = resolve_all(&inputs);
+        let opts_of = |pod: &str, name_part: &str| -> Vec<(String, String)> {
+            let t = r.route_tunnels[&key(&pod[..1], pod)].iter().find(|t| t.name.contains(name_part)).unwrap();
+            t.options.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+        };
+        let pair = |k: &str, v: &str| (k.to_string(), v.to_string());
+        assert_eq!(opts_of("a-1", "plain"), [pair("force-https", "true"), pair("proxy-protocol", "1")], "the class's");
+        assert_eq!(
+            opts_of("a-1", "own"),
+            [pair("force-https", "true"), pair("proxy-protocol", "2")],
+            "the Gateway's wins"
+        );
+        assert_eq!(
+            opts_of("a-1", "broken"),
+            [pair("force-https", "true"), pair("proxy-protocol", "1")],
+            "the class's still"
+        );
+        let p = &r.gateway_option_problems[&("a".to_string(), "broken".to_string())];
+        assert_eq!(p.reason, options::INVALID_PARAMETERS);
+        assert!(p.message.contains("\"tcp-alias\"") && p.message.contains("ConfigMap a/bad"), "{}", p.message);
+        assert_eq!(opts_of("a-1", "demo"), [pair("proxy-protocol", "2")], "the Ingress's annotation");
+        assert!(opts_of("b-1", "odd").is_empty());
+        let odd = &r.ingresses[&key("b", "odd")].problems;
+        assert!(odd.iter().any(|p| p.reason == options::INVALID_PARAMETERS && p.message.contains("1 or 2")), "{odd:?}");
+        assert!(r.class_problems.is_empty());
+
+        // A class whose ConfigMap is missing is said; its Gateways keep their own options.
+        inputs
+            .server_options
+            .as_mut()
+            .unwrap()
+            .class_refs
+            .values_mut()
+            .for_each(|r| r.as_mut().unwrap().name = "gone".into());
+        let r = resolve_all(&inputs);
+        assert!(r.class_problems["pico"].message.contains("does not exist"), "{:?}", r.class_problems);
+        let t = r.route_tunnels[&key("a", "a-1")].iter().find(|t| t.name.contains("own")).unwrap();
+        assert_eq!(t.options.get("proxy-protocol").map(String::as_str), Some("2"));
     }
 
     fn key(ns: &str, name: &str) -> PodKey {

@@ -1,22 +1,25 @@
 //! Gateway API -> tunnels: GatewayClass (controllerName `tunnels.pico.sh/gateway-controller`),
-//! Gateway listeners, HTTPRoute and TCPRoute attached by parentRefs / sectionName / port,
+//! Gateway listeners, HTTPRoute, TCPRoute and TLSRoute (TLS listeners in `Passthrough` mode: the
+//! pod terminates TLS, the tunnel server routes by SNI) attached by parentRefs / sectionName / port,
 //! honouring allowedRoutes (kinds, namespaces by label selector), listener hostnames (intersected
 //! with route hostnames as the Gateway API defines it, wildcards included), certificateRefs and
 //! ReferenceGrants, every rule and every backendRef.
 //!
 //! The typed objects of the `gateway-api` crate are read into a small model first
-//! ([`gateway_model`], [`http_route_model`], [`tcp_route_model`], [`grant_model`]): resolution
+//! ([`gateway_model`], [`http_route_model`], [`tcp_route_model`], [`tls_route_model`],
+//! [`grant_model`]): resolution
 //! works on the fields it needs, and tests build them from fixtures.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use gateway_api::apis::experimental::gateways::{
     Gateway, GatewayListenersAllowedRoutesNamespacesFrom as NamespacesFrom,
-    GatewayListenersAllowedRoutesNamespacesSelector,
+    GatewayListenersAllowedRoutesNamespacesSelector, GatewayListenersTlsMode,
 };
 use gateway_api::apis::experimental::httproutes::HttpRoute;
 use gateway_api::apis::experimental::referencegrants::ReferenceGrant;
 use gateway_api::apis::experimental::tcproutes::TcpRoute;
+use gateway_api::apis::experimental::tlsroutes::TlsRoute;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::core::{Selector, SelectorExt};
@@ -30,6 +33,7 @@ pub const GATEWAY_CONTROLLER: &str = "tunnels.pico.sh/gateway-controller";
 pub const GROUP: &str = "gateway.networking.k8s.io";
 pub const HTTP_ROUTE: &str = "HTTPRoute";
 pub const TCP_ROUTE: &str = "TCPRoute";
+pub const TLS_ROUTE: &str = "TLSRoute";
 
 /// Route condition types and reasons (the gateway-api crate has constants for GatewayClasses,
 /// Gateways and listeners only, `gateway_api::apis::standard::constants`).
@@ -54,6 +58,10 @@ pub mod listener {
     pub const INVALID_CERTIFICATE_REF: &str = "InvalidCertificateRef";
     pub const INVALID_ROUTE_KINDS: &str = "InvalidRouteKinds";
     pub const REF_NOT_PERMITTED: &str = "RefNotPermitted";
+    /// The Gateway API's `ListenerReasonUnsupportedValue` (not in the crate's enum): what
+    /// conformance (TLSRouteListenerTerminateNotSupported) asks of a TLS listener in `Terminate`
+    /// mode -- the tunnel server cannot present the Gateway's certificate, only pass TLS through.
+    pub const UNSUPPORTED_VALUE: &str = "UnsupportedValue";
 }
 
 /// picotun's own reasons (implementation-specific, CamelCase as the API asks).
@@ -97,6 +105,9 @@ pub struct Listener {
     pub kinds: Option<Vec<RouteGroupKind>>,
     pub from: From,
     pub certificate_refs: Vec<CertificateRef>,
+    /// `tls.mode`: `Terminate` (the API's default when `tls` is set) or `Passthrough`; None
+    /// without `tls`.
+    pub tls_mode: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -113,6 +124,11 @@ pub struct GatewayModel {
     pub name: String,
     pub class: String,
     pub listeners: Vec<Listener>,
+    /// `spec.infrastructure.parametersRef` (a LocalParametersReference: the Gateway's namespace).
+    pub parameters_ref: Option<super::options::ParametersRef>,
+    /// The server options every tunnel of this Gateway carries (resolve::options: its class's
+    /// and its own), filled before resolution; empty by default.
+    pub options: super::options::Options,
 }
 
 /// A route's parentRef to a Gateway, as the route wrote it (status copies it whole).
@@ -226,6 +242,10 @@ pub fn gateway_model(g: &Gateway) -> GatewayModel {
                             .collect()
                     })
                     .unwrap_or_default(),
+                tls_mode: l.tls.as_ref().map(|t| match t.mode {
+                    Some(GatewayListenersTlsMode::Passthrough) => "Passthrough".to_string(),
+                    Some(GatewayListenersTlsMode::Terminate) | None => "Terminate".to_string(),
+                }),
             }
         })
         .collect();
@@ -234,6 +254,15 @@ pub fn gateway_model(g: &Gateway) -> GatewayModel {
         name: g.metadata.name.clone().unwrap_or_default(),
         class: g.spec.gateway_class_name.clone(),
         listeners,
+        parameters_ref: g.spec.infrastructure.as_ref().and_then(|i| i.parameters_ref.as_ref()).map(|r| {
+            super::options::ParametersRef {
+                group: r.group.clone(),
+                kind: r.kind.clone(),
+                namespace: None,
+                name: r.name.clone(),
+            }
+        }),
+        options: Default::default(),
     }
 }
 
@@ -328,6 +357,17 @@ pub fn tcp_route_model(r: &TcpRoute) -> RouteModel {
         kind: TCP_ROUTE,
         meta: &r.metadata,
         hostnames: Vec::new(),
+        parents: r.spec.parent_refs.iter().flatten().map(|p| parent_ref!(p)).collect(),
+        rules: r.spec.rules.iter().map(|rule| rule.backend_refs.iter().map(|b| raw_backend!(b)).collect()).collect(),
+    })
+}
+
+/// The model of a typed TLSRoute.
+pub fn tls_route_model(r: &TlsRoute) -> RouteModel {
+    route_model(RouteParts {
+        kind: TLS_ROUTE,
+        meta: &r.metadata,
+        hostnames: r.spec.hostnames.clone(),
         parents: r.spec.parent_refs.iter().flatten().map(|p| parent_ref!(p)).collect(),
         rules: r.spec.rules.iter().map(|rule| rule.backend_refs.iter().map(|b| raw_backend!(b)).collect()).collect(),
     })
@@ -431,9 +471,26 @@ fn listener_kind(l: &Listener) -> Result<TunnelKind, Problem> {
             format!("listener {}: HTTP is served on the tunnel server's ports 80/443 only, not {}", l.name, l.port),
         )),
         "TCP" => Ok(TunnelKind::Tcp),
+        "TLS" if l.tls_mode.as_deref() != Some("Passthrough") => Err(problem(
+            listener::UNSUPPORTED_VALUE,
+            format!(
+                "listener {}: TLS mode Terminate is not served: the tunnel server cannot present the Gateway's \
+                 certificate; set tls.mode: Passthrough (the pod terminates TLS, the server routes by SNI) or use \
+                 an HTTPS listener with an HTTPRoute",
+                l.name
+            ),
+        )),
+        "TLS" if l.port == 443 => Ok(TunnelKind::Tls),
+        "TLS" => Err(problem(
+            listener::PORT_UNAVAILABLE,
+            format!(
+                "listener {}: TLS passthrough is served on the tunnel server's port 443 only (SNI), not {}",
+                l.name, l.port
+            ),
+        )),
         other => Err(problem(
             listener::UNSUPPORTED_PROTOCOL,
-            format!("listener {}: protocol {other} is not served (HTTP, HTTPS, TCP are)", l.name),
+            format!("listener {}: protocol {other} is not served (HTTP, HTTPS, TCP, TLS Passthrough are)", l.name),
         )),
     }
 }
@@ -443,6 +500,7 @@ fn served_kind(protocol: &str) -> Option<&'static str> {
     match protocol {
         "HTTP" | "HTTPS" => Some(HTTP_ROUTE),
         "TCP" => Some(TCP_ROUTE),
+        "TLS" => Some(TLS_ROUTE),
         _ => None,
     }
 }
@@ -659,7 +717,7 @@ pub fn resolve(
             if let Err(p) = listener_kind(l) {
                 problems.push(p);
             }
-            if matches!(l.protocol.as_str(), "HTTP" | "HTTPS")
+            if matches!(l.protocol.as_str(), "HTTP" | "HTTPS" | "TLS")
                 && let Some(h) = l.hostname.as_deref().filter(|h| !valid_listener_hostname(h))
             {
                 problems.push(problem(
@@ -794,11 +852,11 @@ pub fn resolve(
                     continue;
                 }
                 let Ok(kind) = listener_kind(l) else { continue };
-                // The tunnels this listener gives: one per hostname (HTTP; a name derived from
+                // The tunnels this listener gives: one per hostname (HTTP, TLS; a name derived from
                 // the route when neither has one), or the listener's port (TCP).
                 let mut specs: Vec<TunnelSpec> = Vec::new();
                 match kind {
-                    TunnelKind::Http => {
+                    TunnelKind::Http | TunnelKind::Tls => {
                         let hosts =
                             if hosts.is_empty() { vec![tunnel_name(&[&route.name, &route.namespace])] } else { hosts };
                         for h in hosts {
@@ -808,22 +866,22 @@ pub fn resolve(
                             }
                             specs.push(TunnelSpec {
                                 name: tunnel_name(&["gw", &g.namespace, &g.name, &l.name, &h]),
-                                kind: TunnelKind::Http,
+                                kind,
                                 host: Some(h),
                                 remote_port: None,
                                 target_port: 0,
-                                options: Default::default(),
+                                options: g.options.clone(),
                                 standby: false,
                             });
                         }
                     }
-                    _ => specs.push(TunnelSpec {
+                    TunnelKind::Tcp => specs.push(TunnelSpec {
                         name: tunnel_name(&["gw", &g.namespace, &g.name, &l.name]),
                         kind: TunnelKind::Tcp,
                         host: None,
                         remote_port: u16::try_from(l.port).ok(),
                         target_port: 0,
-                        options: Default::default(),
+                        options: g.options.clone(),
                         standby: false,
                     }),
                 }
@@ -1024,8 +1082,11 @@ pub mod fixtures {
         gateway_model(&typed(v, "Gateway"))
     }
 
-    /// `kind` is `HTTPRoute` or `TCPRoute`.
+    /// `kind` is `HTTPRoute`, `TCPRoute` or `TLSRoute`.
     pub fn route(kind: &str, v: Value) -> RouteModel {
+        if kind == TLS_ROUTE {
+            return tls_route_model(&typed(v, kind));
+        }
         if kind == TCP_ROUTE {
             let mut v = v;
             v["apiVersion"] = Value::from(format!("{GROUP}/v1alpha2"));
@@ -1580,6 +1641,134 @@ mod tests {
         assert!(st("kind").accepted.is_ok());
         assert_eq!(st("kind").resolved_refs.unwrap_err().reason, route::INVALID_KIND);
         assert_eq!(st("missing").resolved_refs.unwrap_err().reason, route::BACKEND_NOT_FOUND);
+    }
+
+    fn tls_gateway_of(listeners: serde_json::Value) -> GatewayModel {
+        gateway(json!({"metadata": {"name": "g", "namespace": "ns"},
+            "spec": {"gatewayClassName": "pico", "listeners": listeners}}))
+    }
+
+    fn tls_route(name: &str, hostnames: serde_json::Value, section: Option<&str>) -> RouteModel {
+        let mut parent = json!({"name": "g"});
+        if let Some(s) = section {
+            parent["sectionName"] = json!(s);
+        }
+        route(
+            TLS_ROUTE,
+            json!({"metadata": {"name": name, "namespace": "ns"}, "spec": {
+            "parentRefs": [parent], "hostnames": hostnames,
+            "rules": [{"backendRefs": [{"name": "web", "port": 80}]}]}}),
+        )
+    }
+
+    /// Issue 14: a TLS listener in Passthrough mode serves TLSRoutes as `tls` tunnels (sish
+    /// `sni-proxy`), one per hostname of the route intersected with the listener's; its
+    /// supportedKinds is TLSRoute; the route is Accepted and counted as attached.
+    #[test]
+    fn tls_passthrough_listeners_serve_tls_routes_as_tls_tunnels() {
+        let gw = tls_gateway_of(json!([
+            {"name": "tls", "protocol": "TLS", "port": 443, "hostname": "*.example.com", "tls": {"mode": "Passthrough"}},
+            {"name": "any", "protocol": "TLS", "port": 443, "tls": {"mode": "Passthrough"}}]));
+        let services = [named_port_service("ns")];
+        let pods = [pod_with_port("ns", "web-1", Some(8443))];
+        let routes = [
+            tls_route("secure", json!(["app.example.com", "other.org"]), Some("tls")),
+            tls_route("plain", json!(["demo"]), Some("any")),
+        ];
+        let r = resolve(&[gw], &classes(), &routes, &[], &BTreeMap::new(), &Snapshot::new(&services, &pods));
+        let key = ("ns".to_string(), "g".to_string());
+        assert!(!r.listener_problems.contains_key(&key), "{:?}", r.listener_problems);
+        let tls_kind = vec![RouteGroupKind { group: GROUP.into(), kind: TLS_ROUTE.into() }];
+        assert_eq!(r.listener_kinds[&key]["tls"], tls_kind);
+        assert_eq!((r.attached[&key]["tls"], r.attached[&key]["any"]), (1, 1));
+        for name in ["secure", "plain"] {
+            let st = &r.routes[&(TLS_ROUTE.to_string(), "ns".to_string(), name.to_string())][0];
+            assert!(st.accepted.is_ok() && st.resolved_refs.is_ok(), "{name}: {st:?}");
+        }
+        let t = &r.tunnels[&("ns".into(), "web-1".into())];
+        let got: Vec<(TunnelKind, Option<&str>, u16)> =
+            t.iter().map(|t| (t.kind, t.host.as_deref(), t.target_port)).collect();
+        assert_eq!(
+            got,
+            [(TunnelKind::Tls, Some("app.example.com"), 8443), (TunnelKind::Tls, Some("demo"), 8443)],
+            "only the hostname the listener admits; other.org is not asked for"
+        );
+        assert!(crate::core::tunnel::TunnelsFile { tunnels: t.clone() }.validate().is_ok());
+        // An HTTPRoute is not served on a TLS listener, nor a TLSRoute on an HTTPS one.
+        let gw = tls_gateway_of(json!([
+            {"name": "tls", "protocol": "TLS", "port": 443, "tls": {"mode": "Passthrough"}},
+            {"name": "https", "protocol": "HTTPS", "port": 443, "tls": {"certificateRefs": [{"name": "c"}]}}]));
+        let http = web_route("ns", "h", json!(["h"]));
+        let r = resolve(
+            &[gw],
+            &classes(),
+            &[http, tls_route("t", json!(["t"]), Some("https"))],
+            &[],
+            &BTreeMap::new(),
+            &Snapshot::new(&services, &pods),
+        );
+        let t = &r.tunnels[&("ns".into(), "web-1".into())];
+        assert_eq!(t.len(), 1, "{t:?}");
+        assert_eq!((t[0].kind, t[0].host.as_deref()), (TunnelKind::Http, Some("h")));
+        let st = &r.routes[&(TLS_ROUTE.to_string(), "ns".to_string(), "t".to_string())][0];
+        assert_eq!(st.accepted.clone().unwrap_err().reason, route::NOT_ALLOWED_BY_LISTENERS);
+    }
+
+    /// Issue 14: TLS Terminate (said explicitly, or the API's default when only certificateRefs
+    /// are given) is not served, with a reason that says what to change; a Passthrough listener
+    /// on a port other than 443 is PortUnavailable. Routes still attach (and are counted), but
+    /// get no tunnel.
+    #[test]
+    fn tls_terminate_and_other_ports_are_said_not_served() {
+        let gw = tls_gateway_of(json!([
+            {"name": "terminate", "protocol": "TLS", "port": 443, "tls": {"mode": "Terminate", "certificateRefs": [{"name": "c"}]}},
+            {"name": "default", "protocol": "TLS", "port": 443, "tls": {"certificateRefs": [{"name": "c"}]}},
+            {"name": "odd", "protocol": "TLS", "port": 8443, "tls": {"mode": "Passthrough"}}]));
+        let services = [named_port_service("ns")];
+        let pods = [pod_with_port("ns", "web-1", Some(8443))];
+        let r = resolve(
+            &[gw],
+            &classes(),
+            &[tls_route("t", json!(["t.example.com"]), None)],
+            &[],
+            &BTreeMap::new(),
+            &Snapshot::new(&services, &pods),
+        );
+        let lp = &r.listener_problems[&("ns".into(), "g".into())];
+        for l in ["terminate", "default"] {
+            assert_eq!(lp[l][0].reason, listener::UNSUPPORTED_VALUE, "{l}");
+            assert!(lp[l][0].message.contains("Passthrough"), "says the fix: {}", lp[l][0].message);
+        }
+        assert_eq!(lp["odd"][0].reason, listener::PORT_UNAVAILABLE);
+        assert!(r.tunnels.is_empty(), "{:?}", r.tunnels);
+        let st = &r.routes[&(TLS_ROUTE.to_string(), "ns".to_string(), "t".to_string())][0];
+        assert!(st.accepted.is_ok(), "attached, though nothing is served: {st:?}");
+        assert_eq!(r.attached[&("ns".into(), "g".into())].values().sum::<i32>(), 3);
+    }
+
+    /// Issue 14: a TLSRoute's name is one claim with an HTTP name (both are served on the
+    /// server's HTTPS port): the older route keeps it.
+    #[test]
+    fn tls_and_http_routes_share_names() {
+        let gw = tls_gateway_of(json!([
+            {"name": "tls", "protocol": "TLS", "port": 443, "tls": {"mode": "Passthrough"}},
+            {"name": "web", "protocol": "HTTP", "port": 80}]));
+        let (tls, http) = (tls_route("t", json!(["shared"]), None), web_route("ns", "h", json!(["shared"])));
+        let claims: Vec<Claim> = [&tls, &http]
+            .iter()
+            .flat_map(|route| {
+                let r = resolve(
+                    std::slice::from_ref(&gw),
+                    &classes(),
+                    std::slice::from_ref(*route),
+                    &[],
+                    &BTreeMap::new(),
+                    &Snapshot::new(&[], &[]),
+                );
+                r.route_claims.into_values().flatten().map(|c| c.claim)
+            })
+            .collect();
+        assert_eq!(claims, [Claim::Name("shared".into()), Claim::Name("shared".into())]);
     }
 
     /// Contract decision 7: the listener reasons resolution uses are the gateway-api crate's.

@@ -6,6 +6,7 @@
 pub mod cluster;
 pub mod gateway;
 pub mod ingress;
+pub mod options;
 pub mod ownership;
 
 use std::collections::BTreeMap;

@@ -1,5 +1,5 @@
 //! Who a public name belongs to. Across the cluster a tuns name, a custom domain or a fixed public
-//! TCP port belongs to one claimant -- an Ingress, an HTTPRoute or TCPRoute (through its Gateway's
+//! TCP port belongs to one claimant -- an Ingress, an HTTPRoute, TCPRoute or TLSRoute (through its Gateway's
 //! listener), or the expose annotations of one namespace -- so that no tenant can ask for another's
 //! name and take its traffic on a server that load-balances (or flap it on one that does not).
 //!
@@ -74,6 +74,7 @@ pub enum ClaimantKind {
     Ingress,
     HTTPRoute,
     TCPRoute,
+    TLSRoute,
     /// The `tunnels.pico.sh/expose` annotations of the pods of one namespace, together.
     Expose,
 }
@@ -91,9 +92,13 @@ impl Claimant {
         Claimant { kind: ClaimantKind::Ingress, namespace: namespace.into(), name: name.into() }
     }
 
-    /// `kind` is `HTTPRoute` or `TCPRoute`.
+    /// `kind` is `HTTPRoute`, `TCPRoute` or `TLSRoute`.
     pub fn route(kind: &str, namespace: &str, name: &str) -> Claimant {
-        let kind = if kind == "TCPRoute" { ClaimantKind::TCPRoute } else { ClaimantKind::HTTPRoute };
+        let kind = match kind {
+            "TCPRoute" => ClaimantKind::TCPRoute,
+            "TLSRoute" => ClaimantKind::TLSRoute,
+            _ => ClaimantKind::HTTPRoute,
+        };
         Claimant { kind, namespace: namespace.into(), name: name.into() }
     }
 

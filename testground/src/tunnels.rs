@@ -113,6 +113,9 @@ fn sish_args(ssh_port: u16, http_port: u16, keys_dir: &Path, private_keys: &Path
         "--bind-random-subdomains=false".into(),
         "--bind-random-ports=false".into(),
         "--bind-random-aliases=false".into(),
+        // Port 443 as well as sish's default 1024-65535: an SNI-proxied (TLS passthrough) forward
+        // asks for the HTTPS port, as on tuns.sh; the ground runs as root, so it can bind it.
+        "--port-bind-range=0,443,1024-65535".into(),
         // The user in the name, as on tuns.sh. Stock sish appends it: `{name}-{user}`; tuns.sh
         // documents `{user}-{name}`.
         "--append-user-to-subdomain=true".into(),

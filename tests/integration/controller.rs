@@ -475,6 +475,219 @@ async fn gateway_walkthrough_http_and_tcp_listeners() {
     let _ = dynamic(GatewayKind::GatewayClass, None, &client).delete(&class, &DeleteParams::default()).await;
 }
 
+/// Issue 14: a TLS listener in Passthrough mode and a TLSRoute give every backing pod a `tls`
+/// tunnel (the sidecar asks sish for `sni-proxy`); the route is Accepted with ResolvedRefs, the
+/// listener supports TLSRoute and counts it; a TLS listener in Terminate mode is not Accepted,
+/// with a reason that says to use Passthrough.
+#[tokio::test]
+#[ignore = "needs the test ground (scripts/build-testground)"]
+async fn a_tls_route_on_a_passthrough_listener_gives_pods_a_tls_tunnel() {
+    let ground = ControlPlane::shared(Existing::Allowed).await.unwrap();
+    let client = ground.client().await.unwrap();
+    let scope = random_suffix();
+    let ns = scoped_namespace(ground, &client, "ctl-tls", &scope).await;
+    let class = format!("pico-{scope}");
+    create_dynamic(
+        GatewayKind::GatewayClass,
+        None,
+        &client,
+        json!({"metadata": {"name": class}, "spec": {"controllerName": format!("tunnels.pico.sh/gw-{scope}")}}),
+    )
+    .await;
+    let _controller = Controller::start(ground, &scope, "c1", &ns).await;
+    let pp = PostParams::default();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    Api::<Deployment>::namespaced(client.clone(), &ns).create(&pp, &injected_echo("tls-app", 2)).await.unwrap();
+    Api::<Service>::namespaced(client.clone(), &ns).create(&pp, &service("tls-app", 443, json!(5678))).await.unwrap();
+    let g = Some(ns.as_str());
+    create_dynamic(
+        GatewayKind::Gateway,
+        g,
+        &client,
+        json!({"metadata": {"name": "tls-gateway"}, "spec": {
+        "gatewayClassName": class,
+        "listeners": [
+            {"name": "tls", "protocol": "TLS", "port": 443, "hostname": "*.example.test", "tls": {"mode": "Passthrough"}},
+            {"name": "terminate", "protocol": "TLS", "port": 443, "hostname": "other.example.test",
+             "tls": {"mode": "Terminate", "certificateRefs": [{"name": "cert"}]}},
+        ]}}),
+    )
+    .await;
+    create_dynamic(
+        GatewayKind::TLSRoute,
+        g,
+        &client,
+        json!({"metadata": {"name": "secure"}, "spec": {
+        "parentRefs": [{"name": "tls-gateway", "sectionName": "tls"}],
+        "hostnames": ["secure.example.test", "elsewhere.org"],
+        "rules": [{"backendRefs": [{"name": "tls-app", "port": 443}]}]}}),
+    )
+    .await;
+
+    let name = tunnel_name(&["gw", &ns, "tls-gateway", "tls", "secure.example.test"]);
+    let want = json!({"tunnels": [
+        {"name": name, "kind": "tls", "host": "secure.example.test", "targetPort": 5678},
+    ]});
+    pods_carry(&pods, "tls-app", 2, &want).await;
+
+    let route = wait_for("TLSRoute parents", Duration::from_secs(30), Duration::from_millis(200), || async {
+        let s = status_of(GatewayKind::TLSRoute, g, &client, "secure").await;
+        Ok(s["parents"].as_array().is_some_and(|p| !p.is_empty()).then_some(s))
+    })
+    .await
+    .unwrap();
+    let parent = &route["parents"][0];
+    assert_eq!(parent["controllerName"], format!("tunnels.pico.sh/gw-{scope}"));
+    assert_eq!(parent["parentRef"]["sectionName"], "tls", "{route}");
+    assert_eq!(condition(&parent["conditions"], "Accepted")["status"], "True", "{route}");
+    assert_eq!(condition(&parent["conditions"], "ResolvedRefs")["status"], "True", "{route}");
+
+    let gw = wait_for("Gateway listeners", Duration::from_secs(30), Duration::from_millis(200), || async {
+        let s = status_of(GatewayKind::Gateway, g, &client, "tls-gateway").await;
+        Ok(s["listeners"].as_array().is_some_and(|l| l.len() == 2).then_some(s))
+    })
+    .await
+    .unwrap();
+    let listener =
+        |s: &Value, name: &str| s["listeners"].as_array().unwrap().iter().find(|l| l["name"] == name).cloned().unwrap();
+    let tls = listener(&gw, "tls");
+    assert_eq!(tls["attachedRoutes"], 1, "{tls}");
+    assert_eq!(tls["supportedKinds"], json!([{"group": "gateway.networking.k8s.io", "kind": "TLSRoute"}]), "{tls}");
+    assert_eq!(condition(&tls["conditions"], "Accepted")["status"], "True", "{tls}");
+    let terminate = listener(&gw, "terminate");
+    let accepted = condition(&terminate["conditions"], "Accepted");
+    assert_eq!((&accepted["status"], &accepted["reason"]), (&json!("False"), &json!("UnsupportedValue")), "{gw}");
+    assert!(accepted["message"].as_str().unwrap().contains("Passthrough"), "{accepted}");
+    wait_event(&client, &ns, "tls-gateway", "UnsupportedValue").await;
+
+    // Deleting the route takes the tunnel off the pods.
+    dynamic(GatewayKind::TLSRoute, g, &client).delete("secure", &DeleteParams::default()).await.unwrap();
+    pods_carry(&pods, "tls-app", 2, &json!({"tunnels": []})).await;
+    let _ = dynamic(GatewayKind::GatewayClass, None, &client).delete(&class, &DeleteParams::default()).await;
+}
+
+/// Issue 14: server options from Kubernetes. The GatewayClass's parametersRef names a
+/// ConfigMap (`force-https`), the Gateway's infrastructure.parametersRef one of its own namespace
+/// (`proxy-protocol: "2"`): the pods' tunnels carry both. A key sish does not take from
+/// Kubernetes makes the class Accepted=False InvalidParameters naming it, and the pods keep the
+/// Gateway's options (nothing else is lost); fixing the ConfigMap, with no other change, brings
+/// the class's back.
+#[tokio::test]
+#[ignore = "needs the test ground (scripts/build-testground)"]
+async fn server_options_come_from_parameters_refs() {
+    let ground = ControlPlane::shared(Existing::Allowed).await.unwrap();
+    let client = ground.client().await.unwrap();
+    let scope = random_suffix();
+    let ns = scoped_namespace(ground, &client, "ctl-opts", &scope).await;
+    let pp = PostParams::default();
+    let maps: Api<k8s_openapi::api::core::v1::ConfigMap> = Api::namespaced(client.clone(), &ns);
+    let map = |name: &str, data: Value| -> k8s_openapi::api::core::v1::ConfigMap {
+        serde_json::from_value(json!({"metadata": {"name": name}, "data": data})).unwrap()
+    };
+    maps.create(&pp, &map("class-options", json!({"force-https": "true", "deadline": "1h"}))).await.unwrap();
+    maps.create(&pp, &map("gateway-options", json!({"proxy-protocol": "2"}))).await.unwrap();
+    let class = format!("pico-{scope}");
+    create_dynamic(
+        GatewayKind::GatewayClass,
+        None,
+        &client,
+        json!({"metadata": {"name": class}, "spec": {"controllerName": format!("tunnels.pico.sh/gw-{scope}"),
+            "parametersRef": {"group": "", "kind": "ConfigMap", "namespace": ns, "name": "class-options"}}}),
+    )
+    .await;
+    let _controller = Controller::start(ground, &scope, "c1", &ns).await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    Api::<Deployment>::namespaced(client.clone(), &ns).create(&pp, &injected_echo("opts-app", 1)).await.unwrap();
+    Api::<Service>::namespaced(client.clone(), &ns).create(&pp, &service("opts-app", 80, json!(5678))).await.unwrap();
+    let g = Some(ns.as_str());
+    create_dynamic(
+        GatewayKind::Gateway,
+        g,
+        &client,
+        json!({"metadata": {"name": "opts"}, "spec": {"gatewayClassName": class,
+            "infrastructure": {"parametersRef": {"group": "", "kind": "ConfigMap", "name": "gateway-options"}},
+            "listeners": [{"name": "tcp", "protocol": "TCP", "port": 59200}]}}),
+    )
+    .await;
+    create_dynamic(
+        GatewayKind::TCPRoute,
+        g,
+        &client,
+        json!({"metadata": {"name": "opts"}, "spec": {"parentRefs": [{"name": "opts"}],
+            "rules": [{"backendRefs": [{"name": "opts-app", "port": 80}]}]}}),
+    )
+    .await;
+    let name = tunnel_name(&["gw", &ns, "opts", "tcp"]);
+    let tunnel = |options: Value| json!({"tunnels": [{"name": name, "kind": "tcp", "remotePort": 59200, "targetPort": 5678, "options": options}]});
+    pods_carry(&pods, "opts-app", 1, &tunnel(json!({"proxy-protocol": "2"}))).await;
+    let class_status =
+        wait_for("GatewayClass InvalidParameters", Duration::from_secs(30), Duration::from_millis(200), || async {
+            let s = status_of(GatewayKind::GatewayClass, None, &client, &class).await;
+            Ok((condition(&s["conditions"], "Accepted")["reason"] == "InvalidParameters").then_some(s))
+        })
+        .await
+        .unwrap();
+    let accepted = condition(&class_status["conditions"], "Accepted");
+    assert_eq!(accepted["status"], "False", "{class_status}");
+    let message = accepted["message"].as_str().unwrap();
+    assert!(
+        message.contains("\"deadline\"") && message.contains(&format!("ConfigMap {ns}/class-options")),
+        "{message}"
+    );
+
+    // Fixed: the class's option joins the Gateway's (read again within seconds, not watched).
+    let fixed = json!({"data": {"force-https": "true", "deadline": null}});
+    maps.patch("class-options", &PatchParams::default(), &Patch::Merge(&fixed)).await.unwrap();
+    pods_carry(&pods, "opts-app", 1, &tunnel(json!({"force-https": "true", "proxy-protocol": "2"}))).await;
+    wait_for("GatewayClass Accepted", Duration::from_secs(30), Duration::from_millis(200), || async {
+        let s = status_of(GatewayKind::GatewayClass, None, &client, &class).await;
+        Ok((condition(&s["conditions"], "Accepted")["status"] == "True").then_some(()))
+    })
+    .await
+    .unwrap();
+    let gw = status_of(GatewayKind::Gateway, g, &client, "opts").await;
+    assert_eq!(condition(&gw["conditions"], "Accepted")["status"], "True", "{gw}");
+    let _ = dynamic(GatewayKind::GatewayClass, None, &client).delete(&class, &DeleteParams::default()).await;
+}
+
+/// Issue 14: an Ingress's `tunnels.pico.sh/options` annotation goes into its tunnels; a value
+/// the server cannot mean is a Warning Event `InvalidParameters` naming the key, and the tunnel
+/// stays, without options.
+#[tokio::test]
+#[ignore = "needs the test ground (scripts/build-testground)"]
+async fn an_ingress_sets_server_options_by_annotation() {
+    let ground = ControlPlane::shared(Existing::Allowed).await.unwrap();
+    let client = ground.client().await.unwrap();
+    let scope = random_suffix();
+    let ns = scoped_namespace(ground, &client, "ctl-ing-opts", &scope).await;
+    let class = format!("pico-{scope}");
+    ingress_class(&client, &class).await;
+    let _controller = Controller::start(ground, &scope, "c1", &ns).await;
+    let pp = PostParams::default();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    Api::<Deployment>::namespaced(client.clone(), &ns).create(&pp, &injected_echo("opts-web", 1)).await.unwrap();
+    Api::<Service>::namespaced(client.clone(), &ns).create(&pp, &service("opts-web", 80, json!("http"))).await.unwrap();
+    let mut ing = ingress("opts-web", &class, "opts", "opts-web", false);
+    ing.metadata.annotations =
+        Some(BTreeMap::from([("tunnels.pico.sh/options".to_string(), "proxy-protocol=2".to_string())]));
+    let ingresses: Api<Ingress> = Api::namespaced(client.clone(), &ns);
+    ingresses.create(&pp, &ing).await.unwrap();
+    let tunnel = |options: Option<Value>| {
+        let mut t = json!({"name": "ing-opts-web-opts", "kind": "http", "host": "opts", "targetPort": 5678});
+        if let Some(o) = options {
+            t["options"] = o;
+        }
+        json!({"tunnels": [t]})
+    };
+    pods_carry(&pods, "opts-web", 1, &tunnel(Some(json!({"proxy-protocol": "2"})))).await;
+    let bad = json!({"metadata": {"annotations": {"tunnels.pico.sh/options": "proxy-protocol=9"}}});
+    ingresses.patch("opts-web", &PatchParams::default(), &Patch::Merge(&bad)).await.unwrap();
+    pods_carry(&pods, "opts-web", 1, &tunnel(None)).await;
+    let note = wait_event(&client, &ns, "opts-web", "InvalidParameters").await;
+    assert!(note.contains("\"proxy-protocol\"") && note.contains("1 or 2"), "{note}");
+    let _ = Api::<IngressClass>::all(client.clone()).delete(&class, &DeleteParams::default()).await;
+}
+
 /// Issue 11: "Tunnel names are not owned: conflicts are checked per pod only
 /// (src/resolve/cluster.rs)". Two namespaces ask for `demo`: an Ingress in one, a Gateway
 /// listener and its HTTPRoute in the other, created later. The older keeps its pods' tunnel; the

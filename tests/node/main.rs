@@ -8,5 +8,7 @@ mod certificates;
 mod faults;
 mod ground;
 mod pods;
+mod server_options;
 mod support;
+mod tls_passthrough;
 mod walkthroughs;

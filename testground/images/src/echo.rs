@@ -8,6 +8,10 @@
 //! and `/health`. Plain HTTP/1.x with keep-alive, a thread per connection; one line a request on
 //! stdout. Unlike the original, SIGTERM as well as SIGINT ends it, with exit status 0: a pod's
 //! containers get SIGTERM, and a Job's must end cleanly.
+//!
+//! One flag the original lacks, for tests of the PROXY protocol: `-proxy-protocol` expects a
+//! PROXY header (v1 or v2, as a tunnel server sends it) at the start of every connection and
+//! answers with the visitor's address it carries in an `X-Proxy-Source` response header.
 
 use crate::http::{self, Body, ReadError, Response};
 use crate::signals::{self, Blocked, SIGINT, SIGTERM};
@@ -25,6 +29,8 @@ const USAGE: &str = "Usage of http-echo:
     \taddress and port to listen (default \":5678\")
   -text string
     \ttext to put on the webpage
+  -proxy-protocol
+    \tread a PROXY protocol header first on each connection (not in the original)
   -version
     \tdisplay version information
 ";
@@ -33,6 +39,8 @@ const USAGE: &str = "Usage of http-echo:
 pub struct Config {
     pub text: String,
     pub listen: String,
+    /// `-proxy-protocol`: every connection starts with a PROXY header.
+    pub proxy_protocol: bool,
 }
 
 #[derive(Debug, PartialEq)]
@@ -64,6 +72,7 @@ fn parse_bool(value: &str) -> Option<bool> {
 /// flags. `echo_text` is $ECHO_TEXT.
 pub fn parse(args: &[String], echo_text: Option<&str>) -> Result<Parsed, FlagError> {
     let (mut text, mut listen, mut version) = (None, ":5678".to_string(), false);
+    let mut proxy_protocol = false;
     let mut i = 0;
     while let Some(arg) = args.get(i) {
         // Flags end at the first argument that is not one ("-" is not), or after "--".
@@ -86,6 +95,14 @@ pub fn parse(args: &[String], echo_text: Option<&str>) -> Result<Parsed, FlagErr
                 version = value.map_or(Some(true), parse_bool).ok_or_else(|| {
                     FlagError::Usage(format!(
                         "invalid boolean value {:?} for -version: parse error",
+                        value.unwrap_or_default()
+                    ))
+                })?
+            }
+            "proxy-protocol" => {
+                proxy_protocol = value.map_or(Some(true), parse_bool).ok_or_else(|| {
+                    FlagError::Usage(format!(
+                        "invalid boolean value {:?} for -proxy-protocol: parse error",
                         value.unwrap_or_default()
                     ))
                 })?
@@ -120,7 +137,7 @@ pub fn parse(args: &[String], echo_text: Option<&str>) -> Result<Parsed, FlagErr
     if i < args.len() {
         return Err(FlagError::Invalid("Too many arguments!"));
     }
-    Ok(Parsed::Run(Config { text, listen }))
+    Ok(Parsed::Run(Config { text, listen, proxy_protocol }))
 }
 
 /// The addresses to try for -listen, in order: `:PORT` is every address, IPv6 and IPv4 alike
@@ -198,7 +215,8 @@ pub fn run(args: &[String]) -> ExitCode {
     };
     log(&format!("[INFO] server is listening on {}", config.listen));
     let text: &'static [u8] = format!("{}\n", config.text).leak().as_bytes();
-    let spawned = thread::Builder::new().name("accept".into()).spawn(move || accept(&listener, text));
+    let proxy = config.proxy_protocol;
+    let spawned = thread::Builder::new().name("accept".into()).spawn(move || accept(&listener, text, proxy));
     if let Err(error) = spawned {
         log(&format!("[ERR] starting the accept thread: {error}"));
         return ExitCode::FAILURE;
@@ -215,12 +233,13 @@ pub fn run(args: &[String]) -> ExitCode {
     }
 }
 
-fn accept(listener: &TcpListener, text: &'static [u8]) {
+fn accept(listener: &TcpListener, text: &'static [u8], proxy: bool) {
     loop {
         match listener.accept() {
             Ok((stream, peer)) => {
                 // A small stack: a connection needs little, and the examples allow 32 MiB.
-                let spawned = thread::Builder::new().stack_size(128 * 1024).spawn(move || serve(stream, peer, text));
+                let spawned =
+                    thread::Builder::new().stack_size(128 * 1024).spawn(move || serve(stream, peer, text, proxy));
                 if let Err(error) = spawned {
                     log(&format!("[ERR] no thread for {peer}: {error}"));
                 }
@@ -252,12 +271,27 @@ fn close(stream: &TcpStream) {
     }
 }
 
-fn serve(stream: TcpStream, peer: SocketAddr, text: &'static [u8]) {
+fn serve(stream: TcpStream, peer: SocketAddr, text: &'static [u8], proxy: bool) {
     let _ = stream.set_nodelay(true);
     let Ok(read_half) = stream.try_clone() else { return };
     let mut reader = BufReader::new(read_half);
     let mut writer = &stream;
-    let headers = [("X-App-Name", "http-echo"), ("X-App-Version", VERSION)];
+    let source = if proxy {
+        match crate::proxy::read_header(&mut reader) {
+            Ok(Some(visitor)) => visitor.to_string(),
+            Ok(None) => "unknown".to_string(),
+            Err(error) => {
+                log(&format!("[ERR] {peer}: {error}"));
+                return;
+            }
+        }
+    } else {
+        String::new()
+    };
+    let mut headers = vec![("X-App-Name", "http-echo"), ("X-App-Version", VERSION)];
+    if proxy {
+        headers.push(("X-Proxy-Source", source.as_str()));
+    }
     loop {
         let request = match http::read_request(&mut reader) {
             Ok(request) => request,
@@ -332,7 +366,14 @@ mod tests {
     }
 
     fn run_config(text: &str, listen: &str) -> Result<Parsed, FlagError> {
-        Ok(Parsed::Run(Config { text: text.into(), listen: listen.into() }))
+        Ok(Parsed::Run(Config { text: text.into(), listen: listen.into(), proxy_protocol: false }))
+    }
+
+    #[test]
+    fn proxy_protocol_is_a_flag_of_its_own() {
+        let parsed = parse(&args(&["-text=x", "-proxy-protocol"]), None);
+        assert_eq!(parsed, Ok(Parsed::Run(Config { text: "x".into(), listen: ":5678".into(), proxy_protocol: true })));
+        assert!(matches!(parse(&args(&["-text=x", "-proxy-protocol=maybe"]), None), Err(FlagError::Usage(_))));
     }
 
     #[test]
@@ -389,12 +430,28 @@ mod tests {
         assert!(listen_addrs(":70000").is_err());
     }
 
+    /// `-proxy-protocol`: the visitor's address from a PROXY v1 header, in `X-Proxy-Source`.
+    #[test]
+    fn answers_with_the_proxy_source() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        thread::spawn(move || accept(&listener, b"hi\n", true));
+        let mut conn = TcpStream::connect(addr).unwrap();
+        conn.write_all(
+            b"PROXY TCP4 127.0.0.7 127.0.0.1 40001 59124\r\nGET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .unwrap();
+        let mut got = String::new();
+        conn.read_to_string(&mut got).unwrap();
+        assert!(got.contains("X-Proxy-Source: 127.0.0.7:40001\r\n") && got.ends_with("hi\n"), "{got:?}");
+    }
+
     /// The server end to end on a loopback port: keep-alive, pipelining, HEAD, /health, close.
     #[test]
     fn serves_over_tcp() {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
-        thread::spawn(move || accept(&listener, b"hello from example-app\n"));
+        thread::spawn(move || accept(&listener, b"hello from example-app\n", false));
 
         let mut conn = TcpStream::connect(addr).unwrap();
         conn.write_all(b"GET / HTTP/1.1\r\nHost: demo\r\n\r\nHEAD /x HTTP/1.1\r\nHost: demo\r\n\r\n").unwrap();

@@ -10,6 +10,7 @@
 mod echo;
 mod http;
 mod pause;
+mod proxy;
 mod signals;
 
 use std::path::Path;
