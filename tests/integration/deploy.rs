@@ -18,7 +18,6 @@ use picotun_testground::bins::{bin, repo_root};
 use picotun_testground::kube_ground::StartOptions;
 use picotun_testground::pki::Ca;
 use picotun_testground::{ControlPlane, Existing, Proc, free_port, http, random_suffix, wait_for};
-use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::OnceCell;
 
@@ -50,9 +49,7 @@ pub(crate) fn run(cmd: &mut Command, input: &str) -> (bool, String, String) {
 pub(crate) fn render(dir: &Path) -> Vec<Value> {
     let out = Command::new(bin("kubectl").unwrap()).arg("kustomize").arg(dir).output().unwrap();
     assert!(out.status.success(), "kubectl kustomize {}: {}", dir.display(), String::from_utf8_lossy(&out.stderr));
-    serde_yaml::Deserializer::from_str(std::str::from_utf8(&out.stdout).unwrap())
-        .map(|d| Value::deserialize(d).unwrap())
-        .collect()
+    serde_saphyr::from_multiple(std::str::from_utf8(&out.stdout).unwrap()).unwrap()
 }
 
 pub(crate) fn doc<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {

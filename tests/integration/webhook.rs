@@ -291,7 +291,7 @@ fn inject_and_certs_commands() {
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success());
     let yaml = String::from_utf8(out.stdout).unwrap();
-    let pod: Pod = serde_yaml::from_str(&yaml).unwrap();
+    let pod: Pod = serde_saphyr::from_str(&yaml).unwrap();
     assert_eq!(pod.spec.unwrap().containers.len(), 2, "a regular sidecar container with --native-sidecar false");
     assert!(String::from_utf8_lossy(&out.stderr).contains("Pod/p: injected (pod label tunnels.pico.sh/inject=true"));
 
