@@ -79,7 +79,7 @@ pub fn print(ca: &SshCa, secret: &SecretArgs, created: bool) -> Printed {
         "type": "Opaque",
         "data": {"ca": b64(&ca.to_openssh()), "ca.pub": b64(&ca.public_line())},
     });
-    let manifest = serde_yaml::to_string(&manifest).expect("a JSON value is YAML");
+    let manifest = serde_saphyr::to_string(&manifest).expect("a JSON value is YAML");
     let what = if created { "a new ed25519 SSH CA" } else { "your SSH CA" };
     let instructions = format!(
         "picotun ca: the Secret {ns}/{name} for {what} ({fingerprint}) is on stdout. Apply it with\n\
@@ -110,7 +110,7 @@ mod tests {
     }
 
     fn decode(manifest: &str) -> (serde_json::Value, SshCa, String) {
-        let doc: serde_json::Value = serde_yaml::from_str(manifest).unwrap();
+        let doc: serde_json::Value = serde_saphyr::from_str(manifest).unwrap();
         let field = |k: &str| {
             let b = base64::engine::general_purpose::STANDARD.decode(doc["data"][k].as_str().unwrap()).unwrap();
             String::from_utf8(b).unwrap()

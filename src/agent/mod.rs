@@ -90,7 +90,10 @@ pub struct AgentArgs {
     pub open_before_app: bool,
     /// The admin port: /live, /ready (the tunnels file was read), /tunnels-up (every tunnel
     /// established), /metrics, /status.
-    #[arg(long, env = "PICOTUN_ADMIN_ADDR", default_value = "0.0.0.0:9901")]
+    /// (The webhook sets it; the default port is the webhook's, see
+    /// `api::DEFAULT_SIDECAR_ADMIN_PORT`.)
+    #[arg(long, env = "PICOTUN_ADMIN_ADDR",
+          default_value_t = SocketAddr::from(([0, 0, 0, 0], crate::core::api::DEFAULT_SIDECAR_ADMIN_PORT)))]
     pub admin_addr: SocketAddr,
     /// After SIGTERM: how long in-flight connections may take to finish.
     #[arg(long, env = "PICOTUN_GRACE_PERIOD", value_parser = humantime::parse_duration, default_value = "20s")]

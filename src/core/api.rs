@@ -39,6 +39,21 @@ pub const CPU_LIMIT: &str = "tunnels.pico.sh/sidecar-cpu-limit";
 pub const MEMORY_LIMIT: &str = "tunnels.pico.sh/sidecar-memory-limit";
 /// Per-pod sidecar log filter.
 pub const LOG_LEVEL: &str = "tunnels.pico.sh/log-level";
+/// Pod (template) annotation: the sidecar's admin port (1-65535) for this pod, when the app (or
+/// another sidecar) already uses the default. The container port, the agent's address and the
+/// probes follow it; a bad value is a warning and the default is used.
+pub const ADMIN_PORT: &str = "tunnels.pico.sh/admin-port";
+/// The sidecar's admin port unless the webhook's --sidecar-admin-port or a pod's [`ADMIN_PORT`]
+/// says otherwise: /live, /ready, /tunnels-up, /metrics, /status. Every container of a pod shares
+/// its network namespace, so this port must be one nothing else in a pod listens on. 7426 ("PICO"
+/// on a phone keypad) is used by no mesh or common sidecar: not Envoy's admin 9901 (Istio
+/// without it, Kuma, App Mesh, Contour), Istio's 15000-15090, Linkerd's 4140/4143/4190/4191,
+/// Consul's 8300-8600, 19000 and 20000-21255, Dapr's 3500/3501/9090/50001/50002, Cilium's
+/// 9962-9965, the OpenTelemetry collector's 4317/4318/8888/13133; outside 9100-9999, where
+/// Prometheus exporters (often sidecars) take their defaults; apart from the usual app ports
+/// (3000, 5000, 8000-8081, 8443, 9000, databases); and below the kernel's ephemeral range
+/// (32768+), so an outgoing connection of the app never holds it.
+pub const DEFAULT_SIDECAR_ADMIN_PORT: u16 = 7426;
 /// Set by kubectl; picotun points it at the app so `kubectl logs/exec` land there.
 pub const DEFAULT_CONTAINER: &str = "kubectl.kubernetes.io/default-container";
 

@@ -105,7 +105,7 @@ impl Default for InjectConfig {
             server_port: 22,
             user: "picotun".into(),
             dialect: "sish".into(),
-            admin_port: 9901,
+            admin_port: api::DEFAULT_SIDECAR_ADMIN_PORT,
             cpu_request: "10m".into(),
             memory_request: "16Mi".into(),
             cpu_limit: "500m".into(),
@@ -407,8 +407,65 @@ pub fn is_quantity(s: &str) -> bool {
     number_ok && suffix_ok
 }
 
+/// The TCP ports the pod's own containers (init and regular, not the sidecar) declare, and the
+/// app ports its tunnels forward to: (port, who uses it).
+fn ports_in_use(pod: &Pod, tunnels: &[TunnelSpec]) -> Vec<(u16, String)> {
+    let spec = pod.spec.as_ref();
+    let containers = spec.into_iter().flat_map(|s| s.init_containers.iter().flatten().chain(s.containers.iter()));
+    let declared = containers.filter(|c| c.name != api::SIDECAR_NAME).flat_map(|c| {
+        c.ports
+            .iter()
+            .flatten()
+            .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
+            .filter_map(|p| u16::try_from(p.container_port).ok())
+            .map(|p| (p, format!("container {}", c.name)))
+    });
+    let forwarded = tunnels.iter().map(|t| (t.target_port, format!("tunnel {}", t.name)));
+    declared.chain(forwarded).collect()
+}
+
+/// The sidecar's admin port for `pod`: its [`api::ADMIN_PORT`] annotation when that is a port
+/// nothing else in the pod uses, else `default`. A bad annotation is a warning (the pod is still
+/// injected, on the default), and so is a default the pod already uses.
+pub fn admin_port(pod: &Pod, tunnels: &[TunnelSpec], default: u16, warnings: &mut Vec<String>) -> u16 {
+    let in_use = ports_in_use(pod, tunnels);
+    let user = |port: u16| in_use.iter().find(|(p, _)| *p == port).map(|(_, who)| who.clone());
+    let key = api::ADMIN_PORT;
+    let chosen = match lookup(&pod.metadata.annotations, key).map(|v| v.trim()) {
+        None => None,
+        Some(v) => match v.parse::<u16>() {
+            Ok(0) | Err(_) => {
+                warnings.push(format!(
+                    "{key}: {v:?} is not a port number (1-65535); the sidecar's admin port is {default}"
+                ));
+                None
+            }
+            Ok(port) => match user(port) {
+                Some(who) => {
+                    warnings.push(format!(
+                        "{key}: port {port} is already used by {who}; the sidecar's admin port is {default}"
+                    ));
+                    None
+                }
+                None => Some(port),
+            },
+        },
+    };
+    let port = chosen.unwrap_or(default);
+    if chosen.is_none()
+        && let Some(who) = user(port)
+    {
+        warnings.push(format!(
+            "the sidecar's admin port {port} is also used by {who}: one of them will fail to listen; give the sidecar \
+             another port with the pod annotation {key}"
+        ));
+    }
+    port
+}
+
 /// Adds the sidecar, its volumes and annotations to a copy of `pod`.
 pub fn inject(pod: &Pod, tunnels: &[TunnelSpec], config: &InjectConfig, warnings: &mut Vec<String>) -> Pod {
+    let admin_port = admin_port(pod, tunnels, config.admin_port, warnings);
     let mut pod = pod.clone();
     let annotations = pod.metadata.annotations.get_or_insert_with(BTreeMap::new);
     let mut quantity = |key: &str, default: &str| -> Quantity {
@@ -502,7 +559,7 @@ pub fn inject(pod: &Pod, tunnels: &[TunnelSpec], config: &InjectConfig, warnings
                 env("PICOTUN_SERVER_PORT", config.server_port.to_string()),
                 env("PICOTUN_USER", config.user.clone()),
                 env("PICOTUN_DIALECT", config.dialect.clone()),
-                env("PICOTUN_ADMIN_ADDR", format!("0.0.0.0:{}", config.admin_port)),
+                env("PICOTUN_ADMIN_ADDR", format!("0.0.0.0:{admin_port}")),
                 env("PICOTUN_LOG", log_level),
             ]
             .into_iter()
@@ -517,7 +574,7 @@ pub fn inject(pod: &Pod, tunnels: &[TunnelSpec], config: &InjectConfig, warnings
         ),
         ports: Some(vec![ContainerPort {
             name: Some("picotun-admin".into()),
-            container_port: i32::from(config.admin_port),
+            container_port: i32::from(admin_port),
             protocol: Some("TCP".into()),
             ..Default::default()
         }]),
@@ -532,10 +589,12 @@ pub fn inject(pod: &Pod, tunnels: &[TunnelSpec], config: &InjectConfig, warnings
             ..probe("/tunnels-up")
         }),
         resources: Some(resources),
+        // No fixed user or group: the image's numeric USER (65532:65532, the Dockerfile) runs it,
+        // which the kubelet checks against runAsNonRoot -- PodSecurity restricted asks no more --
+        // and OpenShift's restricted SCC can give the pod a UID of its namespace's range. Every
+        // file the sidecar reads is mode 0444 or its pod's own, so any UID will do.
         security_context: Some(SecurityContext {
             run_as_non_root: Some(true),
-            run_as_user: Some(65532),
-            run_as_group: Some(65532),
             read_only_root_filesystem: Some(true),
             allow_privilege_escalation: Some(false),
             capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), ..Default::default() }),
@@ -813,6 +872,8 @@ mod tests {
             (sc.run_as_non_root, sc.read_only_root_filesystem, sc.allow_privilege_escalation),
             (Some(true), Some(true), Some(false))
         );
+        // The image's user, or the one OpenShift's SCC assigns.
+        assert_eq!((sc.run_as_user, sc.run_as_group), (None, None));
         assert_eq!(sc.capabilities.as_ref().unwrap().drop.as_ref().unwrap(), &vec!["ALL".to_string()]);
         assert_eq!(sc.seccomp_profile.as_ref().unwrap().type_, "RuntimeDefault");
         let limits = sidecar.resources.as_ref().unwrap().limits.as_ref().unwrap();
@@ -1044,6 +1105,109 @@ mod tests {
         let typo = app(json!({}), json!({"tunnels.pico.sh/inject": "true", "tunnels.pico.sh/startup-gate": "yes"}));
         let out = mutate(&typo, "apps", None, &[], false, &certificate_cfg());
         assert!(out.warnings.iter().any(|w| w.contains("neither \"true\" nor \"false\"")), "{:?}", out.warnings);
+    }
+
+    /// The admin port as the sidecar, the kubelet's probes and a port-forward see it.
+    fn admin_of(sidecar: &Container) -> (i32, String) {
+        let ports = sidecar.ports.as_ref().unwrap();
+        assert_eq!(ports.len(), 1);
+        assert_eq!(ports[0].name.as_deref(), Some("picotun-admin"));
+        let probes = [&sidecar.readiness_probe, &sidecar.liveness_probe, &sidecar.startup_probe];
+        for probe in probes.into_iter().flatten() {
+            // By name: the probes follow the container port wherever it is.
+            assert_eq!(probe.http_get.as_ref().unwrap().port, IntOrString::String("picotun-admin".into()));
+        }
+        (ports[0].container_port, env_of(sidecar)["PICOTUN_ADMIN_ADDR"].to_string())
+    }
+
+    fn injected_sidecar(out: &Outcome) -> Container {
+        out.pod.as_ref().expect("injected").spec.as_ref().unwrap().init_containers.as_ref().unwrap()[0].clone()
+    }
+
+    #[test]
+    fn the_admin_port_is_one_no_mesh_uses_and_a_pod_can_choose_its_own() {
+        let plain = app(json!({"tunnels.pico.sh/inject": "true"}), json!({}));
+        let out = mutate(&plain, "apps", None, &[], false, &cfg());
+        assert!(out.warnings.is_empty(), "{:?}", out.warnings);
+        assert_eq!(admin_of(&injected_sidecar(&out)), (7426, "0.0.0.0:7426".into()));
+        // The webhook's flag moves every pod's.
+        let flag = InjectConfig { admin_port: 7000, ..cfg() };
+        assert_eq!(admin_of(&injected_sidecar(&mutate(&plain, "apps", None, &[], false, &flag))).0, 7000);
+
+        // The annotation moves one pod's, startup gate included; re-invocation sees picotun's own.
+        let key = TicketKey::from_bytes(&[7; 32]).unwrap();
+        let keyed = InjectConfig { ticket_key: Some(key), ..cfg() };
+        let own = app(
+            json!({}),
+            json!({"tunnels.pico.sh/inject": "true", "tunnels.pico.sh/admin-port": " 15999 ", "tunnels.pico.sh/startup-gate": "true"}),
+        );
+        let out = mutate(&own, "apps", None, &[], false, &keyed);
+        assert!(out.warnings.is_empty(), "{:?}", out.warnings);
+        let sidecar = injected_sidecar(&out);
+        assert!(sidecar.startup_probe.is_some());
+        assert_eq!(admin_of(&sidecar), (15999, "0.0.0.0:15999".into()));
+        let injected = out.pod.unwrap();
+        assert!(matches!(
+            decide(&injected, "apps", None, &[], false, &keyed),
+            Decision::Skip { reason: SkipReason::AlreadyInjected, .. }
+        ));
+    }
+
+    /// A bad annotation never keeps a pod out: it is said, and the sidecar takes the default.
+    #[test]
+    fn a_bad_admin_port_annotation_is_a_warning_and_the_default() {
+        for (value, said) in [
+            ("0", "is not a port number (1-65535)"),
+            ("65536", "is not a port number (1-65535)"),
+            ("-1", "is not a port number (1-65535)"),
+            ("admin", "is not a port number (1-65535)"),
+            ("", "is not a port number (1-65535)"),
+            // The app's declared port (named `http`), and a tunnel's app port it does not declare.
+            ("8080", "port 8080 is already used by container web"),
+            ("9000", "port 9000 is already used by tunnel tcp-any-9000"),
+        ] {
+            let p =
+                app(json!({}), json!({"tunnels.pico.sh/expose": "tcp:any=9000", "tunnels.pico.sh/admin-port": value}));
+            let out = mutate(&p, "apps", None, &[], false, &cfg());
+            assert!(matches!(out.decision, Decision::Inject { .. }), "{value}: {:?}", out.decision);
+            assert_eq!(out.warnings.len(), 1, "{value}: {:?}", out.warnings);
+            let warning = &out.warnings[0];
+            assert!(warning.starts_with("tunnels.pico.sh/admin-port: "), "{warning}");
+            assert!(warning.contains(said) && warning.ends_with("the sidecar's admin port is 7426"), "{warning}");
+            assert_eq!(admin_of(&injected_sidecar(&out)).0, 7426, "{value}");
+        }
+        // A UDP port of the same number is no clash.
+        let mut udp = app(json!({"tunnels.pico.sh/inject": "true"}), json!({"tunnels.pico.sh/admin-port": "5353"}));
+        udp.spec.as_mut().unwrap().containers[0].ports.as_mut().unwrap().push(ContainerPort {
+            container_port: 5353,
+            protocol: Some("UDP".into()),
+            ..Default::default()
+        });
+        let out = mutate(&udp, "apps", None, &[], false, &cfg());
+        assert!(out.warnings.is_empty(), "{:?}", out.warnings);
+        assert_eq!(admin_of(&injected_sidecar(&out)).0, 5353);
+    }
+
+    /// An app already on the default port (an init container counts too) is told how to move the
+    /// sidecar; the pod is injected as asked.
+    #[test]
+    fn an_app_on_the_default_admin_port_is_told_about_the_annotation() {
+        let mut p = app(json!({"tunnels.pico.sh/inject": "true"}), json!({}));
+        p.spec.as_mut().unwrap().init_containers = Some(vec![Container {
+            name: "mesh".into(),
+            ports: Some(vec![ContainerPort { container_port: 7426, ..Default::default() }]),
+            ..Default::default()
+        }]);
+        let out = mutate(&p, "apps", None, &[], false, &cfg());
+        assert_eq!(out.warnings.len(), 1, "{:?}", out.warnings);
+        assert!(
+            out.warnings[0].contains("admin port 7426 is also used by container mesh")
+                && out.warnings[0].contains("tunnels.pico.sh/admin-port"),
+            "{:?}",
+            out.warnings
+        );
+        let sidecar = out.pod.unwrap().spec.unwrap().init_containers.unwrap().pop().unwrap();
+        assert_eq!(admin_of(&sidecar).0, 7426);
     }
 
     /// Issue 13: the apiserver re-runs its ServiceAccount plugin after the webhook changed a pod;

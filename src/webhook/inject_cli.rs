@@ -72,9 +72,10 @@ pub fn inject_documents(
     config: &inject::InjectConfig,
 ) -> Result<String, InjectError> {
     let mut out = Vec::new();
-    for (index, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        let mut value: Value =
-            serde::Deserialize::deserialize(doc).map_err(|e| InjectError::Yaml { index, reason: e.to_string() })?;
+    // One document at a time (empty ones are skipped); the first broken one ends the stream.
+    let mut bytes = text.as_bytes();
+    for (index, doc) in serde_saphyr::read::<_, Value>(&mut bytes).enumerate() {
+        let mut value = doc.map_err(|e| InjectError::Yaml { index, reason: e.to_string() })?;
         if value.is_null() {
             continue;
         }
@@ -126,7 +127,7 @@ pub fn inject_documents(
             }
             None => eprintln!("{what}: unchanged (not a pod or workload)"),
         }
-        out.push(serde_yaml::to_string(&value).map_err(|e| err(e.to_string()))?);
+        out.push(serde_saphyr::to_string(&value).map_err(|e| err(e.to_string()))?);
     }
     Ok(out.join("---\n"))
 }
@@ -145,8 +146,8 @@ mod tests {
    containers: [{name: web, image: nginx}], volumes: [{name: picotun-tunnels, emptyDir: {}}]}}}}
 "#;
         let out = inject_documents(input, "default", &inject::InjectConfig::default()).unwrap();
-        let doc: Value = serde_yaml::from_str(&out).unwrap();
-        let want: Value = serde_yaml::from_str(input).unwrap();
+        let doc: Value = serde_saphyr::from_str(&out).unwrap();
+        let want: Value = serde_saphyr::from_str(input).unwrap();
         assert_eq!(doc, want);
     }
 
@@ -183,8 +184,7 @@ spec:
         spec: {restartPolicy: Never, containers: [{name: job, image: busybox}]}
 "#;
         let out = inject_documents(input, "default", &inject::InjectConfig::default()).unwrap();
-        let docs: Vec<Value> =
-            serde_yaml::Deserializer::from_str(&out).map(|d| serde::Deserialize::deserialize(d).unwrap()).collect();
+        let docs: Vec<Value> = serde_saphyr::from_multiple(&out).unwrap();
         assert_eq!(docs.len(), 3);
         assert_eq!(docs[0]["spec"]["template"]["spec"]["initContainers"][0]["name"], "picotun-agent");
         let tunnels =
@@ -199,6 +199,29 @@ spec:
         // Injecting the output again changes nothing.
         let again = inject_documents(&out, "default", &inject::InjectConfig::default()).unwrap();
         assert_eq!(again, out);
+    }
+
+    /// What kubectl (YAML 1.1) would read as another type stays a string on the way out, and
+    /// nothing else changes on the way through.
+    #[test]
+    fn strings_that_look_like_other_types_stay_strings() {
+        let input = r##"
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: quirks, annotations: {a: "yes", b: "on", c: "0755", d: "1e3", e: "~", f: "null", g: "", h: "8080", i: "true", j: "- x", k: "a: b", l: "#c", m: "multi\nline\n"}}
+data: {n: "012", o: "0x1F", p: "1_000", q: "y", r: "NO", s: ".inf"}
+"##;
+        let out = inject_documents(input, "default", &inject::InjectConfig::default()).unwrap();
+        let doc: Value = serde_saphyr::from_str(&out).unwrap();
+        let want: Value = serde_saphyr::from_str(input).unwrap();
+        assert_eq!(doc, want, "{out}");
+        for (key, value) in want["metadata"]["annotations"].as_object().unwrap() {
+            assert!(value.is_string(), "{key}: {value}");
+        }
+        // A YAML 1.1 reader takes an unquoted yes/on/y/NO/0755 for a bool or an octal number.
+        for quirk in ["yes", "on", "y", "NO", "0755", "012", "~", "null"] {
+            assert!(!out.contains(&format!(": {quirk}\n")), "{quirk} is written unquoted:\n{out}");
+        }
     }
 
     #[test]

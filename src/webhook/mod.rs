@@ -195,7 +195,11 @@ pub struct SidecarArgs {
     /// tuns.sh, whose key is built in).
     #[arg(long, env = "PICOTUN_SIDECAR_KNOWN_HOSTS_FILE")]
     pub sidecar_known_hosts_file: Option<PathBuf>,
-    #[arg(long, env = "PICOTUN_SIDECAR_ADMIN_PORT", default_value_t = 9901)]
+    /// The sidecar's admin port (/live, /ready, /metrics, /status; the probes use it). A pod
+    /// whose app uses it sets its own with the annotation tunnels.pico.sh/admin-port. Why 7426:
+    /// `api::DEFAULT_SIDECAR_ADMIN_PORT`.
+    #[arg(long, env = "PICOTUN_SIDECAR_ADMIN_PORT", default_value_t = crate::core::api::DEFAULT_SIDECAR_ADMIN_PORT,
+          value_parser = clap::value_parser!(u16).range(1..))]
     pub sidecar_admin_port: u16,
     /// Default sidecar resources (per-pod annotations override them).
     #[arg(long, env = "PICOTUN_SIDECAR_CPU_REQUEST", default_value = "10m")]

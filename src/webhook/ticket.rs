@@ -398,7 +398,7 @@ mod tests {
             "readinessProbe": {"httpGet": {"path": "/ready", "port": "picotun-admin", "scheme": "HTTP"},
                                "periodSeconds": 5, "timeoutSeconds": 1, "successThreshold": 1, "failureThreshold": 3},
             "resources": {"limits": {"cpu": "500m"}},
-            "ports": [{"containerPort": 9901, "protocol": "TCP"}],
+            "ports": [{"containerPort": 7426, "protocol": "TCP"}],
             "securityContext": {"allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true, "procMount": "Default"},
             "command": [],
         }));

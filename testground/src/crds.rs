@@ -36,9 +36,9 @@ pub fn crd_files() -> Result<Vec<PathBuf>> {
 pub fn crds_in(path: &Path) -> Result<Vec<CustomResourceDefinition>> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let mut crds = Vec::new();
-    for doc in serde_yaml::Deserializer::from_str(&text) {
-        let value: serde_json::Value = serde::Deserialize::deserialize(doc)
-            .map_err(|e| Error::Setup(format!("{}: not valid YAML: {e}", path.display())))?;
+    let mut bytes = text.as_bytes();
+    for doc in serde_saphyr::read::<_, serde_json::Value>(&mut bytes) {
+        let value = doc.map_err(|e| Error::Setup(format!("{}: not valid YAML: {e}", path.display())))?;
         if value.get("kind").and_then(|k| k.as_str()) == Some("CustomResourceDefinition") {
             crds.push(
                 serde_json::from_value(value)

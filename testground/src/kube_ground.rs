@@ -349,7 +349,7 @@ impl ControlPlane {
             "contexts": [{"name": "picotun-ground", "context": {"cluster": "picotun-ground", "user": "admin", "namespace": "default"}}],
             "current-context": "picotun-ground",
         });
-        let yaml = serde_yaml::to_string(&kubeconfig).map_err(|e| Error::Kubeconfig(e.to_string()))?;
+        let yaml = serde_saphyr::to_string(&kubeconfig).map_err(|e| Error::Kubeconfig(e.to_string()))?;
         write_file(&self.kubeconfig, yaml)
     }
 

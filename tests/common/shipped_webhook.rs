@@ -13,7 +13,7 @@ const ROUTE_BACKENDS: &str = "deploy/components/inject-route-backends/kustomizat
 fn read_yaml(path: &str) -> Value {
     let file = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(path);
     let text = std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("cannot read {}: {e}", file.display()));
-    serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{path} is not valid YAML: {e}"))
+    serde_saphyr::from_str(&text).unwrap_or_else(|e| panic!("{path} is not valid YAML: {e}"))
 }
 
 /// The shipped webhook (the configuration's only one), as the JSON the apiserver takes.
@@ -31,7 +31,7 @@ pub fn removed_for_route_backends() -> Vec<String> {
     let mut removed = Vec::new();
     let patches = component["patches"].as_array().unwrap_or_else(|| panic!("{ROUTE_BACKENDS} has no patches"));
     for patch in patches.iter().filter(|p| p["target"]["kind"] == "MutatingWebhookConfiguration") {
-        let ops: Value = serde_yaml::from_str(patch["patch"].as_str().unwrap_or_default())
+        let ops: Value = serde_saphyr::from_str(patch["patch"].as_str().unwrap_or_default())
             .unwrap_or_else(|e| panic!("{ROUTE_BACKENDS}: the webhook configuration's patch is not YAML: {e}"));
         let ops = ops.as_array().unwrap_or_else(|| panic!("{ROUTE_BACKENDS}: a JSON patch (a list of ops) expected"));
         for op in ops.iter().filter(|op| op["op"] == "remove") {

@@ -46,7 +46,7 @@ async fn ca_secret_mounted(client: &kube::Client, dir: &Path) -> (SshCa, String)
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let stderr = String::from_utf8(out.stderr).unwrap();
     assert!(!stderr.contains("PRIVATE KEY"), "the key is never on stderr: {stderr}");
-    let secret: Secret = serde_yaml::from_slice(&out.stdout).unwrap();
+    let secret: Secret = serde_saphyr::from_slice(&out.stdout).unwrap();
     crate::support::own_namespace(client).await;
     let secrets: Api<Secret> = Api::namespaced(client.clone(), "pico-sh-system");
     secrets.create(&PostParams::default(), &secret).await.unwrap();

@@ -18,7 +18,6 @@ use picotun_testground::bins::{bin, repo_root};
 use picotun_testground::kube_ground::StartOptions;
 use picotun_testground::pki::Ca;
 use picotun_testground::{ControlPlane, Existing, Proc, free_port, http, random_suffix, wait_for};
-use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::OnceCell;
 
@@ -55,7 +54,8 @@ pub(crate) fn render(dir: &Path) -> Vec<Value> {
 
 /// A multi-document YAML stream, one JSON value per document (empty documents left out).
 pub(crate) fn yaml_documents(text: &str) -> Vec<Value> {
-    serde_yaml::Deserializer::from_str(text).map(|d| Value::deserialize(d).unwrap()).filter(|d| !d.is_null()).collect()
+    let docs: Vec<Value> = serde_saphyr::from_multiple(text).unwrap();
+    docs.into_iter().filter(|d| !d.is_null()).collect()
 }
 
 pub(crate) fn doc<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {

@@ -291,7 +291,7 @@ fn inject_and_certs_commands() {
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success());
     let yaml = String::from_utf8(out.stdout).unwrap();
-    let pod: Pod = serde_yaml::from_str(&yaml).unwrap();
+    let pod: Pod = serde_saphyr::from_str(&yaml).unwrap();
     assert_eq!(pod.spec.unwrap().containers.len(), 2, "a regular sidecar container with --native-sidecar false");
     assert!(String::from_utf8_lossy(&out.stderr).contains("Pod/p: injected (pod label tunnels.pico.sh/inject=true"));
 
@@ -1169,5 +1169,67 @@ async fn conditions_see_earlier_webhooks_opt_ins_and_let_re_invocation_through()
     }
     earlier_task.abort();
     later_task.abort();
+    webhook.unregister(&client).await;
+}
+
+/// The sidecar's admin port, from the pod the apiserver stored: (containerPort, the agent's
+/// PICOTUN_ADMIN_ADDR). The probes name the port, so they follow it.
+fn stored_admin_port(pod: &Pod) -> (i32, String) {
+    let sidecar = sidecar_of(pod).unwrap_or_else(|| panic!("injected: {:?}", pod.spec));
+    let port = sidecar.ports.iter().flatten().find(|p| p.name.as_deref() == Some("picotun-admin")).unwrap();
+    for probe in [&sidecar.readiness_probe, &sidecar.liveness_probe, &sidecar.startup_probe].into_iter().flatten() {
+        let get = probe.http_get.as_ref().unwrap();
+        assert_eq!(get.port, k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String("picotun-admin".into()));
+    }
+    let addr = sidecar.env.iter().flatten().find(|e| e.name == "PICOTUN_ADMIN_ADDR").and_then(|e| e.value.clone());
+    (port.container_port, addr.unwrap_or_default())
+}
+
+/// Issue 14: the sidecar's admin port is 7426 (no mesh's) unless a pod's
+/// `tunnels.pico.sh/admin-port` moves it; a bad value never keeps the pod out: it is created,
+/// injected on the default, and the user who created it sees why in kubectl's warnings.
+#[tokio::test]
+#[ignore = "needs the test ground (scripts/build-testground)"]
+async fn a_pod_moves_the_sidecars_admin_port_with_an_annotation_and_a_bad_one_is_a_warning() {
+    let (ground, client, ns, webhook) = injecting("admin-port").await;
+    let pod = |name: &str, annotations: Value, app_port: u16| {
+        json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": ns.name(), "labels": {"tunnels.pico.sh/inject": "true"},
+                "annotations": annotations},
+            "spec": {"containers": [{"name": "app", "image": "registry.example/app:1",
+                "ports": [{"name": "http", "containerPort": app_port}]}]}})
+    };
+
+    let (plain, warnings) = kubectl_create(ground, &pod("plain", json!({}), 8080));
+    assert_eq!(stored_admin_port(&plain), (7426, "0.0.0.0:7426".into()));
+    assert!(!warnings.contains("admin port") && !warnings.contains("pico.sh/admin-port"), "{warnings}");
+
+    let (moved, warnings) = kubectl_create(
+        ground,
+        &pod("moved", json!({"tunnels.pico.sh/admin-port": "7500", "tunnels.pico.sh/startup-gate": "true"}), 8080),
+    );
+    assert_eq!(stored_admin_port(&moved), (7500, "0.0.0.0:7500".into()));
+    assert!(sidecar_of(&moved).unwrap().startup_probe.is_some());
+    assert!(!warnings.contains("admin port") && !warnings.contains("pico.sh/admin-port"), "{warnings}");
+
+    for (name, value, said) in [
+        ("typo", "75OO", "tunnels.pico.sh/admin-port: \"75OO\" is not a port number (1-65535)"),
+        ("zero", "0", "tunnels.pico.sh/admin-port: \"0\" is not a port number (1-65535)"),
+        ("clash", "8080", "tunnels.pico.sh/admin-port: port 8080 is already used by container app"),
+    ] {
+        let (created, warnings) =
+            kubectl_create(ground, &pod(name, json!({"tunnels.pico.sh/admin-port": value}), 8080));
+        assert_eq!(stored_admin_port(&created).0, 7426, "{name}: the default");
+        assert!(warnings.contains(&format!("Warning: picotun: {said}")), "{name}: {warnings}");
+        assert!(warnings.contains("the sidecar's admin port is 7426"), "{name}: {warnings}");
+    }
+    // An app already on the default is told how to move the sidecar.
+    let (created, warnings) = kubectl_create(ground, &pod("on-default", json!({}), 7426));
+    assert_eq!(stored_admin_port(&created).0, 7426);
+    assert!(
+        warnings.contains("admin port 7426 is also used by container app")
+            && warnings.contains("with the pod annotation tunnels.pico.sh/admin-port"),
+        "{warnings}"
+    );
     webhook.unregister(&client).await;
 }

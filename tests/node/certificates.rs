@@ -28,7 +28,8 @@ const VALIDITY_SECONDS: u64 = 30;
 /// The sidecar's /status, read at the pod's address inside the node.
 fn sidecar_status(ground: &picotun_testground::ControlPlane, pod: &Pod) -> Option<Value> {
     let ip = pod.status.as_ref()?.pod_ip.as_deref()?.parse().ok()?;
-    let (code, body) = get_in_node(ground, SocketAddr::new(ip, 9901), "/status").ok()?;
+    let (code, body) =
+        get_in_node(ground, SocketAddr::new(ip, picotun::core::api::DEFAULT_SIDECAR_ADMIN_PORT), "/status").ok()?;
     (code == 200).then(|| serde_json::from_str(&body).ok()).flatten()
 }
 

@@ -28,6 +28,8 @@ use crate::support::{
 };
 
 const AGENT: &str = "picotun-agent";
+/// The sidecar's admin port when the pod names none.
+const ADMIN_PORT: u16 = picotun::core::api::DEFAULT_SIDECAR_ADMIN_PORT;
 const APP: &str = "echo";
 const BODY: &str = "hello from a pod\n";
 
@@ -37,15 +39,16 @@ async fn clean_up(ground: &ControlPlane, stack: Stack, ns: &str) {
 }
 
 /// A pod template (or bare pod) whose only container is the echo server, with the security
-/// context PodSecurity `restricted` asks for. `annotations` opt it in.
+/// context PodSecurity `restricted` asks for and no fixed user. `annotations` opt it in.
 fn echo_pod(name: &str, labels: Value, annotations: Value, restart_policy: &str) -> Value {
     json!({
         "metadata": {"name": name, "labels": labels, "annotations": annotations},
         "spec": {
             "restartPolicy": restart_policy,
             "terminationGracePeriodSeconds": 10,
-            "securityContext": {"runAsNonRoot": true, "runAsUser": 65532, "runAsGroup": 65532,
-                                "seccompProfile": {"type": "RuntimeDefault"}},
+            // No fixed user: each image's numeric USER runs it (65532:65532 for picotun's and the
+            // echo server's), which the kubelet checks against runAsNonRoot.
+            "securityContext": {"runAsNonRoot": true, "seccompProfile": {"type": "RuntimeDefault"}},
             "containers": [{
                 "name": APP, "image": "hashicorp/http-echo:1.0",
                 "args": [format!("-text={}", BODY.trim_end()), "-listen=:5678"],
@@ -730,7 +733,7 @@ async fn with_sish_down_pods_stay_ready_and_a_gated_pod_holds_its_app_until_its_
     let plain = support::ready_pods(&pods, "app=plain", 1, Duration::from_secs(60)).await.remove(0);
     println!("with sish down, the plain pod is Ready {:.2}s after create", created.elapsed().as_secs_f32());
     let ip: std::net::IpAddr = plain.status.as_ref().unwrap().pod_ip.as_deref().unwrap().parse().unwrap();
-    let (code, body) = support::get_in_node(ground, std::net::SocketAddr::new(ip, 9901), "/tunnels-up").unwrap();
+    let (code, body) = support::get_in_node(ground, std::net::SocketAddr::new(ip, ADMIN_PORT), "/tunnels-up").unwrap();
     println!("plain pod /tunnels-up: {code} {body}");
     assert_eq!(code, 503, "its tunnel is not up: {body}");
 
@@ -759,5 +762,74 @@ async fn with_sish_down_pods_stay_ready_and_a_gated_pod_holds_its_app_until_its_
     assert!(app_started >= back, "the app started only once the tunnel could be up: {app_started} vs {back}");
     let host = stack.sish.http_host(&stack.user, "gated");
     assert_eq!(stack.get_through_sish(&host, Duration::from_secs(30)).await, BODY);
+    clean_up(ground, stack, &ns).await;
+}
+
+/// Issue 14: a pod whose app (or another sidecar) needs the default admin port moves picotun's
+/// with `tunnels.pico.sh/admin-port`: the agent listens there, the kubelet's probes follow it (the
+/// pod goes Ready) and `/status` answers there; nothing listens on the default. And a UID the
+/// platform assigns (OpenShift's restricted SCC gives each namespace a range, as
+/// `1000650000`) runs the sidecar: with no fixed user of its own it takes the pod's, reads its
+/// key and opens its tunnel, under PodSecurity `restricted`.
+#[tokio::test]
+#[ignore = "needs the test ground with a real node (scripts/build-testground, scripts/build-node-images)"]
+async fn a_pod_moves_the_sidecars_admin_port_and_an_assigned_uid_runs_the_sidecar() {
+    let ground = support::ground().await;
+    let client = ground.client().await.unwrap();
+    let (stack, ns) = stack_and_namespace(ground, "admin-port").await;
+    kubectl(
+        ground,
+        &[
+            "label",
+            "namespace",
+            &ns,
+            "pod-security.kubernetes.io/enforce=restricted",
+            "pod-security.kubernetes.io/enforce-version=latest",
+        ],
+    );
+    let pods: Api<Pod> = Api::namespaced(client, &ns);
+    let moved = echo_pod(
+        "moved",
+        json!({"app": "moved"}),
+        json!({"tunnels.pico.sh/expose": "http:moved=5678", "tunnels.pico.sh/admin-port": "7500"}),
+        "Always",
+    );
+    let mut assigned = echo_pod(
+        "assigned",
+        json!({"app": "assigned"}),
+        json!({"tunnels.pico.sh/expose": "http:assigned=5678"}),
+        "Always",
+    );
+    assigned["spec"]["securityContext"]["runAsUser"] = 1_000_650_000.into();
+    for pod in [moved, assigned] {
+        pods.create(&PostParams::default(), &serde_json::from_value(pod).unwrap()).await.unwrap();
+    }
+
+    let moved = support::ready_pods(&pods, "app=moved", 1, Duration::from_secs(60)).await.remove(0);
+    let sidecar = moved.spec.as_ref().unwrap().init_containers.iter().flatten().find(|c| c.name == AGENT).unwrap();
+    assert_eq!(sidecar.ports.as_ref().unwrap()[0].container_port, 7500);
+    let ip: std::net::IpAddr = moved.status.as_ref().unwrap().pod_ip.as_deref().unwrap().parse().unwrap();
+    let host = stack.sish.http_host(&stack.user, "moved");
+    assert_eq!(stack.get_through_sish(&host, Duration::from_secs(30)).await, BODY);
+    let (code, body) = support::get_in_node(ground, std::net::SocketAddr::new(ip, 7500), "/status").unwrap();
+    println!("moved pod, /status on 7500: {code} {body}");
+    assert_eq!(code, 200, "{body}");
+    let status: Value = serde_json::from_str(&body).unwrap();
+    assert!(body.contains("http-moved"), "its tunnel is in /status: {status}");
+    let default = support::get_in_node(ground, std::net::SocketAddr::new(ip, ADMIN_PORT), "/status");
+    println!("moved pod, {ADMIN_PORT}: {default:?}");
+    assert!(
+        matches!(&default, Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused),
+        "nothing listens on the default: {default:?}"
+    );
+
+    let assigned = support::ready_pods(&pods, "app=assigned", 1, Duration::from_secs(60)).await.remove(0);
+    let host = stack.sish.http_host(&stack.user, "assigned");
+    assert_eq!(stack.get_through_sish(&host, Duration::from_secs(30)).await, BODY);
+    let agent = Process::of(&assigned, AGENT);
+    let uid = proc_status_field(agent.pid, "Uid");
+    println!("assigned pod's agent: Uid {uid}, Gid {}", proc_status_field(agent.pid, "Gid"));
+    assert!(uid.split_whitespace().all(|u| u == "1000650000"), "the pod's UID runs the sidecar: {uid}");
+
     clean_up(ground, stack, &ns).await;
 }
