@@ -37,8 +37,10 @@ const RETRY_FOR: Duration = Duration::from_secs(30);
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Mark {
     /// `run`, `run background` (started, left running until the document is done; it must still
-    /// run then), `run retry` (run again until it succeeds: it waits for a background block).
-    Run { background: bool, retry: bool },
+    /// run then), `run retry` (run again until it succeeds: it waits for a background block),
+    /// `run fresh` (an alternative to what the document did so far, as the Helm chart to
+    /// kustomize: it starts from the cluster the document found; see `the_docs_run_on_the_ground`).
+    Run { background: bool, retry: bool, fresh: bool },
     /// `norun <reason>`.
     NoRun(String),
     /// Neither: fine for YAML or output, an error for a shell block.
@@ -98,15 +100,18 @@ fn parse_info(info: &str) -> Result<(String, Mark), String> {
     let mark = match rest.first().copied() {
         None => Mark::Unmarked,
         Some("run") => {
-            let (mut background, mut retry) = (false, false);
+            let (mut background, mut retry, mut fresh) = (false, false, false);
             for w in &rest[1..] {
                 match *w {
                     "background" => background = true,
                     "retry" => retry = true,
-                    other => return Err(format!("`run {other}`: a run block takes `background` or `retry`")),
+                    "fresh" => fresh = true,
+                    other => {
+                        return Err(format!("`run {other}`: a run block takes `background`, `retry` or `fresh`"));
+                    }
                 }
             }
-            Mark::Run { background, retry }
+            Mark::Run { background, retry, fresh }
         }
         Some("norun") => {
             let reason = rest[1..].join(" ");
@@ -405,6 +410,24 @@ fn flags_of(cmd: &clap::Command) -> BTreeMap<String, clap::Arg> {
     cmd.get_arguments().filter_map(|a| a.get_long().map(|l| (format!("--{l}"), a.clone()))).collect()
 }
 
+/// Commands the docs name beside picotun's: their flags are not picotun's.
+const OTHER_TOOLS: &[&str] = &[
+    "helm",
+    "kubectl",
+    "kustomize",
+    "docker",
+    "podman",
+    "git",
+    "ssh",
+    "ssh-keygen",
+    "ssh-keyscan",
+    "curl",
+    "openssl",
+    "oc",
+    "kind",
+    "make",
+];
+
 /// Problems with the flags and picotun commands one document mentions.
 fn flag_problems(file: &str, text: &str) -> Vec<String> {
     let cmd = picotun_command();
@@ -442,23 +465,42 @@ fn flag_problems(file: &str, text: &str) -> Vec<String> {
         }
     }
 
-    // Inline code in prose and tables.
+    // Inline code in prose and tables. A span naming another tool's command (`helm install ...`)
+    // is that tool's, and so is a `--flag` after it in the same paragraph, list item or table row
+    // (until a `picotun ...` span).
+    let mut other_tool: Option<String> = None;
     for (i, line) in text.lines().enumerate() {
         let at = i + 1;
         if fenced.contains(&at) {
+            other_tool = None;
             continue;
+        }
+        let t = line.trim_start();
+        let list_item = t.starts_with("- ")
+            || t.starts_with("* ")
+            || t.split_once(". ").is_some_and(|(n, _)| !n.is_empty() && n.chars().all(|c| c.is_ascii_digit()));
+        if t.is_empty() || t.starts_with('|') || t.starts_with('#') || list_item {
+            other_tool = None;
         }
         let flags = section[i].as_ref().and_then(|m| by_mode.get(m)).unwrap_or(&any_mode);
         let where_ = section[i].as_ref().map(|m| format!("`picotun {m}`")).unwrap_or_else(|| "picotun".into());
         for (span, first_cell) in inline_spans(line) {
             let words: Vec<String> = shell_commands(&span).into_iter().flatten().collect();
             if words.first().is_some_and(|w| w == "picotun" || w == "cargo") {
+                other_tool = None;
                 for c in shell_commands(&span) {
                     check_command(at, &c, &mut problems);
                 }
                 continue;
             }
+            if let Some(tool) = words.first().filter(|w| OTHER_TOOLS.contains(&w.as_str())) {
+                other_tool = Some(tool.clone());
+                continue;
+            }
             let Some(first) = words.first().filter(|w| w.starts_with("--") && w.len() > 2) else { continue };
+            if other_tool.is_some() {
+                continue;
+            }
             let (name, inline_value) = match first.split_once('=') {
                 Some((n, v)) => (n.to_string(), Some(v.to_string())),
                 None => (first.clone(), None),
@@ -675,6 +717,15 @@ fn the_checks_catch_what_they_are_for() {
     let problems = flag_problems("t.md", doc);
     assert_eq!(problems.len(), 1, "{problems:#?}");
     assert!(problems[0].contains("--server-port's default is `22`, not `2222`"), "{}", problems[0]);
+    // Another tool's flags: a span starting with its name, and a flag after it in the same
+    // paragraph or table row; a `picotun ...` span, a new paragraph or row is picotun's again.
+    let doc = "Install with `helm install x --set-file a=b` (`--set-file`).\nStill helm: `--set a=b`, \
+               then `picotun agent`: `--set`.\n\n`--set-file`\n\n| `helm --set` | `--set` |\n| `--set` | x |\n";
+    let problems = flag_problems("t.md", doc);
+    assert_eq!(problems.len(), 3, "{problems:#?}");
+    assert!(problems[0].starts_with("t.md:2:") && problems[0].contains("no --set"), "{}", problems[0]);
+    assert!(problems[1].starts_with("t.md:4:") && problems[1].contains("no --set-file"), "{}", problems[1]);
+    assert!(problems[2].starts_with("t.md:7:") && problems[2].contains("no --set"), "{}", problems[2]);
     // Fenced commands go through clap, continuation lines joined; a heredoc's body is not a command.
     let doc = "```sh norun example\ncat > f <<EOF\npicotun agent --bogus\nEOF\npicotun agent \\\n  --tunnels-file f --server-port x\n```\n";
     let problems = flag_problems("t.md", doc);
@@ -693,7 +744,7 @@ fn the_checks_catch_what_they_are_for() {
     assert!(blocks("t.md", "```sh runn\nls\n```\n").is_err());
     let b =
         &blocks("t.md", "text\n  ```console run retry\n  $ kubectl get \\\n      pods\n  NAME\n  ```\n").unwrap()[0];
-    assert_eq!((b.line, &b.mark), (2, &Mark::Run { background: false, retry: true }));
+    assert_eq!((b.line, &b.mark), (2, &Mark::Run { background: false, retry: true, fresh: false }));
     assert_eq!(b.script(), ["kubectl get \\", "    pods", ""]);
     assert_eq!(
         shell_commands("picotun ca create | kubectl apply -f - # x"),
@@ -716,10 +767,10 @@ struct World {
 }
 
 /// Text substitutions for one document: a tuns.sh server name -> sish on 127.0.0.1 (its port and
-/// host key come from PICOTUN_SERVER_PORT and PICOTUN_KNOWN_HOSTS); each loopback port the
-/// document names -> a free one, the same throughout the document.
+/// host key come from PICOTUN_SERVER_PORT and PICOTUN_KNOWN_HOSTS); YOUR_PICO_USER -> a user
+/// name; each loopback port the document names -> a free one, the same throughout the document.
 fn substitute(script: &str, ports: &mut BTreeMap<String, String>) -> String {
-    let mut text = script.replace("nue.tuns.sh", "127.0.0.1");
+    let mut text = script.replace("nue.tuns.sh", "127.0.0.1").replace("YOUR_PICO_USER", DOCS_USER);
     for prefix in ["127.0.0.1:", "localhost:"] {
         let mut out = String::new();
         let mut rest = text.as_str();
@@ -737,6 +788,9 @@ fn substitute(script: &str, ports: &mut BTreeMap<String, String>) -> String {
     }
     text
 }
+
+/// The pico.sh user name of the docs' `YOUR_PICO_USER` (no block opens a tunnel as it).
+const DOCS_USER: &str = "docs";
 
 /// A document's run: its directory (a copy of the repository as the working directory, a $HOME
 /// of its own) and the blocks started in the background.
@@ -762,7 +816,9 @@ impl<'a> DocRun<'a> {
             assert!(ok, "copying {name} of the repository");
         }
         // What a generated certs/ directory in the checkout holds must not change what the docs do.
-        let _ = std::fs::remove_dir_all(work.join("deploy/without-cert-manager/certs"));
+        for certs in ["deploy/without-cert-manager/certs", "certs"] {
+            let _ = std::fs::remove_dir_all(work.join(certs));
+        }
         let ssh = dir.path().join("home/.ssh");
         std::fs::create_dir_all(&ssh).unwrap();
         for name in ["id_ed25519", "picotun_ed25519"] {
@@ -792,13 +848,24 @@ impl<'a> DocRun<'a> {
             .env("PICOTUN_SERVER_PORT", self.world.sish.ssh_port().to_string())
             .env("PICOTUN_KNOWN_HOSTS", self.world.sish.known_hosts())
             .env_remove("PICOTUN_LOG");
+        // helm keeps its cache and config under HOME, not the developer's.
+        for var in [
+            "HELM_CACHE_HOME",
+            "HELM_CONFIG_HOME",
+            "HELM_DATA_HOME",
+            "XDG_CACHE_HOME",
+            "XDG_CONFIG_HOME",
+            "XDG_DATA_HOME",
+        ] {
+            cmd.env_remove(var);
+        }
         (cmd, script)
     }
 
     /// Runs one block; an error names its file and line and shows its output.
     fn run(&mut self, block: &Block) -> Result<(), String> {
         self.check_background()?;
-        let Mark::Run { background, retry } = block.mark else { return Ok(()) };
+        let Mark::Run { background, retry, .. } = block.mark else { return Ok(()) };
         let log = self.dir.path().join(format!("block-{}.log", block.line));
         if background {
             let (cmd, _) = self.command(block);
@@ -856,43 +923,43 @@ impl<'a> DocRun<'a> {
     }
 }
 
-/// The names of every cluster-scoped object and namespace, to remove what a document made
+/// An object: group, version, kind, namespace ("" for a cluster-scoped one), name.
+type ObjectKey = (String, String, String, String, String);
+
+/// The names of every cluster-scoped object and namespace, and of the objects in namespaces
+/// other than kube-* (`default` holds a Helm release's record), to remove what a document made
 /// before the next one starts.
-async fn cluster_objects(client: &kube::Client, discovery: &Discovery) -> BTreeSet<(String, String, String, String)> {
+async fn cluster_objects(client: &kube::Client, discovery: &Discovery) -> BTreeSet<ObjectKey> {
     let mut out = BTreeSet::new();
     for group in discovery.groups() {
         for (ar, caps) in group.recommended_resources() {
-            if caps.scope != Scope::Cluster
-                || !caps.supports_operation(verbs::LIST)
-                || !caps.supports_operation(verbs::DELETE)
-            {
+            if !caps.supports_operation(verbs::LIST) || !caps.supports_operation(verbs::DELETE) || ar.kind == "Event" {
                 continue;
             }
             let api: Api<DynamicObject> = Api::all_with(client.clone(), &ar);
             let Ok(list) = api.list_metadata(&ListParams::default()).await else { continue };
             for o in list.items {
+                let ns =
+                    if caps.scope == Scope::Cluster { String::new() } else { o.metadata.namespace.unwrap_or_default() };
+                if ns.starts_with("kube-") {
+                    continue;
+                }
                 let name = o.metadata.name.unwrap_or_default();
-                out.insert((ar.group.clone(), ar.version.clone(), ar.kind.clone(), name));
+                out.insert((ar.group.clone(), ar.version.clone(), ar.kind.clone(), ns, name));
             }
         }
     }
     out
 }
 
-async fn remove_new_objects(
-    client: &kube::Client,
-    discovery: &Discovery,
-    before: &BTreeSet<(String, String, String, String)>,
-) {
+async fn remove_new_objects(client: &kube::Client, discovery: &Discovery, before: &BTreeSet<ObjectKey>) {
     // Namespaces first (their Services' cluster-scoped IPAddresses go with them), then the rest.
-    let new = |now: &BTreeSet<(String, String, String, String)>| -> Vec<(String, String, String, String)> {
-        now.difference(before).cloned().collect()
-    };
+    let new = |now: &BTreeSet<ObjectKey>| -> Vec<ObjectKey> { now.difference(before).cloned().collect() };
     let api: Api<Namespace> = Api::all(client.clone());
     let namespaces: Vec<String> = new(&cluster_objects(client, discovery).await)
         .into_iter()
-        .filter(|(_, _, kind, _)| kind == "Namespace")
-        .map(|(_, _, _, name)| name)
+        .filter(|(_, _, kind, ns, _)| kind == "Namespace" && ns.is_empty())
+        .map(|(_, _, _, _, name)| name)
         .collect();
     for ns in &namespaces {
         let _ = api.delete(ns, &DeleteParams::background()).await;
@@ -904,12 +971,51 @@ async fn remove_new_objects(
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
-    for (group, version, kind, name) in new(&cluster_objects(client, discovery).await) {
+    for (group, version, kind, ns, name) in new(&cluster_objects(client, discovery).await) {
         let gvk = kube::api::GroupVersionKind::gvk(&group, &version, &kind);
         let Some((ar, _)) = discovery.resolve_gvk(&gvk) else { continue };
-        let api: Api<DynamicObject> = Api::all_with(client.clone(), &ar);
+        let api: Api<DynamicObject> = if ns.is_empty() {
+            Api::all_with(client.clone(), &ar)
+        } else {
+            Api::namespaced_with(client.clone(), &ns, &ar)
+        };
         let _ = api.delete(&name, &DeleteParams::background()).await;
     }
+}
+
+/// Back to the cluster the document found: what it made removed, its `my-app` there again.
+async fn fresh_cluster(client: &kube::Client, discovery: &Discovery, before: &BTreeSet<ObjectKey>, text: &str) {
+    remove_new_objects(client, discovery, before).await;
+    if text.contains(USER_NAMESPACE) {
+        let ns: Namespace = serde_json::from_value(serde_json::json!({"metadata": {"name": USER_NAMESPACE}})).unwrap();
+        Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns).await.unwrap();
+    }
+}
+
+/// The line of the heading that ends the section `line` is in (the next heading of the same or
+/// a higher level), or None at the end of the document.
+fn section_end(text: &str, line: usize) -> Option<usize> {
+    let lines: Vec<&str> = text.lines().collect();
+    let mut in_fence = false;
+    let mut level = None;
+    let mut headings = Vec::new();
+    for (i, l) in lines.iter().enumerate() {
+        let t = l.trim_start();
+        if t.starts_with("```") || t.starts_with("~~~") {
+            in_fence = !in_fence;
+        }
+        if !in_fence && l.starts_with('#') {
+            headings.push((i + 1, l.chars().take_while(|&c| c == '#').count()));
+        }
+    }
+    for &(at, l) in &headings {
+        if at < line {
+            level = Some(l);
+        } else if level.is_none_or(|level| l <= level) {
+            return Some(at);
+        }
+    }
+    None
 }
 
 /// The namespace the docs take as the user's own (`kubectl label namespace my-app ...`).
@@ -967,15 +1073,41 @@ async fn the_docs_run_on_the_ground() {
 
         let started = Instant::now();
         let mut run = DocRun::new(&world);
-        let mut ran = 0;
+        let (mut ran, mut again) = (0, 0);
+        // A `run fresh` block and the run blocks after it in its section are an alternative (the
+        // Helm chart instead of kustomize): each fresh block starts from the cluster the document
+        // found; when the section ends, the cluster is cleaned again and the blocks of the main
+        // path so far run again, so what follows finds what they made.
+        let mut main_path: Vec<&Block> = Vec::new();
+        let mut alternative_until: Option<Option<usize>> = None;
         let mut failed = None;
         for block in &to_run {
+            if let Some(end) = alternative_until
+                && end.is_some_and(|end| block.line > end)
+            {
+                alternative_until = None;
+                fresh_cluster(&client, &discovery, &before, &text).await;
+                again += main_path.len();
+                if let Some(e) = main_path.iter().find_map(|b| run.run(b).err()) {
+                    failed =
+                        Some(format!("{e}\n(run again after the alternative that ends at {file}:{})", end.unwrap()));
+                    break;
+                }
+            }
+            let Mark::Run { background, fresh, .. } = block.mark else { continue };
+            if fresh {
+                fresh_cluster(&client, &discovery, &before, &text).await;
+                alternative_until = Some(section_end(&text, block.line));
+            }
             match run.run(block) {
                 Ok(()) => ran += 1,
                 Err(e) => {
                     failed = Some(e);
                     break;
                 }
+            }
+            if alternative_until.is_none() && !background {
+                main_path.push(block);
             }
         }
         let end = run.finish();
@@ -986,8 +1118,9 @@ async fn the_docs_run_on_the_ground() {
         if n + 1 < docs.len() {
             remove_new_objects(&client, &discovery, &before).await;
         }
+        let again = if again > 0 { format!(" ({again} again after an alternative)") } else { String::new() };
         summary.push(format!(
-            "[docs] {file}: {ran} of {} blocks ran, {norun} not runnable ({:.1}s; cleaned up in {:.1}s)",
+            "[docs] {file}: {ran} of {} blocks ran{again}, {norun} not runnable ({:.1}s; cleaned up in {:.1}s)",
             to_run.len(),
             took.as_secs_f64(),
             (started.elapsed() - took).as_secs_f64()
