@@ -248,8 +248,10 @@ fn watch<K>(
     });
 }
 
-/// The metadata of every pod, trimmed to what name ownership reads: namespace, name, creation
-/// and deletion times, the expose annotation.
+/// The metadata of the pods that ask for names (an expose annotation, not being deleted),
+/// trimmed to what name ownership reads: namespace, name, creation time, the expose annotation.
+/// Every other pod asks for nothing, so it is not kept: the webhook resolves ownership on every
+/// admission, and a cache of every pod made each admission cost grow with the cluster's pods.
 fn watch_pod_metadata(
     client: kube::Client,
     changed: Arc<Notify>,
@@ -258,18 +260,8 @@ fn watch_pod_metadata(
     let (reader, writer) = reflector::store();
     let stream = watcher(Api::<PartialObjectMeta<Pod>>::all(client), watcher::Config::default().any_semantic())
         .default_backoff()
-        .modify(|o| {
-            let m = &mut o.metadata;
-            m.managed_fields = None;
-            m.labels = None;
-            m.owner_references = None;
-            m.finalizers = None;
-            m.annotations = m
-                .annotations
-                .take()
-                .map(|a| a.into_iter().filter(|(k, _)| k == crate::core::api::EXPOSE).collect::<BTreeMap<_, _>>())
-                .filter(|a| !a.is_empty());
-        })
+        .modify(trim_to_expose)
+        .filter_map(|event| std::future::ready(event.map(only_name_asks).transpose()))
         .reflect(writer);
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
@@ -285,6 +277,39 @@ fn watch_pod_metadata(
         }
     });
     reader
+}
+
+/// A pod's metadata trimmed to what name ownership reads.
+fn trim_to_expose(o: &mut PartialObjectMeta<Pod>) {
+    let m = &mut o.metadata;
+    m.managed_fields = None;
+    m.labels = None;
+    m.owner_references = None;
+    m.finalizers = None;
+    m.annotations = m
+        .annotations
+        .take()
+        .map(|a| a.into_iter().filter(|(k, _)| k == crate::core::api::EXPOSE).collect::<BTreeMap<_, _>>())
+        .filter(|a| !a.is_empty());
+}
+
+/// Whether a pod asks for names: it has an expose annotation and is not being deleted (what
+/// `ownership::expose_asks` reads).
+fn asks_for_names(meta: &ObjectMeta) -> bool {
+    meta.deletion_timestamp.is_none()
+        && meta.annotations.as_ref().is_some_and(|a| a.contains_key(crate::core::api::EXPOSE))
+}
+
+/// A watch event on pod metadata, narrowed to the pods that ask for names: a pod that stops
+/// asking (its annotation removed, its deletion begun) becomes a delete, so the store lets it
+/// go; one that never asked is not stored at all (a delete of what the store lacks is a no-op).
+fn only_name_asks(event: watcher::Event<PartialObjectMeta<Pod>>) -> Option<watcher::Event<PartialObjectMeta<Pod>>> {
+    use watcher::Event;
+    match event {
+        Event::Apply(m) if !asks_for_names(&m.metadata) => Some(Event::Delete(m)),
+        Event::InitApply(m) if !asks_for_names(&m.metadata) => None,
+        other => Some(other),
+    }
 }
 
 /// What starts one Gateway API kind's watch once its CRD is found: the watch, and a future that
@@ -890,6 +915,67 @@ mod tests {
         let fresh = crate::resolve::ownership::Claim::Name("fresh".into());
         assert!(owners.check_claim(&me, &fresh).is_ok());
         assert!(owners.check_claim(&me, &crate::resolve::ownership::Claim::Name("demo".into())).is_err());
+    }
+
+    /// The webhook's pod cache holds only the pods that ask for names. It resolves ownership on
+    /// every admission over what the cache holds, so a cache of every pod made each admission
+    /// cost grow with the cluster (a pod with no expose annotation asks for nothing).
+    #[test]
+    fn the_pod_metadata_cache_keeps_only_pods_that_ask_for_names() {
+        let meta = |name: &str, expose: Option<&str>, deleting: bool| {
+            let mut m = PartialObjectMeta::<Pod> {
+                metadata: serde_json::from_value(json!({"name": name, "namespace": "ns",
+                    "creationTimestamp": "2024-01-01T00:00:00Z",
+                    "labels": {"app": "web"}, "annotations": {"other": "x"}}))
+                .unwrap(),
+                ..Default::default()
+            };
+            if let Some(e) = expose {
+                m.metadata.annotations.get_or_insert_default().insert(crate::core::api::EXPOSE.into(), e.into());
+            }
+            if deleting {
+                m.metadata.deletion_timestamp = m.metadata.creation_timestamp.clone();
+            }
+            trim_to_expose(&mut m);
+            m
+        };
+        let (store, mut writer) = reflector::store::<PartialObjectMeta<Pod>>();
+        let mut apply = |e: watcher::Event<PartialObjectMeta<Pod>>| {
+            if let Some(e) = only_name_asks(e) {
+                writer.apply_watcher_event(&e);
+            }
+        };
+        let names = |s: &Store<PartialObjectMeta<Pod>>| {
+            let mut n: Vec<String> = s.state().iter().filter_map(|m| m.metadata.name.clone()).collect();
+            n.sort();
+            n
+        };
+        // The initial list: 1000 pods, two of which ask.
+        apply(watcher::Event::Init);
+        for i in 0..1000 {
+            apply(watcher::Event::InitApply(meta(&format!("plain-{i}"), None, false)));
+        }
+        apply(watcher::Event::InitApply(meta("asks-1", Some("http:demo=80"), false)));
+        apply(watcher::Event::InitApply(meta("asks-2", Some("http:other=80"), false)));
+        apply(watcher::Event::InitDone);
+        assert_eq!(names(&store), ["asks-1", "asks-2"]);
+        let kept = store.state();
+        let annotations = kept[0].metadata.annotations.as_ref().unwrap();
+        assert_eq!(annotations.keys().collect::<Vec<_>>(), [crate::core::api::EXPOSE], "trimmed");
+        assert!(kept[0].metadata.labels.is_none());
+
+        // A new pod that asks is kept; one that does not is not.
+        apply(watcher::Event::Apply(meta("asks-3", Some("http:third=80"), false)));
+        apply(watcher::Event::Apply(meta("plain-new", None, false)));
+        assert_eq!(names(&store), ["asks-1", "asks-2", "asks-3"]);
+        // Its annotation removed: let go. Its deletion begun: let go. Deleted: gone.
+        apply(watcher::Event::Apply(meta("asks-1", None, false)));
+        apply(watcher::Event::Apply(meta("asks-2", Some("http:other=80"), true)));
+        apply(watcher::Event::Delete(meta("asks-3", Some("http:third=80"), false)));
+        assert!(names(&store).is_empty());
+        // A pod that starts asking later is kept from then on.
+        apply(watcher::Event::Apply(meta("plain-7", Some("http:late=80"), false)));
+        assert_eq!(names(&store), ["plain-7"]);
     }
 
     /// An index over hand-filled stores (no apiserver), scoped by `selector`.
