@@ -7,7 +7,8 @@
 #   and what each costs the client per GiB moved: CPU milliseconds and page faults (lower is
 #   better; unlike MB/s, these hardly depend on what else the two cores are running);
 #   64-byte round trip p50/p99 and new-connection setup p50/p99 (microseconds, lower is better);
-#   client RSS idle and peak under load (MB, lower is better);
+#   client RSS idle and peak under load (MB, lower is better), the peak also per throughput
+#   figure;
 #   throughput with 100 ms of added round-trip time on the SSH hop (a userspace delay relay);
 #   seconds until a server gone silent is noticed (keepalive), the agent vs ssh with the same
 #   probe interval and count.
@@ -163,9 +164,15 @@ sshd_session_of() {
 srv_ticks() { if [[ -n $1 ]]; then cpu_ticks "$1"; else echo 0; fi; }
 AGENT_SSHD=$(sshd_session_of "$AGENT_PID"); SSH_SSHD=$(sshd_session_of "$SSH_PID")
 [[ -n $AGENT_SSHD && -n $SSH_SSHD && $AGENT_SSHD != "$SSH_SSHD" ]] || { echo "[bench] cannot tell the sshd sessions apart" >&2; exit 1; }
+# The peak RSS of each throughput figure on its own: writing 5 to clear_refs resets a process's
+# VmHWM, so each figure's peak is read after its turns (and the overall peak kept as the largest).
+reset_peak() { echo 5 >"/proc/$1/clear_refs"; }
+peak_o=0; peak_b=0
+larger() { awk -v a="$1" -v b="$2" 'BEGIN { print (a > b) ? a : b }'; }
 throughput_pair() {
   local metric=$1 dir=$2 port_o=$3 port_b=$4 n=$5 streams=${6:-1} ours=() base=() i
-  local cpu_o=0 cpu_b=0 flt_o=0 flt_b=0 srv_o=0 srv_b=0 t0 f0 s0
+  local cpu_o=0 cpu_b=0 flt_o=0 flt_b=0 srv_o=0 srv_b=0 t0 f0 s0 p_o p_b
+  reset_peak "$AGENT_PID"; reset_peak "$SSH_PID"
   for ((i = 0; i < repeat; i++)); do
     t0=$(cpu_ticks "$AGENT_PID"); f0=$(minor_faults "$AGENT_PID"); s0=$(srv_ticks "$AGENT_SSHD")
     ours+=("$(measure "$dir" "127.0.0.1:$port_o" "$n" "$streams")")
@@ -177,6 +184,9 @@ throughput_pair() {
     srv_b=$((srv_b + $(srv_ticks "$SSH_SSHD") - s0))
   done
   echo "[bench] $metric: ours ${ours[*]}, baseline ${base[*]}" >&2
+  p_o=$(rss_mb "$AGENT_PID" VmHWM); p_b=$(rss_mb "$SSH_PID" VmHWM)
+  peak_o=$(larger "$peak_o" "$p_o"); peak_b=$(larger "$peak_b" "$p_b")
+  emit "${metric%_MBps}_rss_peak_MB" "$p_o" "$p_b"
   emit "$metric" "$(printf '%s\n' "${ours[@]}" | median)" "$(printf '%s\n' "${base[@]}" | median)"
   # Per GiB moved, summed over the turns: CPU milliseconds and page faults of the client alone.
   local gib; gib=$(awk -v n="$n" -v r="$repeat" 'BEGIN { print n * r / 1024 }')
@@ -203,7 +213,8 @@ read -r b50 b99 < <(measure setup "127.0.0.1:$B_ECHO" 200)
 emit conn_setup_p50_us "$o50" "$b50"
 emit conn_setup_p99_us "$o99" "$b99"
 emit rss_idle_MB "$agent_idle" "$ssh_idle"
-emit rss_loaded_peak_MB "$(rss_mb "$AGENT_PID" VmHWM)" "$(rss_mb "$SSH_PID" VmHWM)"
+# The largest of the throughput figures' peaks, and of what the small-message runs since reached.
+emit rss_loaded_peak_MB "$(larger "$peak_o" "$(rss_mb "$AGENT_PID" VmHWM)")" "$(larger "$peak_b" "$(rss_mb "$SSH_PID" VmHWM)")"
 
 # --- 100 ms round trip on the SSH hop ---
 delay_port=$(free_port)

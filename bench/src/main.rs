@@ -12,10 +12,13 @@
 //!                                      POST BODY to https://ADDR/mutate over keep-alive TLS
 //!                                      connections (CA verifies the server), closed loop or paced
 //!                                      at RATE requests/s in total: "rps p50_us p99_us errors"
-//! loadgen noop-webhook LISTEN CERT KEY an admission webhook that answers every AdmissionReview
+//! loadgen noop-webhook LISTEN CERT KEY [TOUCH_NAMESPACE]
+//!                                      an admission webhook that answers every AdmissionReview
 //!                                      "allowed", no patch, over TLS (HTTP/1.1 keep-alive, as
 //!                                      picotun's webhook is served to the apiserver): the floor
-//!                                      bench/src/podcreate.rs measures injection against
+//!                                      bench/src/podcreate.rs measures injection against. Pods
+//!                                      in TOUCH_NAMESPACE get the smallest patch instead (one
+//!                                      label): what the apiserver charges for any change
 //! ```
 //! The source app sends as many bytes as the first 8 bytes (big-endian) it reads ask for.
 
@@ -31,7 +34,7 @@ const MIB: u64 = 1024 * 1024;
 fn usage() -> ! {
     eprintln!(
         "usage: loadgen apps SINK SOURCE ECHO | delay LISTEN UPSTREAM MS | measure in|out|rtt|setup ADDR N [STREAMS] \
-         | admission ADDR CA BODY CONCURRENCY SECONDS [RATE] | noop-webhook LISTEN CERT KEY"
+         | admission ADDR CA BODY CONCURRENCY SECONDS [RATE] | noop-webhook LISTEN CERT KEY [TOUCH_NAMESPACE]"
     );
     std::process::exit(2)
 }
@@ -58,7 +61,8 @@ async fn main() {
             .await;
             println!("{rps:.0} {p50} {p99} {errors}");
         }
-        ["noop-webhook", listen_addr, cert, key] => noop_webhook(listen_addr, cert, key).await,
+        ["noop-webhook", listen_addr, cert, key] => noop_webhook(listen_addr, cert, key, None).await,
+        ["noop-webhook", listen_addr, cert, key, touch] => noop_webhook(listen_addr, cert, key, Some(touch)).await,
         ["measure", kind, addr, n, rest @ ..] => {
             let n: u64 = n.parse().unwrap_or_else(|_| usage());
             let streams: usize = rest.first().map(|s| s.parse().unwrap_or_else(|_| usage())).unwrap_or(1);
@@ -402,8 +406,11 @@ async fn read_message<S: tokio::io::AsyncRead + Unpin>(
 /// `noop-webhook`: answers every AdmissionReview "allowed" with no patch -- the least any
 /// webhook can do (read the request, echo its uid). Says on stdout when the apiserver opens a
 /// connection and after the first answer, so the benchmark knows it is called and over how many
-/// connections.
-async fn noop_webhook(listen_addr: &str, cert: &str, key: &str) {
+/// connections. A pod in `touch_namespace` gets one label added instead: the least any webhook
+/// that changes a pod can ask of the apiserver, which then applies a patch and, because the pod
+/// changed, runs its own mutating plugins over it a second time (admission re-invocation).
+async fn noop_webhook(listen_addr: &str, cert: &str, key: &str, touch_namespace: Option<&str>) {
+    use base64::Engine;
     use rustls::pki_types::pem::PemObject;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
@@ -416,20 +423,30 @@ async fn noop_webhook(listen_addr: &str, cert: &str, key: &str) {
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let listener = listen(listen_addr).await;
     let answered = Arc::new(AtomicBool::new(false));
+    let touched = Arc::new(AtomicBool::new(false));
+    let touch_namespace: Arc<Option<String>> = Arc::new(touch_namespace.map(str::to_string));
+    // `bench-touched: "1"`, base64 of the JSON patch.
+    let touch_patch = base64::engine::general_purpose::STANDARD
+        .encode(br#"[{"op":"add","path":"/metadata/labels/bench-touched","value":"1"}]"#);
     while let Ok((tcp, peer)) = listener.accept().await {
         println!("noop-webhook: connection from {peer}");
-        let (acceptor, answered) = (acceptor.clone(), answered.clone());
+        let (acceptor, answered, touched) = (acceptor.clone(), answered.clone(), touched.clone());
+        let (touch_namespace, touch_patch) = (touch_namespace.clone(), touch_patch.clone());
         tokio::spawn(async move {
             let _ = tcp.set_nodelay(true);
             let Ok(mut tls) = acceptor.accept(tcp).await else { return };
             let mut reader = Reader::new();
             while let Some((_, body)) = read_message(&mut tls, &mut reader).await {
-                let uid = serde_json::from_slice::<serde_json::Value>(&body)
-                    .ok()
-                    .and_then(|v| v["request"]["uid"].as_str().map(str::to_string))
-                    .unwrap_or_default();
+                let review = serde_json::from_slice::<serde_json::Value>(&body).unwrap_or_default();
+                let uid = review["request"]["uid"].as_str().unwrap_or_default();
+                let touch = touch_namespace.as_deref().is_some_and(|ns| review["request"]["namespace"] == ns);
+                let mut response = serde_json::json!({"uid": uid, "allowed": true});
+                if touch {
+                    response["patchType"] = "JSONPatch".into();
+                    response["patch"] = touch_patch.as_str().into();
+                }
                 let answer = serde_json::json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
-                    "response": {"uid": uid, "allowed": true}})
+                    "response": response})
                 .to_string();
                 let response = format!(
                     "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{answer}",
@@ -440,6 +457,9 @@ async fn noop_webhook(listen_addr: &str, cert: &str, key: &str) {
                 }
                 if !answered.swap(true, Ordering::Relaxed) {
                     println!("noop-webhook: answered its first admission request");
+                }
+                if touch && !touched.swap(true, Ordering::Relaxed) {
+                    println!("noop-webhook: patched its first pod");
                 }
             }
         });
