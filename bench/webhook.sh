@@ -13,12 +13,15 @@
 #   webhook (`loadgen noop-webhook`), the floor no webhook can beat; and that injected figure
 #   split in two: the same pre-injected pod given a one-label patch by the no-op webhook (what
 #   the apiserver charges any webhook that changes a pod) vs the floor, and injected vs that.
+# BENCH_PODS (default 100) rounds of pod creation; BENCH_POPULATION (default 0) pods created
+# first elsewhere in the cluster, which an admission should not pay for.
 # Everything runs on 127.0.0.1 and is stopped by PID when the script exits.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
 seconds=${BENCH_SECONDS:-10}
 pods=${BENCH_PODS:-100}
+population=${BENCH_POPULATION:-0}
 
 "$repo/scripts/install-deps"
 bin_dir=$("$repo/scripts/build-testground" | tail -n1)
@@ -68,4 +71,4 @@ emit admission_1000rps_p50_us "$o50" "$b50"
 emit admission_1000rps_p99_us "$o99" "$b99"
 echo "[bench] injection adds $((o99 - b99)) us at p99 at 1000 requests/s; errors: ${o_err}/${b_err}/${o_err2}/${b_err2}; webhook RSS $(awk '/VmHWM/ {print $2}' "/proc/$webhook_pid/status") kB peak" >&2
 
-"$repo/target/release/podcreate" "$picotun" "$loadgen" "$pods"
+"$repo/target/release/podcreate" "$picotun" "$loadgen" "$pods" "$population"

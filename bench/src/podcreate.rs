@@ -1,4 +1,4 @@
-//! `podcreate PICOTUN LOADGEN COUNT`: Pod-creation latency through the test ground's real
+//! `podcreate PICOTUN LOADGEN COUNT [POPULATION]`: Pod-creation latency through the test ground's real
 //! kube-apiserver, for issue 13's two figures, interleaved in one run (each round creates one pod
 //! of each kind, in a rotating order):
 //!
@@ -13,6 +13,9 @@
 //!   patch (one label). Any webhook that injects changes the pod, and a changed pod costs the
 //!   apiserver a patch to apply and a second pass of its own mutating plugins (re-invocation):
 //!   this splits the injected figure into what any change costs and what picotun adds.
+//!
+//! POPULATION pods (default 0) are created first in a namespace of their own that no webhook is
+//! registered for -- the rest of a cluster, which an admission should not pay for.
 //!
 //! Prints `bench:` lines (milliseconds), and on stderr where the time goes.
 
@@ -106,10 +109,13 @@ async fn webhook_metric(admin: &str, name: &str) -> Option<f64> {
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let (Some(picotun), Some(loadgen), Some(count)) =
-        (args.get(1), args.get(2), args.get(3).and_then(|c| c.parse::<usize>().ok()))
-    else {
-        eprintln!("usage: podcreate PICOTUN LOADGEN COUNT");
+    let (Some(picotun), Some(loadgen), Some(count), Some(population)) = (
+        args.get(1),
+        args.get(2),
+        args.get(3).and_then(|c| c.parse::<usize>().ok()),
+        args.get(4).map_or(Some(0), |p| p.parse::<usize>().ok()),
+    ) else {
+        eprintln!("usage: podcreate PICOTUN LOADGEN COUNT [POPULATION]");
         std::process::exit(2);
     };
     let ground = ControlPlane::start(Default::default()).await.expect("test ground");
@@ -125,6 +131,26 @@ async fn main() {
         .patch(labeled.name(), &PatchParams::default(), &Patch::Merge(&label))
         .await
         .unwrap();
+
+    if population > 0 {
+        use futures::StreamExt;
+        let rest = ground.namespace("rest-of-cluster").await.unwrap();
+        let api: Api<Pod> = Api::namespaced(client.clone(), rest.name());
+        let pod: Pod = serde_json::from_value(pod_json(json!({"app": "other"}))).unwrap();
+        let started = Instant::now();
+        futures::stream::iter(0..population)
+            .map(|i| {
+                let (api, pod) = (api.clone(), named(&pod, format!("other-{i}")));
+                async move { api.create(&PostParams::default(), &pod).await.unwrap() }
+            })
+            .buffer_unordered(16)
+            .for_each(|_| async {})
+            .await;
+        eprintln!(
+            "[bench] {population} pods elsewhere in the cluster, created in {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
+    }
 
     let dir = tempfile::tempdir().unwrap();
     let ca = Ca::new("bench-ca").unwrap();
