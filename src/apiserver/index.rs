@@ -30,7 +30,7 @@ use tracing::{info, warn};
 use crate::core::tunnel::TunnelSpec;
 use crate::resolve::cluster::{ClusterResolution, Inputs, resolve_all, resolve_with};
 use crate::resolve::gateway::{self, GatewayModel, RouteModel};
-use crate::resolve::ownership::{DomainPolicy, Ownership};
+use crate::resolve::ownership::{self, DomainPolicy, Ownership};
 use crate::resolve::{PodKey, Snapshot};
 
 /// What resolution needs to know about picotun's own names.
@@ -126,6 +126,40 @@ impl GatewayKind {
     }
 }
 
+/// What the watches tell the index's users: a wake-up for the controller's loop when a cache
+/// changed, and a count of changes, so the webhook can reuse what it resolved from the caches
+/// until the count moves. Bumped after the reflector has applied the event to its store.
+#[derive(Default)]
+struct Changes {
+    wake: Notify,
+    count: std::sync::atomic::AtomicU64,
+}
+
+impl Changes {
+    /// A cache changed: count it, and wake the controller.
+    fn changed(&self) {
+        self.counted();
+        self.wake.notify_one();
+    }
+
+    /// A cache changed in a way the controller need not wake for (outside its namespaces); still
+    /// counted, so nothing resolved before it is reused.
+    fn counted(&self) {
+        self.count.fetch_add(1, Ordering::AcqRel);
+    }
+
+    fn count(&self) -> u64 {
+        self.count.load(Ordering::Acquire)
+    }
+}
+
+/// The cluster's name owners and the caches they were resolved from, as of a change count.
+struct Resolved {
+    count: u64,
+    view: Arc<View>,
+    owners: Arc<Ownership>,
+}
+
 /// Reflector caches, each filled by a watch that retries with backoff.
 #[derive(Clone)]
 pub struct Index {
@@ -142,7 +176,9 @@ pub struct Index {
     /// With a namespace selector: Gateways outside the selected namespaces are left out of every
     /// [`View`], as routes and pods are left out of resolution.
     scope: Option<Relevance>,
-    changed: Arc<Notify>,
+    changed: Arc<Changes>,
+    /// The webhook's last admission resolution (see [`Index::admission_for`]).
+    resolved: Arc<std::sync::Mutex<Option<Resolved>>>,
     /// Watches that have listed their objects once.
     synced: Arc<AtomicUsize>,
     /// Watches started; grows when a Gateway API CRD is discovered after start.
@@ -209,7 +245,7 @@ fn namespace_selected(selector: &Selector, n: &Namespace) -> bool {
 fn watch<K>(
     api: Api<K>,
     writer: reflector::store::Writer<K>,
-    changed: Arc<Notify>,
+    changed: Arc<Changes>,
     shutdown: CancellationToken,
     what: String,
     relevance: Option<Relevance>,
@@ -236,7 +272,9 @@ fn watch<K>(
                             _ => true,
                         };
                         if wake {
-                            changed.notify_one();
+                            changed.changed();
+                        } else {
+                            changed.counted();
                         }
                     }
                     Some(Err(e)) => warn!(watch = %what, error = %e, "watch failed; retrying"),
@@ -254,7 +292,7 @@ fn watch<K>(
 /// admission, and a cache of every pod made each admission cost grow with the cluster's pods.
 fn watch_pod_metadata(
     client: kube::Client,
-    changed: Arc<Notify>,
+    changed: Arc<Changes>,
     shutdown: CancellationToken,
 ) -> Store<PartialObjectMeta<Pod>> {
     let (reader, writer) = reflector::store();
@@ -268,7 +306,7 @@ fn watch_pod_metadata(
         loop {
             tokio::select! {
                 item = stream.next() => match item {
-                    Some(Ok(_)) => changed.notify_one(),
+                    Some(Ok(_)) => changed.changed(),
                     Some(Err(e)) => warn!(watch = "Pod metadata", error = %e, "watch failed; retrying"),
                     None => break,
                 },
@@ -336,7 +374,7 @@ impl Index {
         selector: Selector,
         shutdown: CancellationToken,
     ) -> Index {
-        let changed = Arc::new(Notify::new());
+        let changed = Arc::new(Changes::default());
         let (namespaces, w) = reflector::store();
         watch(Api::<Namespace>::all(client.clone()), w, changed.clone(), shutdown.clone(), "Namespace".into(), None);
         let scoped = Some(Relevance { selector, namespaces: namespaces.clone() });
@@ -357,7 +395,7 @@ impl Index {
         // Gateways and grants always do (in-scope routes may use those of other namespaces).
         fn typed<K>(
             client: &kube::Client,
-            changed: &Arc<Notify>,
+            changed: &Arc<Changes>,
             shutdown: &CancellationToken,
             relevance: Option<Relevance>,
         ) -> (Store<K>, Starter)
@@ -400,6 +438,7 @@ impl Index {
             gateway,
             scope: scoped,
             changed,
+            resolved: Arc::default(),
             synced: Arc::default(),
             watches: Arc::default(),
             discovered: Arc::default(),
@@ -429,7 +468,7 @@ impl Index {
         tokio::spawn(async move {
             ready.await;
             synced.fetch_add(1, Ordering::SeqCst);
-            changed.notify_one();
+            changed.changed();
         });
     }
 
@@ -474,7 +513,7 @@ impl Index {
                     // Counted only after the found kinds' watches: /ready never sees a
                     // discovered index without them.
                     if !self.discovered.swap(true, Ordering::SeqCst) {
-                        self.changed.notify_one();
+                        self.changed.changed();
                     }
                     backoff.reset();
                     every
@@ -508,7 +547,7 @@ impl Index {
 
     /// Resolves when something in a cache changed since the last call.
     pub async fn changed(&self) {
-        self.changed.notified().await
+        self.changed.wake.notified().await
     }
 
     /// A consistent copy of the caches to resolve over.
@@ -812,13 +851,17 @@ impl View {
         pod
     }
 
+    /// Who owns every name across the cluster: the same table the controller resolves with.
+    pub fn cluster_owners(&self, config: &ResolveConfig) -> Ownership {
+        resolve_all(&self.inputs(config, Vec::new(), None, self.pod_metas().collect())).ownership
+    }
+
     /// Who owns every name across the cluster, with `pod` (being created in `namespace`) asking
-    /// too: the same table the controller resolves with. The webhook keeps the expose tunnels
-    /// it injects to those its namespace owns (`Ownership::keep` with `Claimant::expose`).
+    /// too, as the newest. The webhook keeps the expose tunnels it injects to those its
+    /// namespace owns (`Ownership::keep` with `Claimant::expose`).
     pub fn ownership_for(&self, config: &ResolveConfig, pod: &Pod, namespace: &str) -> Ownership {
         let pending = Self::pending(pod, namespace);
-        let metas = self.pod_metas().chain(std::iter::once(&pending.metadata)).collect();
-        resolve_all(&self.inputs(config, Vec::new(), None, metas)).ownership
+        self.cluster_owners(config).with_asks(ownership::expose_asks([&pending.metadata]))
     }
 
     /// The tunnels routes give a pod that is being created (the webhook): the pod is resolved
@@ -830,13 +873,65 @@ impl View {
 
     /// [`View::route_tunnels_for`] and the owners it kept them by (`ownership_for`), resolved
     /// once: the webhook keeps the pod's own expose tunnels by the same table.
-    pub fn admission_for(&self, config: &ResolveConfig, pod: &Pod, namespace: &str) -> (Vec<TunnelSpec>, Ownership) {
-        let owners = self.ownership_for(config, pod, namespace);
+    pub fn admission_for(
+        &self,
+        config: &ResolveConfig,
+        pod: &Pod,
+        namespace: &str,
+    ) -> (Vec<TunnelSpec>, Arc<Ownership>) {
+        self.admission_with(config, pod, namespace, &Arc::new(self.cluster_owners(config)))
+    }
+
+    /// [`View::admission_for`] with the cluster's owners already resolved (`cluster_owners`):
+    /// the pod's own expose annotation asks on top of them.
+    fn admission_with(
+        &self,
+        config: &ResolveConfig,
+        pod: &Pod,
+        namespace: &str,
+        cluster: &Arc<Ownership>,
+    ) -> (Vec<TunnelSpec>, Arc<Ownership>) {
         let pending = Self::pending(pod, namespace);
+        let own = ownership::expose_asks([&pending.metadata]);
+        let owners = if own.is_empty() { cluster.clone() } else { Arc::new(cluster.with_asks(own)) };
         let mut resolution =
-            resolve_with(&self.inputs(config, vec![&pending], Some(namespace), Vec::new()), Some(owners));
+            resolve_with(&self.inputs(config, vec![&pending], Some(namespace), Vec::new()), Some(&owners));
         let key: PodKey = (namespace.to_string(), pending.metadata.name.clone().unwrap_or_default());
-        (resolution.route_tunnels.remove(&key).unwrap_or_default(), resolution.ownership)
+        (resolution.route_tunnels.remove(&key).unwrap_or_default(), owners)
+    }
+}
+
+impl Index {
+    /// [`View::admission_for`] for the webhook, reusing its copy of the caches and the cluster's
+    /// name owners until a cache changes: resolving the whole cluster's owners on every
+    /// admission made each one cost more the more routes the cluster has. `config` must be the
+    /// same on every call (the webhook's own).
+    pub fn admission_for(
+        &self,
+        config: &ResolveConfig,
+        pod: &Pod,
+        namespace: &str,
+    ) -> (Vec<TunnelSpec>, Arc<Ownership>) {
+        // Read before the caches: a change landing meanwhile moves the count past this one, so
+        // what is resolved now is not reused after it.
+        let count = self.changed.count();
+        let cached = self
+            .resolved
+            .lock()
+            .ok()
+            .and_then(|r| r.as_ref().filter(|r| r.count == count).map(|r| (r.view.clone(), r.owners.clone())));
+        let (view, owners) = match cached {
+            Some(hit) => hit,
+            None => {
+                let view = Arc::new(self.view());
+                let owners = Arc::new(view.cluster_owners(config));
+                if let Ok(mut r) = self.resolved.lock() {
+                    *r = Some(Resolved { count, view: view.clone(), owners: owners.clone() });
+                }
+                (view, owners)
+            }
+        };
+        view.admission_with(config, pod, namespace, &owners)
     }
 }
 
@@ -914,6 +1009,50 @@ mod tests {
         let me = crate::resolve::ownership::Claimant::expose("new");
         let fresh = crate::resolve::ownership::Claim::Name("fresh".into());
         assert!(owners.check_claim(&me, &fresh).is_ok());
+        assert!(owners.check_claim(&me, &crate::resolve::ownership::Claim::Name("demo".into())).is_err());
+    }
+
+    /// The webhook resolves the cluster's name owners once per change of the caches, not once per
+    /// admission; what a change brings is seen at the next admission after the watch counts it.
+    #[test]
+    fn admissions_reuse_the_cluster_owners_until_a_cache_changes() {
+        let (ingresses, mut ingress_writer) = reflector::store::<Ingress>();
+        let (services, mut service_writer) = reflector::store::<Service>();
+        for ns in ["old", "new"] {
+            service_writer.apply_watcher_event(&watcher::Event::Apply((*service(ns)).clone()));
+        }
+        ingress_writer
+            .apply_watcher_event(&watcher::Event::Apply((*ingress("new", "2025-01-01T00:00:00Z", "demo")).clone()));
+        let mut index = offline_index("", &[], &[]);
+        index.scope = None;
+        index.ingresses = ingresses;
+        index.services = services;
+        let config = ResolveConfig::default();
+        let tunnels = |index: &Index, ns: &str| {
+            let (tunnels, _) = index.admission_for(&config, &new_pod(None), ns);
+            hosts(&tunnels).iter().map(|h| h.to_string()).collect::<Vec<_>>()
+        };
+        assert_eq!(tunnels(&index, "new"), ["demo"], "the only Ingress asking owns demo");
+        let first = index.resolved.lock().unwrap().as_ref().map(|r| Arc::as_ptr(&r.owners));
+
+        // An older Ingress for the same name: not counted yet, so the owners resolved are reused.
+        ingress_writer
+            .apply_watcher_event(&watcher::Event::Apply((*ingress("old", "2024-01-01T00:00:00Z", "demo")).clone()));
+        assert_eq!(tunnels(&index, "new"), ["demo"]);
+        let second = index.resolved.lock().unwrap().as_ref().map(|r| Arc::as_ptr(&r.owners));
+        assert_eq!(first, second, "no change counted: the same table");
+
+        // Counted (the watch does so after the store has the object): resolved again.
+        index.changed.changed();
+        assert!(tunnels(&index, "new").is_empty(), "old/web is older and owns demo now");
+        assert_eq!(tunnels(&index, "old"), ["demo"]);
+        let third = index.resolved.lock().unwrap().as_ref().map(|r| Arc::as_ptr(&r.owners));
+        assert_ne!(second, third);
+
+        // A pod with its own expose annotation asks on top of the cached table, as the newest.
+        let (_, owners) = index.admission_for(&config, &new_pod(Some("http:fresh=80, http:demo=80")), "new");
+        let me = crate::resolve::ownership::Claimant::expose("new");
+        assert!(owners.check_claim(&me, &crate::resolve::ownership::Claim::Name("fresh".into())).is_ok());
         assert!(owners.check_claim(&me, &crate::resolve::ownership::Claim::Name("demo".into())).is_err());
     }
 
@@ -1010,6 +1149,7 @@ mod tests {
             },
             scope: Some(Relevance { selector, namespaces: ns_store }),
             changed: Arc::default(),
+            resolved: Arc::default(),
             synced: Arc::default(),
             watches: Arc::default(),
             discovered: Arc::default(),

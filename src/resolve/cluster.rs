@@ -107,7 +107,8 @@ pub fn resolve_all(inputs: &Inputs<'_>) -> ClusterResolution {
 
 /// Resolves with the owners from `owners` when given (the webhook: the table comes from the
 /// whole cluster, the resolution from the routes that reach one pod), else from the inputs.
-pub fn resolve_with(inputs: &Inputs<'_>, owners: Option<Ownership>) -> ClusterResolution {
+/// Given owners are not copied into the result (its `ownership` stays empty: the caller has it).
+pub fn resolve_with(inputs: &Inputs<'_>, owners: Option<&Ownership>) -> ClusterResolution {
     let mut out = ClusterResolution::default();
     let mut asked = IngressAsks::new();
     for ing in inputs.ingresses.iter().filter(|i| ingress::is_ours(i, inputs.ingress_class)) {
@@ -131,7 +132,11 @@ pub fn resolve_with(inputs: &Inputs<'_>, owners: Option<Ownership>) -> ClusterRe
         &inputs.namespace_labels,
         &inputs.snapshot,
     );
-    let owners = owners.unwrap_or_else(|| ownership::ownership(asks(inputs, &asked, &out.gateway), inputs.domains));
+    let mut computed = None;
+    let owners: &Ownership = match owners {
+        Some(given) => given,
+        None => computed.insert(ownership::ownership(asks(inputs, &asked, &out.gateway), inputs.domains)),
+    };
 
     let mut merged: BTreeMap<PodKey, Vec<TunnelSpec>> = BTreeMap::new();
     for ((ns, name), resolution) in &mut out.ingresses {
@@ -157,7 +162,7 @@ pub fn resolve_with(inputs: &Inputs<'_>, owners: Option<Ownership>) -> ClusterRe
             merged.entry(pod.clone()).or_default().extend(specs.iter().cloned());
         }
     }
-    out.gateway.apply_ownership(&owners);
+    out.gateway.apply_ownership(owners);
     for (pod, specs) in &out.gateway.tunnels {
         merged.entry(pod.clone()).or_default().extend(specs.iter().cloned());
     }
@@ -170,7 +175,9 @@ pub fn resolve_with(inputs: &Inputs<'_>, owners: Option<Ownership>) -> ClusterRe
         }
         out.route_tunnels.insert(pod, kept);
     }
-    out.ownership = owners;
+    if let Some(computed) = computed {
+        out.ownership = computed;
+    }
     out
 }
 

@@ -258,24 +258,36 @@ pub struct Ownership {
 
 /// The owner of every claim asked for: the oldest allowed ask (see the module documentation).
 pub fn ownership(asks: impl IntoIterator<Item = Ask>, policy: &DomainPolicy) -> Ownership {
-    let mut owners: BTreeMap<Claim, Ask> = BTreeMap::new();
-    for ask in asks {
-        if let Some(host) = ask.claim.custom_domain()
-            && !policy.allows(&ask.claimant.namespace, host)
-        {
-            continue;
-        }
-        match owners.get(&ask.claim) {
-            Some(best) if best.rank() <= ask.rank() => {}
-            _ => {
-                owners.insert(ask.claim.clone(), ask);
-            }
-        }
-    }
-    Ownership { owners, policy: policy.clone() }
+    let mut table = Ownership { owners: BTreeMap::new(), policy: policy.clone() };
+    table.add(asks);
+    table
 }
 
 impl Ownership {
+    /// The same table with more asks: what [`ownership`] gives for all of them together (the
+    /// owner of a claim is its best-ranked allowed ask, whatever order they come in).
+    pub fn with_asks(&self, asks: impl IntoIterator<Item = Ask>) -> Ownership {
+        let mut table = self.clone();
+        table.add(asks);
+        table
+    }
+
+    fn add(&mut self, asks: impl IntoIterator<Item = Ask>) {
+        for ask in asks {
+            if let Some(host) = ask.claim.custom_domain()
+                && !self.policy.allows(&ask.claimant.namespace, host)
+            {
+                continue;
+            }
+            match self.owners.get(&ask.claim) {
+                Some(best) if best.rank() <= ask.rank() => {}
+                _ => {
+                    self.owners.insert(ask.claim.clone(), ask);
+                }
+            }
+        }
+    }
+
     pub fn owner(&self, claim: &Claim) -> Option<&Ask> {
         self.owners.get(claim)
     }
@@ -357,6 +369,50 @@ pub fn expose_asks<'a>(pods: impl IntoIterator<Item = &'a ObjectMeta>) -> Vec<As
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The webhook adds a new pod's asks to a table resolved earlier: the same owners as
+    /// resolving all the asks together, whichever comes first.
+    #[test]
+    fn adding_asks_to_a_table_gives_the_table_of_all_of_them() {
+        let at = |y: i16| {
+            Some(
+                k8s_openapi::jiff::civil::date(y, 1, 1)
+                    .at(0, 0, 0, 0)
+                    .to_zoned(k8s_openapi::jiff::tz::TimeZone::UTC)
+                    .unwrap()
+                    .timestamp(),
+            )
+        };
+        let ask = |ns: &str, name: &str, since, via: Option<&str>| Ask {
+            claimant: Claimant::ingress(ns, "web"),
+            claim: Claim::Name(name.into()),
+            since,
+            via: via.map(str::to_string),
+        };
+        let all = vec![
+            ask("a", "demo", at(2024), None),
+            ask("b", "demo", at(2023), None),
+            ask("c", "other", at(2025), None),
+            ask("d", "other", None, Some("new-pod")),
+            ask("e", "fresh", None, Some("new-pod")),
+        ];
+        let policy = DomainPolicy::default();
+        let together = ownership(all.clone(), &policy);
+        for split in 0..=all.len() {
+            let (before, after) = all.split_at(split);
+            let added = ownership(before.to_vec(), &policy).with_asks(after.to_vec());
+            for claim in ["demo", "other", "fresh"] {
+                let claim = Claim::Name(claim.into());
+                assert_eq!(
+                    added.owner(&claim).map(|a| &a.claimant),
+                    together.owner(&claim).map(|a| &a.claimant),
+                    "{claim} with the first {split} asks resolved before"
+                );
+            }
+        }
+        assert_eq!(together.owner(&Claim::Name("demo".into())).unwrap().claimant, Claimant::ingress("b", "web"));
+        assert_eq!(together.owner(&Claim::Name("other".into())).unwrap().claimant, Claimant::ingress("c", "web"));
+    }
     use serde_json::json;
 
     fn at(s: &str) -> Option<Timestamp> {

@@ -704,7 +704,7 @@ async fn mutate(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bo
         let (route_tunnels, owners) = match (admission::pod_of(&req), &state.index) {
             (Some(Ok(pod)), Some(index)) => {
                 let namespace = req.namespace.clone().or_else(|| pod.metadata.namespace.clone()).unwrap_or_default();
-                let (tunnels, owners) = index.view().admission_for(&state.resolve, &pod, &namespace);
+                let (tunnels, owners) = index.admission_for(&state.resolve, &pod, &namespace);
                 (tunnels, Some(owners))
             }
             _ => (Vec::new(), None),
@@ -713,7 +713,7 @@ async fn mutate(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bo
             &req,
             workload.as_ref(),
             &route_tunnels,
-            owners.as_ref(),
+            owners.as_deref(),
             state.inject_route_backends,
             &state.config,
             warnings,
