@@ -236,6 +236,46 @@ impl Relevance {
     }
 }
 
+/// Which Namespace changes can matter to a controller serving the namespaces a selector selects:
+/// those of a namespace selected after the change or before it (it entered or left the scope, or
+/// changed while in it). Another namespace's churn -- other tenants creating and deleting theirs
+/// -- changes nothing it resolves.
+struct NamespaceWakes {
+    selector: Selector,
+    /// The namespaces selected as of their last event.
+    selected: std::collections::HashSet<String>,
+}
+
+impl NamespaceWakes {
+    fn new(selector: Selector) -> Self {
+        NamespaceWakes { selector, selected: Default::default() }
+    }
+
+    /// Whether this event of namespace `name` (with its labels now; `deleted` for a delete)
+    /// wakes the loop.
+    fn wakes(&mut self, name: &str, labels: Option<&BTreeMap<String, String>>, deleted: bool) -> bool {
+        static NONE: BTreeMap<String, String> = BTreeMap::new();
+        if self.selector.selects_all() {
+            return true;
+        }
+        if !deleted && self.selector.matches(labels.unwrap_or(&NONE)) {
+            self.selected.insert(name.to_string());
+            true
+        } else {
+            self.selected.remove(name)
+        }
+    }
+}
+
+/// Which events of a watch wake the loop.
+enum Wakes {
+    Always,
+    /// Those of objects in the selected namespaces.
+    InScope(Relevance),
+    /// Those of the Namespaces themselves that can matter ([`NamespaceWakes`]).
+    Namespaces(NamespaceWakes),
+}
+
 /// Whether `selector` selects namespace `n` by its labels.
 fn namespace_selected(selector: &Selector, n: &Namespace) -> bool {
     static NONE: BTreeMap<String, String> = BTreeMap::new();
@@ -248,7 +288,7 @@ fn watch<K>(
     changed: Arc<Changes>,
     shutdown: CancellationToken,
     what: String,
-    relevance: Option<Relevance>,
+    mut wakes: Wakes,
 ) where
     K: Resource + Clone + serde::de::DeserializeOwned + Debug + Send + Sync + 'static,
     K::DynamicType: Eq + std::hash::Hash + Clone,
@@ -264,11 +304,16 @@ fn watch<K>(
             tokio::select! {
                 item = stream.next() => match item {
                     Some(Ok(event)) => {
-                        let wake = match (&relevance, &event) {
-                            (
-                                Some(r),
-                                watcher::Event::Apply(o) | watcher::Event::Delete(o) | watcher::Event::InitApply(o),
-                            ) => r.matters(o.meta().namespace.as_deref()),
+                        use watcher::Event::{Apply, Delete, InitApply};
+                        let wake = match (&mut wakes, &event) {
+                            (Wakes::InScope(r), Apply(o) | Delete(o) | InitApply(o)) => {
+                                r.matters(o.meta().namespace.as_deref())
+                            }
+                            (Wakes::Namespaces(n), Apply(o) | Delete(o) | InitApply(o)) => n.wakes(
+                                o.meta().name.as_deref().unwrap_or_default(),
+                                o.meta().labels.as_ref(),
+                                matches!(event, Delete(_)),
+                            ),
                             _ => true,
                         };
                         if wake {
@@ -365,9 +410,10 @@ impl Index {
 
     /// As [`Index::start`], for a controller serving only the namespaces `selector` selects:
     /// changes elsewhere to Ingresses, Services, Pods and routes (which resolution filters out)
-    /// do not wake [`Index::changed`], and Gateways elsewhere are left out of the [`View`].
-    /// Namespaces, classes, Gateways and ReferenceGrants always wake it (in-scope routes may use
-    /// the grants of other namespaces).
+    /// do not wake [`Index::changed`], and Gateways elsewhere are left out of the [`View`] (so
+    /// theirs do not wake it either). A Namespace wakes it when selected before or after its
+    /// change; classes and ReferenceGrants always do (in-scope routes may use the grants of other
+    /// namespaces).
     pub async fn start_scoped(
         client: kube::Client,
         with_pods: bool,
@@ -376,28 +422,38 @@ impl Index {
     ) -> Index {
         let changed = Arc::new(Changes::default());
         let (namespaces, w) = reflector::store();
-        watch(Api::<Namespace>::all(client.clone()), w, changed.clone(), shutdown.clone(), "Namespace".into(), None);
+        let namespace_wakes = Wakes::Namespaces(NamespaceWakes::new(selector.clone()));
+        watch(
+            Api::<Namespace>::all(client.clone()),
+            w,
+            changed.clone(),
+            shutdown.clone(),
+            "Namespace".into(),
+            namespace_wakes,
+        );
         let scoped = Some(Relevance { selector, namespaces: namespaces.clone() });
+        let in_scope = || scoped.clone().map_or(Wakes::Always, Wakes::InScope);
         let (ingresses, w) = reflector::store();
         let (c, s) = (changed.clone(), shutdown.clone());
-        watch(Api::<Ingress>::all(client.clone()), w, c, s, "Ingress".into(), scoped.clone());
+        watch(Api::<Ingress>::all(client.clone()), w, c, s, "Ingress".into(), in_scope());
         let (services, w) = reflector::store();
         let (c, s) = (changed.clone(), shutdown.clone());
-        watch(Api::<Service>::all(client.clone()), w, c, s, "Service".into(), scoped.clone());
+        watch(Api::<Service>::all(client.clone()), w, c, s, "Service".into(), in_scope());
         let pods = with_pods.then(|| {
             let (pods, w) = reflector::store();
-            watch(Api::<Pod>::all(client.clone()), w, changed.clone(), shutdown.clone(), "Pod".into(), scoped.clone());
+            watch(Api::<Pod>::all(client.clone()), w, changed.clone(), shutdown.clone(), "Pod".into(), in_scope());
             pods
         });
         let pod_metadata = (!with_pods).then(|| watch_pod_metadata(client.clone(), changed.clone(), shutdown.clone()));
 
-        // Routes are namespaced objects users edit: only those in scope wake the loop. Classes,
-        // Gateways and grants always do (in-scope routes may use those of other namespaces).
+        // Routes and Gateways are namespaced objects users edit: only those in scope wake the
+        // loop (Gateways elsewhere are left out of the View). Classes and grants always do
+        // (in-scope routes may use the grants of other namespaces).
         fn typed<K>(
             client: &kube::Client,
             changed: &Arc<Changes>,
             shutdown: &CancellationToken,
-            relevance: Option<Relevance>,
+            wakes: Wakes,
         ) -> (Store<K>, Starter)
         where
             K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + Debug + Send + Sync + 'static,
@@ -407,18 +463,18 @@ impl Index {
                 (client.clone(), changed.clone(), shutdown.clone(), store.clone());
             let start: Starter = Box::new(move || {
                 let what = K::kind(&()).to_string();
-                watch(Api::<K>::all(client), w, changed, shutdown, what, relevance);
+                watch(Api::<K>::all(client), w, changed, shutdown, what, wakes);
                 wait_ready(reader)
             });
             (store, start)
         }
         let (c, s) = (&changed, &shutdown);
-        let (classes, start_classes) = typed(&client, c, s, None);
-        let (gateways, start_gateways) = typed(&client, c, s, None);
-        let (http_routes, start_http) = typed(&client, c, s, scoped.clone());
-        let (tcp_routes, start_tcp) = typed(&client, c, s, scoped.clone());
-        let (tls_routes, start_tls) = typed(&client, c, s, scoped.clone());
-        let (grants, start_grants) = typed(&client, c, s, None);
+        let (classes, start_classes) = typed(&client, c, s, Wakes::Always);
+        let (gateways, start_gateways) = typed(&client, c, s, in_scope());
+        let (http_routes, start_http) = typed(&client, c, s, in_scope());
+        let (tcp_routes, start_tcp) = typed(&client, c, s, in_scope());
+        let (tls_routes, start_tls) = typed(&client, c, s, in_scope());
+        let (grants, start_grants) = typed(&client, c, s, Wakes::Always);
         let starters: BTreeMap<GatewayKind, Starter> = BTreeMap::from([
             (GatewayKind::GatewayClass, start_classes),
             (GatewayKind::Gateway, start_gateways),
@@ -767,30 +823,28 @@ impl View {
         };
         let in_route_scope =
             |meta: &ObjectMeta| scope.as_ref().is_none_or(|s| meta.namespace.as_ref().is_some_and(|ns| s.contains(ns)));
-        // A route may live elsewhere and reach this namespace through a ReferenceGrant.
-        let reaches =
-            |r: &RouteModel| namespace_filter.is_none_or(|f| r.rules.iter().flatten().any(|b| b.namespace == f));
+        // A route may live elsewhere and reach this namespace through a ReferenceGrant. Asked of
+        // the typed route, before its model is built: most routes reach other namespaces.
+        let reaches = |reaches_into: &dyn Fn(&str) -> bool| namespace_filter.is_none_or(reaches_into);
         let mut all_routes: Vec<RouteModel> = self
             .http_routes
             .iter()
-            .filter(|r| in_route_scope(&r.metadata))
+            .filter(|r| in_route_scope(&r.metadata) && reaches(&|f| gateway::http_route_reaches(r, f)))
             .map(|r| gateway::http_route_model(r))
-            .filter(reaches)
             .collect();
         all_routes.extend(
             self.tcp_routes
                 .iter()
-                .filter(|r| in_route_scope(&r.metadata))
-                .map(|r| gateway::tcp_route_model(r))
-                .filter(reaches),
+                .filter(|r| in_route_scope(&r.metadata) && reaches(&|f| gateway::tcp_route_reaches(r, f)))
+                .map(|r| gateway::tcp_route_model(r)),
         );
         all_routes.extend(
             self.tls_routes
                 .iter()
-                .filter(|r| in_route_scope(&r.metadata))
-                .map(|r| gateway::tls_route_model(r))
-                .filter(reaches),
+                .filter(|r| in_route_scope(&r.metadata) && reaches(&|f| gateway::tls_route_reaches(r, f)))
+                .map(|r| gateway::tls_route_model(r)),
         );
+        let route_namespaces: BTreeSet<String> = all_routes.iter().map(|r| r.namespace.clone()).collect();
         Inputs {
             ingress_class: &config.ingress_class,
             ingresses: self
@@ -803,9 +857,12 @@ impl View {
             gateways: self.gateways.iter().map(|g| gateway::gateway_model(g)).collect::<Vec<GatewayModel>>(),
             routes: all_routes,
             grants: self.grants.iter().map(|g| gateway::grant_model(g)).collect(),
+            // Only a route's own namespace's labels are read (a listener's allowedRoutes
+            // selector): the webhook copied every namespace's labels on each admission before.
             namespace_labels: self
                 .namespaces
                 .iter()
+                .filter(|n| n.metadata.name.as_deref().is_some_and(|name| route_namespaces.contains(name)))
                 .filter_map(|n| Some((n.metadata.name.clone()?, n.metadata.labels.clone().unwrap_or_default())))
                 .collect(),
             snapshot: Snapshot::new(
@@ -1276,5 +1333,24 @@ mod tests {
         assert!(scoped.matters(None), "cluster-scoped objects");
         let everything = Relevance { selector: Selector::default(), namespaces };
         assert!(everything.matters(Some("theirs")));
+    }
+
+    #[test]
+    fn a_scoped_controller_is_woken_only_by_namespaces_in_or_leaving_its_scope() {
+        let labels = |team: &str| BTreeMap::from([("team".to_string(), team.to_string())]);
+        let selector = crate::core::api::parse_label_selector("team in (a)").unwrap();
+        let mut wakes = NamespaceWakes::new(selector);
+        assert!(!wakes.wakes("theirs", Some(&labels("b")), false), "another tenant's namespace");
+        assert!(!wakes.wakes("theirs", Some(&labels("b")), true), "deleted, never in scope");
+        assert!(!wakes.wakes("bare", None, false), "no labels at all");
+        assert!(wakes.wakes("mine", Some(&labels("a")), false), "a namespace in scope");
+        assert!(wakes.wakes("mine", Some(&labels("a")), false), "changed while in scope");
+        assert!(wakes.wakes("mine", Some(&labels("b")), false), "it left the scope");
+        assert!(!wakes.wakes("mine", Some(&labels("b")), false), "out of scope now");
+        assert!(wakes.wakes("joined", Some(&labels("a")), false), "it entered the scope");
+        assert!(wakes.wakes("joined", Some(&labels("a")), true), "deleted while in scope");
+        assert!(!wakes.wakes("joined", Some(&labels("a")), true), "already gone");
+        let mut everything = NamespaceWakes::new(Selector::default());
+        assert!(everything.wakes("theirs", Some(&labels("b")), false), "without a selector, every namespace");
     }
 }

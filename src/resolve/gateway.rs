@@ -373,6 +373,35 @@ pub fn tls_route_model(r: &TlsRoute) -> RouteModel {
     })
 }
 
+/// Whether a route's backendRefs point into `namespace` (one without a namespace points into the
+/// route's own): what its model's rules would say, read without building the model -- the webhook
+/// asks this of every route in the cluster on each admission, and most point elsewhere.
+fn backends_reach<'a>(
+    route_namespace: Option<&'a str>,
+    backend_namespaces: impl IntoIterator<Item = Option<&'a str>>,
+    namespace: &str,
+) -> bool {
+    backend_namespaces.into_iter().any(|ns| ns.or(route_namespace).unwrap_or_default() == namespace)
+}
+
+/// [`backends_reach`] for a typed HTTPRoute.
+pub fn http_route_reaches(r: &HttpRoute, namespace: &str) -> bool {
+    let refs = r.spec.rules.iter().flatten().flat_map(|rule| rule.backend_refs.iter().flatten());
+    backends_reach(r.metadata.namespace.as_deref(), refs.map(|b| b.namespace.as_deref()), namespace)
+}
+
+/// [`backends_reach`] for a typed TCPRoute.
+pub fn tcp_route_reaches(r: &TcpRoute, namespace: &str) -> bool {
+    let refs = r.spec.rules.iter().flat_map(|rule| rule.backend_refs.iter());
+    backends_reach(r.metadata.namespace.as_deref(), refs.map(|b| b.namespace.as_deref()), namespace)
+}
+
+/// [`backends_reach`] for a typed TLSRoute.
+pub fn tls_route_reaches(r: &TlsRoute, namespace: &str) -> bool {
+    let refs = r.spec.rules.iter().flat_map(|rule| rule.backend_refs.iter());
+    backends_reach(r.metadata.namespace.as_deref(), refs.map(|b| b.namespace.as_deref()), namespace)
+}
+
 /// The model of a typed ReferenceGrant (only `from` entries of the Gateway API group count).
 pub fn grant_model(g: &ReferenceGrant) -> Grant {
     Grant {
@@ -1096,6 +1125,23 @@ pub mod fixtures {
         http_route_model(&typed(v, kind))
     }
 
+    /// Whether the typed route reaches `namespace` ([`http_route_reaches`] and its kin), with
+    /// the model of the same fixture.
+    pub fn route_reaches(kind: &str, v: Value, namespace: &str) -> (bool, RouteModel) {
+        let model = route(kind, v.clone());
+        let reaches = if kind == TLS_ROUTE {
+            tls_route_reaches(&typed(v, kind), namespace)
+        } else if kind == TCP_ROUTE {
+            let mut v = v;
+            v["apiVersion"] = Value::from(format!("{GROUP}/v1alpha2"));
+            v["kind"] = Value::from(kind);
+            tcp_route_reaches(&serde_json::from_value(v).expect("TCPRoute fixture"), namespace)
+        } else {
+            http_route_reaches(&typed(v, kind), namespace)
+        };
+        (reaches, model)
+    }
+
     pub fn grant(v: Value) -> Grant {
         grant_model(&typed(v, "ReferenceGrant"))
     }
@@ -1107,6 +1153,35 @@ mod tests {
     use super::*;
     use k8s_openapi::api::core::v1::{Pod, Service};
     use serde_json::json;
+
+    #[test]
+    fn whether_a_route_reaches_a_namespace_is_what_its_model_says() {
+        let rules = |refs: serde_json::Value| json!([{"backendRefs": refs}, {"backendRefs": []}]);
+        let cases = [
+            (json!([{"name": "web", "port": 80}]), "apps", true),
+            (json!([{"name": "web", "port": 80}]), "other", false),
+            (json!([{"name": "web", "namespace": "other", "port": 80}]), "other", true),
+            (json!([{"name": "web", "namespace": "other", "port": 80}]), "apps", false),
+            (json!([{"name": "a", "namespace": "x", "port": 80}, {"name": "b", "port": 80}]), "apps", true),
+            (json!([]), "apps", false),
+        ];
+        for kind in [HTTP_ROUTE, TCP_ROUTE, TLS_ROUTE] {
+            for (refs, namespace, want) in &cases {
+                let mut v = json!({"metadata": {"name": "r", "namespace": "apps"},
+                    "spec": {"parentRefs": [{"name": "gw"}], "rules": rules(refs.clone())}});
+                if kind == TLS_ROUTE {
+                    v["spec"]["hostnames"] = json!(["web.example.com"]);
+                }
+                let (reaches, model) = fixtures::route_reaches(kind, v, namespace);
+                let by_model = model.rules.iter().flatten().any(|b| b.namespace == *namespace);
+                assert_eq!(reaches, *want, "{kind} {refs} into {namespace}");
+                assert_eq!(reaches, by_model, "{kind} {refs} into {namespace}: the model says otherwise");
+            }
+        }
+        // A route without rules at all reaches nowhere.
+        let v = json!({"metadata": {"name": "r", "namespace": "apps"}, "spec": {"parentRefs": [{"name": "gw"}]}});
+        assert!(!fixtures::route_reaches(HTTP_ROUTE, v, "apps").0);
+    }
 
     fn classes() -> BTreeSet<String> {
         BTreeSet::from(["pico".to_string()])
