@@ -254,11 +254,10 @@ impl NamespaceWakes {
     /// Whether this event of namespace `name` (with its labels now; `deleted` for a delete)
     /// wakes the loop.
     fn wakes(&mut self, name: &str, labels: Option<&BTreeMap<String, String>>, deleted: bool) -> bool {
-        static NONE: BTreeMap<String, String> = BTreeMap::new();
         if self.selector.selects_all() {
             return true;
         }
-        if !deleted && self.selector.matches(labels.unwrap_or(&NONE)) {
+        if !deleted && labels_selected(&self.selector, labels) {
             self.selected.insert(name.to_string());
             true
         } else {
@@ -278,8 +277,13 @@ enum Wakes {
 
 /// Whether `selector` selects namespace `n` by its labels.
 fn namespace_selected(selector: &Selector, n: &Namespace) -> bool {
+    labels_selected(selector, n.metadata.labels.as_ref())
+}
+
+/// Whether `selector` selects a namespace with these labels (none: no labels).
+fn labels_selected(selector: &Selector, labels: Option<&BTreeMap<String, String>>) -> bool {
     static NONE: BTreeMap<String, String> = BTreeMap::new();
-    selector.matches(n.metadata.labels.as_ref().unwrap_or(&NONE))
+    selector.matches(labels.unwrap_or(&NONE))
 }
 
 fn watch<K>(
