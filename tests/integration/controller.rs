@@ -1127,10 +1127,19 @@ async fn an_idle_controller_without_leader_election_does_not_spin() {
     assert!(wait_leader_metric(&controller).await, "without election it leads");
     // Other tests are changing the shared cluster, in namespaces this controller does not serve:
     // those changes do not wake it (Index::start_scoped). A pass every 100 ms regardless would
-    // be about 30 in 3 s.
+    // be about 30 in 3 s. So that this holds whatever runs beside it, the test makes 20
+    // namespaces outside the controller's scope of its own in the window: each woke it once
+    // (or more) before Namespace events were filtered by scope.
     let before = passes(controller.metrics().await);
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    let window = tokio::time::Instant::now() + Duration::from_secs(3);
+    let churn = futures::future::join_all((0..20u64).map(|i| async move {
+        tokio::time::sleep(Duration::from_millis(100 * i)).await;
+        ground.namespace("ctl-idle-churn").await.unwrap()
+    }))
+    .await;
+    tokio::time::sleep_until(window).await;
     let after = passes(controller.metrics().await);
+    drop(churn);
     println!("{} passes in 3 s while nothing of its own changed", after - before);
     assert!(after - before < 15, "{} passes in 3 s while nothing of its own changed", after - before);
 }
