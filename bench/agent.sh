@@ -20,6 +20,8 @@
 #   BENCH_AGENT_BIN=target/release/picotun bench/agent.sh   another build as ours
 #   BENCH_ONLY=idle bench/agent.sh   only the idle RSS (bench/image-variants.sh uses it)
 #   BENCH_ONLY=throughput bench/agent.sh   stop after the throughput figures (and their CPU cost)
+#   BENCH_PERF=FILE bench/agent.sh   perf profiles of the agent and ssh, each with its sshd
+#   BENCH_PERF_STAT=FILE bench/agent.sh   their syscall and context-switch counts (see below)
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
@@ -131,18 +133,6 @@ fi
 echo "[bench] agent $(${agent_bin} --version), OpenSSH $(ssh -V 2>&1 | cut -d, -f1), cipher $cipher, ${mib} MiB transfers" >&2
 
 measure() { "$loadgen" measure "$@"; }
-# BENCH_PERF=FILE: record a CPU profile of the agent during its first transfer into the pod, and
-# BENCH_PERF.ssh: the same of ssh, for the baseline.
-if [[ -n ${BENCH_PERF:-} ]]; then
-  perf record -q -g -p "$AGENT_PID" -o "$BENCH_PERF" -- sleep 2 >/dev/null 2>&1 &
-  perf_pid=$!
-  measure in "127.0.0.1:$O_SINK" "$mib" >/dev/null
-  wait "$perf_pid" || true
-  perf record -q -g -p "$SSH_PID" -o "$BENCH_PERF.ssh" -- sleep 2 >/dev/null 2>&1 &
-  perf_pid=$!
-  measure in "127.0.0.1:$B_SINK" "$mib" >/dev/null
-  wait "$perf_pid" || true
-fi
 # A transfer takes well under a second, so one is at the mercy of whatever else the two cores
 # run: each figure is the median of BENCH_REPEAT transfers (default 5), ours and the baseline
 # taking turns.
@@ -164,6 +154,33 @@ sshd_session_of() {
 srv_ticks() { if [[ -n $1 ]]; then cpu_ticks "$1"; else echo 0; fi; }
 AGENT_SSHD=$(sshd_session_of "$AGENT_PID"); SSH_SSHD=$(sshd_session_of "$SSH_PID")
 [[ -n $AGENT_SSHD && -n $SSH_SSHD && $AGENT_SSHD != "$SSH_SSHD" ]] || { echo "[bench] cannot tell the sshd sessions apart" >&2; exit 1; }
+# BENCH_PERF=FILE: record a CPU profile of the agent and of the sshd process serving it during
+# their first transfer into the pod, and BENCH_PERF.ssh: the same of ssh and its sshd, for the
+# baseline (`perf report -i FILE --sort comm,dso,sym` tells the two processes apart).
+if [[ -n ${BENCH_PERF:-} ]]; then
+  perf record -q -g -p "$AGENT_PID,$AGENT_SSHD" -o "$BENCH_PERF" -- sleep 2 >/dev/null 2>&1 &
+  perf_pid=$!
+  measure in "127.0.0.1:$O_SINK" "$mib" >/dev/null
+  wait "$perf_pid" || true
+  perf record -q -g -p "$SSH_PID,$SSH_SSHD" -o "$BENCH_PERF.ssh" -- sleep 2 >/dev/null 2>&1 &
+  perf_pid=$!
+  measure in "127.0.0.1:$B_SINK" "$mib" >/dev/null
+  wait "$perf_pid" || true
+fi
+# BENCH_PERF_STAT=FILE: count, per process, the syscalls, context switches and CPU time of the
+# agent and its sshd during their first transfer into the pod (FILE), and of ssh and its sshd
+# (FILE.ssh): how often each client sleeps and is woken, and what its server pays for that.
+if [[ -n ${BENCH_PERF_STAT:-} ]]; then
+  events=context-switches,cpu-clock
+  for call in read write writev recvfrom sendto poll ppoll epoll_wait epoll_pwait; do events+=",syscalls:sys_enter_$call"; done
+  for pair in "$AGENT_PID,$AGENT_SSHD $O_SINK $BENCH_PERF_STAT" "$SSH_PID,$SSH_SSHD $B_SINK $BENCH_PERF_STAT.ssh"; do
+    read -r stat_pids stat_port stat_out <<<"$pair"
+    perf stat --per-thread -e "$events" -p "$stat_pids" -o "$stat_out" -- sleep 2 >/dev/null 2>&1 &
+    perf_pid=$!
+    measure in "127.0.0.1:$stat_port" "$mib" >/dev/null
+    wait "$perf_pid" || true
+  done
+fi
 # The peak RSS of each throughput figure on its own: writing 5 to clear_refs resets a process's
 # VmHWM, so each figure's peak is read after its turns (and the overall peak kept as the largest).
 reset_peak() { echo 5 >"/proc/$1/clear_refs"; }
