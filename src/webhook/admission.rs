@@ -53,10 +53,13 @@ pub fn pod_of(req: &AdmissionRequest<DynamicObject>) -> Option<Result<Pod, Strin
     Some(serde_json::to_value(object).and_then(serde_json::from_value::<Pod>).map_err(|e| e.to_string()))
 }
 
+/// `pod`: `pod_of(req)`, read once by the caller, which needs the pod before and after.
 /// `owners`: who owns every name across the cluster (the webhook's index; None without one): the
 /// pod's own expose tunnels are kept to those its namespace owns.
+#[allow(clippy::too_many_arguments)]
 pub fn answer(
     req: &AdmissionRequest<DynamicObject>,
+    pod: Option<&Result<Pod, String>>,
     workload: Option<&Workload>,
     route_tunnels: &[TunnelSpec],
     owners: Option<&Ownership>,
@@ -65,7 +68,7 @@ pub fn answer(
     mut warnings: Vec<String>,
 ) -> Answer {
     let allow = AdmissionResponse::from(req);
-    let pod = match pod_of(req) {
+    let pod = match pod {
         None => return Answer { response: allow, result: "not_a_pod_create", decision: None },
         Some(Err(e)) => {
             let mut response = allow;
@@ -76,8 +79,7 @@ pub fn answer(
         Some(Ok(pod)) => pod,
     };
     let namespace = req.namespace.clone().or_else(|| pod.metadata.namespace.clone()).unwrap_or_default();
-    let outcome =
-        inject::mutate_owned(&pod, &namespace, workload, route_tunnels, owners, inject_route_backends, config);
+    let outcome = inject::mutate_owned(pod, &namespace, workload, route_tunnels, owners, inject_route_backends, config);
     warnings.extend(outcome.warnings);
     let with_warnings = |mut response: AdmissionResponse, warnings: Vec<String>| {
         if !warnings.is_empty() {
@@ -94,7 +96,7 @@ pub fn answer(
             decision: Some(outcome.decision),
         };
     };
-    let patch = inject::patch(&pod, &injected);
+    let patch = inject::patch(pod, &injected);
     let mut response = if patch.0.is_empty() {
         allow
     } else {
@@ -142,7 +144,7 @@ mod tests {
 
     fn run(body: &[u8]) -> Answer {
         let req = parse(Some("application/json"), body).unwrap();
-        answer(&req, None, &[], None, false, &InjectConfig::default(), Vec::new())
+        answer(&req, pod_of(&req).as_ref(), None, &[], None, false, &InjectConfig::default(), Vec::new())
     }
 
     #[test]
@@ -223,7 +225,8 @@ mod tests {
                 }
             }
             if let Ok(req) = parse(Some("application/json"), &body) {
-                let a = answer(&req, None, &[], None, false, &InjectConfig::default(), Vec::new());
+                let a =
+                    answer(&req, pod_of(&req).as_ref(), None, &[], None, false, &InjectConfig::default(), Vec::new());
                 assert!(a.response.allowed);
             }
         }
