@@ -154,32 +154,32 @@ sshd_session_of() {
 srv_ticks() { if [[ -n $1 ]]; then cpu_ticks "$1"; else echo 0; fi; }
 AGENT_SSHD=$(sshd_session_of "$AGENT_PID"); SSH_SSHD=$(sshd_session_of "$SSH_PID")
 [[ -n $AGENT_SSHD && -n $SSH_SSHD && $AGENT_SSHD != "$SSH_SSHD" ]] || { echo "[bench] cannot tell the sshd sessions apart" >&2; exit 1; }
-# BENCH_PERF=FILE: record a CPU profile of the agent and of the sshd process serving it during
-# their first transfer into the pod, and BENCH_PERF.ssh: the same of ssh and its sshd, for the
-# baseline (`perf report -i FILE --sort comm,dso,sym` tells the two processes apart).
+# perf_during_transfer OUT PERF_ARGS...: runs `perf PERF_ARGS` on the agent and the sshd process
+# serving it during one transfer into the pod (written to OUT), then on ssh and its sshd (OUT.ssh).
+perf_during_transfer() {
+  local out=$1 side watched port suffix perf_pid
+  shift
+  for side in "$AGENT_PID,$AGENT_SSHD $O_SINK -" "$SSH_PID,$SSH_SSHD $B_SINK .ssh"; do
+    read -r watched port suffix <<<"$side"
+    [[ $suffix != - ]] || suffix=
+    perf "$@" -p "$watched" -o "$out$suffix" -- sleep 2 >/dev/null 2>&1 &
+    perf_pid=$!
+    pids+=("$perf_pid")
+    measure in "127.0.0.1:$port" "$mib" >/dev/null
+    wait "$perf_pid" || true
+  done
+}
+# BENCH_PERF=FILE: CPU profiles (`perf report -i FILE --sort comm,dso,sym` tells the client and
+# its sshd apart).
 if [[ -n ${BENCH_PERF:-} ]]; then
-  perf record -q -g -p "$AGENT_PID,$AGENT_SSHD" -o "$BENCH_PERF" -- sleep 2 >/dev/null 2>&1 &
-  perf_pid=$!
-  measure in "127.0.0.1:$O_SINK" "$mib" >/dev/null
-  wait "$perf_pid" || true
-  perf record -q -g -p "$SSH_PID,$SSH_SSHD" -o "$BENCH_PERF.ssh" -- sleep 2 >/dev/null 2>&1 &
-  perf_pid=$!
-  measure in "127.0.0.1:$B_SINK" "$mib" >/dev/null
-  wait "$perf_pid" || true
+  perf_during_transfer "$BENCH_PERF" record -q -g
 fi
-# BENCH_PERF_STAT=FILE: count, per process, the syscalls, context switches and CPU time of the
-# agent and its sshd during their first transfer into the pod (FILE), and of ssh and its sshd
-# (FILE.ssh): how often each client sleeps and is woken, and what its server pays for that.
+# BENCH_PERF_STAT=FILE: per process, the syscalls, context switches and CPU time: how often each
+# client sleeps and is woken, and what its server pays for that.
 if [[ -n ${BENCH_PERF_STAT:-} ]]; then
   events=context-switches,cpu-clock
   for call in read write writev recvfrom sendto poll ppoll epoll_wait epoll_pwait; do events+=",syscalls:sys_enter_$call"; done
-  for pair in "$AGENT_PID,$AGENT_SSHD $O_SINK $BENCH_PERF_STAT" "$SSH_PID,$SSH_SSHD $B_SINK $BENCH_PERF_STAT.ssh"; do
-    read -r stat_pids stat_port stat_out <<<"$pair"
-    perf stat --per-thread -e "$events" -p "$stat_pids" -o "$stat_out" -- sleep 2 >/dev/null 2>&1 &
-    perf_pid=$!
-    measure in "127.0.0.1:$stat_port" "$mib" >/dev/null
-    wait "$perf_pid" || true
-  done
+  perf_during_transfer "$BENCH_PERF_STAT" stat --per-thread -e "$events"
 fi
 # The peak RSS of each throughput figure on its own: writing 5 to clear_refs resets a process's
 # VmHWM, so each figure's peak is read after its turns (and the overall peak kept as the largest).

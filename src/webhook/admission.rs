@@ -43,8 +43,36 @@ pub struct Answer {
     pub decision: Option<Decision>,
 }
 
-/// The pod in a request, if it is a pod creation.
-pub fn pod_of(req: &AdmissionRequest<DynamicObject>) -> Option<Result<Pod, String>> {
+/// A request as the webhook acts on it: the pod in it is read once -- converting the request's
+/// object into a Pod is most of what a pod that is not ours costs -- and every step after sees the
+/// same pod and the same namespace.
+pub struct Admission<'r> {
+    pub request: &'r AdmissionRequest<DynamicObject>,
+    /// The pod being created; None for anything else (another kind, an update, a subresource),
+    /// Err when the object does not read as a Pod.
+    pub pod: Option<Result<Pod, String>>,
+    /// Where the pod is created: the request's namespace, else the pod's own.
+    pub namespace: String,
+}
+
+impl<'r> Admission<'r> {
+    pub fn of(request: &'r AdmissionRequest<DynamicObject>) -> Self {
+        let pod = pod_of(request);
+        let namespace = request
+            .namespace
+            .clone()
+            .or_else(|| pod.as_ref().and_then(|p| p.as_ref().ok()).and_then(|p| p.metadata.namespace.clone()))
+            .unwrap_or_default();
+        Admission { request, pod, namespace }
+    }
+
+    /// The pod, when this is a pod creation picotun could read.
+    pub fn readable_pod(&self) -> Option<&Pod> {
+        self.pod.as_ref().and_then(|p| p.as_ref().ok())
+    }
+}
+
+fn pod_of(req: &AdmissionRequest<DynamicObject>) -> Option<Result<Pod, String>> {
     let is_pod = req.kind.group.is_empty() && req.kind.kind == "Pod" && req.sub_resource.is_none();
     if !is_pod || req.operation != Operation::Create {
         return None;
@@ -53,22 +81,23 @@ pub fn pod_of(req: &AdmissionRequest<DynamicObject>) -> Option<Result<Pod, Strin
     Some(serde_json::to_value(object).and_then(serde_json::from_value::<Pod>).map_err(|e| e.to_string()))
 }
 
-/// `pod`: `pod_of(req)`, read once by the caller, which needs the pod before and after.
-/// `owners`: who owns every name across the cluster (the webhook's index; None without one): the
-/// pod's own expose tunnels are kept to those its namespace owns.
-#[allow(clippy::too_many_arguments)]
-pub fn answer(
-    req: &AdmissionRequest<DynamicObject>,
-    pod: Option<&Result<Pod, String>>,
-    workload: Option<&Workload>,
-    route_tunnels: &[TunnelSpec],
-    owners: Option<&Ownership>,
-    inject_route_backends: bool,
-    config: &InjectConfig,
-    mut warnings: Vec<String>,
-) -> Answer {
-    let allow = AdmissionResponse::from(req);
-    let pod = match pod {
+/// What the webhook learned about a pod beyond its request.
+#[derive(Default)]
+pub struct Findings<'a> {
+    /// The Deployment (or other workload) that owns the pod, read from the cluster.
+    pub workload: Option<&'a Workload>,
+    /// The tunnels routes already ask of this pod (the controller's resolution, for this pod).
+    pub route_tunnels: &'a [TunnelSpec],
+    /// Who owns every name across the cluster (the webhook's index; None without one): the
+    /// pod's own expose tunnels are kept to those its namespace owns.
+    pub owners: Option<&'a Ownership>,
+    /// What went wrong on the way, for the user (a workload that could not be read).
+    pub warnings: Vec<String>,
+}
+
+pub fn answer(admission: &Admission, findings: Findings, inject_route_backends: bool, config: &InjectConfig) -> Answer {
+    let allow = AdmissionResponse::from(admission.request);
+    let pod = match &admission.pod {
         None => return Answer { response: allow, result: "not_a_pod_create", decision: None },
         Some(Err(e)) => {
             let mut response = allow;
@@ -78,8 +107,9 @@ pub fn answer(
         }
         Some(Ok(pod)) => pod,
     };
-    let namespace = req.namespace.clone().or_else(|| pod.metadata.namespace.clone()).unwrap_or_default();
-    let outcome = inject::mutate_owned(pod, &namespace, workload, route_tunnels, owners, inject_route_backends, config);
+    let Findings { workload, route_tunnels, owners, mut warnings } = findings;
+    let outcome =
+        inject::mutate_owned(pod, &admission.namespace, workload, route_tunnels, owners, inject_route_backends, config);
     warnings.extend(outcome.warnings);
     let with_warnings = |mut response: AdmissionResponse, warnings: Vec<String>| {
         if !warnings.is_empty() {
@@ -144,7 +174,7 @@ mod tests {
 
     fn run(body: &[u8]) -> Answer {
         let req = parse(Some("application/json"), body).unwrap();
-        answer(&req, pod_of(&req).as_ref(), None, &[], None, false, &InjectConfig::default(), Vec::new())
+        answer(&Admission::of(&req), Findings::default(), false, &InjectConfig::default())
     }
 
     #[test]
@@ -225,8 +255,7 @@ mod tests {
                 }
             }
             if let Ok(req) = parse(Some("application/json"), &body) {
-                let a =
-                    answer(&req, pod_of(&req).as_ref(), None, &[], None, false, &InjectConfig::default(), Vec::new());
+                let a = answer(&Admission::of(&req), Findings::default(), false, &InjectConfig::default());
                 assert!(a.response.allowed);
             }
         }

@@ -683,14 +683,12 @@ async fn mutate(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bo
     let span =
         info_span!("admission", uid = %req.uid, namespace = req.namespace.as_deref().unwrap_or(""), name = %req.name);
     async move {
+        let admission = admission::Admission::of(&req);
+        let namespace = admission.namespace.as_str();
         let mut warnings = Vec::new();
-        // Read once: converting the request's object into a Pod is most of what a pod that is
-        // not ours costs.
-        let pod = admission::pod_of(&req);
-        let workload = match (&pod, &state.client) {
-            (Some(Ok(pod)), Some(client)) => {
-                let namespace = req.namespace.clone().unwrap_or_default();
-                match owner_workload(client, &namespace, pod.metadata.owner_references.as_deref().unwrap_or(&[])).await {
+        let workload = match (admission.readable_pod(), &state.client) {
+            (Some(pod), Some(client)) => {
+                match owner_workload(client, namespace, pod.metadata.owner_references.as_deref().unwrap_or(&[])).await {
                     Ok(w) => w,
                     Err(e) => {
                         state.metrics.failures.get_or_create(&ReasonLabels { reason: "owner_lookup".into() }).inc();
@@ -704,33 +702,27 @@ async fn mutate(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bo
         // The same resolution the controller runs, for this one pod: created after its route, it
         // starts with the right tunnels.
         // Its own expose tunnels are kept by the same owners: never a name someone else owns.
-        let (route_tunnels, owners) = match (&pod, &state.index) {
-            (Some(Ok(pod)), Some(index)) => {
-                let namespace = req.namespace.clone().or_else(|| pod.metadata.namespace.clone()).unwrap_or_default();
-                let (tunnels, owners) = index.admission_for(&state.resolve, pod, &namespace);
+        let (route_tunnels, owners) = match (admission.readable_pod(), &state.index) {
+            (Some(pod), Some(index)) => {
+                let (tunnels, owners) = index.admission_for(&state.resolve, pod, namespace);
                 (tunnels, Some(owners))
             }
             _ => (Vec::new(), None),
         };
-        let mut answer = admission::answer(
-            &req,
-            pod.as_ref(),
-            workload.as_ref(),
-            &route_tunnels,
-            owners.as_deref(),
-            state.inject_route_backends,
-            &state.config,
+        let findings = admission::Findings {
+            workload: workload.as_ref(),
+            route_tunnels: &route_tunnels,
+            owners: owners.as_deref(),
             warnings,
-        );
+        };
+        let mut answer = admission::answer(&admission, findings, state.inject_route_backends, &state.config);
         // Only key mode mounts the key Secret, so only key mode checks that it exists.
-        if let (SidecarAuth::Key, Some(Decision::Inject { .. }), Some(client), Some(Ok(pod))) =
-            (state.config.auth, &answer.decision, &state.client, &pod)
+        if let (SidecarAuth::Key, Some(Decision::Inject { .. }), Some(client), Some(pod)) =
+            (state.config.auth, &answer.decision, &state.client, admission.readable_pod())
+            && let Some(w) = missing_key_secret(client, &state.secrets, namespace, pod).await
         {
-            let namespace = req.namespace.clone().unwrap_or_default();
-            if let Some(w) = missing_key_secret(client, &state.secrets, &namespace, pod).await {
-                state.metrics.failures.get_or_create(&ReasonLabels { reason: "key_secret_missing".into() }).inc();
-                answer.response.warnings.get_or_insert_with(Vec::new).push(format!("picotun: {w}"));
-            }
+            state.metrics.failures.get_or_create(&ReasonLabels { reason: "key_secret_missing".into() }).inc();
+            answer.response.warnings.get_or_insert_with(Vec::new).push(format!("picotun: {w}"));
         }
         state.metrics.requests.get_or_create(&ResultLabels { result: answer.result.into() }).inc();
         match &answer.decision {
