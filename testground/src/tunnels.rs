@@ -168,6 +168,21 @@ impl TunnelServer {
     }
 
     async fn start_with(kind: ServerKind, authorized: &[&SshClientKey], sshd: &SshdOptions) -> Result<TunnelServer> {
+        // The ports are picked free and bound by the server a moment later; a test running
+        // beside this one can take one in between (seen in CI: sish's "bind: address already in
+        // use"). Only that is retried, on fresh ports.
+        let mut attempt = 1;
+        loop {
+            match Self::start_once(kind.clone(), authorized, sshd).await {
+                Err(e) if attempt < 3 && e.to_string().to_lowercase().contains("address already in use") => {
+                    attempt += 1
+                }
+                result => return result,
+            }
+        }
+    }
+
+    async fn start_once(kind: ServerKind, authorized: &[&SshClientKey], sshd: &SshdOptions) -> Result<TunnelServer> {
         let name = kind.name();
         let dir = tempfile::Builder::new()
             .prefix(&format!("picotun-{name}-"))
