@@ -157,12 +157,11 @@ AGENT_SSHD=$(sshd_session_of "$AGENT_PID"); SSH_SSHD=$(sshd_session_of "$SSH_PID
 # perf_during_transfer OUT PERF_ARGS...: runs `perf PERF_ARGS` on the agent and the sshd process
 # serving it during one transfer into the pod (written to OUT), then on ssh and its sshd (OUT.ssh).
 perf_during_transfer() {
-  local out=$1 side watched port suffix perf_pid
+  local out=$1 side watched port file perf_pid
   shift
-  for side in "$AGENT_PID,$AGENT_SSHD $O_SINK -" "$SSH_PID,$SSH_SSHD $B_SINK .ssh"; do
-    read -r watched port suffix <<<"$side"
-    [[ $suffix != - ]] || suffix=
-    perf "$@" -p "$watched" -o "$out$suffix" -- sleep 2 >/dev/null 2>&1 &
+  for side in "$AGENT_PID,$AGENT_SSHD $O_SINK $out" "$SSH_PID,$SSH_SSHD $B_SINK $out.ssh"; do
+    read -r watched port file <<<"$side"
+    perf "$@" -p "$watched" -o "$file" -- sleep 2 >/dev/null 2>&1 &
     perf_pid=$!
     pids+=("$perf_pid")
     measure in "127.0.0.1:$port" "$mib" >/dev/null

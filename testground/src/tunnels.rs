@@ -168,9 +168,10 @@ impl TunnelServer {
     }
 
     async fn start_with(kind: ServerKind, authorized: &[&SshClientKey], sshd: &SshdOptions) -> Result<TunnelServer> {
-        // The ports are picked free and bound by the server a moment later; a test running
-        // beside this one can take one in between (seen in CI: sish's "bind: address already in
-        // use"). Only that is retried, on fresh ports.
+        // The ports are picked free and bound by the server a moment later. `free_port` never
+        // hands one port out twice in this process, but another process (a Kubernetes binary
+        // listening on port 0) can take one in between (seen in CI: sish's "bind: address
+        // already in use"). Only that is retried, on fresh ports.
         let mut attempt = 1;
         loop {
             match Self::start_once(kind.clone(), authorized, sshd).await {
