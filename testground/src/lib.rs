@@ -69,13 +69,34 @@ impl Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// A port on 127.0.0.1 that was free a moment ago, and that this process has not handed out
-/// before: once its probe socket is closed the kernel gives the same port to the next bind of
-/// port 0 readily (274 repeats in 3000 binds here), so two tests running side by side would
-/// otherwise be given one port for two servers.
+/// before.
+///
+/// It is picked below the kernel's ephemeral range (`ip_local_port_range`, 32768-60999 by
+/// default), because that range is where the kernel puts every outgoing connection's source
+/// port and every listener on port 0: a port taken from it is free when probed and may be some
+/// other socket's a moment later, before the server it was meant for binds it (seen in CI:
+/// sish's "bind: address already in use"). Below the range only an explicit bind takes a port,
+/// and those are ours. Once a probe socket is closed the kernel would also give the same port
+/// to the next bind of port 0 readily (274 repeats in 3000 binds here), hence the record of
+/// what was handed out.
 pub fn free_port() -> u16 {
+    use rand::Rng;
     static HANDED_OUT: std::sync::Mutex<std::collections::BTreeSet<u16>> =
         std::sync::Mutex::new(std::collections::BTreeSet::new());
     let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|p| p.into_inner());
+    let below_ephemeral = PORTS_FROM..ephemeral_ports_start().max(PORTS_FROM);
+    let mut rng = rand::rng();
+    for _ in 0..10_000 {
+        if below_ephemeral.is_empty() {
+            break;
+        }
+        let port = rng.random_range(below_ephemeral.clone());
+        if !handed_out.contains(&port) && TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            handed_out.insert(port);
+            return port;
+        }
+    }
+    // A machine whose ephemeral range starts too low to leave room: the kernel's pick.
     loop {
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
@@ -85,6 +106,18 @@ pub fn free_port() -> u16 {
             return port;
         }
     }
+}
+
+/// The lowest port [`free_port`] hands out: above the fixed ports of the parts the ground runs
+/// (the kubelet's 10248-10259, cert-manager's 9402-9403, etcd's 2379-2380).
+const PORTS_FROM: u16 = 20_000;
+
+/// The first port of the kernel's ephemeral range.
+fn ephemeral_ports_start() -> u16 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32_768)
 }
 
 pub(crate) fn write_file(path: &Path, contents: impl AsRef<[u8]>) -> Result<()> {
@@ -142,6 +175,16 @@ pub fn random_suffix() -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn ports_come_from_below_the_ephemeral_range() {
+        let start = super::ephemeral_ports_start();
+        assert!(start > super::PORTS_FROM, "this machine's ephemeral range starts at {start}");
+        for _ in 0..200 {
+            let port = super::free_port();
+            assert!((super::PORTS_FROM..start).contains(&port), "{port} is not in {}..{start}", super::PORTS_FROM);
+        }
+    }
+
     #[test]
     fn a_port_is_handed_out_once() {
         let mut seen = std::collections::BTreeSet::new();

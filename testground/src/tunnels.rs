@@ -168,10 +168,11 @@ impl TunnelServer {
     }
 
     async fn start_with(kind: ServerKind, authorized: &[&SshClientKey], sshd: &SshdOptions) -> Result<TunnelServer> {
-        // The ports are picked free and bound by the server a moment later. `free_port` never
-        // hands one port out twice in this process, but another process (a Kubernetes binary
-        // listening on port 0) can take one in between (seen in CI: sish's "bind: address
-        // already in use"). Only that is retried, on fresh ports.
+        // The ports are picked free and bound by the server a moment later. `free_port` picks
+        // them where neither port-0 listeners nor outgoing connections land, and never twice in
+        // this process; a process elsewhere binding the same port explicitly in between is still
+        // possible. That server's own message is all there is to tell it by (it is another
+        // program's log), and only that is retried, on fresh ports.
         let mut attempt = 1;
         loop {
             match Self::start_once(kind.clone(), authorized, sshd).await {
