@@ -25,8 +25,10 @@ free_port() {
 import os, random, socket, sys
 start = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
 taken = set(open(sys.argv[1]).read().split()) if os.path.exists(sys.argv[1]) else set()
+if start <= 20000:
+    sys.exit(f"the ephemeral range starts at {start}: no room for free_port below it")
 for _ in range(10000):
-    port = random.randrange(20000, max(start, 20001))
+    port = random.randrange(20000, start)
     if str(port) in taken:
         continue
     try:
