@@ -22,6 +22,7 @@
 #   BENCH_ONLY=throughput bench/agent.sh   stop after the throughput figures (and their CPU cost)
 #   BENCH_PERF=FILE bench/agent.sh   perf profiles of the agent and ssh, each with its sshd
 #   BENCH_PERF_STAT=FILE bench/agent.sh   their syscall and context-switch counts (see below)
+#   BENCH_PIN=shared|apart bench/agent.sh   each client on its sshd's CPU, or on the other (below)
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
@@ -154,6 +155,22 @@ sshd_session_of() {
 srv_ticks() { if [[ -n $1 ]]; then cpu_ticks "$1"; else echo 0; fi; }
 AGENT_SSHD=$(sshd_session_of "$AGENT_PID"); SSH_SSHD=$(sshd_session_of "$SSH_PID")
 [[ -n $AGENT_SSHD && -n $SSH_SSHD && $AGENT_SSHD != "$SSH_SSHD" ]] || { echo "[bench] cannot tell the sshd sessions apart" >&2; exit 1; }
+# BENCH_PIN: where each client runs beside the sshd process serving it, to tell the client's own
+# cost from the scheduler's. "shared": the client and its sshd on CPU 0, taking turns, so a
+# transfer's speed is set by the two processes' CPU per byte alone and no wakeup crosses CPUs.
+# "apart": the sshd on CPU 0 and the client on CPU 1, so every wakeup of a sleeping client is an
+# interrupt to the other CPU (the unpinned runs mostly end up like this). Unset: no pinning.
+case ${BENCH_PIN:-} in
+  "") ;;
+  shared | apart)
+    [[ $(nproc) -ge 2 ]] || { echo "[bench] BENCH_PIN needs 2 CPUs" >&2; exit 1; }
+    client_cpu=0; [[ $BENCH_PIN == apart ]] && client_cpu=1
+    for pid in "$AGENT_PID" "$SSH_PID"; do taskset -a -p -c "$client_cpu" "$pid" >/dev/null; done
+    for pid in "$AGENT_SSHD" "$SSH_SSHD"; do taskset -a -p -c 0 "$pid" >/dev/null; done
+    echo "[bench] pinned ($BENCH_PIN): the sshd sessions on CPU 0, the clients on CPU $client_cpu" >&2
+    ;;
+  *) echo "[bench] BENCH_PIN is shared, apart or unset, not '$BENCH_PIN'" >&2; exit 1 ;;
+esac
 # perf_during_transfer OUT PERF_ARGS...: runs `perf PERF_ARGS` on the agent and the sshd process
 # serving it during one transfer into the pod (written to OUT), then on ssh and its sshd (OUT.ssh).
 perf_during_transfer() {
