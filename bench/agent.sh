@@ -5,7 +5,9 @@
 # Prints `bench: <metric> ours=<x> baseline=<y> ratio=<ours/baseline>` lines:
 #   throughput (MB/s, higher is better) into and out of the "pod", 1 stream and 8 in parallel,
 #   and what each costs the client per GiB moved: CPU milliseconds and page faults (lower is
-#   better; unlike MB/s, these hardly depend on what else the two cores are running);
+#   better; unlike MB/s, these hardly depend on what else the two cores are running), and the
+#   CPU milliseconds of the sshd process serving it; into the pod also the TCP ACKs the
+#   client's SSH connection sends per MiB (on one machine the server's CPU processes them);
 #   64-byte round trip p50/p99 and new-connection setup p50/p99 (microseconds, lower is better);
 #   client RSS idle and peak under load (MB, lower is better), the peak also per throughput
 #   figure;
@@ -153,6 +155,15 @@ sshd_session_of() {
   ss -tnpH "sport = :$sshd_port" | awk -v peer="127.0.0.1:$port" '$5 == peer' | grep -o 'pid=[0-9]*' | head -n1 | cut -d= -f2
 }
 srv_ticks() { if [[ -n $1 ]]; then cpu_ticks "$1"; else echo 0; fi; }
+# pure_acks <client pid>: the segments without data the client's SSH connection has sent so far,
+# its TCP ACKs (and window updates). A receiver that reads each segment as it lands keeps its
+# window open and acknowledges every second segment; one that lets segments queue sends fewer.
+pure_acks() {
+  ss -tinpH "dport = :$sshd_port" | awk -v pid="pid=$1," '
+    index($0, pid) { mine = 1; next }
+    mine { for (i = 1; i <= NF; i++) { split($i, kv, ":"); v[kv[1]] = kv[2] }
+           print v["segs_out"] - v["data_segs_out"]; exit }'
+}
 AGENT_SSHD=$(sshd_session_of "$AGENT_PID"); SSH_SSHD=$(sshd_session_of "$SSH_PID")
 [[ -n $AGENT_SSHD && -n $SSH_SSHD && $AGENT_SSHD != "$SSH_SSHD" ]] || { echo "[bench] cannot tell the sshd sessions apart" >&2; exit 1; }
 # BENCH_PIN: where each client runs beside the sshd process serving it, to tell the client's own
@@ -204,17 +215,23 @@ peak_o=0; peak_b=0
 larger() { awk -v a="$1" -v b="$2" 'BEGIN { print (a > b) ? a : b }'; }
 throughput_pair() {
   local metric=$1 dir=$2 port_o=$3 port_b=$4 n=$5 streams=${6:-1} ours=() base=() i
-  local cpu_o=0 cpu_b=0 flt_o=0 flt_b=0 srv_o=0 srv_b=0 t0 f0 s0 p_o p_b
+  local cpu_o=0 cpu_b=0 flt_o=0 flt_b=0 srv_o=0 srv_b=0 ack_o=0 ack_b=0 t0 f0 s0 a0 p_o p_b
+  # ACKs are counted into the pod only, where the client receives, and only on the direct pair.
+  local acks=; [[ $dir == in && -n $AGENT_SSHD ]] && acks=1
   reset_peak "$AGENT_PID"; reset_peak "$SSH_PID"
   for ((i = 0; i < repeat; i++)); do
     t0=$(cpu_ticks "$AGENT_PID"); f0=$(minor_faults "$AGENT_PID"); s0=$(srv_ticks "$AGENT_SSHD")
+    [[ -z $acks ]] || a0=$(pure_acks "$AGENT_PID")
     ours+=("$(measure "$dir" "127.0.0.1:$port_o" "$n" "$streams")")
     cpu_o=$((cpu_o + $(cpu_ticks "$AGENT_PID") - t0)); flt_o=$((flt_o + $(minor_faults "$AGENT_PID") - f0))
     srv_o=$((srv_o + $(srv_ticks "$AGENT_SSHD") - s0))
+    [[ -z $acks ]] || ack_o=$((ack_o + $(pure_acks "$AGENT_PID") - a0))
     t0=$(cpu_ticks "$SSH_PID"); f0=$(minor_faults "$SSH_PID"); s0=$(srv_ticks "$SSH_SSHD")
+    [[ -z $acks ]] || a0=$(pure_acks "$SSH_PID")
     base+=("$(measure "$dir" "127.0.0.1:$port_b" "$n" "$streams")")
     cpu_b=$((cpu_b + $(cpu_ticks "$SSH_PID") - t0)); flt_b=$((flt_b + $(minor_faults "$SSH_PID") - f0))
     srv_b=$((srv_b + $(srv_ticks "$SSH_SSHD") - s0))
+    [[ -z $acks ]] || ack_b=$((ack_b + $(pure_acks "$SSH_PID") - a0))
   done
   echo "[bench] $metric: ours ${ours[*]}, baseline ${base[*]}" >&2
   p_o=$(rss_mb "$AGENT_PID" VmHWM); p_b=$(rss_mb "$SSH_PID" VmHWM)
@@ -227,6 +244,8 @@ throughput_pair() {
     "$(awk -v t="$cpu_b" -v h="$tick_hz" -v g="$gib" 'BEGIN { printf "%.0f", t * 1000 / h / g }')"
   [[ -z $AGENT_SSHD ]] || emit "${metric%_MBps}_sshd_cpu_ms_per_GiB" "$(awk -v t="$srv_o" -v h="$tick_hz" -v g="$gib" 'BEGIN { printf "%.0f", t * 1000 / h / g }')" \
     "$(awk -v t="$srv_b" -v h="$tick_hz" -v g="$gib" 'BEGIN { printf "%.0f", t * 1000 / h / g }')"
+  [[ -z $acks ]] || emit "${metric%_MBps}_tcp_acks_per_MiB" "$(awk -v a="$ack_o" -v m="$n" -v r="$repeat" 'BEGIN { printf "%.2f", a / m / r }')" \
+    "$(awk -v a="$ack_b" -v m="$n" -v r="$repeat" 'BEGIN { printf "%.2f", a / m / r }')"
   emit "${metric%_MBps}_page_faults_per_GiB" "$(awk -v f="$flt_o" -v g="$gib" 'BEGIN { printf "%.0f", f / g }')" \
     "$(awk -v f="$flt_b" -v g="$gib" 'BEGIN { printf "%.0f", f / g }')"
 }
