@@ -25,9 +25,35 @@
 #   BENCH_PERF=FILE bench/agent.sh   perf profiles of the agent and ssh, each with its sshd
 #   BENCH_PERF_STAT=FILE bench/agent.sh   their syscall and context-switch counts (see below)
 #   BENCH_PIN=shared|apart bench/agent.sh   each client on its sshd's CPU, or on the other (below)
+#   BENCH_RFS=1 bench/agent.sh   receive work on the receiver's CPU, as a real NIC does (below)
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
+
+# BENCH_RFS=1: the whole run inside a network namespace of its own whose loopback steers each
+# segment's receive processing to the CPU the receiving process last ran on (RPS with receive
+# flow steering). Plain loopback does that work inside the sender's sendmsg, so the server pays
+# for waking and acknowledging its client; a real NIC with RSS/RFS does it on the receiver's
+# side. Needs root. rps_sock_flow_entries is machine-wide: its old value is put back on exit,
+# and the namespace is removed.
+if [[ ${BENCH_RFS:-} == 1 ]]; then
+  [[ $(id -u) -eq 0 ]] || { echo "[bench] BENCH_RFS needs root (a network namespace, sysctl)" >&2; exit 1; }
+  netns=picotun-bench-$$
+  flow_entries=$(sysctl -n net.core.rps_sock_flow_entries)
+  # shellcheck disable=SC2064 # the values are fixed now
+  trap "ip netns del $netns 2>/dev/null; sysctl -q net.core.rps_sock_flow_entries=$flow_entries" EXIT
+  trap 'exit 130' INT TERM
+  ip netns add "$netns"
+  ip -n "$netns" link set lo up
+  sysctl -q net.core.rps_sock_flow_entries=32768
+  cpus=$(printf '%x' $(((1 << $(nproc)) - 1)))
+  ip netns exec "$netns" sh -c "echo $cpus >/sys/class/net/lo/queues/rx-0/rps_cpus &&
+    echo 32768 >/sys/class/net/lo/queues/rx-0/rps_flow_cnt"
+  echo "[bench] BENCH_RFS: in network namespace $netns, loopback receive steered to the reader's CPU" >&2
+  status=0
+  ip netns exec "$netns" env BENCH_RFS=inside "$0" "$@" || status=$?
+  exit "$status"
+fi
 mib=${BENCH_MIB:-256}
 delay_mib=${BENCH_DELAY_MIB:-64}
 cipher=aes256-gcm@openssh.com
