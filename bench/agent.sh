@@ -185,10 +185,11 @@ srv_ticks() { if [[ -n $1 ]]; then cpu_ticks "$1"; else echo 0; fi; }
 # its TCP ACKs (and window updates). A receiver that reads each segment as it lands keeps its
 # window open and acknowledges every second segment; one that lets segments queue sends fewer.
 pure_acks() {
-  ss -tinpH "dport = :$sshd_port" | awk -v pid="pid=$1," '
+  ss -tinpH "dport = :$sshd_port" | awk -v pid="pid=$1," -v client="$1" '
     index($0, pid) { mine = 1; next }
     mine { for (i = 1; i <= NF; i++) { split($i, kv, ":"); v[kv[1]] = kv[2] }
-           print v["segs_out"] - v["data_segs_out"]; exit }'
+           print v["segs_out"] - v["data_segs_out"]; found = 1; exit }
+    END { if (!found) { print "[bench] ss shows no SSH connection of process " client > "/dev/stderr"; exit 1 } }'
 }
 AGENT_SSHD=$(sshd_session_of "$AGENT_PID"); SSH_SSHD=$(sshd_session_of "$SSH_PID")
 [[ -n $AGENT_SSHD && -n $SSH_SSHD && $AGENT_SSHD != "$SSH_SSHD" ]] || { echo "[bench] cannot tell the sshd sessions apart" >&2; exit 1; }
