@@ -651,6 +651,10 @@ async fn run_webhook(inst: &Installed, apps_ns: &str) -> (Proc, String, Pod) {
     Api::<Deployment>::namespaced(client.clone(), apps_ns).create(&PostParams::default(), &deployment).await.unwrap();
     let owned = crate::support::running_pods(&pods, "app=owned", 1).await;
     assert!(sidecar(&owned[0]).is_some(), "the opt-in on the Deployment was read");
+
+    // Opted in on a CronJob only: Job -> CronJob, both read under this identity.
+    let job_pod = crate::support::cronjob_pod(client, apps_ns).await;
+    assert!(sidecar(&job_pod).is_some(), "the opt-in on the CronJob was read");
     (webhook, config_name, injected)
 }
 

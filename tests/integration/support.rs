@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::batch::v1::{CronJob, Job};
 use k8s_openapi::api::core::v1::{Container, Namespace, Pod};
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use picotun_testground::pki::Ca;
@@ -372,4 +373,34 @@ pub fn serve_https(
             });
         }
     })
+}
+
+/// A CronJob named `nightly` that opts in by annotation (only there), and its Job's pod, which
+/// is returned once it exists. The CronJob is suspended: the test makes its Job itself, with the
+/// controller owner reference, as the CronJob controller would, rather than waiting for the
+/// schedule.
+pub async fn cronjob_pod(client: &kube::Client, ns: &str) -> Pod {
+    let template = serde_json::json!({"metadata": {"labels": {"app": "nightly"}}, "spec": {"restartPolicy": "Never",
+        "containers": [{"name": "job", "image": "registry.example/job:1"}]}});
+    let cronjob: CronJob = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "nightly", "annotations": {"tunnels.pico.sh/inject": "true"}},
+        "spec": {"schedule": "@daily", "suspend": true, "jobTemplate": {"spec": {"template": template}}},
+    }))
+    .unwrap();
+    let pp = PostParams::default();
+    let cronjob = Api::<CronJob>::namespaced(client.clone(), ns).create(&pp, &cronjob).await.unwrap();
+    let job: Job = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "nightly-1", "ownerReferences": [{"apiVersion": "batch/v1", "kind": "CronJob",
+            "name": "nightly", "uid": cronjob.metadata.uid, "controller": true, "blockOwnerDeletion": true}]},
+        "spec": {"template": template},
+    }))
+    .unwrap();
+    Api::<Job>::namespaced(client.clone(), ns).create(&pp, &job).await.unwrap();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    wait_for("the Job's pod", Duration::from_secs(60), Duration::from_millis(250), || async {
+        let list = pods.list(&ListParams::default().labels("app=nightly")).await.map_err(|e| e.to_string())?;
+        Ok(list.items.into_iter().next())
+    })
+    .await
+    .unwrap()
 }

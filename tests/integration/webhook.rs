@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::batch::v1::{CronJob, Job};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use picotun_testground::pki::{Ca, CertAndKey};
@@ -822,32 +821,7 @@ async fn injecting(prefix: &str) -> (&'static ControlPlane, kube::Client, picotu
 #[ignore = "needs the test ground (scripts/build-testground)"]
 async fn a_cronjobs_pods_are_injected_from_the_cronjobs_annotation() {
     let (_, client, ns, webhook) = injecting("cronjob").await;
-    let pods: Api<Pod> = Api::namespaced(client.clone(), ns.name());
-
-    let template = json!({"metadata": {"labels": {"app": "nightly"}}, "spec": {"restartPolicy": "Never",
-        "containers": [{"name": "job", "image": "registry.example/job:1"}]}});
-    // Suspended: the test makes the CronJob's Job itself, as the CronJob controller would (with
-    // the controller owner reference), rather than waiting for the schedule.
-    let cronjob: CronJob = serde_json::from_value(json!({
-        "metadata": {"name": "nightly", "annotations": {"tunnels.pico.sh/inject": "true"}},
-        "spec": {"schedule": "@daily", "suspend": true, "jobTemplate": {"spec": {"template": template}}},
-    }))
-    .unwrap();
-    let pp = PostParams::default();
-    let cronjob = Api::<CronJob>::namespaced(client.clone(), ns.name()).create(&pp, &cronjob).await.unwrap();
-    let job: Job = serde_json::from_value(json!({
-        "metadata": {"name": "nightly-1", "ownerReferences": [{"apiVersion": "batch/v1", "kind": "CronJob",
-            "name": "nightly", "uid": cronjob.metadata.uid, "controller": true, "blockOwnerDeletion": true}]},
-        "spec": {"template": template},
-    }))
-    .unwrap();
-    Api::<Job>::namespaced(client.clone(), ns.name()).create(&pp, &job).await.unwrap();
-    let pod = wait_for("the Job's pod", Duration::from_secs(60), Duration::from_millis(250), || async {
-        let list = pods.list(&ListParams::default().labels("app=nightly")).await.map_err(|e| e.to_string())?;
-        Ok(list.items.into_iter().next())
-    })
-    .await
-    .unwrap();
+    let pod = crate::support::cronjob_pod(&client, ns.name()).await;
     assert!(sidecar_of(&pod).is_some(), "the CronJob's opt-in reaches its pods: {:?}", pod.spec);
     webhook.unregister(&client).await;
 }
