@@ -110,6 +110,18 @@ impl RusshKeepalive {
     }
 }
 
+/// How long data the agent sent may stay unacknowledged by the server before the kernel gives
+/// the connection up (TCP_USER_TIMEOUT): the same `interval` x `max` of silence as the
+/// keepalives; none for `--keepalive-max 0` (never give up).
+///
+/// The keepalives alone miss a server that goes silent while the agent is sending: once the
+/// socket's buffers are full, russh's session loop waits in its write with no limit, and its
+/// keepalive timer, checked between writes, never runs. The kernel's limit covers that wait,
+/// zero-window probes included (a frozen server's kernel still answers those).
+fn unacknowledged_limit(interval: Duration, max: usize) -> Option<Duration> {
+    (max > 0).then(|| interval.saturating_mul(u32::try_from(max).unwrap_or(u32::MAX)))
+}
+
 /// Why a connection attempt or a live connection ended.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnError {
@@ -399,6 +411,8 @@ async fn connect(
         let tcp = tokio::net::TcpStream::connect((settings.server_host.as_str(), settings.server_port)).await?;
         // Without it every new visitor connection pays Nagle's delay on the SSH hop.
         tcp.set_nodelay(true)?;
+        socket2::SockRef::from(&tcp)
+            .set_tcp_user_timeout(unacknowledged_limit(settings.keepalive_interval, settings.keepalive_max))?;
         // russh reads each packet with two exact reads (its length, then the rest): straight
         // from the socket that is two syscalls per packet. A read buffer takes what the kernel
         // holds in one. 0: unbuffered, as russh's own connect (a 1-byte buffer is never used:
@@ -832,6 +846,15 @@ mod tests {
             let probes = RusshKeepalive::for_silence(interval, max);
             assert_eq!(probes.gives_up_after(), Some(interval * max as u32), "interval {interval:?} max {max}");
         }
+    }
+
+    #[test]
+    fn unacknowledged_data_is_given_up_after_the_keepalives_silence() {
+        let five = Duration::from_secs(5);
+        assert_eq!(unacknowledged_limit(five, 3), Some(Duration::from_secs(15)));
+        assert_eq!(unacknowledged_limit(five, 1), Some(five));
+        assert_eq!(unacknowledged_limit(five, 0), None, "--keepalive-max 0: never give up");
+        assert_eq!(unacknowledged_limit(Duration::MAX, usize::MAX), Some(Duration::MAX), "saturates");
     }
 
     #[test]

@@ -832,23 +832,29 @@ async fn freezable_relay(upstream: u16) -> (u16, std::sync::Arc<std::sync::atomi
     (port, frozen)
 }
 
-#[tokio::test]
-#[ignore = "needs the test ground (scripts/build-testground)"]
-async fn a_silent_server_is_detected_by_keepalives_and_the_agent_reconnects() {
-    use std::sync::atomic::Ordering;
-    let (server, key, _k) = server(tuns()).await;
+/// sish (as tuns.sh) behind a freezable relay, and an agent serving `tunnels` through the relay
+/// that probes after 1 s of silence and gives up after 2.
+struct BehindRelay {
+    server: TunnelServer,
+    frozen: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    agent: Agent,
+    _key: (SshClientKey, tempfile::TempDir),
+    _known_hosts: tempfile::NamedTempFile,
+}
+
+async fn behind_freezable_relay(tunnels: &[String]) -> BehindRelay {
+    let (server, key, keys) = server(tuns()).await;
     let (relay_port, frozen) = freezable_relay(server.ssh_port()).await;
     let known = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(known.path(), format!("[127.0.0.1]:{relay_port} {}\n", server.host_key())).unwrap();
-    let backend = Backend::start("silent").await.unwrap();
-    let relay_port_s = relay_port.to_string();
-    let mut agent = Agent::start(
+    let relay_port = relay_port.to_string();
+    let agent = Agent::start(
         &server,
         &key,
-        &file(&[http_tunnel("web", "silent", backend.port())]),
+        &file(tunnels),
         &[
             "--server-port",
-            &relay_port_s,
+            &relay_port,
             "--known-hosts",
             known.path().to_str().unwrap(),
             "--keepalive-interval",
@@ -857,6 +863,17 @@ async fn a_silent_server_is_detected_by_keepalives_and_the_agent_reconnects() {
             "2",
         ],
     );
+    BehindRelay { server, frozen, agent, _key: (key, keys), _known_hosts: known }
+}
+
+#[tokio::test]
+#[ignore = "needs the test ground (scripts/build-testground)"]
+async fn a_silent_server_is_detected_by_keepalives_and_the_agent_reconnects() {
+    use std::sync::atomic::Ordering;
+    let backend = Backend::start("silent").await.unwrap();
+    // Bound whole: the key and the known-hosts file must outlive the reconnect.
+    let mut relayed = behind_freezable_relay(&[http_tunnel("web", "silent", backend.port())]).await;
+    let BehindRelay { server, frozen, agent, .. } = &mut relayed;
     agent.wait_tunnel("web", "established", Duration::from_secs(20)).await;
 
     frozen.store(true, Ordering::Relaxed);
@@ -868,6 +885,66 @@ async fn a_silent_server_is_detected_by_keepalives_and_the_agent_reconnects() {
     agent.wait_tunnel("web", "established", Duration::from_secs(40)).await;
     let addr = format!("127.0.0.1:{}", server.http_port().unwrap());
     expect_body(&addr, &server.http_host(USER, "silent"), "/", &backend.greeting()).await;
+}
+
+/// A server that goes silent while the agent is sending: with visitors downloading from the app,
+/// the SSH socket's buffers fill once the server stops reading, and the agent's write to it
+/// waits. That wait must not hide the silence: the connection is given up within
+/// --keepalive-interval x --keepalive-max (and a margin), as when idle. Before, russh's session
+/// loop sat in that write with no limit, its keepalive timer never ran, and the agent kept
+/// reporting the tunnel established for as long as the server stayed frozen.
+#[tokio::test]
+#[ignore = "needs the test ground (scripts/build-testground)"]
+async fn a_server_gone_silent_during_downloads_is_detected_and_the_agent_reconnects() {
+    use std::sync::atomic::Ordering;
+    // The app: an endless stream to every connection.
+    let app = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app_port = app.local_addr().unwrap().port();
+    let app_task = tokio::spawn(async move {
+        while let Ok((mut s, _)) = app.accept().await {
+            tokio::spawn(async move {
+                let chunk = vec![b'x'; 32 * 1024];
+                while s.write_all(&chunk).await.is_ok() {}
+            });
+        }
+    });
+    let mut relayed = behind_freezable_relay(&[tcp_tunnel("down", None, app_port)]).await;
+    let BehindRelay { frozen, agent, .. } = &mut relayed;
+    let t = agent.wait_tunnel("down", "established", Duration::from_secs(20)).await;
+    let public = dial_addr(t["publicAddress"].as_str().unwrap());
+    // Enough downloads that their SSH windows together exceed what the socket buffers hold.
+    let received = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut visitors = Vec::new();
+    for _ in 0..32 {
+        let (public, received) = (public.clone(), received.clone());
+        visitors.push(tokio::spawn(async move {
+            let Ok(mut s) = TcpStream::connect(&public).await else { return };
+            let mut buf = vec![0u8; 64 * 1024];
+            while let Ok(n) = s.read(&mut buf).await {
+                if n == 0 {
+                    return;
+                }
+                received.fetch_add(n as u64, Ordering::Relaxed);
+            }
+        }));
+    }
+    wait_for("the downloads to flow", Duration::from_secs(10), Duration::from_millis(50), || {
+        let got = received.load(Ordering::Relaxed);
+        async move { Ok::<_, String>((got > 64 * 1024 * 1024).then_some(())) }
+    })
+    .await
+    .unwrap();
+
+    frozen.store(true, Ordering::Relaxed);
+    let froze = Instant::now();
+    agent.wait_tunnel("down", "connecting", Duration::from_secs(10)).await;
+    eprintln!("a server gone silent during downloads noticed after {:?}", froze.elapsed());
+    frozen.store(false, Ordering::Relaxed);
+    agent.wait_tunnel("down", "established", Duration::from_secs(40)).await;
+    for v in visitors {
+        v.abort();
+    }
+    app_task.abort();
 }
 
 #[tokio::test]
