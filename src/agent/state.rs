@@ -35,7 +35,8 @@ pub struct TunnelStatus {
     pub message: Option<String>,
     /// Unix seconds of the last state change.
     pub since: u64,
-    pub active_connections: i64,
+    /// Filled in by `snapshot` from the open connections.
+    pub active_connections: u64,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -128,6 +129,10 @@ impl Metrics {
 #[derive(Default)]
 pub struct AgentState {
     tunnels: Mutex<BTreeMap<String, TunnelStatus>>,
+    /// Open visitor connections by tunnel name. Apart from `tunnels`, whose entries come and go
+    /// with the configuration: a removed tunnel's connections run until they end, and the
+    /// shutdown's grace period waits for them too.
+    open_connections: Mutex<BTreeMap<String, u64>>,
     config_error: Mutex<Option<String>>,
     config_loaded: AtomicBool,
     tunnels_file_read: AtomicBool,
@@ -201,15 +206,17 @@ impl AgentState {
         let labels = TunnelLabels { tunnel: name.to_string() };
         self.metrics.connections_total.get_or_create(&labels).inc();
         self.metrics.connections_active.get_or_create(&labels).inc();
-        if let Some(t) = self.tunnels.lock().unwrap_or_else(|p| p.into_inner()).get_mut(name) {
-            t.active_connections += 1;
-        }
+        *self.open_connections.lock().unwrap_or_else(|p| p.into_inner()).entry(name.to_string()).or_default() += 1;
     }
 
     pub fn connection_closed(&self, name: &str) {
         self.metrics.connections_active.get_or_create(&TunnelLabels { tunnel: name.to_string() }).dec();
-        if let Some(t) = self.tunnels.lock().unwrap_or_else(|p| p.into_inner()).get_mut(name) {
-            t.active_connections -= 1;
+        let mut open = self.open_connections.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = open.get_mut(name) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                open.remove(name);
+            }
         }
     }
 
@@ -270,11 +277,17 @@ impl AgentState {
     }
 
     pub fn snapshot(&self) -> Vec<TunnelStatus> {
-        self.tunnels.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
+        let tunnels = self.tunnels.lock().unwrap_or_else(|p| p.into_inner());
+        let open = self.open_connections.lock().unwrap_or_else(|p| p.into_inner());
+        tunnels
+            .values()
+            .map(|t| TunnelStatus { active_connections: open.get(&t.name).copied().unwrap_or(0), ..t.clone() })
+            .collect()
     }
 
-    pub fn total_active_connections(&self) -> i64 {
-        self.tunnels.lock().unwrap_or_else(|p| p.into_inner()).values().map(|t| t.active_connections).sum()
+    /// Every open visitor connection of the pod, of configured tunnels and removed ones.
+    pub fn total_active_connections(&self) -> u64 {
+        self.open_connections.lock().unwrap_or_else(|p| p.into_inner()).values().sum()
     }
 }
 
@@ -325,6 +338,35 @@ mod tests {
         assert_eq!(s.tunnels_up(), Ok(2));
         s.start_draining();
         assert_eq!(s.tunnels_up().unwrap_err().0, "shutting down");
+    }
+
+    /// Defect: the counts lived in the status entries, so a tunnel removed and added back (an
+    /// Ingress deleted and re-applied) started again at 0 while its old connections still ran;
+    /// as they closed the count went negative, and the pod-wide sum that the shutdown's grace
+    /// period waits on said nothing was in flight while connections still were.
+    #[test]
+    fn open_connections_are_counted_across_configuration_changes() {
+        let s = AgentState::default();
+        let active =
+            |s: &AgentState, name: &str| s.snapshot().iter().find(|t| t.name == name).map(|t| t.active_connections);
+        s.set_configured(&[spec("web")], ForwardState::Connecting);
+        for _ in 0..3 {
+            s.connection_opened("web");
+        }
+        s.set_configured(&[], ForwardState::Connecting);
+        assert_eq!(s.total_active_connections(), 3, "a removed tunnel's connections still run");
+        s.set_configured(&[spec("web")], ForwardState::Connecting);
+        assert_eq!(active(&s, "web"), Some(3), "added back: its connections are still open");
+        s.connection_opened("web");
+        for _ in 0..3 {
+            s.connection_closed("web");
+        }
+        assert_eq!(active(&s, "web"), Some(1));
+        assert_eq!(s.total_active_connections(), 1, "one still open: the grace period waits for it");
+        s.connection_closed("web");
+        s.connection_closed("web");
+        assert_eq!(active(&s, "web"), Some(0), "never below zero");
+        assert_eq!(s.total_active_connections(), 0);
     }
 
     #[test]
