@@ -903,9 +903,14 @@ impl View {
     }
 
     /// A pod being created may have only a generateName: give it a name resolution can key on.
+    /// A pod not yet created asks as the newest claimant, so any creationTimestamp it carries is
+    /// dropped. The ground's kube-apiserver already replaces one a client wrote before it calls
+    /// the webhook (webhook.rs `a_new_pods_expose_annotation...` creates such a pod); this keeps
+    /// the rule from resting on that, or on whoever else sends an AdmissionReview.
     fn pending(pod: &Pod, namespace: &str) -> Pod {
         let mut pod = pod.clone();
         pod.metadata.namespace = Some(namespace.to_string());
+        pod.metadata.creation_timestamp = None;
         if pod.metadata.name.is_none() {
             pod.metadata.name = Some("picotun-pod-being-created".into());
         }
@@ -1071,6 +1076,26 @@ mod tests {
         let fresh = crate::resolve::ownership::Claim::Name("fresh".into());
         assert!(owners.check_claim(&me, &fresh).is_ok());
         assert!(owners.check_claim(&me, &crate::resolve::ownership::Claim::Name("demo".into())).is_err());
+    }
+
+    /// A pod at admission is the newest claimant of its names, whatever creationTimestamp the
+    /// AdmissionReview carries: one of 2000 must not make it older than a name's owner.
+    #[test]
+    fn a_pod_being_created_asks_as_the_newest_whatever_creation_time_it_says() {
+        let config = ResolveConfig::default();
+        let view = View {
+            pod_metadata: vec![pod_metadata("victim", "shop-1", "2024-01-01T00:00:00Z", "http:shop=8080")],
+            ..Default::default()
+        };
+        let mut forged = new_pod(Some("http:shop=8080"));
+        forged.metadata.creation_timestamp = Some(serde_json::from_value(json!("2000-01-01T00:00:00Z")).unwrap());
+        let owners = view.ownership_for(&config, &forged, "evil");
+        let shop = crate::resolve::ownership::Claim::Name("shop".into());
+        assert_eq!(owners.owner(&shop).unwrap().via.as_deref(), Some("shop-1"), "the victim keeps shop");
+        let evil = crate::resolve::ownership::Claimant::expose("evil");
+        assert!(owners.check_claim(&evil, &shop).is_err());
+        let (_, owners) = view.admission_for(&config, &forged, "evil");
+        assert!(owners.check_claim(&evil, &shop).is_err(), "the same through admission_for");
     }
 
     /// The webhook resolves the cluster's name owners once per change of the caches, not once per

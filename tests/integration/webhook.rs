@@ -401,7 +401,11 @@ async fn a_new_pods_expose_annotation_gets_no_name_another_namespace_owns() {
     let domain = format!("app.{name}.test");
     let owner = ground.namespace("names-owner").await.unwrap();
     let asker = ground.namespace("names-asker").await.unwrap();
-    for ns in [&owner, &asker] {
+    // For a pod that claims a creation time of its own, alone in its namespace (asker's claim is
+    // dated by its first pod, which may share the Ingress's second; a tie goes to the namespace
+    // that sorts first).
+    let forger = ground.namespace("names-tardy").await.unwrap();
+    for ns in [&owner, &asker, &forger] {
         label_for_injection(&client, ns.name()).await;
     }
     let ingress: k8s_openapi::api::networking::v1::Ingress = serde_json::from_value(json!({
@@ -416,8 +420,8 @@ async fn a_new_pods_expose_annotation_gets_no_name_another_namespace_owns() {
     let allow = format!("{}=*.{name}.test", owner.name());
     let options = WebhookOptions { args: vec!["--custom-domain-allow".into(), allow], ..Default::default() };
     let mut webhook = Webhook::start_with(Some(ground), options).await;
-    webhook.register(&client, &[owner.name(), asker.name()], true).await;
-    for ns in [&owner, &asker] {
+    webhook.register(&client, &[owner.name(), asker.name(), forger.name()], true).await;
+    for ns in [&owner, &asker, &forger] {
         wait_active(&Api::<Pod>::namespaced(client.clone(), ns.name())).await;
     }
 
@@ -446,6 +450,13 @@ async fn a_new_pods_expose_annotation_gets_no_name_another_namespace_owns() {
     assert!(warnings.contains(&fenced), "{warnings}");
     // The pod keeps its annotation as written: the controller recomputes from it, by the same rule.
     assert_eq!(created.metadata.annotations.as_ref().unwrap()["tunnels.pico.sh/expose"], expose("b"));
+    // A creationTimestamp the client wrote does not make a pod older than the Ingress (the
+    // apiserver replaces it before admission, and the webhook drops any it is sent).
+    let mut forged = pod(forger.name(), "c");
+    forged["metadata"]["creationTimestamp"] = json!("2000-01-01T00:00:00Z");
+    let (created, warnings) = kubectl_create(ground, &forged);
+    assert_eq!(hosts(&created), [format!("{name}-c")], "{warnings}");
+    assert!(warnings.contains(&owned), "{warnings}");
 
     // The owner's namespace may use the domain. The name is its Ingress's, not its expose
     // annotations': a different claimant, refused too.
