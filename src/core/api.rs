@@ -30,6 +30,22 @@ pub const STARTUP_GATE: &str = "tunnels.pico.sh/startup-gate";
 /// Pod annotation naming the Secret with the SSH key (default [`DEFAULT_KEY_SECRET`]).
 pub const KEY_SECRET: &str = "tunnels.pico.sh/key-secret";
 pub const DEFAULT_KEY_SECRET: &str = "picotun-ssh-key";
+/// The key Secret a pod's annotations name ([`KEY_SECRET`]), or the default -- also when the
+/// annotation is not a Secret name, which would have the apiserver refuse the pod's volume: then
+/// with the warning that says so.
+pub fn key_secret(annotations: Option<&std::collections::BTreeMap<String, String>>) -> (String, Option<String>) {
+    match annotations.and_then(|a| a.get(KEY_SECRET)) {
+        None => (DEFAULT_KEY_SECRET.to_string(), None),
+        Some(v) if crate::core::tunnel::is_dns_name(v.trim()) => (v.trim().to_string(), None),
+        Some(v) => (
+            DEFAULT_KEY_SECRET.to_string(),
+            Some(format!(
+                "{KEY_SECRET}: {v:?} is not a Secret name (lower-case letters, digits, '-' and '.'); using \
+                 {DEFAULT_KEY_SECRET}"
+            )),
+        ),
+    }
+}
 /// The key inside that Secret (the `kubernetes.io/ssh-auth` Secret type's key).
 pub const KEY_SECRET_KEY: &str = "ssh-privatekey";
 /// Per-pod sidecar resource overrides (Kubernetes quantities).

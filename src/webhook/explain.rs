@@ -234,8 +234,7 @@ fn describe_sidecar(out: &mut String, pod: &Pod) {
             let _ = writeln!(out, "  auth: a short-lived SSH certificate for a key made in the pod, from {url}");
         }
         None => {
-            let secret = pod.metadata.annotations.as_ref().and_then(|a| a.get(api::KEY_SECRET)).cloned();
-            let secret = secret.unwrap_or_else(|| api::DEFAULT_KEY_SECRET.to_string());
+            let (secret, _) = api::key_secret(pod.metadata.annotations.as_ref());
             let _ = writeln!(out, "  auth: the account key from Secret {secret}, mounted into the sidecar");
         }
     }

@@ -392,6 +392,38 @@ pub fn owned_tunnels(
     tunnels
 }
 
+/// The value of a quantity [`is_quantity`] accepts, in base units (cores, bytes), to compare
+/// two; None for anything else.
+pub fn quantity_value(s: &str) -> Option<f64> {
+    let s = s.trim();
+    if !is_quantity(s) {
+        return None;
+    }
+    let digits_end = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+    let (number, suffix) = s.split_at(digits_end);
+    let number: f64 = number.parse().ok()?;
+    let scale = match suffix {
+        "" => 1.0,
+        "n" => 1e-9,
+        "u" => 1e-6,
+        "m" => 1e-3,
+        "k" => 1e3,
+        "M" => 1e6,
+        "G" => 1e9,
+        "T" => 1e12,
+        "P" => 1e15,
+        "E" => 1e18,
+        "Ki" => 1024f64,
+        "Mi" => 1024f64.powi(2),
+        "Gi" => 1024f64.powi(3),
+        "Ti" => 1024f64.powi(4),
+        "Pi" => 1024f64.powi(5),
+        "Ei" => 1024f64.powi(6),
+        exponent => 10f64.powi(exponent[1..].parse::<i32>().ok()?),
+    };
+    Some(number * scale)
+}
+
 /// A Kubernetes quantity as the apiserver accepts it (`100m`, `64Mi`, `1.5`, `1e3`).
 pub fn is_quantity(s: &str) -> bool {
     let digits_end = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
@@ -479,18 +511,34 @@ pub fn inject(pod: &Pod, tunnels: &[TunnelSpec], config: &InjectConfig, warnings
             None => Quantity(default.to_string()),
         }
     };
-    let resources = ResourceRequirements {
-        requests: Some(BTreeMap::from([
-            ("cpu".to_string(), quantity(api::CPU_REQUEST, &config.cpu_request)),
-            ("memory".to_string(), quantity(api::MEMORY_REQUEST, &config.memory_request)),
-        ])),
-        limits: Some(BTreeMap::from([
-            ("cpu".to_string(), quantity(api::CPU_LIMIT, &config.cpu_limit)),
-            ("memory".to_string(), quantity(api::MEMORY_LIMIT, &config.memory_limit)),
-        ])),
-        ..Default::default()
-    };
-    let key_secret = annotations.get(api::KEY_SECRET).cloned().unwrap_or_else(|| api::DEFAULT_KEY_SECRET.to_string());
+    let (mut requests, mut limits, mut lowered) = (BTreeMap::new(), BTreeMap::new(), Vec::new());
+    for (resource, request_key, request_default, limit_key, limit_default) in [
+        ("cpu", api::CPU_REQUEST, &config.cpu_request, api::CPU_LIMIT, &config.cpu_limit),
+        ("memory", api::MEMORY_REQUEST, &config.memory_request, api::MEMORY_LIMIT, &config.memory_limit),
+    ] {
+        let (mut request, limit) = (quantity(request_key, request_default), quantity(limit_key, limit_default));
+        // The apiserver refuses a container whose request exceeds its limit: a limit set below
+        // the (default) request lowers the request to it.
+        if let (Some(r), Some(l)) = (quantity_value(&request.0), quantity_value(&limit.0))
+            && r > l
+        {
+            lowered.push(format!(
+                "the sidecar's {resource} request {} is above its limit {} (set by {request_key} and {limit_key}); \
+                 requesting {}",
+                request.0, limit.0, limit.0
+            ));
+            request = limit.clone();
+        }
+        requests.insert(resource.to_string(), request);
+        limits.insert(resource.to_string(), limit);
+    }
+    warnings.extend(lowered);
+    let resources = ResourceRequirements { requests: Some(requests), limits: Some(limits), ..Default::default() };
+    let (key_secret, bad_key_secret) = api::key_secret(Some(annotations));
+    if matches!(config.auth, SidecarAuth::Key) {
+        // Only key mode mounts the Secret.
+        warnings.extend(bad_key_secret);
+    }
     let log_level = annotations.get(api::LOG_LEVEL).cloned().unwrap_or_else(|| config.log_level.clone());
     let gate = match (api::switch(annotations.get(api::STARTUP_GATE)), annotations.get(api::STARTUP_GATE)) {
         (Some(true), _) if config.native_sidecar => true,
@@ -851,6 +899,47 @@ mod tests {
         assert!(matches!(decide(&p, "apps", None, &route, true, &cfg()), Decision::Inject { .. }));
         let out = mutate(&p, "apps", None, &route, true, &cfg());
         assert_eq!(out.tunnels, route);
+    }
+
+    /// Defect: each quantity was checked alone, so a limit below the (default) request -- or a
+    /// key-secret that is no Secret name -- gave a pod the apiserver refuses, about a container
+    /// its author never wrote.
+    #[test]
+    fn annotations_never_give_a_sidecar_the_apiserver_refuses() {
+        let sidecar_of = |annotations: serde_json::Value| {
+            let out =
+                mutate(&app(json!({"tunnels.pico.sh/inject": "true"}), annotations), "apps", None, &[], false, &cfg());
+            let pod = out.pod.unwrap();
+            let spec = pod.spec.unwrap();
+            (spec.init_containers.unwrap().remove(0), spec.volumes.unwrap_or_default(), out.warnings)
+        };
+        let (d, _, warnings) = sidecar_of(json!({}));
+        assert!(warnings.is_empty(), "{warnings:?}");
+        let defaults = d.resources.unwrap();
+
+        let (sidecar, _, warnings) = sidecar_of(json!({"tunnels.pico.sh/sidecar-memory-limit": "1Ki",
+            "tunnels.pico.sh/sidecar-cpu-request": "64"}));
+        let r = sidecar.resources.unwrap();
+        let (requests, limits) = (r.requests.unwrap(), r.limits.unwrap());
+        assert_eq!((requests["memory"].0.as_str(), limits["memory"].0.as_str()), ("1Ki", "1Ki"), "{warnings:?}");
+        let cpu_limit = &defaults.limits.as_ref().unwrap()["cpu"].0;
+        assert_eq!((&requests["cpu"].0, &limits["cpu"].0), (cpu_limit, cpu_limit), "{warnings:?}");
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        assert!(warnings[0].contains("cpu request 64 is above its limit"), "{warnings:?}");
+        assert!(warnings[1].contains("memory request") && warnings[1].contains("requesting 1Ki"), "{warnings:?}");
+
+        for bad in ["", "My_Key", "-key"] {
+            let (_, volumes, warnings) = sidecar_of(json!({"tunnels.pico.sh/key-secret": bad}));
+            let names: Vec<_> = volumes.iter().filter_map(|v| v.secret.as_ref()?.secret_name.clone()).collect();
+            if !names.is_empty() {
+                assert_eq!(names, [api::DEFAULT_KEY_SECRET], "{bad:?}");
+            }
+            assert!(warnings.iter().any(|w| w.contains("is not a Secret name")), "{bad:?}: {warnings:?}");
+        }
+        assert_eq!(
+            api::key_secret(Some(&BTreeMap::from([(api::KEY_SECRET.to_string(), " my-key ".to_string())]))).0,
+            "my-key"
+        );
     }
 
     #[test]
@@ -1397,5 +1486,11 @@ mod tests {
         for bad in ["", "lots", "Mi", "1.2.3", "1e", "64MB", "-"] {
             assert!(!is_quantity(bad), "{bad}");
         }
+        assert_eq!(quantity_value("500m"), Some(0.5));
+        assert_eq!(quantity_value("64Mi"), Some(64.0 * 1024.0 * 1024.0));
+        assert_eq!(quantity_value("1e3"), Some(1000.0));
+        assert_eq!(quantity_value("1.5G"), Some(1.5e9));
+        assert_eq!(quantity_value("64MB"), None);
+        assert!(quantity_value("1") > quantity_value("500m"));
     }
 }

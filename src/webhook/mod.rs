@@ -748,13 +748,7 @@ async fn missing_key_secret(
     namespace: &str,
     pod: &k8s_openapi::api::core::v1::Pod,
 ) -> Option<String> {
-    let name = pod
-        .metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(crate::core::api::KEY_SECRET))
-        .cloned()
-        .unwrap_or_else(|| crate::core::api::DEFAULT_KEY_SECRET.to_string());
+    let (name, _) = crate::core::api::key_secret(pod.metadata.annotations.as_ref());
     let key = (namespace.to_string(), name.clone());
     let exists = match cache.get(&key) {
         Some(e) => Some(e),
