@@ -13,6 +13,7 @@ use super::status::{self, ListenerFacts, Reports};
 use crate::apiserver::index::{GatewayKind, ResolveConfig, View, json_of};
 use crate::core::api;
 use crate::core::pod::{self, Decision, SkipReason};
+use crate::core::report::check_address;
 use crate::core::tunnel::TunnelsFile;
 use crate::resolve::cluster::{ClusterResolution, pod_tunnels_file};
 use crate::resolve::{PodKey, Problem};
@@ -163,8 +164,6 @@ pub fn plan(view: &View, resolution: &ClusterResolution, config: &ResolveConfig,
         .map(|p| (key_of(&p.metadata), p.as_ref()))
         .filter(|(k, _)| scope.as_ref().is_none_or(|s| s.contains(&k.0)))
         .collect();
-    let reports: Reports =
-        pods.iter().map(|(k, p)| (k.clone(), status::reports_of(p))).filter(|(_, r)| !r.is_empty()).collect();
     let live = |p: &Pod| {
         p.metadata.deletion_timestamp.is_none()
             && !matches!(p.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed"))
@@ -199,6 +198,25 @@ pub fn plan(view: &View, resolution: &ClusterResolution, config: &ResolveConfig,
         out.problems.extend(problems.iter().map(|p| problem_note(&pod_ref, p)));
         files.push((key, *pod, file, pod_ref));
     }
+    // What the sidecars reported: only injected, live pods' reports, of tunnels they have, and
+    // only addresses those tunnels can have. The annotation is on the pod, which its author can
+    // write, and it goes into route and Gateway status: a host the Gateway CRD refuses would fail
+    // every status patch of a Gateway other namespaces share. (The server's domains are checked
+    // by the webhook at /report; the controller does not know them.)
+    let reports: Reports = files
+        .iter()
+        .filter_map(|(key, pod, file, _)| {
+            let mut reported = status::reports_of(pod);
+            reported.retain(|name, report| {
+                let Some(spec) = file.tunnels.iter().find(|t| &t.name == name) else { return false };
+                if report.public_address.as_deref().is_some_and(|a| check_address(a, spec, None).is_err()) {
+                    report.public_address = None;
+                }
+                true
+            });
+            (!reported.is_empty()).then(|| ((*key).clone(), reported))
+        })
+        .collect();
     let standby = if opts.server_load_balancing { BTreeMap::new() } else { standing_by(&files, &reports) };
     for (key, pod, mut file, pod_ref) in files {
         if let Some(names) = standby.get(key) {
@@ -688,6 +706,42 @@ mod tests {
         let p = plan_of(pods, &Options { server_load_balancing: true, ..Default::default() });
         for pod in ["young", "old", "older-not-ready"] {
             assert!(!file_of(&p, pod).unwrap().tunnels[0].standby, "{pod}");
+        }
+    }
+
+    /// Defect: the controller published whatever any pod's `tunnels.pico.sh/addresses` said --
+    /// a pod its author annotated, injected or not, with any host. A host the Gateway CRD
+    /// refuses fails every status patch of a shared Gateway. Now only injected pods' reports of
+    /// their own tunnels count, and only addresses those tunnels can have.
+    #[test]
+    fn only_addresses_an_injected_pods_tunnels_can_have_reach_status() {
+        let created = "2026-01-01T00:00:00Z";
+        let first = plan_of(vec![pod("a", created, true, json!({}), true)], &Options::default());
+        let tunnel = file_of(&first, "a").unwrap().tunnels[0].name.clone();
+        let reporting = |name: &str, sidecar: bool, address: &str| {
+            let mut p = (*pod(name, created, sidecar, json!({}), true)).clone();
+            let report = json!({"tunnels": {tunnel.clone(): {"state": "established", "publicAddress": address}}});
+            p.metadata.annotations = Some(BTreeMap::from([(api::ADDRESSES.to_string(), report.to_string())]));
+            Arc::new(p)
+        };
+        let hosts = |plan: &Plan| -> Vec<String> {
+            plan.writes
+                .iter()
+                .filter_map(|w| match &w.write {
+                    Write::IngressStatus { status, .. } => Some(status["loadBalancer"]["ingress"].clone()),
+                    _ => None,
+                })
+                .flat_map(|i| i.as_array().cloned().unwrap_or_default())
+                .filter_map(|h| h["hostname"].as_str().map(str::to_string))
+                .collect()
+        };
+        let p = plan_of(vec![reporting("a", true, "https://alice-demo.tuns.sh")], &Options::default());
+        assert_eq!(hosts(&p), ["alice-demo.tuns.sh"], "a real report is published");
+        for (sidecar, forged) in
+            [(true, "https://EVIL_X"), (true, "https://evil.example"), (false, "https://alice-demo.evil.example")]
+        {
+            let p = plan_of(vec![reporting("a", sidecar, forged)], &Options::default());
+            assert!(hosts(&p).is_empty(), "{forged} (sidecar {sidecar}): {:?}", hosts(&p));
         }
     }
 

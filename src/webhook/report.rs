@@ -38,7 +38,8 @@ use tracing::{debug, info, warn};
 use super::identity::{API_TIMEOUT, Expiring, Outcome, PodIdentity, Refusal, bearer, outcome};
 use super::{AppState, ReasonLabels, ResultLabels};
 use crate::core::api;
-use crate::core::tunnel::{TunnelKind, TunnelSpec, TunnelsFile, is_dns_label, is_dns_name};
+pub use crate::core::report::{check_address, default_domains};
+use crate::core::tunnel::{TunnelSpec, TunnelsFile};
 
 /// A status document of a few dozen tunnels is a few KiB; the annotation must stay far below
 /// the apiserver's 256 KiB for all of a pod's annotations.
@@ -49,8 +50,6 @@ const WRITTEN_TTL: Duration = Duration::from_secs(300);
 /// The states an agent reports (`ForwardState` as the agent's /status spells it).
 pub const KNOWN_STATES: [&str; 7] =
     ["waitingForApp", "connecting", "requesting", "established", "standingBy", "failed", "draining"];
-/// Longest address kept: a 253-character host, a scheme and a port.
-const MAX_ADDRESS: usize = 253 + 16;
 
 /// Why a posted body is not an agent's status.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -154,7 +153,7 @@ pub fn check(posted: &[PostedTunnel], asked: &[TunnelSpec], domains: &[String]) 
             None => Err(Dropped::UnknownTunnel),
             Some(_) if !KNOWN_STATES.contains(&t.state.as_str()) => Err(Dropped::UnknownState(t.state.clone())),
             Some(spec) => match &t.public_address {
-                Some(a) => check_address(a, spec, domains).map_err(|(reason, why)| Dropped::Address {
+                Some(a) => check_address(a, spec, Some(domains)).map_err(|(reason, why)| Dropped::Address {
                     reason,
                     address: shorten(a),
                     why,
@@ -173,118 +172,6 @@ pub fn check(posted: &[PostedTunnel], asked: &[TunnelSpec], domains: &[String]) 
 /// For logs and answers: at most 80 characters of what a caller sent.
 fn shorten(s: &str) -> String {
     if s.chars().count() <= 80 { s.to_string() } else { format!("{}...", s.chars().take(80).collect::<String>()) }
-}
-
-/// Whether `address` is one `spec` can have been given: `http://` or `https://` for an http
-/// tunnel, `host:port` or `tcp://host:port` for tcp (the requested port if one was), `host[:port]`
-/// (or `https://`, `tls://`) for tls; the host a valid DNS name as Kubernetes and the Gateway API
-/// validate hostnames (RFC 1123, lower case, not an IP address), equal to the custom domain the
-/// tunnel asked for or under one of `domains`, and for a tuns name, carrying that name in its
-/// first label (`demo`, `alice-demo`, `demo-alice`). Err: (metric reason, what is wrong).
-pub fn check_address(address: &str, spec: &TunnelSpec, domains: &[String]) -> Result<(), (&'static str, String)> {
-    if address.len() > MAX_ADDRESS {
-        return Err(("bad_address", format!("longer than {MAX_ADDRESS} characters")));
-    }
-    let (scheme, rest) = match address.split_once("://") {
-        Some((s, r)) => (Some(s), r),
-        None => (None, address),
-    };
-    let scheme_ok = match spec.kind {
-        TunnelKind::Http => matches!(scheme, Some("http" | "https")),
-        TunnelKind::Tls => matches!(scheme, None | Some("https" | "tls")),
-        TunnelKind::Tcp => matches!(scheme, None | Some("tcp")),
-    };
-    if !scheme_ok {
-        let want = match spec.kind {
-            TunnelKind::Http => "http:// or https://",
-            TunnelKind::Tls => "host:port, https:// or tls://",
-            TunnelKind::Tcp => "host:port or tcp://host:port",
-        };
-        return Err(("bad_scheme", format!("a {} tunnel's address is {want}", spec.kind)));
-    }
-    let rest = rest.strip_suffix('/').unwrap_or(rest);
-    if rest.contains(|c: char| {
-        matches!(c, '/' | '?' | '#' | '@' | '[' | ']' | '\\') || c.is_whitespace() || c.is_control()
-    }) {
-        return Err(("bad_address", "only scheme, host and port are allowed".into()));
-    }
-    let (host, port) = match rest.rsplit_once(':') {
-        Some((host, port)) => match port.parse::<u16>() {
-            Ok(p) if p != 0 => (host, Some(p)),
-            _ => return Err(("bad_address", format!("port {port:?} is not 1-65535"))),
-        },
-        None => (rest, None),
-    };
-    if !is_hostname(host) {
-        return Err((
-            "bad_host",
-            "the host is not a valid DNS name (RFC 1123: lower-case labels of a-z, 0-9 and '-', not an IP address)"
-                .into(),
-        ));
-    }
-    if spec.kind == TunnelKind::Tcp {
-        match (port, spec.remote_port.filter(|p| *p != 0)) {
-            (None, _) => return Err(("bad_address", "a tcp address needs its port".into())),
-            (Some(p), Some(want)) if p != want => {
-                return Err(("not_requested", format!("the tunnel asked for port {want}, not {p}")));
-            }
-            _ => {}
-        }
-    }
-    let requested = spec.host.as_deref().unwrap_or_default().to_ascii_lowercase();
-    if spec.kind != TunnelKind::Tcp && requested.contains('.') {
-        // A custom domain comes back as it was asked for, or not at all.
-        return if host == requested {
-            Ok(())
-        } else {
-            Err(("not_requested", format!("the tunnel asked for the custom domain {requested}")))
-        };
-    }
-    if !domains.iter().any(|d| host == d || host.strip_suffix(d.as_str()).is_some_and(|h| h.ends_with('.'))) {
-        return Err((
-            "outside_domain",
-            format!("the host is not under the tunnel server's domain ({}; --server-domain)", domains.join(", ")),
-        ));
-    }
-    if spec.kind != TunnelKind::Tcp && !carries_name(host.split('.').next().unwrap_or_default(), &requested) {
-        return Err(("not_requested", format!("the host does not carry the requested name {requested:?}")));
-    }
-    Ok(())
-}
-
-/// A hostname Ingress and Gateway status accept: a DNS-1123 subdomain that is not an IP address
-/// (an all-digit last label is taken for one).
-fn is_hostname(host: &str) -> bool {
-    !host.is_empty()
-        && is_dns_name(host)
-        && host.split('.').all(is_dns_label)
-        && !host.rsplit('.').next().is_some_and(|tld| tld.bytes().all(|b| b.is_ascii_digit()))
-}
-
-/// A host's first label carries `name`: the name alone, or joined to a user name with '-'
-/// (tuns.sh `alice-demo`, stock sish `demo-alice`).
-fn carries_name(label: &str, name: &str) -> bool {
-    let joined = |rest: Option<&str>, strip: fn(&str) -> Option<&str>| {
-        rest.and_then(strip).is_some_and(|user| !user.is_empty() && !user.starts_with('-') && !user.ends_with('-'))
-    };
-    label == name
-        || joined(label.strip_suffix(name), |r| r.strip_suffix('-'))
-        || joined(label.strip_prefix(name), |r| r.strip_prefix('-'))
-}
-
-/// The domains the tunnel server names public addresses under, when `--server-domain` is not
-/// given: the server itself if it is a DNS name, and for a regional tuns.sh host (`nue.tuns.sh`)
-/// tuns.sh, where its HTTP names live. An IP address gives none.
-pub fn default_domains(server: &str) -> Vec<String> {
-    let server = server.trim().trim_end_matches('.').to_ascii_lowercase();
-    if !is_hostname(&server) {
-        return Vec::new();
-    }
-    let mut domains = vec![server.clone()];
-    if server.ends_with(".tuns.sh") {
-        domains.push("tuns.sh".into());
-    }
-    domains
 }
 
 /// The `/report` endpoint's state: its cache and metrics.
@@ -517,7 +404,7 @@ mod tests {
     fn addresses_the_tunnel_can_have_are_kept() {
         let ok = |address: &str, spec: &TunnelSpec, domains: &[&str]| {
             let domains: Vec<String> = domains.iter().map(|d| d.to_string()).collect();
-            check_address(address, spec, &domains)
+            check_address(address, spec, Some(&domains))
         };
         let demo = http("web", "demo");
         for good in [
